@@ -1,0 +1,1 @@
+"""4. DELIVER: local Maildir delivery (maildir, local); remote delivery comes later."""

@@ -1,0 +1,62 @@
+"""Value objects of a message's journey: the session, the envelope, queue ids."""
+
+import os
+import time
+from dataclasses import dataclass, field
+
+
+def new_queue_id(now=None):
+    """A sortable, unique queue id: 10 hex digits of microseconds + 8 random hex.
+
+    It names the spool files and the Maildir file, so it must be safe as a file
+    name (hex only) and unique across restarts without a counter on disk.
+    """
+    micros = int((time.time() if now is None else now) * 1_000_000)
+    return f"{micros:014x}{os.urandom(4).hex()}"
+
+
+@dataclass
+class Session:
+    """What the SMTP server knows about one connection."""
+
+    peer_ip: str
+    peer_port: int = 0
+    listener: str = "mx"          # mx | submission | submissions | submission_alt
+    helo: str = ""
+    tls: bool = False
+    auth_user: str = ""           # canonical address of the authenticated account
+
+
+@dataclass
+class Envelope:
+    """One accepted message: who sent it, to whom, and how it arrived.
+
+    ``recipients`` are canonical addresses (see appliance.address). The queue
+    keeps per-recipient delivery state beside this; the envelope itself never
+    changes after acceptance.
+    """
+
+    queue_id: str
+    sender: str                   # "" for the null sender <>
+    recipients: list
+    received_at: float
+    helo: str = ""
+    peer_ip: str = ""
+    listener: str = "mx"
+    auth_user: str = ""
+    size: int = 0
+    params: dict = field(default_factory=dict)   # BODY=8BITMIME, SMTPUTF8 ...
+
+    def to_json(self):
+        return {
+            "queue_id": self.queue_id, "sender": self.sender,
+            "recipients": list(self.recipients), "received_at": self.received_at,
+            "helo": self.helo, "peer_ip": self.peer_ip, "listener": self.listener,
+            "auth_user": self.auth_user, "size": self.size, "params": dict(self.params),
+        }
+
+    @classmethod
+    def from_json(cls, data):
+        return cls(**{k: data[k] for k in (
+            "queue_id", "sender", "recipients", "received_at", "helo", "peer_ip",
+            "listener", "auth_user", "size", "params") if k in data})
