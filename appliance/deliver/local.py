@@ -1,0 +1,128 @@
+"""Local delivery: resolve each recipient, write one copy per local mailbox.
+
+Given a spool entry and the recipients to work on, ``LocalDelivery.deliver``
+asks the directory where each recipient goes (aliases and catch-alls
+expanded), writes the message once into every local mailbox reached (a user
+reached twice via aliases gets one copy), and answers with the new state of
+each recipient. It never writes spool state itself: the queue runner does,
+after the Maildir renames are durable, which is what makes local delivery
+exactly once across crashes.
+"""
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from appliance import events
+from appliance.queue.store import DEFERRED, DELIVERED, FAILED
+
+events.register("delivery.local", "a message was stored in a local Maildir",
+                ("queue_id", "recipient", "mailbox", "size", "delay"))
+events.register("delivery.local.failed", "a recipient failed permanently at local delivery",
+                ("queue_id", "recipient", "reason"))
+events.register("delivery.deferred", "a recipient could not be delivered now and waits",
+                ("queue_id", "recipient", "reason"))
+
+USER_UNKNOWN = "5.1.1 user unknown"
+REMOTE_NOT_AVAILABLE = "remote delivery not yet available"
+
+
+def _domain(address):
+    return address.rpartition("@")[2]
+
+
+def _one_line(failure):
+    text = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+    return " ".join(text.split())[:200]
+
+
+class LocalDelivery:
+    """Resolves recipients through ``directory`` and stores copies with ``maildir``."""
+
+    def __init__(self, directory, maildir, clock):
+        self.directory = directory
+        self.maildir = maildir
+        self.clock = clock
+
+    @defer.inlineCallbacks
+    def deliver(self, entry, message, recipients):
+        """Fires with ``{recipient: changes}`` for the spool (state, last_error...).
+
+        A recipient is ``delivered`` when all its local mailboxes hold the
+        message, ``failed`` when it resolves to nothing, ``deferred`` when the
+        directory or a Maildir failed (temporary) or when it has non-local
+        targets (kept for the outbound queue).
+        """
+        targets = yield self._resolve_all(recipients)
+        mailboxes = self._mailboxes(entry, targets)
+        stored = {}
+        if mailboxes:
+            stored = yield self.maildir.deliver(entry.envelope, message, mailboxes)
+        counted = set()     # mailboxes already reported for an earlier recipient
+        return {rcpt: self._outcome(entry, rcpt, found, stored, counted)
+                for rcpt, found in targets.items()}
+
+    @defer.inlineCallbacks
+    def _resolve_all(self, recipients):
+        """``{recipient: list of targets or Failure}``, looked up concurrently."""
+        ds = [defer.maybeDeferred(self.directory.resolve, rcpt) for rcpt in recipients]
+        results = yield defer.DeferredList(ds, consumeErrors=True)
+        found = {}
+        for rcpt, (ok, value) in zip(recipients, results):
+            if ok and not isinstance(value, (list, tuple)):
+                value = Failure(TypeError(f"directory answered {type(value).__name__}"))
+            found[rcpt] = list(value) if ok else value
+        return found
+
+    def _is_local(self, target):
+        return self.directory.is_local_domain(_domain(target))
+
+    def _mailboxes(self, entry, targets):
+        """Local mailboxes still lacking the message, each once (alias dedupe)."""
+        done = {m for st in entry.recipients.values() for m in st.get("delivered_to", [])}
+        wanted = []
+        for found in targets.values():
+            if isinstance(found, Failure):
+                continue
+            for target in found:
+                if self._is_local(target) and target not in done and target not in wanted:
+                    wanted.append(target)
+        return wanted
+
+    def _outcome(self, entry, rcpt, found, stored, counted):
+        qid = entry.queue_id
+        previous = list(entry.recipients.get(rcpt, {}).get("delivered_to", []))
+        if isinstance(found, Failure):
+            reason = "4.4.3 directory lookup failed: " + _one_line(found)
+            return self._deferred(qid, rcpt, reason, previous, [])
+        if not found:
+            events.emit("delivery.local.failed", queue_id=qid, recipient=rcpt,
+                        reason=USER_UNKNOWN)
+            return {"state": FAILED, "last_error": USER_UNKNOWN}
+        local = [t for t in found if self._is_local(t)]
+        remote = [t for t in found if not self._is_local(t)]
+        delivered, errors = previous, []
+        for mailbox in local:
+            result = stored.get(mailbox)    # None: stored by an earlier attempt
+            if isinstance(result, Failure):
+                errors.append(f"4.3.0 mailbox {mailbox}: " + _one_line(result))
+                continue
+            if mailbox not in delivered:
+                delivered.append(mailbox)
+            if result is not None and not result.existed and mailbox not in counted:
+                counted.add(mailbox)
+                events.emit("delivery.local", queue_id=qid, recipient=rcpt, mailbox=mailbox,
+                            size=result.size,
+                            delay=round(self.clock.seconds() - entry.envelope.received_at, 3))
+        if errors:
+            return self._deferred(qid, rcpt, "; ".join(errors), delivered, remote)
+        if remote:
+            return self._deferred(qid, rcpt, REMOTE_NOT_AVAILABLE, delivered, remote,
+                                  retry=False)
+        return {"state": DELIVERED, "last_error": "", "delivered_to": delivered,
+                "next_attempt": None}
+
+    def _deferred(self, qid, rcpt, reason, delivered, remote, retry=True):
+        # "retry" is for the runner (local retry or not) and never reaches the spool.
+        events.emit("delivery.deferred", queue_id=qid, recipient=rcpt, reason=reason)
+        return {"state": DEFERRED, "last_error": reason, "delivered_to": delivered,
+                "remote": remote, "retry": retry}

@@ -1,0 +1,347 @@
+"""The queue runner: local delivery, aliases, failures, retries, recovery, crash safety."""
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+from twisted.internet import defer, task
+from twisted.logger import globalLogPublisher
+
+from appliance import events
+from appliance.deliver.local import REMOTE_NOT_AVAILABLE, USER_UNKNOWN
+from appliance.deliver.maildir import MaildirDeliverer, maildir_bytes
+from appliance.envelope import Envelope
+from appliance.queue.commit import FileSystem, GroupCommitWriter, synchronous_runner
+from appliance.queue.runner import QueueRunner
+from appliance.queue.store import DEFERRED, DELIVERED, FAILED, Spool
+
+MESSAGE = b"Received: from a\r\nSubject: hi\r\n\r\nbody\r\n"
+STORED = maildir_bytes("alice@example.org", MESSAGE)
+
+
+class FakeDirectory:
+    """Users, aliases (expanded recursively) and forwards, like appliance.directory."""
+
+    def __init__(self, users=("bob@example.test", "carol@example.test"), aliases=None,
+                 domains=("example.test",), asynchronous=False):
+        self.users, self.domains = set(users), set(domains)
+        self.aliases = aliases or {"team@example.test": ["bob@example.test",
+                                                         "carol@example.test"]}
+        self.asynchronous = asynchronous
+        self.error = None
+
+    def is_local_domain(self, domain):
+        return domain in self.domains
+
+    def resolve(self, address):
+        if self.error is not None:
+            raise self.error
+        found = self._expand(address)
+        return defer.succeed(found) if self.asynchronous else found
+
+    def _expand(self, address):
+        if address in self.aliases:
+            return [t for target in self.aliases[address] for t in self._expand(target)]
+        if address in self.users or not self.is_local_domain(address.rpartition("@")[2]):
+            return [address]
+        return []
+
+
+class Crash(BaseException):
+    """A simulated kill -9."""
+
+
+class CrashingFS(FileSystem):
+    """Raises Crash at the ``at``-th mutating call and on every call after it."""
+
+    def __init__(self, at):
+        self.at, self.count, self.crashed = at, 0, False
+
+    def _step(self):
+        if self.crashed or self.count == self.at:
+            self.crashed = True
+            raise Crash()
+        self.count += 1
+
+    def open_new(self, path):
+        self._step()
+        return super().open_new(path)
+
+    def write_all(self, fd, data):
+        self._step()
+        super().write_all(fd, data)
+
+    def fsync(self, fd):
+        self._step()
+        super().fsync(fd)
+
+    def rename(self, src, dst):
+        self._step()
+        super().rename(src, dst)
+
+    def unlink(self, path):
+        self._step()
+        super().unlink(path)
+
+    def fsync_dir(self, path):
+        self._step()
+        super().fsync_dir(path)
+
+    def mkdir(self, path, mode=0o700):
+        self._step()
+        super().mkdir(path, mode)
+
+
+def build(root, directory=None, fs=None, runner=synchronous_runner, clock=None):
+    clock = clock or task.Clock()
+    clock.advance(1000)
+    writer = GroupCommitWriter(runner, fs)
+    spool = Spool(str(root / "queue"), writer, synchronous_runner, clock)
+    maildir = MaildirDeliverer(str(root / "mail"), writer, "mx.example.test")
+    directory = directory or FakeDirectory()
+    return SimpleNamespace(clock=clock, writer=writer, spool=spool, directory=directory,
+                           runner=QueueRunner(spool, directory, maildir, clock))
+
+
+def accept(env, recipients, qid="0005f1e2d3c4b5a6deadbeef"):
+    envelope = Envelope(queue_id=qid, sender="alice@example.org", recipients=list(recipients),
+                        received_at=990.0)
+    out = []
+    env.spool.accept(envelope, MESSAGE).addBoth(out.append)
+    return out[0]
+
+
+def mail_files(root, user):
+    box = root / "mail" / "example.test" / user
+    return [box / sub / name for sub in ("new", "cur") if (box / sub).exists()
+            for name in os.listdir(box / sub)]
+
+
+def state_file(root, qid="0005f1e2d3c4b5a6deadbeef"):
+    return json.loads((root / "queue" / (qid + ".json")).read_text())
+
+
+@pytest.fixture
+def collected():
+    collector = events.EventCollector()
+    globalLogPublisher.addObserver(collector)
+    yield collector
+    globalLogPublisher.removeObserver(collector)
+
+
+def test_an_accepted_message_is_delivered_then_removed(tmp_path, collected):
+    env = build(tmp_path)
+    env.runner.startService()
+    assert accept(env, ["bob@example.test"]) == "0005f1e2d3c4b5a6deadbeef"
+    [path] = mail_files(tmp_path, "bob")
+    assert path.read_bytes() == STORED
+    assert os.listdir(tmp_path / "queue") == [] and env.spool.entries() == []
+    [event] = collected.named("delivery.local")
+    assert (event["recipient"], event["mailbox"], event["size"], event["delay"]) == (
+        "bob@example.test", "bob@example.test", len(STORED), 10.0)
+    assert collected.named("queue.removed")[0]["queue_id"] == "0005f1e2d3c4b5a6deadbeef"
+    assert collected.named("queue.recovered")[0]["count"] == 0
+
+
+def test_a_user_reached_twice_via_aliases_gets_one_copy(tmp_path, collected):
+    env = build(tmp_path, FakeDirectory(asynchronous=True))
+    env.runner.startService()
+    accept(env, ["bob@example.test", "team@example.test"])
+    assert len(mail_files(tmp_path, "bob")) == 1
+    assert len(mail_files(tmp_path, "carol")) == 1
+    assert sorted(e["mailbox"] for e in collected.named("delivery.local")) == [
+        "bob@example.test", "carol@example.test"]
+    assert env.spool.entries() == []
+
+
+def test_unknown_recipient_fails_and_the_entry_stays_for_bounces(tmp_path, collected):
+    env = build(tmp_path)
+    env.runner.startService()
+    accept(env, ["bob@example.test", "gone@example.test"])
+    assert len(mail_files(tmp_path, "bob")) == 1
+    recipients = state_file(tmp_path)["recipients"]
+    assert recipients["gone@example.test"]["state"] == FAILED
+    assert recipients["gone@example.test"]["last_error"] == USER_UNKNOWN
+    assert recipients["bob@example.test"]["state"] == DELIVERED
+    assert collected.named("delivery.local.failed")[0]["reason"] == USER_UNKNOWN
+    assert env.clock.getDelayedCalls() == []
+
+
+def test_non_local_targets_wait_deferred_for_the_outbound_queue(tmp_path):
+    directory = FakeDirectory(aliases={"fwd@example.test": ["bob@example.test",
+                                                            "x@remote.example"]})
+    env = build(tmp_path, directory)
+    env.runner.startService()
+    accept(env, ["fwd@example.test", "y@elsewhere.example"])
+    assert len(mail_files(tmp_path, "bob")) == 1
+    recipients = state_file(tmp_path)["recipients"]
+    fwd = recipients["fwd@example.test"]
+    assert (fwd["state"], fwd["last_error"], fwd["remote"], fwd["delivered_to"]) == (
+        DEFERRED, REMOTE_NOT_AVAILABLE, ["x@remote.example"], ["bob@example.test"])
+    assert fwd["next_attempt"] is None
+    assert recipients["y@elsewhere.example"]["remote"] == ["y@elsewhere.example"]
+    assert env.clock.getDelayedCalls() == []      # nothing local to retry
+
+
+def test_directory_outage_defers_and_the_retry_delivers(tmp_path, collected):
+    env = build(tmp_path)
+    env.directory.error = ConnectionError("ldap down")
+    env.runner.startService()
+    accept(env, ["bob@example.test"])
+    bob = state_file(tmp_path)["recipients"]["bob@example.test"]
+    assert bob["state"] == DEFERRED and bob["next_attempt"] == 1060.0
+    assert "ConnectionError: ldap down" in bob["last_error"]
+    assert collected.named("delivery.deferred")[0]["recipient"] == "bob@example.test"
+    env.directory.error = None
+    env.clock.advance(59)
+    assert mail_files(tmp_path, "bob") == []
+    env.clock.advance(1)
+    assert len(mail_files(tmp_path, "bob")) == 1
+    assert env.spool.entries() == []
+
+
+def test_a_broken_mailbox_is_retried_without_duplicating_the_others(tmp_path):
+    env = build(tmp_path)
+    env.runner.startService()
+    carol = tmp_path / "mail" / "example.test" / "carol"
+    carol.parent.mkdir(parents=True)
+    carol.write_bytes(b"in the way")
+    accept(env, ["team@example.test"])
+    team = state_file(tmp_path)["recipients"]["team@example.test"]
+    assert team["state"] == DEFERRED and team["delivered_to"] == ["bob@example.test"]
+    assert team["attempts"] == 1
+    [bob_copy] = mail_files(tmp_path, "bob")
+    os.rename(bob_copy, bob_copy.parent.parent / "cur" / (bob_copy.name + ":2,S"))
+    carol.unlink()
+    env.clock.advance(60)
+    assert len(mail_files(tmp_path, "bob")) == 1 and len(mail_files(tmp_path, "carol")) == 1
+    assert env.spool.entries() == []
+
+
+def test_backoff_follows_the_schedule_and_repeats_the_last_step(tmp_path):
+    env = build(tmp_path)
+    env.runner.retry_schedule = (10.0, 20.0)
+    env.directory.error = ConnectionError("down")
+    env.runner.startService()
+    accept(env, ["bob@example.test"])
+    times = []
+    for _ in range(3):
+        bob = env.spool.get("0005f1e2d3c4b5a6deadbeef").recipients["bob@example.test"]
+        times.append(bob["next_attempt"] - env.clock.seconds())
+        env.clock.advance(times[-1])
+    assert times == [10.0, 20.0, 20.0]
+
+
+def test_entries_committed_before_start_are_recovered_and_delivered(tmp_path, collected):
+    first = build(tmp_path)               # its runner never starts: a crash after commit
+    accept(first, ["bob@example.test"])
+    accept(first, ["carol@example.test"], qid="0005f1e2d3c4b5a6cafef00d")
+    assert mail_files(tmp_path, "bob") == []
+    second = build(tmp_path)
+    second.runner.startService()
+    assert collected.named("queue.recovered")[0]["count"] == 2
+    assert len(mail_files(tmp_path, "bob")) == 1 and len(mail_files(tmp_path, "carol")) == 1
+    assert os.listdir(tmp_path / "queue") == []
+
+
+def test_an_entry_accepted_before_the_runner_starts_is_not_forgotten(tmp_path):
+    env = build(tmp_path)
+    accept(env, ["bob@example.test"])
+    env.runner.startService()
+    assert len(mail_files(tmp_path, "bob")) == 1
+
+
+def test_stop_waits_for_the_pass_in_flight_and_cancels_retries(tmp_path):
+    held = []
+
+    def hold(f, *args):
+        held.append((f, args, defer.Deferred()))
+        return held[-1][2]
+
+    def run_held():
+        f, args, d = held.pop(0)
+        d.callback(f(*args))
+
+    env = build(tmp_path, runner=hold)
+    env.runner.startService()
+    run_held()                                   # recovery
+    envelope = Envelope(queue_id="0005f1e2d3c4b5a6deadbeef", sender="alice@example.org",
+                        recipients=["bob@example.test"], received_at=990.0)
+    env.spool.accept(envelope, MESSAGE)          # submitted, not yet durable
+    run_held()                                   # committed; the delivery is now queued
+    stopped = env.runner.stopService()
+    assert not stopped.called
+    run_held()                                   # the Maildir write
+    assert not stopped.called
+    run_held()                                   # the removal ends the pass
+    assert stopped.called and len(mail_files(tmp_path, "bob")) == 1
+    assert env.clock.getDelayedCalls() == []
+
+
+def outcome_after_crash(root, step, read_first=False):
+    """Run accept + delivery with a kill at ``step``, restart, recover; report."""
+    crashed = build(root, fs=CrashingFS(step))
+    crashed.runner.startService()
+    accepted = accept(crashed, ["bob@example.test", "team@example.test"])
+    # Committed: the state file was renamed into place (it may be gone again if
+    # the kill came during the final removal, after the delivery).
+    committed = (accepted == "0005f1e2d3c4b5a6deadbeef" or
+                 (root / "queue" / "0005f1e2d3c4b5a6deadbeef.json").exists())
+    if read_first:
+        for path in mail_files(root, "bob"):
+            if path.parent.name == "new":           # a mail client reads it before the restart
+                os.rename(path, path.parent.parent / "cur" / (path.name + ":2,S"))
+    restarted = build(root)
+    restarted.runner.startService()
+    return accepted, committed, crashed.writer.fs.crashed, restarted
+
+
+@pytest.mark.parametrize("read_first", [False, True])
+def test_a_kill_at_any_step_delivers_each_committed_message_exactly_once(tmp_path,
+                                                                         read_first):
+    seen = set()
+    for step in range(200):
+        root = tmp_path / f"run{step}"
+        accepted, committed, crashed, restarted = outcome_after_crash(root, step, read_first)
+        bob, carol = mail_files(root, "bob"), mail_files(root, "carol")
+        if committed:
+            assert len(bob) == 1 and len(carol) == 1, f"kill at step {step}"
+            assert bob[0].read_bytes() == STORED and carol[0].read_bytes() == STORED
+            seen.add("delivered")
+        else:
+            assert accepted != "0005f1e2d3c4b5a6deadbeef" and bob == [] and carol == []
+            seen.add("nothing")
+        assert restarted.spool.entries() == []
+        assert sorted(os.listdir(root / "queue")) == []
+        for user in ("bob", "carol"):
+            box = root / "mail" / "example.test" / user
+            assert not (box / "tmp").exists() or os.listdir(box / "tmp") == []
+        if not crashed:
+            break
+    else:
+        pytest.fail("the pipeline never completed")
+    assert seen == {"delivered", "nothing"}
+    assert step > 20          # accept, two Maildir deliveries and the removal were all cut
+
+
+def test_a_failed_recovery_is_retried(tmp_path, collected):
+    class FailingListdir(FileSystem):
+        broken = True
+
+        def listdir(self, path):
+            if self.broken:
+                raise OSError(5, "Input/output error")
+            return super().listdir(path)
+
+    first = build(tmp_path)
+    accept(first, ["bob@example.test"])          # committed, never delivered
+    fs = FailingListdir()
+    env = build(tmp_path, fs=fs)
+    env.runner.startService()
+    assert collected.named("spool.error")[0]["operation"] == "recover"
+    assert mail_files(tmp_path, "bob") == []
+    fs.broken = False
+    env.clock.advance(60)
+    assert collected.named("queue.recovered")[0]["count"] == 1
+    assert len(mail_files(tmp_path, "bob")) == 1
