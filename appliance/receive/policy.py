@@ -1,0 +1,63 @@
+"""Who may send what to whom: the MX listener's rules, apart from the protocol.
+
+A policy answers with a ``Reply`` (or a Deferred firing with one); the
+protocol only relays the answer. The submission profile will bring its own
+policy with the same two methods (sender ownership, AUTH required).
+"""
+
+import ipaddress
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from appliance.receive import replies
+
+_log = Logger()
+
+
+def peer_in(networks, peer_ip):
+    """True when ``peer_ip`` (a string) lies in one of ``networks``."""
+    try:
+        ip = ipaddress.ip_address(peer_ip)
+    except ValueError:          # not an IP peer (a UNIX socket in tests)
+        return False
+    return any(ip in network for network in networks)
+
+
+class MXPolicy:
+    """Mail for our domains from anyone; relay only for trusted networks.
+
+    ``directory`` is the Directory interface (is_local_domain, resolve); its
+    answers may be plain values or Deferreds.
+    """
+
+    def __init__(self, config, directory):
+        self.config = config
+        self.directory = directory
+
+    def check_sender(self, session, sender):
+        """Any sender, the null one included (SPF and friends are checks of their own)."""
+        return replies.SENDER_OK
+
+    def check_recipient(self, session, recipient):
+        """A Deferred firing with the Reply for RCPT TO ``recipient`` (a Path)."""
+        address = recipient.canonical()
+        d = defer.maybeDeferred(self.directory.is_local_domain,
+                                address.rpartition("@")[2])
+        d.addCallback(self._local_or_relay, session, address)
+        d.addErrback(self._lookup_failed, address)
+        return d
+
+    def _local_or_relay(self, is_local, session, address):
+        if not is_local:
+            if peer_in(self.config.relay.trusted_networks, session.peer_ip):
+                return replies.RECIPIENT_OK
+            return replies.RELAY_DENIED
+        d = defer.maybeDeferred(self.directory.resolve, address)
+        d.addCallback(lambda targets: replies.RECIPIENT_OK if targets
+                      else replies.USER_UNKNOWN)
+        return d
+
+    def _lookup_failed(self, failure, address):
+        _log.failure("directory lookup for {address} failed", failure, address=address)
+        return replies.LOOKUP_FAILED

@@ -1,0 +1,50 @@
+"""Our ``Received:`` trace header (RFC 5321 §4.4), safe from the client's bytes.
+
+Everything the client chose (HELO name, addresses) goes through
+``header_safe`` first: a CR, LF, NUL or any other control character would let
+a client write headers of its own into ours (TWISTED-TRAPS T17).
+"""
+
+import datetime
+import email.utils
+
+from appliance.address import smtp_path
+
+
+def header_safe(text, allow_utf8=False):
+    """``text`` with every control character (and, unless allowed, non-ASCII) as ``?``."""
+    def keep(char):
+        if char.isascii():
+            return 0x20 <= ord(char) < 0x7f
+        return allow_utf8 and char.isprintable()
+    return "".join(char if keep(char) else "?" for char in text)
+
+
+def protocol_name(esmtp, tls=False, auth=False, utf8=False):
+    """The ``with`` keyword: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA (RFC 3848),
+    or UTF8SMTP(S)(A) for an SMTPUTF8 transaction (RFC 6531 §4.3)."""
+    name = "UTF8SMTP" if utf8 else "ESMTP" if esmtp else "SMTP"
+    return name + ("S" if tls else "") + ("A" if auth else "")
+
+
+def received_header(*, helo, peer_ip, hostname, with_, queue_id, recipients,
+                    when, utf8=False):
+    """The header line, folded, CRLF-terminated, as bytes.
+
+    ``from helo ([ip])``: the reverse DNS name joins the brackets once the
+    receiver looks it up (``(name [ip])``). ``recipients`` are canonical
+    addresses; ``for`` names one only when there is exactly one (naming them
+    all would disclose Bcc recipients).
+    """
+    lines = [
+        f"Received: from {header_safe(helo)} ([{peer_ip}])",
+        f"\tby {hostname} (mailappliance) with {with_} id {queue_id}",
+    ]
+    date = email.utils.format_datetime(
+        datetime.datetime.fromtimestamp(when, datetime.timezone.utc))
+    if len(recipients) == 1:
+        lines.append(f"\tfor {header_safe(smtp_path(recipients[0]), utf8)}; {date}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{date}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")

@@ -1,0 +1,613 @@
+"""The ESMTP server: one protocol for the SMTP listeners, built on twisted.mail's ESMTP.
+
+Three layers, kept apart:
+
+- framing (``appliance.receive.framing``): CRLF-only lines, bounded memory;
+- dispatch (here): one command at a time, replies in command order, reading
+  paused while a policy answer or the spool is pending;
+- policy (``appliance.receive.policy``): who may send what to whom.
+
+The class stays an ``smtp.ESMTP`` and keeps its mode names, but every command
+handler and the line handling are our own: the stock ones carry the holes
+listed in TWISTED-TRAPS.md (T7-T10, T16-T18, T23), each named where it is
+closed. STARTTLS and AUTH (stock: T1, T2, T4-T6) are refused here; the
+submission profile adds them by extending ``commands`` and ``ehlo_keywords``.
+"""
+
+import ipaddress
+import re
+import secrets
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+from twisted.mail import smtp
+
+from appliance import events
+from appliance.address import AddressError, Path, parse_path, split_path
+from appliance.envelope import Envelope, Session, new_queue_id
+from appliance.receive import replies
+from appliance.receive.framing import DataBody, LineFramer
+from appliance.receive.policy import MXPolicy, peer_in
+from appliance.receive.received import header_safe, protocol_name, received_header
+
+COMMAND_LINE_LIMIT = 512        # octets with CRLF, RFC 5321 §4.5.3.1.4
+TEXT_LINE_LIMIT = 1000          # octets with CRLF, RFC 5321 §4.5.3.1.6
+MAX_LINE_DISCARD = 64 * 1024    # one command line longer than this: not a confused client
+MAX_PENDING_INPUT = 1024 * 1024  # buffered while a reply is pending: not pipelining any more
+
+_VERB = re.compile(rb"[A-Za-z]{1,16}\Z")
+_PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
+_MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8"})
+
+_log = Logger()
+
+for _name, _description, _fields in (
+    ("smtp.connect", "an SMTP client connected",
+     ("session", "peer_ip", "peer_port", "listener")),
+    ("smtp.disconnect", "an SMTP connection ended",
+     ("session", "peer_ip", "duration", "messages")),
+    ("smtp.helo", "EHLO or HELO accepted", ("session", "peer_ip", "helo", "esmtp")),
+    ("smtp.mail", "MAIL FROM accepted", ("session", "peer_ip", "sender", "size")),
+    ("smtp.rcpt.accepted", "RCPT TO accepted", ("session", "peer_ip", "recipient")),
+    ("smtp.rcpt.rejected", "RCPT TO refused by policy or a limit",
+     ("session", "peer_ip", "recipient", "code", "reason")),
+    ("smtp.message.accepted", "a message is in the spool, fsynced (250 after DATA)",
+     ("session", "peer_ip", "queue_id", "sender", "recipients", "size")),
+    ("smtp.message.rejected", "a message was refused after DATA, nothing stored",
+     ("session", "peer_ip", "code", "reason")),
+    ("smtp.protocol_error", "bad command, syntax or sequence, long line, bare CR or LF",
+     ("session", "peer_ip", "kind", "detail")),
+    ("smtp.timeout", "a client was dropped for being idle or slow (phase idle/command/data)",
+     ("session", "peer_ip", "phase")),
+    ("smtp.limit", "a connection refused or closed by a limit",
+     ("session", "peer_ip", "kind")),
+    ("smtp.denied", "a connection from a [limits] deny network was refused",
+     ("session", "peer_ip")),
+):
+    events.register(_name, _description, _fields)
+
+
+class ProtocolError(Exception):
+    """A client mistake: answered with ``reply`` and counted towards max_errors."""
+
+    def __init__(self, reply, kind, detail):
+        super().__init__(detail)
+        self.reply, self.kind, self.detail = reply, kind, detail
+
+
+class Transaction:
+    """One MAIL ... DATA: sender, its parameters, the accepted recipients."""
+
+    def __init__(self, sender, params):
+        self.sender = sender        # a Path
+        self.params = params        # kept in the envelope: BODY, SMTPUTF8
+        self.recipients = []        # canonical addresses, no duplicates
+        self.body = None            # a DataBody once DATA is under way
+
+    @property
+    def utf8(self):
+        return bool(self.params.get("SMTPUTF8"))
+
+
+def _peer_ip(peer):
+    """The peer's IP as a string; IPv4-mapped IPv6 as plain IPv4."""
+    host = getattr(peer, "host", None) or str(peer)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped or ip)
+
+
+def _verb_name(verb):
+    """The upper-case command name, or "" when ``verb`` cannot be one."""
+    return verb.decode("ascii").upper() if _VERB.match(verb) else ""
+
+
+def _parse_params(words):
+    """ESMTP ``KEY[=VALUE]`` words -> {KEY: value or None} (RFC 5321 §4.1.2)."""
+    params = {}
+    for word in words:
+        match = _PARAM.match(word)
+        if not match:
+            raise ProtocolError(replies.BAD_PARAMETER, "syntax", "malformed parameter")
+        key = match.group(1).upper()
+        if key in params:
+            raise ProtocolError(replies.BAD_PARAMETER, "syntax", f"duplicate {key}")
+        params[key] = match.group(2)
+    return params
+
+
+class ApplianceSMTP(smtp.ESMTP):
+    """One SMTP session. Built by ``SMTPFactory``; everything outside comes from it."""
+
+    commands = frozenset({"EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET",
+                          "NOOP", "QUIT", "HELP", "VRFY"})
+    # Known verbs we do not offer here: 502 rather than "unrecognized".
+    unimplemented = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "STARTTLS",
+                               "AUTH", "SEND", "SOML", "SAML"})
+
+    def __init__(self, factory):
+        smtp.ESMTP.__init__(self)
+        self.factory = factory
+        self.config = factory.config
+        self.clock = factory.clock
+        self.policy = factory.policy
+        self.host = self.config.server.hostname
+        self.session = None
+        self.session_id = secrets.token_hex(4)
+        self.esmtp = False
+        self.messages = 0
+        self.started = 0.0
+        self._txn = None
+        self._framer = LineFramer()
+        self._pending = self._paused = self._draining = self._closing = False
+        self._registered = False
+        self._long_line_answered = False
+        self._errors = 0
+        self._timer = None
+
+    # -- connection life ----------------------------------------------------
+
+    def connectionMade(self):
+        peer = self.transport.getPeer()
+        self.session = Session(peer_ip=_peer_ip(peer), peer_port=getattr(peer, "port", 0),
+                               listener=self.factory.listener)
+        self.started = self.clock.seconds()
+        self.emit("smtp.connect", peer_port=self.session.peer_port,
+                  listener=self.session.listener)
+        refusal = self.factory.admit(self)
+        if refusal is not None:
+            self._close_with(refusal)
+            return
+        self._registered = True
+        self.reply(replies.greeting(self.config.server.hostname))
+        self._arm_command_timer()
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        self._closing = True
+        self._cancel_timer()
+        if self._registered:
+            self._registered = False
+            self.factory.release(self)
+        self.emit("smtp.disconnect", duration=round(self.clock.seconds() - self.started, 3),
+                  messages=self.messages)
+
+    def emit(self, name, **fields):
+        """A structured event about this session (session id and peer IP added)."""
+        events.emit(name, session=self.session_id, peer_ip=self.session.peer_ip, **fields)
+
+    def reply(self, reply):
+        if not self._closing:
+            self.transport.write(reply.to_bytes())
+
+    def _close_with(self, reply):
+        self.reply(reply)
+        self._closing = True
+        self._cancel_timer()
+        self.transport.loseConnection()
+
+    # -- input: framing and one-at-a-time dispatch ----------------------------
+
+    def dataReceived(self, data):
+        """Replaces LineOnlyReceiver's: CRLF only, capped, paused while pending."""
+        if self._closing:
+            return
+        self._framer.feed(data)
+        if self._pending and self._framer.buffered > MAX_PENDING_INPUT:
+            self.emit("smtp.limit", kind="pipelined_input")
+            self._close_with(replies.INPUT_FLOOD)
+            return
+        self._drain()
+
+    def _drain(self):
+        """Handle complete lines until one is pending (T9) or none is left."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while not (self._pending or self._closing):
+                line = self._framer.next_line(self._line_limit())
+                if line is None:
+                    self._unfinished_line()
+                    break
+                try:
+                    result = self._dispatch(line)
+                except Exception:
+                    _log.failure("SMTP command handler failed")
+                    self.reply(replies.LOCAL_ERROR)
+                    result = None
+                self._await(result)
+        finally:
+            self._draining = False
+
+    def _line_limit(self):
+        return TEXT_LINE_LIMIT if self.mode == smtp.DATA else COMMAND_LINE_LIMIT
+
+    def _dispatch(self, line):
+        if self.mode == smtp.DATA:
+            return self._end_of_data() if self._txn.body.add(line) else None
+        if line.too_long:
+            if self._long_line_answered:      # answered when it overflowed
+                self._long_line_answered = False
+                return None
+            return self._protocol_error(replies.LINE_TOO_LONG, "long_line",
+                                        f"command line of {line.length + 2} octets")
+        if line.bare:
+            return self._protocol_error(replies.BARE_CR_LF_COMMAND, "bare_cr_lf", "command")
+        return getattr(self, "state_" + self.mode)(line.data)
+
+    def _await(self, result):
+        """Stop reading until a pending answer is sent; replies stay in order."""
+        if not isinstance(result, defer.Deferred):
+            if self.mode != smtp.DATA and not self._closing:
+                self._arm_command_timer()
+            return
+        self._pending = True
+        self._cancel_timer()            # the wait is ours, not the client's
+        result.addErrback(self._internal_error)
+        result.addBoth(self._answered)
+        if self._pending and not self._closing:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _answered(self, _):
+        self._pending = False
+        if self._paused:
+            self._paused = False
+            if not self._closing:
+                self.transport.resumeProducing()
+        if self._closing:
+            return
+        if self.mode != smtp.DATA:
+            self._arm_command_timer()
+        self._drain()
+
+    def _internal_error(self, failure):
+        _log.failure("SMTP command failed", failure)
+        self.reply(replies.LOCAL_ERROR)
+
+    def _unfinished_line(self):
+        """A command line still without CRLF is already too long (T7).
+
+        Answer it at once, keep discarding, and give up on a client that
+        sends a very long run of bytes without a line end.
+        """
+        if self.mode == smtp.DATA or not self._framer.overflowing:
+            return
+        if not self._long_line_answered:
+            self._long_line_answered = True
+            self._protocol_error(replies.LINE_TOO_LONG, "long_line",
+                                 f"command line over {COMMAND_LINE_LIMIT} octets")
+        if not self._closing and self._framer.discarded > MAX_LINE_DISCARD:
+            self.emit("smtp.limit", kind="line_flood")
+            self._close_with(replies.LINE_FLOOD)
+
+    def _protocol_error(self, reply, kind, detail):
+        self.emit("smtp.protocol_error", kind=kind, detail=detail)
+        self.reply(reply)
+        self._errors += 1
+        if self._errors >= self.config.limits.max_errors and not self._closing:
+            self.emit("smtp.limit", kind="max_errors")
+            self._close_with(replies.TOO_MANY_ERRORS)
+
+    def state_COMMAND(self, line):
+        verb, _, rest = line.strip(b" ").partition(b" ")
+        name = _verb_name(verb)
+        try:
+            if name in self.commands:
+                return getattr(self, "do_" + name)(rest.strip(b" "))
+            if name in self.unimplemented:
+                raise ProtocolError(replies.NOT_IMPLEMENTED, "bad_command", name)
+            raise ProtocolError(replies.UNKNOWN_COMMAND, "bad_command",
+                                header_safe(verb[:16].decode("latin-1")))
+        except ProtocolError as error:
+            return self._protocol_error(error.reply, error.kind, error.detail)
+
+    def lookupMethod(self, command):
+        """``do_<VERB>`` for the verbs in ``commands`` only: never the stock
+        ``ext_STARTTLS`` / ``ext_AUTH`` (T1, T4)."""
+        if isinstance(command, str):
+            command = command.encode("ascii", "replace")
+        name = _verb_name(command)
+        return getattr(self, "do_" + name) if name in self.commands else None
+
+    # -- timeouts (the injected clock) -----------------------------------------
+
+    def _arm(self, seconds, phase):
+        self._cancel_timer()
+        self._timer = self.clock.callLater(seconds, self._timed_out, phase)
+
+    def _arm_command_timer(self):
+        """From now, one complete command line within command_timeout;
+        bytes without CRLF do not count (a trickling client is dropped)."""
+        self._arm(self.config.limits.command_timeout, "command")
+
+    def _cancel_timer(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self, phase):
+        self._timer = None
+        if phase == "command" and not self._framer.buffered:
+            phase = "idle"
+        self.emit("smtp.timeout", phase=phase)
+        self._close_with(replies.timeout(self.config.server.hostname))
+
+    # -- commands ---------------------------------------------------------------
+
+    def ehlo_keywords(self):
+        """The EHLO extensions (T16); a profile with TLS/AUTH extends the list."""
+        return ["PIPELINING", f"SIZE {self.config.server.max_message_size}",
+                "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+
+    def do_EHLO(self, rest):
+        self._greet(rest, esmtp=True)
+
+    def do_HELO(self, rest):
+        self._greet(rest, esmtp=False)
+
+    def _greet(self, rest, esmtp):
+        names = [name for name in rest.split(b" ") if name]
+        if len(names) != 1:     # T16: stock accepts a missing argument
+            raise ProtocolError(replies.EHLO_SYNTAX if esmtp else replies.HELO_SYNTAX,
+                                "syntax", "EHLO" if esmtp else "HELO")
+        helo = header_safe(names[0].decode("utf-8", "replace"))
+        self._txn = None
+        self.session.helo, self.esmtp = helo, esmtp
+        self.emit("smtp.helo", helo=helo, esmtp=esmtp)
+        hostname = self.config.server.hostname
+        self.reply(replies.ehlo(hostname, self.ehlo_keywords()) if esmtp
+                   else replies.helo(hostname))
+
+    def do_MAIL(self, rest):
+        if not self.session.helo:
+            raise ProtocolError(replies.NEED_HELO, "sequence", "MAIL before EHLO")
+        if self._txn is not None:
+            raise ProtocolError(replies.NESTED_MAIL, "sequence", "MAIL in a transaction")
+        path, params = self._path_and_params(rest, "FROM:", replies.MAIL_SYNTAX)
+        size, kept = self._mail_params(params)
+        try:
+            sender = parse_path(path, allow_null=True, allow_utf8=bool(kept.get("SMTPUTF8")))
+        except AddressError as error:
+            raise self._address_error(error, replies.BAD_SENDER) from None
+        if size > self.config.server.max_message_size:
+            self.reply(replies.TOO_BIG)
+            return None
+        if not self._space_for(size):
+            return None
+        d = defer.maybeDeferred(self.policy.check_sender, self.session, sender)
+        d.addCallback(self._sender_checked, sender, kept, size)
+        return d
+
+    def _space_for(self, size):
+        """Answer 452 4.3.1 (or 451 on an error) unless the spool has room."""
+        try:
+            if self.factory.spool.space_available(size):
+                return True
+            self.reply(replies.NO_SPACE)
+        except Exception:
+            _log.failure("spool space check failed")
+            self.reply(replies.STORAGE_FAILED)
+        return False
+
+    def _sender_checked(self, reply, sender, params, size):
+        if reply.positive:
+            self._txn = Transaction(sender, params)
+            self.emit("smtp.mail", sender=sender.canonical(), size=size)
+        self.reply(reply)
+
+    def _path_and_params(self, rest, keyword, syntax):
+        """``FROM:<path> PARAMS`` -> (path text, params); ProtocolError if malformed."""
+        text = rest.decode("utf-8", "surrogateescape")
+        if text[:len(keyword)].upper() != keyword:
+            raise ProtocolError(syntax, "syntax", keyword.rstrip(":"))
+        try:
+            path, tail = split_path(text[len(keyword):].lstrip(" "))
+        except AddressError as error:
+            raise ProtocolError(syntax, "syntax", str(error)) from None
+        if tail and not tail.startswith(" "):
+            raise ProtocolError(syntax, "syntax", "no space before parameters")
+        return path, _parse_params(tail.split())
+
+    def _mail_params(self, params):
+        """SIZE, BODY and SMTPUTF8 checked (T16); -> (declared size, params to keep)."""
+        if params and not self.esmtp:
+            raise ProtocolError(replies.UNKNOWN_PARAMETER, "bad_parameter",
+                                "parameters after HELO")
+        unknown = sorted(set(params) - _MAIL_PARAMS)
+        if unknown:
+            raise ProtocolError(replies.UNKNOWN_PARAMETER, "bad_parameter", unknown[0][:20])
+        size = params.get("SIZE", "0")
+        if size is None or not size.isdigit() or len(size) > 20:
+            raise ProtocolError(replies.BAD_PARAMETER, "bad_parameter", "SIZE")
+        kept = {}
+        if "BODY" in params:
+            kept["BODY"] = (params["BODY"] or "").upper()
+            if kept["BODY"] not in ("7BIT", "8BITMIME"):
+                raise ProtocolError(replies.BAD_PARAMETER, "bad_parameter", "BODY")
+        if "SMTPUTF8" in params:
+            if params["SMTPUTF8"] is not None:
+                raise ProtocolError(replies.BAD_PARAMETER, "bad_parameter", "SMTPUTF8")
+            kept["SMTPUTF8"] = True
+        return int(size), kept
+
+    @staticmethod
+    def _address_error(error, malformed):
+        reply = replies.NON_ASCII_ADDRESS if error.kind == "non_ascii" else malformed
+        return ProtocolError(reply, "bad_address", str(error))
+
+    def do_RCPT(self, rest):
+        if self._txn is None:
+            raise ProtocolError(replies.NEED_MAIL, "sequence", "RCPT before MAIL")
+        path, params = self._path_and_params(rest, "TO:", replies.RCPT_SYNTAX)
+        if params:
+            raise ProtocolError(replies.UNKNOWN_PARAMETER, "bad_parameter",
+                                sorted(params)[0][:20])
+        try:
+            recipient = parse_path(path, allow_utf8=self._txn.utf8, allow_postmaster=True)
+        except AddressError as error:
+            raise self._address_error(error, replies.BAD_RECIPIENT) from None
+        if not recipient.domain:        # <postmaster> is ours (RFC 5321 §4.5.1)
+            recipient = Path(recipient.local, self.config.server.domains[0])
+        address = recipient.canonical()
+        if address in self._txn.recipients:
+            self.reply(replies.RECIPIENT_OK)
+            return None
+        if len(self._txn.recipients) >= self.config.server.max_recipients:
+            self._recipient_checked(replies.TOO_MANY_RECIPIENTS, address)
+            return None
+        d = defer.maybeDeferred(self.policy.check_recipient, self.session, recipient)
+        d.addCallback(self._recipient_checked, address)
+        return d
+
+    def _recipient_checked(self, reply, address):
+        if reply.positive:
+            self._txn.recipients.append(address)
+            self.emit("smtp.rcpt.accepted", recipient=address)
+        else:
+            self.emit("smtp.rcpt.rejected", recipient=address, code=reply.code,
+                      reason=reply.text)
+        self.reply(reply)
+
+    def do_DATA(self, rest):
+        if rest:
+            raise ProtocolError(replies.NO_ARGUMENTS, "syntax", "DATA")
+        if self._txn is None:
+            raise ProtocolError(replies.NEED_MAIL, "sequence", "DATA before MAIL")
+        if not self._txn.recipients:
+            raise ProtocolError(replies.NEED_RCPT, "sequence", "DATA before RCPT")
+        self._txn.body = DataBody(self.config.server.max_message_size)
+        self.mode = smtp.DATA
+        self._arm(self.config.limits.data_timeout, "data")
+        self.reply(replies.START_DATA)
+
+    def do_RSET(self, rest):
+        if rest:
+            raise ProtocolError(replies.NO_ARGUMENTS, "syntax", "RSET")
+        self._txn = None
+        self.reply(replies.OK)
+
+    def do_NOOP(self, rest):
+        self.reply(replies.OK)
+
+    def do_HELP(self, rest):
+        self.reply(replies.HELP)
+
+    def do_VRFY(self, rest):
+        self.reply(replies.CANNOT_VRFY)
+
+    def do_QUIT(self, rest):
+        self._close_with(replies.BYE)
+
+    # -- end of DATA: refuse, or spool and answer when it is on disk -----------
+
+    def _end_of_data(self):
+        txn, self._txn = self._txn, None
+        self.mode = smtp.COMMAND
+        self._cancel_timer()
+        fault = txn.body.fault
+        if fault is not None:
+            return self._refuse_message(fault)
+        now = self.clock.seconds()
+        envelope = Envelope(
+            queue_id=new_queue_id(now), sender=txn.sender.canonical(),
+            recipients=list(txn.recipients), received_at=now, helo=self.session.helo,
+            peer_ip=self.session.peer_ip, listener=self.session.listener,
+            auth_user=self.session.auth_user, params=dict(txn.params))
+        message = self._received(txn, envelope) + txn.body.message()
+        envelope.size = len(message)
+        d = defer.maybeDeferred(self.factory.spool.accept, envelope, message)
+        d.addCallbacks(self._queued, self._not_queued,
+                       callbackArgs=(envelope,), errbackArgs=(envelope,))
+        return d
+
+    def _received(self, txn, envelope):
+        with_ = protocol_name(self.esmtp, tls=self.session.tls,
+                              auth=bool(self.session.auth_user), utf8=txn.utf8)
+        return received_header(
+            helo=self.session.helo, peer_ip=self.session.peer_ip,
+            hostname=self.config.server.hostname, with_=with_,
+            queue_id=envelope.queue_id, recipients=envelope.recipients,
+            when=envelope.received_at, utf8=txn.utf8)
+
+    def _refuse_message(self, fault):
+        reply = {"bare_cr_lf": replies.BARE_CR_LF_DATA,
+                 "long_line": replies.DATA_LINE_TOO_LONG,
+                 "too_big": replies.TOO_BIG}[fault]
+        self.emit("smtp.message.rejected", code=reply.code, reason=reply.text)
+        if fault == "too_big":
+            self.reply(reply)
+        else:
+            self._protocol_error(reply, fault, "data")
+
+    def _queued(self, result, envelope):
+        queue_id = result if isinstance(result, str) and result else envelope.queue_id
+        self.messages += 1
+        self.emit("smtp.message.accepted", queue_id=queue_id, sender=envelope.sender,
+                  recipients=list(envelope.recipients), size=envelope.size)
+        self.reply(replies.queued(queue_id))
+
+    def _not_queued(self, failure, envelope):
+        """T10: a storage failure is temporary (451), never stock's permanent 550."""
+        _log.failure("spool refused {queue_id}", failure, queue_id=envelope.queue_id)
+        self.emit("smtp.message.rejected", code=replies.STORAGE_FAILED.code,
+                  reason=replies.STORAGE_FAILED.text)
+        self.reply(replies.STORAGE_FAILED)
+
+
+class SMTPFactory(protocol.ServerFactory):
+    """Builds ``ApplianceSMTP`` sessions for one listener and counts them per IP.
+
+    ``clock`` is the reactor (callLater, seconds) or a ``task.Clock`` in
+    tests; ``policy`` defaults to the MX rules.
+    """
+
+    protocol = ApplianceSMTP
+    noisy = False               # sessions are logged as events, not as factory chatter
+
+    def __init__(self, config, directory, spool, clock, listener="mx", policy=None):
+        self.config = config
+        self.directory = directory
+        self.spool = spool
+        self.clock = clock
+        self.listener = listener
+        self.policy = policy if policy is not None else MXPolicy(config, directory)
+        self._per_ip = {}
+
+    def buildProtocol(self, addr):
+        return self.protocol(self)
+
+    @property
+    def connections(self):
+        """Open sessions on this listener."""
+        return sum(self._per_ip.values())
+
+    def admit(self, session_protocol):
+        """None to let the connection in, or the Reply to close it with.
+
+        Deny networks are refused even if also allowed (the explicit refusal
+        wins); allow networks are never limited. T23: stock
+        LimitConnectionsByPeer drops the connection without a word.
+        """
+        ip = session_protocol.session.peer_ip
+        limits = self.config.limits
+        if peer_in(limits.deny, ip):
+            session_protocol.emit("smtp.denied")
+            return replies.ACCESS_DENIED
+        if (not peer_in(limits.allow, ip)
+                and self._per_ip.get(ip, 0) >= limits.connections_per_ip):
+            session_protocol.emit("smtp.limit", kind="connections_per_ip")
+            return replies.TOO_MANY_CONNECTIONS
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        return None
+
+    def release(self, session_protocol):
+        ip = session_protocol.session.peer_ip
+        remaining = self._per_ip.get(ip, 0) - 1
+        if remaining > 0:
+            self._per_ip[ip] = remaining
+        else:
+            self._per_ip.pop(ip, None)

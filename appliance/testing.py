@@ -1,0 +1,203 @@
+"""Test doubles for the seams, shared by every test module.
+
+- ``FakeDirectory`` / ``FakeSpool``: the Directory and Spool interfaces, each
+  able to answer at once, fail, or hold its answer in an unfired Deferred so a
+  test decides when (and how) it arrives.
+- ``make_config``: a real ``appliance.config`` object from a few overrides.
+- ``SMTPHarness``: one SMTP session on a StringTransport, driven by a Clock.
+- ``capture_events``: the structured events emitted inside a ``with`` block.
+"""
+
+import contextlib
+import errno
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.python import failure
+
+try:
+    from twisted.internet.testing import StringTransport
+except ImportError:             # Twisted < 19.7 (and the old name still works on 22.4)
+    from twisted.test.proto_helpers import StringTransport
+
+from appliance import config as config_module
+from appliance.address import canonical, canonical_domain
+from appliance.events import EventCollector
+
+__all__ = ["FakeDirectory", "FakeSpool", "SMTPHarness", "StringTransport",
+           "capture_events", "make_config"]
+
+
+class FakeDirectory:
+    """The Directory interface over a dict of address -> destinations.
+
+    ``users`` maps an address to its destinations; an iterable of addresses
+    means each one delivers to itself. ``hold=True`` makes ``resolve`` return
+    an unfired Deferred, kept in ``held`` as ``(address, deferred)``;
+    ``release()`` fires them with the real answers. ``error`` is raised by
+    every lookup.
+    """
+
+    def __init__(self, users=(), domains=("example.test",), *, hold=False, error=None):
+        if not isinstance(users, dict):
+            users = {address: [address] for address in users}
+        self.users = {canonical(k): [canonical(t) for t in v] for k, v in users.items()}
+        self.domains = {canonical_domain(d) for d in domains}
+        self.hold = hold
+        self.error = error
+        self.held = []
+        self.lookups = []
+
+    def is_local_domain(self, domain):
+        if self.error is not None:
+            raise self.error
+        return canonical_domain(domain) in self.domains
+
+    def resolve(self, address):
+        self.lookups.append(address)
+        if self.error is not None:
+            raise self.error
+        if self.hold:
+            d = defer.Deferred()
+            self.held.append((address, d))
+            return d
+        return self.answer(address)
+
+    def is_local_user(self, address):
+        return bool(self.answer(address))
+
+    def answer(self, address):
+        return list(self.users.get(canonical(address), []))
+
+    def release(self):
+        """Fire every held lookup with its real answer, oldest first."""
+        held, self.held = self.held, []
+        for address, d in held:
+            d.callback(self.answer(address))
+
+
+class FakeSpool:
+    """The Spool interface, in memory.
+
+    ``accepted`` lists ``(envelope, message)`` that were acknowledged.
+    ``hold=True`` keeps each accept pending in ``held`` until ``release()``
+    (success) or ``fail()``; ``error`` fails every accept with that exception.
+    ``space`` is what ``space_available`` answers.
+    """
+
+    def __init__(self, *, space=True, hold=False, error=None):
+        self.space = space
+        self.hold = hold
+        self.error = error
+        self.accepted = []
+        self.held = []
+        self.space_queries = []
+
+    def space_available(self, size):
+        self.space_queries.append(size)
+        return self.space
+
+    def accept(self, envelope, message):
+        if self.error is not None:
+            return defer.fail(self.error)
+        d = defer.Deferred()
+        if self.hold:
+            self.held.append((envelope, message, d))
+            return d
+        self._commit(envelope, message, d)
+        return d
+
+    def _commit(self, envelope, message, d):
+        self.accepted.append((envelope, message))
+        d.callback(envelope.queue_id)
+
+    def release(self):
+        held, self.held = self.held, []
+        for envelope, message, d in held:
+            self._commit(envelope, message, d)
+
+    def fail(self, error=None):
+        """Fail every held accept (default: disk full)."""
+        error = error or OSError(errno.ENOSPC, "No space left on device")
+        held, self.held = self.held, []
+        for _envelope, _message, d in held:
+            d.errback(failure.Failure(error))
+
+
+_BASE_CONFIG = {
+    "server": {"hostname": "mx.example.test", "domains": "example.test, example.org"},
+}
+
+
+def make_config(base_dir="/nonexistent/mailappliance-test", **sections):
+    """A real Config: the minimal file plus ``section={key: value}`` overrides."""
+    merged = {name: dict(keys) for name, keys in _BASE_CONFIG.items()}
+    for name, keys in sections.items():
+        merged.setdefault(name, {}).update(keys)
+    text = "".join(f"[{name}]\n" + "".join(f"{key} = {value}\n" for key, value in keys.items())
+                   for name, keys in merged.items())
+    return config_module.parse(text, base_dir=base_dir)
+
+
+class SMTPHarness:
+    """One SMTP session of ``factory`` on a StringTransport.
+
+    ``send`` feeds bytes (str is encoded as UTF-8); ``replies`` returns the
+    reply lines written since the last call; ``codes`` the codes of the
+    complete replies among them. The factory is built from the other
+    arguments unless given, so several harnesses can share one factory.
+    """
+
+    def __init__(self, factory=None, *, config=None, directory=None, spool=None,
+                 clock=None, peer="192.0.2.10", port=40000, listener="mx"):
+        if factory is None:
+            from appliance.receive.smtp import SMTPFactory
+            factory = SMTPFactory(config or make_config(),
+                                  directory if directory is not None else FakeDirectory(),
+                                  spool if spool is not None else FakeSpool(),
+                                  clock or Clock(), listener)
+        self.factory = factory
+        self.clock = factory.clock
+        address_class = IPv6Address if ":" in peer else IPv4Address
+        address = address_class("TCP", peer, port)
+        self.transport = StringTransport(peerAddress=address)
+        self.protocol = factory.buildProtocol(address)
+        self.protocol.makeConnection(self.transport)
+        self._seen = 0
+
+    def send(self, data):
+        self.protocol.dataReceived(data.encode("utf-8") if isinstance(data, str) else data)
+
+    def output(self):
+        """Bytes written since the last call."""
+        value = self.transport.value()
+        new, self._seen = value[self._seen:], len(value)
+        return new
+
+    def replies(self):
+        return self.output().decode("utf-8").splitlines()
+
+    def codes(self):
+        return [int(line[:3]) for line in self.replies() if line[3:4] == " "]
+
+    @property
+    def closed(self):
+        return self.transport.disconnecting
+
+    def lose(self):
+        """The connection ends (as the reactor would report it)."""
+        self.protocol.connectionLost(failure.Failure(ConnectionDone()))
+
+
+@contextlib.contextmanager
+def capture_events():
+    """Collect our structured events emitted inside the block."""
+    collector = EventCollector(size=100_000)
+    globalLogPublisher.addObserver(collector)
+    try:
+        yield collector
+    finally:
+        globalLogPublisher.removeObserver(collector)

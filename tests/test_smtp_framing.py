@@ -1,0 +1,118 @@
+"""appliance.receive.framing: CRLF-only lines with bounded memory, DATA assembly."""
+
+from appliance.receive.framing import DataBody, Line, LineFramer
+
+
+def lines(framer, limit=512):
+    out = []
+    while (line := framer.next_line(limit)) is not None:
+        out.append(line)
+    return out
+
+
+def test_only_crlf_ends_a_line():
+    framer = LineFramer()
+    framer.feed(b"one\r\ntwo\nstill two\rand more\r\nthree")
+    assert lines(framer) == [Line(b"one", 3, False, False),
+                             Line(b"two\nstill two\rand more", 22, False, True)]
+    assert framer.buffered == len(b"three")
+
+
+def test_crlf_split_across_reads():
+    framer = LineFramer()
+    framer.feed(b"abc\r")
+    assert framer.next_line(512) is None
+    framer.feed(b"\ndef\r\n")
+    assert [line.data for line in lines(framer)] == [b"abc", b"def"]
+
+
+def test_line_at_the_limit_is_fine_one_more_octet_is_not():
+    framer = LineFramer()
+    framer.feed(b"x" * 510 + b"\r\n" + b"y" * 511 + b"\r\n")
+    first, second = lines(framer)
+    assert not first.too_long and first.data == b"x" * 510
+    assert second.too_long and second.length == 511 and second.data == b""
+
+
+def test_endless_line_keeps_the_buffer_bounded():
+    """T7: a stream without CRLF is discarded as it comes, not buffered."""
+    framer = LineFramer()
+    for _ in range(1000):
+        framer.feed(b"z" * 1024)
+        assert framer.next_line(512) is None
+        assert framer.buffered <= 512
+    assert framer.overflowing and framer.discarded >= 1000 * 1024 - 512
+    framer.feed(b"tail\r\nnext\r\n")
+    long_line, following = lines(framer)
+    assert long_line.too_long and long_line.length == 1000 * 1024 + 4
+    assert following == Line(b"next", 4, False, False)
+    assert not framer.overflowing
+
+
+def test_bare_lf_in_the_discarded_part_is_still_reported():
+    framer = LineFramer()
+    framer.feed(b"a" * 600 + b"\n" + b"b" * 600)
+    assert framer.next_line(512) is None
+    framer.feed(b"\r\n")
+    (line,) = lines(framer)
+    assert line.too_long and line.bare
+
+
+def test_trailing_cr_is_kept_while_discarding():
+    framer = LineFramer()
+    framer.feed(b"a" * 2000 + b"\r")
+    assert framer.next_line(1000) is None and framer.buffered == 1
+    framer.feed(b"\n")
+    (line,) = lines(framer, 1000)
+    assert line.too_long and not line.bare
+
+
+def feed_body(body, text, limit=1000):
+    framer = LineFramer()
+    framer.feed(text)
+    for line in lines(framer, limit):
+        if body.add(line):
+            return True
+    return False
+
+
+def test_data_body_unstuffs_and_ends_at_the_lone_dot():
+    body = DataBody(max_size=1000)
+    assert feed_body(body, b"Subject: x\r\n\r\n..leading dot\r\n.\r\n")
+    assert body.message() == b"Subject: x\r\n\r\n.leading dot\r\n"
+    assert body.fault is None
+    assert body.size == len(b"Subject: x\r\n\r\n.leading dot\r\n")
+
+
+def test_data_body_empty_message():
+    body = DataBody(max_size=1000)
+    assert feed_body(body, b".\r\n")
+    assert body.message() == b"" and body.fault is None
+
+
+def test_data_body_over_size_stops_keeping_lines():
+    body = DataBody(max_size=100)
+    assert feed_body(body, b"x" * 60 + b"\r\n" + b"y" * 60 + b"\r\nz\r\n.\r\n")
+    assert body.fault == "too_big" and body.message() == b""
+    assert body.size == 62 + 62 + 3
+
+
+def test_data_body_faults_in_order_of_gravity():
+    body = DataBody(max_size=10)
+    assert feed_body(body, b"a" * 1200 + b"\r\nbare\nlf\r\n.\r\n")
+    assert body.fault == "bare_cr_lf"
+    body = DataBody(max_size=10)
+    assert feed_body(body, b"a" * 1200 + b"\r\n.\r\n")
+    assert body.fault == "long_line"
+
+
+def test_a_dot_after_a_discarded_long_line_does_not_end_data():
+    """T8: the tail of an over-long line must not be taken for the final dot."""
+    body = DataBody(max_size=10_000)
+    framer = LineFramer()
+    framer.feed(b"a" * 1500)
+    assert framer.next_line(1000) is None
+    framer.feed(b".\r\nmore\r\n")
+    first, second = lines(framer, 1000)
+    assert not body.add(first) and not body.add(second)
+    assert body.fault == "long_line"
