@@ -39,7 +39,10 @@ def emit(name, /, **fields):
     """Emit the structured event ``name`` with ``fields`` (JSON-able values)."""
     if name not in EVENTS:
         raise KeyError(f"unregistered event name {name!r}")
-    _log.info("{event}", event=name, **fields)
+    # The text log (twistd.log / journal) shows "name key=value ..."; the JSON
+    # file gets the fields themselves.
+    text = " ".join(["{event}"] + [f"{key}={{{key}!r}}" for key in fields])
+    _log.info(text, event=name, **fields)
 
 
 def as_record(event):
@@ -87,6 +90,29 @@ class JsonEventFile:
         self._file.close()
 
 
+def catalogue_markdown():
+    """docs/events.md: every registered event with its description and fields."""
+    lines = [
+        "# Events",
+        "",
+        "Every line of `[log] events` is one JSON object with `ts` (Unix time, float),",
+        "`event` (one of the names below) and the fields listed for it. The auditor, the",
+        "admin shell's `log tail` and the tests read this stream. Names and fields are",
+        "stable: add, never rename. Passwords and tokens never appear in any field.",
+        "",
+        "This page is generated: `python -m appliance.events > docs/events.md`",
+        "(a test fails when it is out of date).",
+        "",
+        "| event | what happened | fields |",
+        "| --- | --- | --- |",
+    ]
+    for name in sorted(EVENTS):
+        description, fields = EVENTS[name]
+        shown = ", ".join(f"`{f}`" for f in fields) or "-"
+        lines.append(f"| `{name}` | {description} | {shown} |")
+    return "\n".join(lines) + "\n"
+
+
 class EventCollector:
     """Test helper and in-memory tail: keeps the last ``size`` records."""
 
@@ -102,3 +128,11 @@ class EventCollector:
 
     def named(self, name):
         return [r for r in self.records if r["event"] == name]
+
+
+if __name__ == "__main__":
+    # Importing the service tree imports every module that registers events.
+    # Run as __main__, this file is a second copy: use the registered one.
+    import appliance.tap  # noqa: F401
+    from appliance import events as registered
+    print(registered.catalogue_markdown(), end="")

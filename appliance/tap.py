@@ -44,9 +44,14 @@ class Options(usage.Options):
     ]
 
 
-def fail(message):
-    """End start-up with one line on stderr and a non-zero exit, no traceback."""
-    raise SystemExit(f"mailappliance: {message}")
+def fail(message, code=1):
+    """End start-up with one line on stderr and a non-zero exit, no traceback.
+
+    Written to the real stderr: by now twistd has pointed sys.stderr at its log.
+    """
+    sys.__stderr__.write(f"mailappliance: {message}\n")
+    sys.__stderr__.flush()
+    raise SystemExit(code)
 
 
 class EventLogService(service.Service):
