@@ -1,0 +1,68 @@
+"""Start-up failures: one clear line and a non-zero exit, never a traceback."""
+
+import socket
+import subprocess
+
+import pytest
+
+from harness import REPO_ROOT, MailServer
+
+
+def run_twistd(server, timeout=30):
+    return subprocess.run(server.command(), cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_clear_line(result, *expected):
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("mailappliance:")]
+    assert lines, output
+    for text in expected:
+        assert any(text in line for line in lines), output
+
+
+def test_port_in_use(tmp_path):
+    server = MailServer(tmp_path, listeners=("mx",))
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", server.mx_port))
+        squatter.listen(1)
+        result = run_twistd(server)
+    assert_one_clear_line(result, "cannot listen for mx", str(server.mx_port))
+
+
+def test_bad_config_names_section_and_key(tmp_path):
+    server = MailServer(tmp_path, listeners=("mx",),
+                        overrides={"limits": {"ban_time": "1x"}, "server": {"colour": "red"}})
+    result = run_twistd(server)
+    assert_one_clear_line(result, "[limits] ban_time", "[server] colour")
+    assert result.returncode == 2
+
+
+def test_missing_config_file(tmp_path):
+    server = MailServer(tmp_path, listeners=("mx",))
+    server.config_path.unlink()
+    result = run_twistd(server)
+    assert_one_clear_line(result, "no such file")
+
+
+def test_unreadable_certificate(tmp_path):
+    missing = tmp_path / "nope.pem"
+    server = MailServer(tmp_path, listeners=("mx",),
+                        overrides={"tls": {"certificate": str(missing),
+                                           "private_key": str(missing)}})
+    result = run_twistd(server)
+    assert_one_clear_line(result, "[tls] certificate")
+
+
+@pytest.mark.parametrize("listener", ["mx"])
+def test_listener_is_logged(tmp_path, listener):
+    server = MailServer(tmp_path, listeners=(listener,))
+    server.start()
+    try:
+        assert f"listening for {listener} on 127.0.0.1:{server.port(listener)}" in server.output()
+        assert server.events("listener.started")
+    finally:
+        server.stop()
