@@ -14,9 +14,10 @@ import errno
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from twisted.python import failure
+from zope.interface import implementer
 
 try:
     from twisted.internet.testing import StringTransport
@@ -25,9 +26,12 @@ except ImportError:             # Twisted < 19.7 (and the old name still works o
 
 from appliance import config as config_module
 from appliance.address import canonical, canonical_domain
+from appliance.auth.accounts import Account, BadCredentials
+from appliance import events
 from appliance.events import EventCollector
 
-__all__ = ["FakeDirectory", "FakeSpool", "SMTPHarness", "StringTransport",
+__all__ = ["FakeAccounts", "FakeDirectory", "FakeSpool", "SMTPHarness", "StringTransport",
+           "TLSStringTransport",
            "capture_events", "make_config"]
 
 
@@ -77,6 +81,63 @@ class FakeDirectory:
         held, self.held = self.held, []
         for address, d in held:
             d.callback(self.answer(address))
+
+
+class FakeAccounts:
+    """The IAccounts interface over a dict of address -> password.
+
+    ``aliases`` maps an address to the other addresses it may send as.
+    ``error`` fails every call with that exception (BackendUnavailable for an
+    outage); ``hold=True`` keeps every answer in ``held`` until ``release()``.
+    ``calls`` records ``(method, address)`` in order.
+    """
+
+    def __init__(self, passwords=None, aliases=None, *, error=None, hold=False):
+        self.passwords = {canonical(k): v for k, v in (passwords or {}).items()}
+        self.aliases = {canonical(k): tuple(v) for k, v in (aliases or {}).items()}
+        self.error = error
+        self.hold = hold
+        self.held = []
+        self.calls = []
+
+    def authenticate(self, address, password):
+        self.calls.append(("authenticate", address))
+        key = _canonical_or_none(address)
+        if self.error is None and (not password or self.passwords.get(key) != password):
+            return self._answer(failure.Failure(BadCredentials("wrong password or unknown user")))
+        return self._answer(self._account(key))
+
+    def account(self, address):
+        self.calls.append(("account", address))
+        key = _canonical_or_none(address)
+        return self._answer(self._account(key) if key in self.passwords else None)
+
+    def _account(self, key):
+        return Account(key, (key,) + self.aliases.get(key, ()))
+
+    def _answer(self, value):
+        if self.error is not None:
+            value = failure.Failure(self.error)
+        d = defer.Deferred()
+        if self.hold:
+            self.held.append((value, d))
+        elif isinstance(value, failure.Failure):
+            d.errback(value)
+        else:
+            d.callback(value)
+        return d
+
+    def release(self):
+        held, self.held = self.held, []
+        for value, d in held:
+            (d.errback if isinstance(value, failure.Failure) else d.callback)(value)
+
+
+def _canonical_or_none(address):
+    try:
+        return canonical(address)
+    except ValueError:
+        return None
 
 
 class FakeSpool:
@@ -142,6 +203,20 @@ def make_config(base_dir="/nonexistent/mailappliance-test", **sections):
     return config_module.parse(text, base_dir=base_dir)
 
 
+@implementer(ITLSTransport)
+class TLSStringTransport(StringTransport):
+    """A StringTransport that can "start TLS": it records the connection
+    creator and what was written before, as a real transport would switch
+    to TLS after flushing those bytes."""
+
+    tls = None
+    written_before_tls = b""
+
+    def startTLS(self, contextFactory, normal=True):
+        self.tls = contextFactory
+        self.written_before_tls = self.value()
+
+
 class SMTPHarness:
     """One SMTP session of ``factory`` on a StringTransport.
 
@@ -149,10 +224,12 @@ class SMTPHarness:
     reply lines written since the last call; ``codes`` the codes of the
     complete replies among them. The factory is built from the other
     arguments unless given, so several harnesses can share one factory.
+    ``transport_class`` is ``TLSStringTransport`` for STARTTLS tests.
     """
 
     def __init__(self, factory=None, *, config=None, directory=None, spool=None,
-                 clock=None, peer="192.0.2.10", port=40000, listener="mx"):
+                 clock=None, peer="192.0.2.10", port=40000, listener="mx",
+                 transport_class=StringTransport):
         if factory is None:
             from appliance.receive.smtp import SMTPFactory
             factory = SMTPFactory(config or make_config(),
@@ -163,7 +240,7 @@ class SMTPHarness:
         self.clock = factory.clock
         address_class = IPv6Address if ":" in peer else IPv4Address
         address = address_class("TCP", peer, port)
-        self.transport = StringTransport(peerAddress=address)
+        self.transport = transport_class(peerAddress=address)
         self.protocol = factory.buildProtocol(address)
         self.protocol.makeConnection(self.transport)
         self._seen = 0
@@ -196,8 +273,8 @@ class SMTPHarness:
 def capture_events():
     """Collect our structured events emitted inside the block."""
     collector = EventCollector(size=100_000)
-    globalLogPublisher.addObserver(collector)
+    events.add_observer(collector)
     try:
         yield collector
     finally:
-        globalLogPublisher.removeObserver(collector)
+        events.remove_observer(collector)

@@ -94,7 +94,7 @@ def test_aliases_file_skips_malformed_lines(tmp_path):
 
 def test_aliases_reload_on_change(tmp_path):
     clock, collector = Clock(), events.EventCollector()
-    globalLogPublisher.addObserver(collector)
+    events.add_observer(collector)
     try:
         server = AliasesFile(str(tmp_path / "aliases"), now=clock)
         assert server.targets("sales@x.test") is None
@@ -103,7 +103,7 @@ def test_aliases_reload_on_change(tmp_path):
         clock.now += 1
         assert server.targets("sales@x.test") == ("a@x.test",)
     finally:
-        globalLogPublisher.removeObserver(collector)
+        events.remove_observer(collector)
     assert collector.named("aliases.reloaded")[-1]["count"] == 1
     assert collector.named("aliases.changed")[-1]["action"] == "add"
 

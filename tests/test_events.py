@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-from twisted.logger import globalLogPublisher
 
 import appliance.tap  # noqa: F401  (registers every event)
 from appliance import events
@@ -27,12 +26,12 @@ def test_unregistered_name_is_refused():
 def test_json_file_gets_one_object_a_line(tmp_path):
     path = tmp_path / "events.json"
     observer = events.JsonEventFile(str(path))
-    globalLogPublisher.addObserver(observer)
+    events.add_observer(observer)
     try:
         events.emit("listener.started", name="mx", address="127.0.0.1:25")
         events.emit("server.stopped")
     finally:
-        globalLogPublisher.removeObserver(observer)
+        events.remove_observer(observer)
         observer.close()
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["event"] for r in records] == ["listener.started", "server.stopped"]
@@ -45,12 +44,30 @@ def test_field_values_cannot_break_the_line(tmp_path):
     """A CR/LF in a field (say a HELO name) stays inside its JSON string."""
     path = tmp_path / "events.json"
     observer = events.JsonEventFile(str(path))
-    globalLogPublisher.addObserver(observer)
+    events.add_observer(observer)
     try:
         events.emit("listener.failed", name="mx", address="x\r\n{\"event\":1}", error="e")
     finally:
-        globalLogPublisher.removeObserver(observer)
+        events.remove_observer(observer)
         observer.close()
     lines = path.read_text().splitlines()
     assert len(lines) == 1
     assert json.loads(lines[0])["address"] == "x\r\n{\"event\":1}"
+
+
+def test_only_notable_events_reach_the_text_log():
+    from twisted.logger import globalLogPublisher
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        events.emit("server.started", version="x")
+        events.emit("listener.failed", name="mx", address="a", error="e")
+        events.register("test.quiet", "a chatty protocol step", ("n",))
+        events.emit("test.quiet", n=1)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+        del events.EVENTS["test.quiet"]
+    names = [e.get("event") for e in seen]
+    assert names == ["server.started", "listener.failed"]
+    from twisted.logger import formatEvent
+    assert formatEvent(seen[1]) == "listener.failed name='mx' address='a' error='e'"

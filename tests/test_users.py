@@ -55,9 +55,9 @@ class SyncThreads:
 @pytest.fixture
 def collected():
     collector = events.EventCollector()
-    globalLogPublisher.addObserver(collector)
+    events.add_observer(collector)
     yield collector
-    globalLogPublisher.removeObserver(collector)
+    events.remove_observer(collector)
 
 
 @pytest.fixture
