@@ -25,6 +25,7 @@ class Session:
     helo: str = ""
     tls: bool = False
     auth_user: str = ""           # canonical address of the authenticated account
+    account: object = None        # its appliance.auth.accounts.Account (addresses)
 
 
 @dataclass

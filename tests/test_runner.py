@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import pytest
 from twisted.internet import defer, task
-from twisted.logger import globalLogPublisher
 
 from appliance import events
 from appliance.deliver.local import REMOTE_NOT_AVAILABLE, USER_UNKNOWN
@@ -125,9 +124,9 @@ def state_file(root, qid="0005f1e2d3c4b5a6deadbeef"):
 @pytest.fixture
 def collected():
     collector = events.EventCollector()
-    globalLogPublisher.addObserver(collector)
+    events.add_observer(collector)
     yield collector
-    globalLogPublisher.removeObserver(collector)
+    events.remove_observer(collector)
 
 
 def test_an_accepted_message_is_delivered_then_removed(tmp_path, collected):

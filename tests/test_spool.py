@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 from twisted.internet import defer, task
-from twisted.logger import globalLogPublisher
 
 from appliance import events
 from appliance.envelope import Envelope
@@ -78,9 +77,9 @@ def result_of(d):
 @pytest.fixture
 def collected():
     collector = events.EventCollector()
-    globalLogPublisher.addObserver(collector)
+    events.add_observer(collector)
     yield collector
-    globalLogPublisher.removeObserver(collector)
+    events.remove_observer(collector)
 
 
 def test_accept_commits_message_and_readable_state(tmp_path):

@@ -1,58 +1,134 @@
-"""The queue runner: takes committed spool entries to their local mailboxes.
+"""The queue manager: takes committed spool entries to their mailboxes and MXes.
 
-It works on an entry when the spool commits it (a spool listener), at start
-(recovery after a crash or a restart), and when a deferred local recipient's
-retry time comes. For each entry: read the message, deliver the recipients
-still to do, then write their new states (or remove the entry when every
-recipient is delivered). States are written only after the Maildir renames are
-durable, and a redo rewrites the same Maildir file name, so a crash at any
-point delivers each local copy exactly once.
+It works on an entry (a "pass") when the spool commits it (a spool listener),
+at start (recovery after a crash or a restart), and when the entry's next
+retry time comes (``WakeupSchedule``: one timer for the whole queue). A pass:
 
-Recipients for other hosts stay ``deferred`` in the spool for the outbound
-queue; unknown ones stay ``failed`` for bounce handling. Neither is dropped.
+1. delivers the due local recipients (``LocalDelivery``) and writes their new
+   states; an alias that forwards off the box adds its remote targets to the
+   entry as recipients of their own (``original`` names the alias);
+2. hands the due remote recipients, grouped by domain (one SMTP transaction
+   each), to the ``Dispatcher``, which runs at most ``[queue] concurrency``
+   deliveries in all and ``per_domain`` per domain; each result is written
+   back as soon as it arrives;
+3. reports: one DSN for the recipients that failed since the last one, one
+   "delayed" warning after ``[queue] delay_warning`` (``appliance.queue.bounce``);
+4. removes the entry when every recipient is delivered or failed-and-reported.
+
+Recipient states (``appliance.queue.store``): pending, delivered, deferred
+(``next_attempt``, ``attempts``, ``last_error``), failed (``status``, ``dsn``
+once reported). A temporary failure waits per ``[queue] retry`` (the last
+step repeats, plus a little jitter); when ``max_age`` has run out it fails
+with 4.4.7 instead. Local states are written only after the Maildir renames
+are durable and a redo rewrites the same Maildir file, so local delivery is
+exactly once across crashes; a remote result is written as soon as the remote
+side answered, so a restart re-sends only what was not yet confirmed.
+
+Without ``remote`` (delivery to other hosts not configured), recipients for
+other hosts stay deferred with no retry time; without ``bouncer`` failed
+recipients stay in the spool, unreported.
 """
+
+import random as random_module
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from appliance import events
-from appliance.deliver.local import LocalDelivery
-from appliance.queue.store import DEFERRED, DELIVERED, PENDING, StorageError
+from appliance.deliver.local import REMOTE_NOT_AVAILABLE, LocalDelivery
+from appliance.queue.bounce import DELAYED, FAILED as DSN_FAILED, one_line, reports
+from appliance.queue.manager import RETRY_SCHEDULE, Dispatcher, QueueSettings, WakeupSchedule
+from appliance.queue.store import (DEFERRED, DELIVERED, FAILED, PENDING, QUEUE_ID,
+                                   StorageError)
 
 _log = Logger(namespace="mailappliance.queue")
 
 events.register("queue.recovered", "committed spool entries found at start", ("count",))
+events.register("queue.deferred", "a recipient failed temporarily and waits for a retry",
+                ("queue_id", "recipient", "reason", "next_attempt"))
+events.register("queue.expired", "a deferred recipient ran out of [queue] max_age",
+                ("queue_id", "recipient", "age"))
+events.register("delivery.failed", "a recipient failed permanently",
+                ("queue_id", "recipient", "status", "reason"))
+events.register("queue.held", "an admin put a message on hold", ("queue_id",))
+events.register("queue.released", "an admin released a held message", ("queue_id",))
+events.register("queue.deleted", "an admin deleted a message from the queue", ("queue_id",))
+events.register("queue.retried", "an admin asked for delivery attempts now",
+                ("queue_id", "count"))
 
 _FAILED = object()    # a pass that raised: retry after a pause, not at once
 
-RETRY_SCHEDULE = (60.0, 300.0, 900.0, 1800.0, 3600.0)   # local retries; the last repeats
+MAX_RCPTS_PER_TRANSACTION = 100    # RFC 5321 4.5.3.1.8: servers must take at least 100
+EXPIRED = "4.4.7"
+HEADERS_SHOWN = 64 * 1024          # of a message's header block in `queue show`
+
+__all__ = ["QueueRunner", "QueueError", "RETRY_SCHEDULE"]
+
+
+class QueueError(Exception):
+    """An admin request that cannot be done (unknown id ...); the text is one line."""
+
+
+def _domain(address):
+    return address.rpartition("@")[2].lower()
+
+
+def _status_of(text, default):
+    """The RFC 3463 code ``text`` starts with ("5.1.1 user unknown"), else ``default``."""
+    word = text.split(" ", 1)[0] if text else ""
+    parts = word.split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] in "245":
+        return word
+    return default
+
+
+def _chunks(items, size):
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 class QueueRunner(service.Service):
-    """Delivers spooled messages locally.
+    """Delivers spooled messages; see the module docstring.
 
     ``spool``: appliance.queue.store.Spool; ``directory``: resolve /
     is_local_domain; ``deliverer``: appliance.deliver.maildir.MaildirDeliverer;
-    ``clock``: an IReactorTime (task.Clock in tests).
+    ``clock``: an IReactorTime (task.Clock in tests); ``settings``: a
+    QueueSettings; ``remote``: ``deliver(envelope, message, recipients,
+    domain) -> Deferred[list of RecipientResult]`` (appliance.deliver.remote);
+    ``bouncer``: appliance.queue.bounce.Bouncer; ``random() -> [0, 1)`` for
+    the retry jitter.
     """
 
     name = "queue-runner"
 
-    def __init__(self, spool, directory, deliverer, clock, retry_schedule=RETRY_SCHEDULE):
+    def __init__(self, spool, directory, deliverer, clock, retry_schedule=None, *,
+                 settings=None, remote=None, bouncer=None, random=random_module.random):
+        self.settings = settings or QueueSettings()
         self.spool = spool
         self.clock = clock
+        self.directory = directory
         self.local = LocalDelivery(directory, deliverer, clock)
-        self.retry_schedule = tuple(retry_schedule)
+        self.remote = remote
+        self.bouncer = bouncer
+        self.random = random
+        self.retry_schedule = tuple(retry_schedule or self.settings.retry)
+        self.outbound = Dispatcher(self.settings.concurrency, self.settings.per_domain)
+        self.wakeups = WakeupSchedule(clock, self.process)
         self._active = {}        # queue id -> Deferred of the pass in progress
         self._again = set()      # queue ids asked for while a pass was running
-        self._timers = {}        # queue id -> DelayedCall of the next retry
+        self._forced = set()     # queue ids whose deferred recipients are due now (retry)
+        self._inflight = {}      # queue id -> set of recipients handed to the dispatcher
         self._recovery_retry = None
         self.ready = None        # fires when the first recovery attempt is over
         spool.add_listener(self.process)      # ignored until the service runs
 
+    # -- service life
+
     def startService(self):
         super().startService()
+        if self.outbound.stopped:       # started again after a stop
+            self.outbound = Dispatcher(self.settings.concurrency, self.settings.per_domain)
         self.ready = self._recover()
 
     def _recover(self):
@@ -76,14 +152,16 @@ class QueueRunner(service.Service):
             self._schedule(qid)
 
     def stopService(self):
+        """Stop scheduling; drop outbound work (it is redone after a restart)
+        and wait for the local passes in progress."""
         super().stopService()
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
+        self.wakeups.stop()
+        self.outbound.stop()
         if self._recovery_retry is not None and self._recovery_retry.active():
             self._recovery_retry.cancel()
         return defer.DeferredList(list(self._active.values()))
+
+    # -- passes
 
     def process(self, qid):
         """Work on ``qid`` now (or right after the pass already running)."""
@@ -92,9 +170,7 @@ class QueueRunner(service.Service):
         if qid in self._active:
             self._again.add(qid)
             return self._active[qid]
-        timer = self._timers.pop(qid, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self.wakeups.cancel(qid)
         d = defer.maybeDeferred(self._pass, qid)
         d.addErrback(self._pass_failed, qid)
         self._active[qid] = d
@@ -102,6 +178,8 @@ class QueueRunner(service.Service):
         return d
 
     def _pass_failed(self, failure, qid):
+        if self.spool.get(qid) is None:       # deleted meanwhile: nothing left to do
+            return None
         if not failure.check(StorageError):   # the spool already emitted spool.error
             _log.failure("queue pass failed for {queue_id}", failure, queue_id=qid)
         return _FAILED
@@ -113,35 +191,80 @@ class QueueRunner(service.Service):
             self.process(qid)
         elif result is _FAILED:
             # Not at once: a disk that failed a moment ago fails again.
-            self._arm(qid, self.retry_schedule[0])
+            self._wake(qid, self.clock.seconds() + self.retry_schedule[0])
         else:
             self._schedule(qid)
-
-    def _due(self, entry, now):
-        return [rcpt for rcpt, st in entry.recipients.items()
-                if st["state"] == PENDING or (st["state"] == DEFERRED and
-                                              st["next_attempt"] is not None and
-                                              st["next_attempt"] <= now)]
 
     @defer.inlineCallbacks
     def _pass(self, qid):
         entry = self.spool.get(qid)
-        if entry is None:
+        if entry is None or entry.held:
             return
-        todo = self._due(entry, self.clock.seconds())
-        if todo:
-            changes = yield self._deliver(entry, todo)
-            states = [changes.get(rcpt, st)["state"] for rcpt, st in entry.recipients.items()]
-            if any(state != DELIVERED for state in states):
-                yield self.spool.update(qid, changes)
+        force = qid in self._forced
+        self._forced.discard(qid)
+        now = self.clock.seconds()
+        local = [r for r in self._due(entry, now, force) if not self._is_remote(r)]
+        if local:
+            changes = yield self._deliver_local(entry, local)
+            if self._finishes(entry, changes):
+                # All delivered: removing the entry is the one state write needed.
+                yield self.spool.remove(qid)
                 return
-        if todo or entry.done():
-            # All delivered: removing the entry is the one state write needed.
+            yield self.spool.update(qid, changes)
+        remote = [r for r in self._due(entry, now, force) if self._is_remote(r)]
+        if remote:
+            self._send_remote(entry, remote)
+        yield self._report(entry)
+        if entry.finished() and not self._inflight.get(qid) and self.spool.get(qid) is entry:
             yield self.spool.remove(qid)
 
+    def _due(self, entry, now, force=False):
+        busy = self._inflight.get(entry.queue_id, ())
+        due = []
+        for rcpt, st in entry.recipients.items():
+            if rcpt in busy:
+                continue
+            if st["state"] == PENDING:
+                due.append(rcpt)
+            elif st["state"] == DEFERRED:
+                when = st["next_attempt"]
+                if when is None:
+                    # "Remote delivery not available" (written without remote):
+                    # due once there is remote delivery.
+                    if self.remote is not None:
+                        due.append(rcpt)
+                elif force or when <= now:
+                    due.append(rcpt)
+        return due
+
+    def _is_remote(self, rcpt):
+        if self.remote is None:
+            return False
+        try:
+            return not self.directory.is_local_domain(_domain(rcpt))
+        except Exception:  # noqa: BLE001 - the local path defers on directory trouble
+            return False
+
+    def _finishes(self, entry, changes):
+        """Would ``changes`` leave nothing to do (every recipient delivered)?"""
+        if any(rcpt not in entry.recipients for rcpt in changes):
+            return False            # new recipients (forward targets) still to deliver
+        if self._inflight.get(entry.queue_id):
+            return False
+        for rcpt, st in entry.recipients.items():
+            change = changes.get(rcpt)
+            if change is not None:
+                if change["state"] != DELIVERED:
+                    return False
+            elif not (st["state"] == DELIVERED or (st["state"] == FAILED and st.get("dsn"))):
+                return False
+        return True
+
+    # -- local delivery
+
     @defer.inlineCallbacks
-    def _deliver(self, entry, todo):
-        """``{recipient: spool changes}`` for one delivery attempt of ``todo``."""
+    def _deliver_local(self, entry, todo):
+        """``{recipient: spool changes}`` for one local delivery attempt of ``todo``."""
         try:
             message = yield self.spool.read(entry.queue_id)
         except StorageError as e:
@@ -149,33 +272,343 @@ class QueueRunner(service.Service):
                             "retry": True} for r in todo}
         else:
             outcomes = yield self.local.deliver(entry, message, todo)
+        forwards = self._forwards(entry, outcomes) if self.remote is not None else {}
         now = self.clock.seconds()
+        changes = {rcpt: self._settle(entry, rcpt, change, now)
+                   for rcpt, change in outcomes.items()}
+        changes.update(forwards)
+        return changes
+
+    def _forwards(self, entry, outcomes):
+        """New recipients for the remote targets of local recipients (aliases
+        that forward off the box); a recipient whose only remaining targets are
+        remote is done here: its targets carry on as recipients of their own."""
+        added = {}
         for rcpt, change in outcomes.items():
-            attempts = entry.recipients[rcpt].get("attempts", 0) + 1
-            change["attempts"] = attempts
-            retry = change.pop("retry", False)
-            change["next_attempt"] = now + self._backoff(attempts) if retry else None
-        return outcomes
+            for target in change.get("remote") or ():
+                if target not in entry.recipients and target not in added:
+                    added[target] = {"state": PENDING, "original": rcpt, "attempts": 0,
+                                     "next_attempt": None, "last_error": ""}
+            if change.get("last_error") == REMOTE_NOT_AVAILABLE:
+                change.update(state=DELIVERED, last_error="", retry=False)
+        return added
+
+    # -- state transitions shared by local and remote results
+
+    def _settle(self, entry, rcpt, change, now):
+        """Complete one outcome: attempts, retry time, expiry, status; emit events."""
+        retry = change.pop("retry", False)
+        previous = entry.recipients.get(rcpt, {})
+        change["attempts"] = previous.get("attempts", 0) + 1
+        change["last_attempt"] = now
+        qid = entry.queue_id
+        if change["state"] == DEFERRED:
+            if not retry:
+                change["next_attempt"] = None
+                return change
+            expiry = self._expiry(entry)
+            if expiry is None or now < expiry:
+                when = now + self._backoff(change["attempts"])
+                change["next_attempt"] = when if expiry is None else min(when, expiry)
+                change.setdefault("status", _status_of(change["last_error"], "4.0.0"))
+                events.emit("queue.deferred", queue_id=qid, recipient=rcpt,
+                            reason=change["last_error"], next_attempt=change["next_attempt"])
+                return change
+            age = round(now - entry.envelope.received_at, 3)
+            events.emit("queue.expired", queue_id=qid, recipient=rcpt, age=age)
+            change.update(state=FAILED, status=EXPIRED, last_error=(
+                f"{EXPIRED} delivery time expired; last error: {change['last_error']}"))
+        if change["state"] == FAILED:
+            change.setdefault("status", _status_of(change["last_error"], "5.0.0"))
+            events.emit("delivery.failed", queue_id=qid, recipient=rcpt,
+                        status=change["status"], reason=change["last_error"])
+        change["next_attempt"] = None
+        return change
+
+    def _expiry(self, entry):
+        if self.settings.max_age is None:
+            return None
+        return entry.envelope.received_at + self.settings.max_age
 
     def _backoff(self, attempts):
-        return self.retry_schedule[min(attempts, len(self.retry_schedule)) - 1]
+        step = self.retry_schedule[min(attempts, len(self.retry_schedule)) - 1]
+        return step * (1.0 + self.settings.jitter * self.random())
+
+    # -- remote delivery
+
+    def _send_remote(self, entry, recipients):
+        """One dispatcher job per destination domain (and per 100 recipients)."""
+        qid = entry.queue_id
+        groups = {}
+        for rcpt in recipients:
+            groups.setdefault(_domain(rcpt), []).append(rcpt)
+        busy = self._inflight.setdefault(qid, set())
+        for domain, rcpts in groups.items():
+            for chunk in _chunks(rcpts, MAX_RCPTS_PER_TRANSACTION):
+                busy.update(chunk)
+                d = self.outbound.submit(domain, _Attempt(self, qid, domain, chunk))
+                d.addCallbacks(self._attempted, self._attempt_failed,
+                               callbackArgs=(qid, domain, chunk),
+                               errbackArgs=(qid, domain, chunk))
+                d.addBoth(self._attempt_over, qid, chunk)
+
+    @defer.inlineCallbacks
+    def _attempt(self, qid, domain, rcpts):
+        """In a dispatcher slot: the remote results, or None when the entry was
+        held or deleted while the job waited for its slot."""
+        entry = self.spool.get(qid)
+        if entry is None or entry.held or not self.running:
+            return None
+        message = yield self.spool.read(qid)
+        results = yield self.remote.deliver(entry.envelope, message, list(rcpts), domain)
+        return results
+
+    def _attempted(self, results, qid, domain, rcpts):
+        if results is None:
+            return None
+        outcomes = {}
+        for result in results:
+            if result.recipient in rcpts:
+                outcomes[result.recipient] = _remote_outcome(result)
+        for rcpt in rcpts:
+            outcomes.setdefault(rcpt, {"state": DEFERRED, "retry": True,
+                                       "last_error": "4.4.0 no result from the delivery"})
+        return self._record(qid, outcomes)
+
+    def _attempt_failed(self, failure, qid, domain, rcpts):
+        if failure.check(defer.CancelledError) or not self.running:
+            return None                     # stopping: the redo after a restart decides
+        error = failure.value
+        if getattr(error, "permanent", None) is not None and getattr(error, "status", None):
+            # appliance.deliver.mx.RoutingError: NXDOMAIN, null MX (bounce) or SERVFAIL.
+            state = FAILED if error.permanent else DEFERRED
+            reason = f"{error.status} {one_line(getattr(error, 'text', str(error)))}"
+            change = {"state": state, "status": error.status, "last_error": reason,
+                      "retry": True}
+        elif failure.check(StorageError):
+            change = {"state": DEFERRED, "retry": True,
+                      "last_error": f"4.3.0 spool read: {error.error}"}
+        else:
+            _log.failure("remote delivery of {queue_id} to {domain} failed", failure,
+                         queue_id=qid, domain=domain)
+            change = {"state": DEFERRED, "retry": True,
+                      "last_error": f"4.3.0 internal error: {one_line(failure.getErrorMessage())}"}
+        return self._record(qid, {rcpt: dict(change) for rcpt in rcpts})
+
+    def _record(self, qid, outcomes):
+        entry = self.spool.get(qid)
+        if entry is None:
+            return None                     # deleted while the delivery ran
+        now = self.clock.seconds()
+        changes = {rcpt: self._settle(entry, rcpt, change, now)
+                   for rcpt, change in outcomes.items()}
+        return self.spool.update(qid, changes)
+
+    def _attempt_over(self, result, qid, rcpts):
+        busy = self._inflight.get(qid)
+        if busy is not None:
+            busy.difference_update(rcpts)
+            if not busy:
+                del self._inflight[qid]
+        # A StorageError was reported by the spool; a KeyError means the entry
+        # was deleted while the delivery ran.
+        if isinstance(result, Failure) and not result.check(StorageError, KeyError):
+            _log.failure("recording the delivery of {queue_id} failed", result, queue_id=qid)
+        # Report, remove or reschedule with what was just written.
+        self.process(qid)
+        return None
+
+    # -- reports (DSNs)
+
+    @defer.inlineCallbacks
+    def _report(self, entry):
+        """One DSN for newly failed recipients, one delay warning when due."""
+        if self.bouncer is None:
+            return
+        failed = [r for r, st in entry.recipients.items()
+                  if st["state"] == FAILED and not st.get("dsn")]
+        if failed:
+            yield self._report_failed(entry, failed)
+        delayed = self._delayed(entry, self.clock.seconds())
+        if delayed:
+            message = yield self.spool.read(entry.queue_id)
+            yield self.bouncer.send(entry, DELAYED, entry.envelope.sender,
+                                    reports(entry, delayed, DELAYED), message,
+                                    retry_until=self._expiry(entry))
+            yield self.spool.update(entry.queue_id, {}, flags={"delay_warned": True})
+
+    @defer.inlineCallbacks
+    def _report_failed(self, entry, failed):
+        to, kind = self.bouncer.target(entry, failed)
+        if to is None:
+            self.bouncer.drop(entry, failed, kind)
+            mark = "none"
+        else:
+            message = yield self.spool.read(entry.queue_id)
+            mark = yield self.bouncer.send(entry, kind, to, reports(entry, failed, DSN_FAILED),
+                                           message)
+        yield self.spool.update(entry.queue_id, {r: {"dsn": mark} for r in failed})
+
+    def _delayed(self, entry, now):
+        """Recipients for the one delay warning, if it is due now."""
+        due = self._warning_time(entry)
+        if due is None or now < due:
+            return []
+        return [r for r, st in entry.recipients.items()
+                if st["state"] == DEFERRED and st["next_attempt"] is not None]
+
+    def _warning_time(self, entry):
+        """When the delay warning is due (None: never, or already sent)."""
+        if not self.settings.delay_warning or entry.flags.get("delay_warned") or \
+                not entry.envelope.sender or self.bouncer is None:
+            return None
+        return entry.envelope.received_at + self.settings.delay_warning
+
+    # -- scheduling
 
     def _schedule(self, qid):
-        """Arm the next pass: now for pending recipients, else at the earliest retry."""
+        """Arm the next pass: now for pending recipients, else at the earliest
+        retry (or delay warning) time."""
         entry = self.spool.get(qid)
-        if entry is None or not self.running or qid in self._active:
+        if entry is None or not self.running or qid in self._active or entry.held:
             return
-        if entry.in_state(PENDING) or entry.done():
+        now = self.clock.seconds()
+        unreported = self.bouncer is not None and any(
+            st["state"] == FAILED and not st.get("dsn") for st in entry.recipients.values())
+        if self._due(entry, now) or entry.finished() or unreported:
             self.process(qid)
             return
-        times = [st["next_attempt"] for st in entry.recipients.values()
-                 if st["state"] == DEFERRED and st["next_attempt"] is not None]
+        busy = self._inflight.get(qid, ())
+        times = [st["next_attempt"] for rcpt, st in entry.recipients.items()
+                 if st["state"] == DEFERRED and st["next_attempt"] is not None
+                 and rcpt not in busy]
+        warning = self._warning_time(entry)
+        if warning is not None and times:
+            times.append(warning)
         if times:
-            self._arm(qid, max(0.0, min(times) - self.clock.seconds()))
+            self._wake(qid, min(times))
 
-    def _arm(self, qid, delay):
-        old = self._timers.pop(qid, None)
-        if old is not None and old.active():
-            old.cancel()
+    def _wake(self, qid, when):
         if self.running:
-            self._timers[qid] = self.clock.callLater(delay, self.process, qid)
+            self.wakeups.at(qid, when)
+
+    # -- the admin shell's commands (postqueue -p / postsuper -h -H -d / postqueue -f)
+
+    def _entry(self, qid):
+        entry = self.spool.get(qid) if isinstance(qid, str) and QUEUE_ID.fullmatch(qid) \
+            else None
+        if entry is None:
+            raise QueueError(f"no message {qid!r} in the queue")
+        return entry
+
+    def list(self):
+        """Every queued message, oldest first: id, sender, recipients and their
+        states, size, age, last error, held."""
+        return self.spool.entries()
+
+    def show(self, qid):
+        """Deferred[dict]: the listing's fields, the envelope, each recipient's
+        full state and the message's header block (text)."""
+        try:
+            entry = self._entry(qid)
+        except QueueError as e:
+            return defer.fail(e)
+        info = entry.summary(self.clock.seconds())
+        info["envelope"] = entry.envelope.to_json()
+        info["states"] = {r: dict(st) for r, st in entry.recipients.items()}
+        d = self.spool.read(qid)
+
+        def headers(message):
+            end = message.find(b"\r\n\r\n")
+            block = message[:end if end >= 0 else HEADERS_SHOWN][:HEADERS_SHOWN]
+            info["headers"] = block.decode("utf-8", "replace")
+            return info
+        d.addCallback(headers)
+        return d
+
+    def hold(self, qid):
+        """Stop delivering ``qid`` until ``release`` (deliveries under way finish)."""
+        return self._set_held(qid, True, "queue.held")
+
+    def release(self, qid):
+        return self._set_held(qid, False, "queue.released")
+
+    def _set_held(self, qid, held, event):
+        try:
+            self._entry(qid)
+        except QueueError as e:
+            return defer.fail(e)
+        d = self.spool.update(qid, {}, flags={"held": held})
+
+        def done(_):
+            events.emit(event, queue_id=qid)
+            if held:
+                self.wakeups.cancel(qid)
+            else:
+                self._schedule(qid)
+            return qid
+        d.addCallback(done)
+        return d
+
+    def retry(self, qid=None):
+        """Attempt the deferred recipients of ``qid`` (or of every message not
+        held) now; returns how many messages were asked."""
+        if qid is not None:
+            qids = [self._entry(qid).queue_id]
+        else:
+            qids = [q for q in self.spool.queue_ids() if not self.spool.get(q).held]
+        for one in qids:
+            self._forced.add(one)
+            self.process(one)
+        events.emit("queue.retried", queue_id=qid or "", count=len(qids))
+        return len(qids)
+
+    def delete(self, qid):
+        """Remove ``qid`` from the queue without any notification (postsuper -d)."""
+        try:
+            self._entry(qid)
+        except QueueError as e:
+            return defer.fail(e)
+        self.wakeups.cancel(qid)
+        d = self.spool.remove(qid)
+
+        def done(_):
+            events.emit("queue.deleted", queue_id=qid)
+            return qid
+        d.addCallback(done)
+        return d
+
+
+class _Attempt:
+    """The work of one dispatcher job (a callable, so it starts only in its slot)."""
+
+    __slots__ = ("runner", "qid", "domain", "recipients")
+
+    def __init__(self, runner, qid, domain, recipients):
+        self.runner, self.qid, self.domain, self.recipients = runner, qid, domain, recipients
+
+    def __call__(self):
+        return self.runner._attempt(self.qid, self.domain, self.recipients)
+
+
+def _remote_outcome(result):
+    """The spool change for one RecipientResult (2xx / 4xx / 5xx)."""
+    host = getattr(result, "remote_host", "") or ""
+    text = one_line(result.text)
+    status = result.status or f"{str(result.code)[0]}.0.0"
+    if getattr(result, "from_remote", True):
+        reply = f"{result.code} {text}"
+        reason = f"host {host} said: {reply}" if host else reply
+        diagnostic = f"smtp; {reply}"
+    else:
+        reason = f"{status} {text}" if not text.startswith(status) else text
+        diagnostic = ""
+    change = {"status": status, "remote_host": host, "diagnostic": diagnostic}
+    if 200 <= result.code < 300:
+        change.update(state=DELIVERED, last_error="")
+    elif 500 <= result.code < 600:
+        change.update(state=FAILED, last_error=reason)
+    else:
+        change.update(state=DEFERRED, last_error=reason, retry=True)
+    return change
+

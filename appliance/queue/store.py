@@ -62,14 +62,25 @@ def new_recipient_state(now):
 
 
 class SpoolEntry:
-    """The envelope of one spooled message plus the state of each recipient."""
+    """The envelope of one spooled message plus the state of each recipient.
 
-    def __init__(self, envelope, message_size, created_at, recipients=None):
+    ``flags`` are message-level facts the queue manager keeps: ``held`` (an
+    admin put it on hold) and ``delay_warned`` (the one "still trying" DSN
+    went out). Recipients may carry more fields than ``new_recipient_state``
+    (status, remote_host, dsn ...): the queue manager adds them.
+    """
+
+    def __init__(self, envelope, message_size, created_at, recipients=None, flags=None):
         self.envelope = envelope
         self.message_size = message_size
         self.created_at = created_at
         self.recipients = recipients if recipients is not None else {
             address: new_recipient_state(created_at) for address in envelope.recipients}
+        self.flags = dict(flags or {})
+
+    @property
+    def held(self):
+        return bool(self.flags.get("held"))
 
     @property
     def queue_id(self):
@@ -79,7 +90,8 @@ class SpoolEntry:
         return {"format": FORMAT, "queue_id": self.queue_id,
                 "message_file": self.queue_id + MESSAGE_SUFFIX,
                 "message_size": self.message_size, "created_at": self.created_at,
-                "envelope": self.envelope.to_json(), "recipients": self.recipients}
+                "envelope": self.envelope.to_json(), "recipients": self.recipients,
+                "flags": self.flags}
 
     def dumps(self):
         return json.dumps(self.to_json(), indent=1, ensure_ascii=False).encode("utf-8") + b"\n"
@@ -94,8 +106,11 @@ class SpoolEntry:
             recipients = {str(k): dict(v) for k, v in data["recipients"].items()}
             if any(v.get("state") not in STATES for v in recipients.values()):
                 raise ValueError("unknown recipient state")
+            flags = data.get("flags", {})       # absent in entries written before it existed
+            if not isinstance(flags, dict):
+                raise ValueError("flags is not an object")
             return cls(envelope, int(data["message_size"]), float(data["created_at"]),
-                       recipients)
+                       recipients, flags)
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed state file ({e.__class__.__name__}: {e})") from None
 
@@ -106,16 +121,24 @@ class SpoolEntry:
         """True when every recipient is delivered: the entry may be removed."""
         return all(st["state"] == DELIVERED for st in self.recipients.values())
 
+    def finished(self):
+        """True when nothing is left to do: every recipient delivered, or failed
+        with its failure reported (``dsn`` set by the queue manager)."""
+        return all(st["state"] == DELIVERED or (st["state"] == FAILED and st.get("dsn"))
+                   for st in self.recipients.values())
+
     def summary(self, now):
         """A plain dict for `queue list` / `queue show`."""
         errors = [st["last_error"] for st in self.recipients.values() if st["last_error"]]
         return {
             "queue_id": self.queue_id, "sender": self.envelope.sender,
             "recipients": [{"address": a, "state": st["state"], "last_error": st["last_error"],
-                            "next_attempt": st["next_attempt"]}
+                            "next_attempt": st["next_attempt"],
+                            "attempts": st.get("attempts", 0),
+                            "remote_host": st.get("remote_host", "")}
                            for a, st in self.recipients.items()],
             "size": self.message_size, "age": max(0.0, now - self.envelope.received_at),
-            "last_error": errors[-1] if errors else "",
+            "last_error": errors[-1] if errors else "", "held": self.held,
         }
 
 
@@ -254,8 +277,9 @@ class Spool:
         d.addErrback(self._storage_failed, "read")
         return d
 
-    def update(self, qid, changes):
-        """Apply ``{recipient: {field: value}}`` and replace the state file atomically.
+    def update(self, qid, changes, flags=None):
+        """Apply ``{recipient: {field: value}}`` (and message ``flags``), then
+        replace the state file atomically.
 
         Fires once the new state is durable. The in-memory entry changes at
         once, so a later update or removal always carries this one too.
@@ -267,6 +291,7 @@ class Spool:
         for address, fields in changes.items():
             state = entry.recipients.setdefault(address, new_recipient_state(now))
             state.update(fields, updated_at=now)
+        entry.flags.update(flags or {})
         data, temp, state_path = entry.dumps(), self._temp_path(qid), self.state_path(qid)
 
         def plan(fs):
