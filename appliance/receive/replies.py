@@ -88,9 +88,45 @@ LOOKUP_FAILED = Reply(451, "4.3.0", "Temporary lookup failure, try again later")
 STORAGE_FAILED = Reply(451, "4.3.0", "Temporary storage failure, try again later")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing")
 
+# Inbound SPF / DMARC (appliance.policy.checks), after DATA: nothing stored.
+SPF_FAILED = Reply(550, "5.7.23", "SPF validation failed for the envelope sender")
+DMARC_REJECTED = Reply(550, "5.7.1", "Unauthenticated mail refused per the From domain's "
+                                     "DMARC policy")
+
+# STARTTLS (RFC 3207).
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available due to temporary reason")
+TLS_ACTIVE = Reply(503, "5.5.1", "TLS already active")
+
+# AUTH (RFC 4954) and the submission policy.
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
+ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested "
+                                           "authentication mechanism")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_NEED_EHLO = Reply(503, "5.5.1", "Send EHLO first")
+AUTH_ALREADY = Reply(503, "5.5.1", "Already authenticated")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not permitted during a mail transaction")
+AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+AUTH_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_MALFORMED = Reply(501, "5.5.2", "Cannot decode response")
+AUTH_CANCELLED = Reply(501, "5.7.0", "Authentication cancelled")
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by the authenticated user")
+FROM_NOT_OWNED = Reply(550, "5.7.1", "From: header address not owned by the "
+                                     "authenticated user")
+FROM_MISSING = Reply(550, "5.7.1", "Message needs a From: header with an address")
+
+
+def challenge(data):
+    """A SASL challenge; ``data`` is already base64 (str), may be empty."""
+    return Reply(334, None, data)
+
+
 # Closing the connection.
 ACCESS_DENIED = Reply(554, "5.7.1", "Access denied")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections from your address")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors")
 LINE_FLOOD = Reply(421, "4.7.0", "Line too long, closing connection")
 INPUT_FLOOD = Reply(421, "4.7.0", "Too much input without waiting for replies")
+TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures")

@@ -1,0 +1,119 @@
+"""Submission against the LDAP backend: the real server, a real slapd, smtplib.
+
+The server authenticates on 587/465 against a slapd of the test's own
+(tests/ldap_server.py, StartTLS with a verified certificate); the mail goes to
+another domain, so it is accepted and queued whatever the outbound side does.
+"""
+
+import smtplib
+import ssl
+import sys
+import uuid
+from email import policy
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: ldap_server
+
+import ldap_server  # noqa: E402  (needs the path above)
+from harness import wait_until  # noqa: E402
+
+ALICE = "alice@example.test"
+ALICE_PASSWORD = ldap_server.USERS["alice"][0]
+RECIPIENT = "friend@example.net"
+
+
+@pytest.fixture
+def slapd(tmp_path):
+    with ldap_server.SlapdServer(tmp_path / "slapd") as server:
+        yield server
+
+
+@pytest.fixture
+def server(mailserver_factory, slapd):
+    return mailserver_factory(listeners=("mx", "submission", "submissions"),
+                              overrides={"auth": slapd.auth_section("starttls")}, users=())
+
+
+def tls_context(server):
+    """Trust the server's self-signed certificate (made in data_dir at start)."""
+    context = ssl.create_default_context(cafile=str(server.data_dir / "tls" / "cert.pem"))
+    context.check_hostname = False      # we connect to 127.0.0.1, it names the host
+    return context
+
+
+def message(sender):
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = RECIPIENT
+    msg["Subject"] = "via ldap"
+    msg["Message-ID"] = f"<{uuid.uuid4().hex}@example.test>"
+    msg.set_content("hello\n")
+    return msg.as_bytes(policy=policy.SMTP)
+
+
+def submission(server):
+    client = smtplib.SMTP(server.host, server.port("submission"), timeout=30)
+    client.ehlo("client.example.test")
+    client.starttls(context=tls_context(server))
+    client.ehlo("client.example.test")
+    return client
+
+
+def auth_plain(client, user, password):
+    client.user, client.password = user, password
+    return client.auth("PLAIN", client.auth_plain)
+
+
+def test_auth_plain_on_587_with_ldap_and_send(server):
+    with submission(server) as client:
+        code, _ = auth_plain(client, ALICE, ALICE_PASSWORD)
+        assert code == 235
+        # the alias from mailAlternateAddress is one of alice's addresses
+        assert client.sendmail("postmaster@example.test", [RECIPIENT],
+                               message("postmaster@example.test")) == {}
+        # another user's address is not
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            client.sendmail("bob@example.test", [RECIPIENT], message("bob@example.test"))
+        assert refused.value.smtp_code == 553
+    # the event log is flushed about once a second
+    success = wait_until(lambda: server.events("auth.success"), 10, what="auth.success")
+    assert [r["account"] for r in success] == [ALICE]
+
+
+def test_smtps_on_465_with_ldap(server):
+    with smtplib.SMTP_SSL(server.host, server.port("submissions"), timeout=30,
+                          context=tls_context(server)) as client:
+        client.ehlo("client.example.test")
+        code, _ = auth_plain(client, ALICE, ALICE_PASSWORD)
+        assert code == 235
+        assert client.sendmail(ALICE, [RECIPIENT], message(ALICE)) == {}
+
+
+def test_wrong_password_and_injection_are_535(server):
+    for user, password in [(ALICE, "wrong"), ("*)(mail=*", ALICE_PASSWORD),
+                           ("alic*@example.test", ALICE_PASSWORD)]:
+        # one connection each: the server closes after a few failures
+        with submission(server) as client:
+            with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+                auth_plain(client, user, password)
+        assert failed.value.smtp_code == 535
+        assert b"5.7.8" in failed.value.smtp_error
+
+
+def test_ldap_down_is_454_then_recovers(server, slapd):
+    slapd.stop()
+    with submission(server) as client:
+        with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+            auth_plain(client, ALICE, ALICE_PASSWORD)
+        assert failed.value.smtp_code == 454
+        assert b"4.7.0" in failed.value.smtp_error
+    wait_until(lambda: server.events("ldap.unavailable"), 10, what="ldap.unavailable")
+    assert ALICE_PASSWORD not in server.events_path.read_text(encoding="utf-8")
+
+    slapd.start()                       # back on the same ports
+    with submission(server) as client:
+        code, _ = auth_plain(client, ALICE, ALICE_PASSWORD)
+        assert code == 235
