@@ -313,3 +313,53 @@ def test_passwords_with_undecodable_bytes_round_trip():
     hashed = hash_password(password)
     assert verify_password(password, hashed)
     assert not verify_password("café", hashed)
+
+
+class CountingThread:
+    """A synchronous stand-in for deferToThread that counts hash checks."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, function, *args):
+        self.calls += 1
+        return defer.maybeDeferred(function, *args)
+
+
+def _cached_users(tmp_path, clock):
+    from appliance.auth.users import UsersFile, hash_password
+    runner = CountingThread()
+    users = UsersFile(str(tmp_path / "users"), now=clock, defer_to_thread=runner)
+    users.add("amy@x.test", hash_password("right-pw"))
+    return users, runner
+
+
+def _result(d):
+    out = []
+    d.addCallback(out.append)
+    return out[0]
+
+
+def test_verified_login_is_cached_but_failures_are_not(tmp_path):
+    clock = [1000.0]
+    users, runner = _cached_users(tmp_path, lambda: clock[0])
+    assert _result(users.check_password("amy@x.test", "right-pw")) is True
+    assert _result(users.check_password("amy@x.test", "right-pw")) is True
+    assert runner.calls == 1                      # second login: no bcrypt
+    assert _result(users.check_password("amy@x.test", "wrong")) is False
+    assert _result(users.check_password("amy@x.test", "wrong")) is False
+    assert runner.calls == 3                      # every failure pays the hash
+    clock[0] += 301                               # past the TTL
+    assert _result(users.check_password("amy@x.test", "right-pw")) is True
+    assert runner.calls == 4
+
+
+def test_password_change_voids_the_cache_at_once(tmp_path):
+    from appliance.auth.users import UsersFile, hash_password
+    clock = [1000.0]
+    users, runner = _cached_users(tmp_path, lambda: clock[0])
+    assert _result(users.check_password("amy@x.test", "right-pw")) is True
+    UsersFile(users.path).set_hash("amy@x.test", hash_password("new-pw"))
+    clock[0] += 2                                 # the file is re-read
+    assert _result(users.check_password("amy@x.test", "right-pw")) is False
+    assert _result(users.check_password("amy@x.test", "new-pw")) is True

@@ -13,6 +13,8 @@ Hashes are bcrypt (``$2b$``, the default) or argon2id (``$argon2id$``).
 
 import contextlib
 import fcntl
+import hashlib
+import hmac
 import os
 import re
 import tempfile
@@ -326,6 +328,13 @@ def _atomic_write(path, text):
         os.close(dir_fd)
 
 
+# A login verified against a hash is remembered this long (Dovecot's
+# auth_cache habit): a bcrypt check costs ~0.25 s of CPU, and clients that
+# log in for every message would otherwise be capped at a few per second.
+CACHE_TTL = 300.0
+CACHE_SIZE = 10_000
+
+
 # ---------------------------------------------------------------------------
 # The users file
 
@@ -340,9 +349,10 @@ class UsersFile(WatchedFile):
     reloaded_event = "users.reloaded"
 
     def __init__(self, path, now=time.monotonic, check_interval=1.0,
-                 defer_to_thread=deferToThread):
+                 defer_to_thread=deferToThread, cache_ttl=CACHE_TTL):
         super().__init__(path, now, check_interval)
         self._defer_to_thread = defer_to_thread
+        self._verified = VerifiedCache(now, cache_ttl)
 
     def _parse_line(self, line):
         address, sep, hashed = line.strip().rpartition(":")
@@ -389,7 +399,53 @@ class UsersFile(WatchedFile):
         hashed = self.lookup(address)
         if hashed is None:
             return self._defer_to_thread(_verify_unknown_user, password)
-        return self._defer_to_thread(verify_password, password, hashed)
+        if self._verified.holds(address, password, hashed):
+            return defer.succeed(True)
+        d = self._defer_to_thread(verify_password, password, hashed)
+        d.addCallback(self._remember, address, password, hashed)
+        return d
+
+    def _remember(self, ok, address, password, hashed):
+        if ok:
+            self._verified.add(address, password, hashed)
+        return ok
+
+
+class VerifiedCache:
+    """Recently verified (address, password) pairs, never the passwords.
+
+    An entry is an HMAC of the password under a key that lives only in this
+    process, tied to the hash it was verified against: a password change
+    (new hash) or a deletion makes it useless at once. Failures are never
+    cached, so a guessing client pays the full hash cost every time.
+    """
+
+    def __init__(self, now, ttl=CACHE_TTL, size=CACHE_SIZE):
+        self._now = now
+        self._ttl = ttl
+        self._size = size
+        self._key = os.urandom(32)
+        self._entries = {}
+
+    def _tag(self, address, password, hashed):
+        message = b"\0".join((address.encode(), _bytes(password), hashed.encode()))
+        return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def holds(self, address, password, hashed):
+        if self._ttl <= 0:
+            return False
+        expiry = self._entries.get(self._tag(address, password, hashed))
+        return expiry is not None and expiry > self._now()
+
+    def add(self, address, password, hashed):
+        if self._ttl <= 0:
+            return
+        if len(self._entries) >= self._size:
+            now = self._now()
+            self._entries = {k: v for k, v in self._entries.items() if v > now}
+            if len(self._entries) >= self._size:
+                self._entries.clear()
+        self._entries[self._tag(address, password, hashed)] = self._now() + self._ttl
 
 
 _BAD_HASH_CHARS = re.compile(r"[\s:\x00-\x1f\x7f]")
