@@ -7,11 +7,18 @@ submission asks it which addresses a user may send as.
 Aliases live in ``<data_dir>/aliases``, lines ``address: target, target``;
 ``@domain: target`` is the catch-all of that domain. The file is re-read on
 change and rewritten atomically under a lock, like the users file.
+
+Who has a mailbox comes from the users file (``Directory``, synchronous) or,
+with ``[auth] backend = ldap``, from LDAP (``LdapDirectory``, Deferreds, a
+short cache); ``directory_from_config`` picks one.
 """
 
+import dataclasses
 import time
 
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from appliance import events
 from appliance.auth.users import (UsersError, UsersFile, WatchedFile,
@@ -114,8 +121,13 @@ def _targets(items):
 class Directory:
     """The answers about addresses, from the config, users and aliases.
 
-    ``resolve`` is synchronous for the file backend; callers wrap it in
-    ``defer.maybeDeferred`` because an LDAP directory returns a Deferred.
+    The expansion is written once, as generators (``_resolve``,
+    ``_is_local_user``, ``_may_send_as``) that *yield* every account lookup
+    they need -- a canonical address -- and are sent back the mailbox it
+    names, or None. ``_run`` drives them: here from the users file, at once,
+    so the file backend answers plain values; ``LdapDirectory`` drives the
+    same generators with Deferreds. Callers wrap every call in
+    ``defer.maybeDeferred``, so either kind of answer works.
     """
 
     def __init__(self, config, users, aliases):
@@ -132,6 +144,7 @@ class Directory:
         return cls(config, users, aliases)
 
     def is_local_domain(self, domain):
+        """Synchronous for every backend: the domains come from the config."""
         try:
             return canonical_domain(domain) in self._domains
         except UsersError:
@@ -139,26 +152,54 @@ class Directory:
 
     def is_local_user(self, address):
         """Is ``address`` (or its ``+tag``-less form) an account here?"""
-        try:
-            return self._account(canonical_address(address)) is not None
-        except UsersError:
-            return False
+        return self._run(self._is_local_user(address))
 
     def resolve(self, address):
-        """Final destinations of ``address``: local users and forward targets,
-        de-duplicated in order; [] when the address is unknown here."""
-        try:
-            start = canonical_address(address)
-        except UsersError:
-            return []
-        found = []
-        self._expand(start, 0, (), found, catch_all=True)
-        return found
+        """Final destinations of ``address``: local mailboxes and forward
+        targets, de-duplicated in order; [] when the address is unknown here."""
+        return self._run(self._resolve(address))
 
     def may_send_as(self, user, address):
         """May the account ``user`` use ``address`` as its sender? Its own
         address (with any ``+tag``), or an explicit alias that reaches it
         (a catch-all does not count: it would grant the whole domain)."""
+        return self._run(self._may_send_as(user, address))
+
+    # -- the users file's lookups -----------------------------------------
+
+    def _mailbox(self, address):
+        """The mailbox the canonical ``address`` names as an account, or None."""
+        return address if self.users.lookup(address) is not None else None
+
+    def _run(self, steps):
+        """Drive a lookup generator, answering each lookup at once."""
+        try:
+            request = next(steps)
+            while True:
+                request = steps.send(self._mailbox(request))
+        except StopIteration as done:
+            return done.value
+
+    # -- the steps (generators: see the class docstring) ------------------
+
+    def _is_local_user(self, address):
+        try:
+            start = canonical_address(address)
+        except UsersError:
+            return False
+        mailbox = yield from self._account(start)
+        return mailbox is not None
+
+    def _resolve(self, address):
+        try:
+            start = canonical_address(address)
+        except UsersError:
+            return []
+        found = []
+        yield from self._expand(start, 0, (), found, catch_all=True)
+        return found
+
+    def _may_send_as(self, user, address):
         try:
             user, start = canonical_address(user), canonical_address(address)
         except UsersError:
@@ -166,17 +207,16 @@ class Directory:
         if base_address(start) == user or start == user:
             return True
         found = []
-        self._expand(start, 0, (), found, catch_all=False)
+        yield from self._expand(start, 0, (), found, catch_all=False)
         return user in found
 
-    # -- expansion -------------------------------------------------------
-
     def _account(self, address):
-        """The account a canonical ``address`` names (exactly, or without
-        its +tag), or None."""
-        for candidate in (address, base_address(address)):
-            if self.users.lookup(candidate) is not None:
-                return candidate
+        """The mailbox of the account a canonical ``address`` names (exactly,
+        or without its +tag), or None."""
+        for candidate in dict.fromkeys((address, base_address(address))):
+            mailbox = yield candidate
+            if mailbox is not None:
+                return mailbox
         return None
 
     def _expand(self, address, depth, path, found, catch_all):
@@ -184,9 +224,9 @@ class Directory:
             _add(found, address)                    # a forward: leaves here
             return
         if address in path:                         # a loop: keep a real user
-            account = self._account(address)
-            if account is not None:
-                _add(found, account)
+            mailbox = yield from self._account(address)
+            if mailbox is not None:
+                _add(found, mailbox)
             return
         if depth > MAX_DEPTH:
             _log.warn("alias chain deeper than {depth} at {address}; cut",
@@ -197,8 +237,9 @@ class Directory:
             targets = self.aliases.targets(candidate)    # an alias wins ...
             if targets is not None:
                 break
-            if self.users.lookup(candidate) is not None:  # ... over an account
-                _add(found, candidate)
+            mailbox = yield candidate                    # ... over an account
+            if mailbox is not None:
+                _add(found, mailbox)
                 return
         if targets is None:
             key = "@" + domain_of(address)
@@ -207,9 +248,175 @@ class Directory:
                 return
             path = path + (key,)
         for target in targets:
-            self._expand(target, depth + 1, path + (address,), found, catch_all)
+            yield from self._expand(target, depth + 1, path + (address,), found, catch_all)
 
 
 def _add(found, address):
     if address not in found:
         found.append(address)
+
+
+# ---------------------------------------------------------------------------
+# Accounts in LDAP
+
+POSITIVE_TTL = 60.0     # seconds an LDAP "this address is that mailbox" is kept
+NEGATIVE_TTL = 10.0     # seconds an LDAP "no such address" is kept
+CACHE_ENTRIES = 10_000  # answers kept at most (a harvest of random names stays bounded)
+
+
+class LdapDirectory(Directory):
+    """The directory when the accounts live in LDAP (``[auth] backend = ldap``).
+
+    The directory is the source of truth for who exists: ``accounts``'s
+    ``account(address) -> Deferred[Account or None]`` finds the entry holding
+    ``address`` in any of ``[auth] ldap_address_attributes`` (see
+    ``recipient_accounts``), and mail for any of those addresses goes to the
+    entry's mailbox, its first (primary) address. Aliases and catch-alls from
+    the aliases file apply on top, as with the users file; the users file
+    itself is not consulted. Every answer is a Deferred; when the directory
+    is unreachable it fails with ``BackendUnavailable`` (a ``451 4.3.0`` at
+    RCPT, a later retry in the queue, never a bounce). Answers are cached
+    (``LookupCache``) on ``clock`` so a flood of RCPTs does not reach LDAP.
+    """
+
+    def __init__(self, config, aliases, accounts, clock, positive_ttl=POSITIVE_TTL,
+                 negative_ttl=NEGATIVE_TTL, max_entries=CACHE_ENTRIES):
+        super().__init__(config, None, aliases)
+        self.accounts = accounts
+        self.cache = LookupCache(self._fetch, clock, positive_ttl, negative_ttl,
+                                 max_entries)
+
+    def _fetch(self, address):
+        d = self.accounts.account(address)
+        d.addCallback(lambda account: None if account is None else account.address)
+        return d
+
+    def _run(self, steps):
+        return _run_deferred(steps, self.cache.get)
+
+
+@defer.inlineCallbacks
+def _run_deferred(steps, lookup):
+    """Drive a lookup generator with ``lookup(address) -> Deferred``; a
+    failed lookup fails the whole answer."""
+    try:
+        request = next(steps)
+        while True:
+            mailbox = yield lookup(request)
+            request = steps.send(mailbox)
+    except StopIteration as done:
+        return done.value
+
+
+class LookupCache:
+    """The answers of ``fetch(key) -> Deferred``, kept for a while.
+
+    A found value is kept ``positive_ttl`` seconds, a None ``negative_ttl``
+    (by ``clock.seconds()``); a failure is never kept, so a recovered
+    directory answers at once. Lookups of a key while its fetch runs wait for
+    that one fetch. At most ``max_entries`` answers are kept, the oldest
+    dropped first.
+    """
+
+    def __init__(self, fetch, clock, positive_ttl=POSITIVE_TTL, negative_ttl=NEGATIVE_TTL,
+                 max_entries=CACHE_ENTRIES):
+        self._fetch = fetch
+        self._clock = clock
+        self._positive_ttl = positive_ttl
+        self._negative_ttl = negative_ttl
+        self._max_entries = max_entries
+        self._answers = {}      # key -> (expires at, value), oldest first
+        self._waiting = {}      # key -> [Deferred] while its fetch runs
+
+    def __len__(self):
+        return len(self._answers)
+
+    def get(self, key):
+        """Deferred: the cached answer for ``key``, or a fresh one."""
+        cached = self._answers.get(key)
+        if cached is not None:
+            if self._clock.seconds() < cached[0]:
+                return defer.succeed(cached[1])
+            del self._answers[key]
+        d = defer.Deferred()
+        if key in self._waiting:
+            self._waiting[key].append(d)
+            return d
+        self._waiting[key] = [d]
+        fetched = defer.maybeDeferred(self._fetch, key)
+        fetched.addBoth(self._fetched, key)
+        return d
+
+    def _fetched(self, result, key):
+        waiters = self._waiting.pop(key, [])
+        if not isinstance(result, Failure):
+            self._keep(key, result)
+        for d in waiters:
+            if d.called:                # cancelled by its caller meanwhile
+                continue
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+    def _keep(self, key, value):
+        ttl = self._negative_ttl if value is None else self._positive_ttl
+        if ttl <= 0:
+            return
+        self._answers.pop(key, None)
+        while self._answers and len(self._answers) >= self._max_entries:
+            del self._answers[next(iter(self._answers))]
+        self._answers[key] = (self._clock.seconds() + ttl, value)
+
+
+def recipient_filter(template, attributes):
+    """The LDAP filter finding the account that holds ``{address}`` in any of
+    ``attributes``: among the entries the login filter ``template`` can match
+    (its ``{address}`` made a presence test), the ones holding the address.
+    ``(mail={address})`` with ``mail, mailAlternateAddress`` gives
+    ``(&(mail=*)(|(mail={address})(mailAlternateAddress={address})))``."""
+    from appliance.auth.ldap import presence_filter
+    any_of = "".join(f"({name}={{address}})" for name in attributes)
+    return f"(&{presence_filter(template)}(|{any_of}))"
+
+
+def recipient_accounts(cfg, run_in_thread, clock=None, timeout=None, pool_size=None):
+    """An ``LdapAccounts`` for recipients: its ``account(address)`` finds the
+    entry holding ``address`` in any address attribute (for logins, only the
+    ``[auth] ldap_user_filter`` counts: never use this one to authenticate).
+    Raises ``LdapConfigError``."""
+    from appliance.auth import ldap
+    timeout = ldap.TIMEOUT if timeout is None else timeout
+    settings = ldap.LdapSettings.from_config(cfg, timeout)
+    settings = dataclasses.replace(settings, user_filter=recipient_filter(
+        settings.user_filter, settings.address_attributes))
+    client = ldap.LdapClient(settings, pool_size or ldap.POOL_SIZE)
+    return ldap.LdapAccounts(client, run_in_thread, clock, deadline=3 * timeout)
+
+
+def directory_from_config(cfg, users, aliases, reactor):
+    """``(directory, service)`` for ``[auth] backend``.
+
+    The users file's ``Directory`` and None; or, for LDAP, an
+    ``LdapDirectory`` and the service owning its LDAP threads and
+    connections, to be added to the service tree before the queue runner and
+    the listeners (a MultiService stops its children in reverse order).
+    Raises ``LdapConfigError`` (one line) for unusable LDAP settings.
+    """
+    if cfg.auth.backend != "ldap":
+        return Directory(cfg, users, aliases), None
+    from twisted.python import threadpool
+
+    from appliance.auth.ldap import POOL_SIZE
+    from appliance.queue.commit import ThreadPoolService, pool_runner
+    pool = threadpool.ThreadPool(minthreads=0, maxthreads=POOL_SIZE, name="ldap-directory")
+    accounts = recipient_accounts(cfg, pool_runner(reactor, pool), clock=reactor)
+    service = ThreadPoolService(pool, drain=lambda: _closed_quietly(accounts))
+    service.setName("ldap-directory-pool")
+    return LdapDirectory(cfg, aliases, accounts, reactor), service
+
+
+def _closed_quietly(accounts):
+    d = accounts.close()
+    d.addErrback(lambda failure: None)  # unbinding a dead connection is no news
+    return d
