@@ -1,0 +1,281 @@
+"""POP3 from outside: the real server, real TLS, poplib and curl.
+
+Mail reaches the mailbox through the real MX path (smtplib to the mx port,
+the spool, the queue runner, Maildir delivery); poplib reads it with STLS on
+the pop3 port and with implicit TLS on pop3s, verifying the server's
+self-signed certificate; curl is the independent client (SASL over pop3s).
+Deletions happen at QUIT only, UIDLs survive a restart, a second session of
+the same user finds the maildrop locked. The last test does the same against
+the LDAP backend (a real slapd from tests/ldap_server.py).
+"""
+
+import poplib
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import uuid
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: ldap_server
+
+import ldap_server  # noqa: E402  (needs the path above)
+from harness import HOSTNAME, wait_until  # noqa: E402
+
+ALICE, ALICE_PW = "alice@example.test", "alice pop password"
+LISTENERS = ("mx", "pop3", "pop3s")
+TIMEOUT = 30
+
+
+@pytest.fixture
+def server(mailserver_factory):
+    return mailserver_factory(listeners=LISTENERS, users=((ALICE, ALICE_PW),))
+
+
+def cert_file(server):
+    return str(server.data_dir / "tls" / "cert.pem")
+
+
+def tls_context(server):
+    """Trust the self-signed certificate the server made in data_dir."""
+    context = ssl.create_default_context(cafile=cert_file(server))
+    context.check_hostname = False      # we connect to 127.0.0.1, it names the host
+    return context
+
+
+def send_through_mx(server, subject, body, recipient=ALICE):
+    msg = EmailMessage()
+    msg["From"] = "friend@example.net"
+    msg["To"] = recipient
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{uuid.uuid4().hex}@example.net>"
+    msg.set_content(body)
+    with smtplib.SMTP(server.host, server.mx_port, timeout=TIMEOUT) as client:
+        client.sendmail("friend@example.net", [recipient], msg.as_bytes(policy=policy.SMTP))
+
+
+def fill(server, count, recipient=ALICE):
+    for n in range(count):
+        send_through_mx(server, f"message {n + 1}",
+                        f"body of message {n + 1}\n.a line starting with a dot\n.\nend\n",
+                        recipient)
+    return server.wait_for_messages(recipient, count)
+
+
+def pop3_stls(server):
+    client = poplib.POP3(server.host, server.port("pop3"), timeout=TIMEOUT)
+    client.stls(tls_context(server))
+    return client
+
+
+def pop3s(server):
+    return poplib.POP3_SSL(server.host, server.port("pop3s"), context=tls_context(server),
+                           timeout=TIMEOUT)
+
+
+def login(client, user=ALICE, password=ALICE_PW):
+    client.user(user)
+    client.pass_(password)
+    return client
+
+
+def parse(lines):
+    return BytesParser(policy=policy.default).parsebytes(b"\n".join(lines) + b"\n")
+
+
+# -- STLS on the pop3 port ---------------------------------------------------------------
+
+def test_poplib_with_stls_reads_and_deletes_at_quit(server):
+    fill(server, 2)
+    client = poplib.POP3(server.host, server.port("pop3"), timeout=TIMEOUT)
+    capabilities = client.capa()
+    assert "STLS" in capabilities and "USER" not in capabilities
+    with pytest.raises(poplib.error_proto, match="TLS required"):
+        client.user(ALICE)
+    client.stls(tls_context(server))
+    assert "USER" in client.capa() and "STLS" not in client.capa()
+    login(client)
+    count, size = client.stat()
+    assert count == 2
+    _, listing, _ = client.list()
+    assert sum(int(line.split()[1]) for line in listing) == size
+    _, lines, octets = client.retr(1)
+    message = parse(lines)
+    assert message["Subject"] == "message 1"
+    body = message.get_content()
+    assert ".a line starting with a dot\n.\nend" in body
+    assert int(listing[0].split()[1]) == len(b"\r\n".join(lines)) + 2
+    client.dele(1)
+    client.dele(2)
+    assert len(server.messages(ALICE)) == 2     # nothing removed before QUIT
+    assert client.quit().startswith(b"+OK")
+    assert server.messages(ALICE) == []
+    [event] = wait_until(lambda: [e for e in server.events("pop3.disconnect")
+                                  if e.get("deleted")], TIMEOUT, what="pop3.disconnect")
+    assert event["deleted"] == 2 and event["retrieved"] == 1
+
+
+def test_a_dropped_connection_deletes_nothing(server):
+    fill(server, 1)
+    client = login(pop3_stls(server))
+    client.dele(1)
+    client.close()                      # gone without QUIT
+    wait_until(lambda: server.events("pop3.disconnect"), TIMEOUT, what="pop3.disconnect")
+    client = login(pop3_stls(server))   # the lock went with the connection
+    assert client.stat()[0] == 1
+    client.quit()
+    assert len(server.messages(ALICE)) == 1
+
+
+def test_commands_sent_with_stls_are_discarded(server):
+    fill(server, 1)
+    with socket.create_connection((server.host, server.port("pop3")), timeout=TIMEOUT) as raw:
+        reader = raw.makefile("rb")
+        assert reader.readline().startswith(b"+OK")
+        raw.sendall(f"STLS\r\nUSER {ALICE}\r\nPASS {ALICE_PW}\r\n".encode())
+        assert reader.readline() == b"+OK Begin TLS negotiation\r\n"
+        tls = tls_context(server).wrap_socket(raw, server_hostname=HOSTNAME)
+        tls_reader = tls.makefile("rb")
+        tls.sendall(b"STAT\r\n")
+        assert tls_reader.readline() == b"-ERR STAT is not valid in this state\r\n"
+        tls.sendall(b"QUIT\r\n")
+        assert tls_reader.readline().startswith(b"+OK")
+        tls_reader.close()
+        tls.close()
+        reader.close()
+    assert server.events("pop3.stls.discarded")
+
+
+# -- implicit TLS on pop3s ---------------------------------------------------------------
+
+def test_pop3s_uidl_is_stable_across_sessions_and_a_restart(server):
+    fill(server, 2)
+    client = login(pop3s(server))
+    first = client.uidl()[1]
+    client.quit()
+    send_through_mx(server, "third", "while nobody reads\n")
+    server.wait_for_messages(ALICE, 3)
+    server.restart()
+    client = login(pop3s(server))
+    listing = client.uidl()[1]
+    assert listing[:2] == first and len(listing) == 3
+    _, lines, _ = client.top(3, 0)
+    assert parse(lines)["Subject"] == "third"
+    client.quit()
+
+
+def test_the_maildrop_is_locked_against_a_second_session(server):
+    fill(server, 1)
+    first = login(pop3s(server))
+    second = pop3_stls(server)
+    second.user(ALICE)
+    with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+        second.pass_(ALICE_PW)
+    first.quit()
+    second.user(ALICE)
+    second.pass_(ALICE_PW)
+    assert second.stat()[0] == 1
+    second.quit()
+
+
+def test_new_mail_waits_for_the_next_session(server):
+    fill(server, 1)
+    client = login(pop3s(server))
+    send_through_mx(server, "late", "arrived during the session\n")
+    server.wait_for_messages(ALICE, 2)
+    assert client.stat()[0] == 1
+    client.quit()
+    client = login(pop3s(server))
+    assert client.stat()[0] == 2
+    client.quit()
+
+
+def test_wrong_passwords_are_limited_and_logged(server):
+    client = pop3s(server)
+    for attempt in range(2):
+        client.user(ALICE)
+        with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+            client.pass_(f"guess {attempt}")
+    client.user(ALICE)
+    with pytest.raises(poplib.error_proto, match="too many failures"):
+        client.pass_("guess 2")
+    with pytest.raises((poplib.error_proto, OSError, EOFError)):
+        client.noop()
+    failures = server.events("auth.failure")
+    assert len(failures) == 3
+    assert {f["listener"] for f in failures} == {"pop3s"}
+    assert all("guess" not in str(f) for f in failures)
+
+
+# -- curl ------------------------------------------------------------------------------
+
+def curl(server, url_path, *extra):
+    """curl on pop3s, verifying the certificate for the server's hostname."""
+    port = server.port("pop3s")
+    result = subprocess.run(
+        ["curl", "--silent", "--show-error", "--max-time", str(TIMEOUT),
+         "--cacert", cert_file(server),
+         "--connect-to", f"{HOSTNAME}:{port}:{server.host}:{port}",
+         "--user", f"{ALICE}:{ALICE_PW}", *extra,
+         f"pop3s://{HOSTNAME}:{port}/{url_path}"],
+        capture_output=True, timeout=TIMEOUT + 10)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return result.stdout
+
+
+def test_curl_lists_and_retrieves_over_pop3s(server):
+    fill(server, 2)
+    listing = curl(server, "")
+    assert [line.split()[0] for line in listing.splitlines()] == [b"1", b"2"]
+    message = curl(server, "2")
+    parsed = BytesParser(policy=policy.default).parsebytes(message.replace(b"\r\n", b"\n"))
+    assert parsed["Subject"] == "message 2"
+    assert ".a line starting with a dot\n.\nend" in parsed.get_content()
+    logins = server.events("pop3.login")
+    assert {e["mechanism"] for e in logins} <= {"PLAIN", "LOGIN", "USER"}
+
+
+def test_curl_deletes_with_dele_and_stls(server):
+    fill(server, 1)
+    port = server.port("pop3")
+    result = subprocess.run(
+        ["curl", "--silent", "--show-error", "--max-time", str(TIMEOUT), "--ssl-reqd",
+         "--cacert", cert_file(server),
+         "--connect-to", f"{HOSTNAME}:{port}:{server.host}:{port}",
+         "--user", f"{ALICE}:{ALICE_PW}", "--request", "DELE", "--list-only",
+         f"pop3://{HOSTNAME}:{port}/1"],
+        capture_output=True, timeout=TIMEOUT + 10)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert server.messages(ALICE) == []
+
+
+# -- the LDAP backend ---------------------------------------------------------------------
+
+@pytest.fixture
+def ldap_server_(tmp_path):
+    with ldap_server.SlapdServer(tmp_path / "slapd") as slapd:
+        yield slapd
+
+
+def test_pop3s_with_the_ldap_backend(mailserver_factory, ldap_server_):
+    server = mailserver_factory(listeners=LISTENERS, users=(),
+                                overrides={"auth": ldap_server_.auth_section("starttls")})
+    fill(server, 1)
+    password = ldap_server.USERS["alice"][0]
+    client = login(pop3s(server), password=password)
+    _, lines, _ = client.retr(1)
+    assert parse(lines)["Subject"] == "message 1"
+    client.dele(1)
+    client.quit()
+    assert server.messages(ALICE) == []
+    client = pop3s(server)
+    client.user(ALICE)
+    with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+        client.pass_("not the password")
+    client.quit()
