@@ -1,4 +1,5 @@
-"""The ``mailappliance`` command: check the config, manage users and aliases.
+"""The ``mailappliance`` command: check the config, manage users, aliases and
+DKIM keys, print the DNS records to publish.
 
 Exit codes: 0 success, 1 an operation failed (the user exists, the disk is
 full ...), 2 bad usage or a bad config. Every error is one line on stderr,
@@ -10,8 +11,10 @@ import getpass
 import sys
 
 from appliance import config as configmod
+from appliance import dnsrecords
 from appliance.auth.users import UsersError, canonical_address, hash_password
-from appliance.directory import Directory, alias_key, domain_of
+from appliance.directory import Directory, alias_key, canonical_domain, domain_of
+from appliance.policy.keys import KeyStore, KeyStoreError
 
 PROG = "mailappliance"
 DEFAULT_CONFIG = "/etc/mailappliance/mailappliance.ini"
@@ -59,6 +62,15 @@ def build_parser():
                                        help="users of the file backend"), common)
     _alias_commands(commands.add_parser("alias", parents=[common],
                                         help="address aliases and catch-alls"), common)
+
+    records = commands.add_parser("dns-records", parents=[common],
+                                  help="print the DNS records to publish (zone-file syntax)")
+    records.add_argument("--check", action="store_true",
+                         help="look them up through [dns] and say, per record, present, "
+                              "missing or different (exit 1 unless all are present)")
+    records.set_defaults(run=cmd_dns_records)
+    _dkim_commands(commands.add_parser("dkim", parents=[common], help="DKIM signing keys"),
+                   common)
     return parser
 
 
@@ -103,6 +115,22 @@ def _alias_commands(alias, common):
     delete.set_defaults(run=cmd_alias_del)
     listing = sub.add_parser("list", parents=[common], help="list the aliases")
     listing.set_defaults(run=cmd_alias_list)
+
+
+def _dkim_commands(dkim, common):
+    sub = dkim.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    sub.required = True
+    listing = sub.add_parser("list", parents=[common], help="list the keys")
+    listing.set_defaults(run=cmd_dkim_list)
+    rotate = sub.add_parser("rotate", parents=[common],
+                            help="a new key under a new selector; the old one is kept "
+                                 "(and published) until removed")
+    rotate.add_argument("domain")
+    rotate.set_defaults(run=cmd_dkim_rotate)
+    remove = sub.add_parser("remove", parents=[common], help="delete a retired key")
+    remove.add_argument("domain")
+    remove.add_argument("selector")
+    remove.set_defaults(run=cmd_dkim_remove)
 
 
 # ---------------------------------------------------------------------------
@@ -219,6 +247,53 @@ def cmd_alias_list(args, io):
     return EXIT_OK
 
 
+def _key_store(args):
+    """The config and its DKIM key store, with every local domain's keys made."""
+    cfg = configmod.load(args.config)
+    store = KeyStore.from_config(cfg)
+    made = store.ensure(cfg.server.domains)
+    notes = [f"new DKIM key: {k.dns_name} ({k.algorithm}): publish it" for k in made]
+    return cfg, store, notes
+
+
+def cmd_dns_records(args, io):
+    cfg, store, notes = _key_store(args)
+    text, ok = dnsrecords.report(cfg, store, check_dns=args.check, notes=notes)
+    io.stdout.write(text)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_dkim_list(args, io):
+    _, store, _ = _key_store(args)
+    for key in store.keys():
+        io.out(f"{key.domain} {key.selector} {key.algorithm} {key.state}")
+    return EXIT_OK
+
+
+def _known_domain(cfg, domain):
+    if canonical_domain(domain) not in cfg.server.domains:
+        raise Failed(f"{domain} is not one of the local domains ([server] domains)")
+    return domain
+
+
+def cmd_dkim_rotate(args, io):
+    cfg, store, _ = _key_store(args)
+    made, retired = store.rotate(_known_domain(cfg, args.domain))
+    for key in retired:
+        io.out(f"retired: {key.dns_name} (keep it published until you remove it)")
+    for key in made:
+        io.out(f"new key: {key.dns_name} ({key.algorithm}); publish:")
+        io.out(dnsrecords.Record(key.dns_name + ".", "TXT", key.txt, "dkim").zone_line())
+    return EXIT_OK
+
+
+def cmd_dkim_remove(args, io):
+    _, store, _ = _key_store(args)
+    key = store.remove(args.domain, args.selector)
+    io.out(f"removed: {key.dns_name} (its DNS record can go)")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------
 # Entry point
 
@@ -237,7 +312,7 @@ def main(argv=None, io=None):
         for problem in exc.problems:
             io.err(problem)
         return EXIT_USAGE
-    except (Failed, UsersError) as exc:
+    except (Failed, UsersError, KeyStoreError) as exc:
         io.err(str(exc))
         return EXIT_FAILED
     except OSError as exc:

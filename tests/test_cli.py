@@ -102,7 +102,7 @@ def cli_main(*argv):
     (["user"], "the following arguments are required: ACTION"),
     (["user", "add"], "the following arguments are required: address"),
     (["alias", "add", "x@example.test"], "the following arguments are required: TARGET"),
-    (["dns-records"], "invalid choice: 'dns-records'"),
+    (["dns-records", "extra"], "unrecognized arguments: extra"),
     (["check-config", "--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_usage_errors_are_one_line_exit_2(argv, fragment):

@@ -1,0 +1,183 @@
+"""DKIM signing of the mail our users send (RFC 6376, RFC 8463, with dkimpy).
+
+Signed: every message from an authenticated user (the submission listeners)
+or from a ``[relay] trusted_networks`` peer, when its From: header names one
+local domain (``[server] domains``). It is signed once, between the end of
+DATA and the spool, so a retried delivery carries the same signature.
+
+- relaxed/relaxed canonicalisation; no ``l=`` (T24: a body length lets
+  anyone append content under our signature);
+- the header fields of ``SIGNED_HEADERS`` that the message has, each as many
+  times as it occurs, and From: once more (over-signing: a second From:
+  added on the way breaks the signature);
+- one signature per active key of the domain: RSA 2048, and Ed25519 as well
+  with ``[dkim] algorithm = ed25519-sha256``.
+
+dkimpy and the key store block (RSA in pure Python, file reads): ``sign``
+runs them through ``run_in_thread`` and answers with a Deferred (T24).
+"""
+
+import dkim
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from appliance import events
+from appliance.address import canonical_domain
+from appliance.policy.keys import KeyStoreError
+from appliance.receive import replies
+from appliance.receive.policy import peer_in
+from appliance.receive.received import header_safe
+from appliance.receive.submission import AmbiguousFrom, from_addresses
+
+events.register("dkim.signed", "an outgoing message was DKIM-signed before it was queued",
+                ("session", "peer_ip", "queue_id", "domain", "selector", "algorithm"))
+events.register("dkim.sign_failed", "a message to sign could not be signed: refused "
+                "with 451, nothing queued", ("session", "peer_ip", "queue_id", "domain",
+                                             "reason"))
+
+# RFC 6376 §5.4.1's list, less the fields that change on the way.
+SIGNED_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id",
+                  b"mime-version", b"content-type", b"reply-to", b"in-reply-to",
+                  b"references")
+CANONICALIZE = (b"relaxed", b"relaxed")
+
+_log = Logger()
+
+
+class SigningFailed(Exception):
+    """A message that must be signed could not be; ``domain`` is its From domain.
+
+    The SMTP server answers ``smtp_reply``: temporary by default (a key store
+    can be fixed, and unsigned mail from our domains would fail DMARC),
+    permanent for a header section dkimpy cannot parse (sending it again
+    would not help).
+    """
+
+    def __init__(self, domain, reason, smtp_reply=replies.LOCAL_ERROR):
+        super().__init__(reason)
+        self.domain = domain
+        self.smtp_reply = smtp_reply
+
+
+def header_section(message):
+    """The header lines of ``message`` (bytes, CRLF), without the blank line."""
+    end = message.find(b"\r\n\r\n")
+    head = message if end < 0 else message[:end + 2]
+    return head.split(b"\r\n")[:-1] if head.endswith(b"\r\n") else head.split(b"\r\n")
+
+
+def headers_to_sign(message):
+    """The h= list: each field of SIGNED_HEADERS as often as it occurs, then
+    From once more."""
+    counts = {}
+    for line in header_section(message):
+        if line[:1] in (b" ", b"\t") or b":" not in line:
+            continue            # a continuation line, or not a field at all
+        name = line.split(b":", 1)[0].strip().lower()
+        if name in SIGNED_HEADERS:
+            counts[name] = counts.get(name, 0) + 1
+    names = [name for name in SIGNED_HEADERS for _ in range(counts.get(name, 0))]
+    return names + [b"from"]
+
+
+def signing_domain(message, local_domains):
+    """The local domain to sign for: the one domain of the From: addresses,
+    if it is local; None otherwise (no From:, several domains, a foreign or
+    an ambiguous one)."""
+    try:
+        addresses = from_addresses(message)
+    except AmbiguousFrom:
+        return None
+    domains = set()
+    for address in addresses:
+        try:
+            domains.add(canonical_domain(address.rpartition("@")[2]))
+        except ValueError:
+            return None
+    if len(domains) != 1:
+        return None
+    [domain] = domains
+    return domain if domain in local_domains else None
+
+
+def sign_message(message, signing_keys):
+    """``message`` with one DKIM-Signature per key on top; dkim.DKIMException
+    if dkimpy refuses the message or a key."""
+    include = headers_to_sign(message)
+    signatures = []
+    for signing_key in signing_keys:
+        key = signing_key.key
+        signatures.append(dkim.sign(
+            message, key.selector.encode("ascii"), key.domain.encode("ascii"),
+            signing_key.private, canonicalize=CANONICALIZE,
+            signature_algorithm=key.algorithm.encode("ascii"),
+            include_headers=include, length=False))
+    return b"".join(signatures) + message
+
+
+class Signer:
+    """Signs what ``wants`` says should be signed; see the module docstring.
+
+    ``keystore`` is an ``appliance.policy.keys.KeyStore``;
+    ``run_in_thread(f, *args) -> Deferred`` runs the blocking part
+    (``deferToThread`` in the server).
+    """
+
+    def __init__(self, config, keystore, run_in_thread):
+        self.config = config
+        self.keystore = keystore
+        self.run_in_thread = run_in_thread
+        self.local_domains = frozenset(config.server.domains)
+
+    def wants(self, session):
+        """Mail from our users: authenticated, or from a trusted network."""
+        return bool(session.auth_user) or peer_in(self.config.relay.trusted_networks,
+                                                  session.peer_ip)
+
+    def sign(self, message, session, queue_id, session_id=""):
+        """A Deferred firing with the message to queue: signed, or unchanged
+        when it is not ours to sign; SigningFailed if it cannot be signed."""
+        context = dict(session=session_id, peer_ip=session.peer_ip, queue_id=queue_id)
+        if not self.wants(session):
+            return defer.succeed(message)
+        d = self.run_in_thread(self.sign_blocking, message)
+        d.addCallbacks(self._signed, self._failed, callbackArgs=(context,),
+                       errbackArgs=(context,))
+        return d
+
+    def sign_blocking(self, message):
+        """(message to queue, [DKIMKey used]); runs in a thread."""
+        domain = signing_domain(message, self.local_domains)
+        if domain is None:
+            return message, []
+        try:
+            keys = self.keystore.signing_keys(domain)
+        except KeyStoreError as exc:
+            raise SigningFailed(domain, str(exc)) from None
+        if not keys:
+            raise SigningFailed(domain, f"no active DKIM key for {domain}")
+        try:
+            return sign_message(message, keys), [k.key for k in keys]
+        except dkim.MessageFormatError as exc:
+            raise SigningFailed(domain, f"dkimpy: {exc}", replies.HEADER_MALFORMED) from None
+        except dkim.DKIMException as exc:
+            raise SigningFailed(domain, f"dkimpy: {exc}") from None
+
+    @staticmethod
+    def _signed(result, context):
+        message, keys = result
+        for key in keys:
+            events.emit("dkim.signed", domain=key.domain, selector=key.selector,
+                        algorithm=key.algorithm, **context)
+        return message
+
+    @staticmethod
+    def _failed(failure, context):
+        error = failure.value
+        events.emit("dkim.sign_failed", domain=getattr(error, "domain", ""),
+                    reason=header_safe(str(error))[:200] or type(error).__name__,
+                    **context)
+        if not failure.check(SigningFailed):      # a bug: keep the traceback in the log
+            _log.failure("DKIM signing failed unexpectedly", failure)
+            raise SigningFailed("", str(error))
+        return failure
