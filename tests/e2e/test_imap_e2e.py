@@ -1,0 +1,281 @@
+"""IMAP from outside: the real server, real TLS, imaplib and curl.
+
+Mail reaches the mailbox through the real MX path (smtplib to the mx port,
+the spool, the queue runner, Maildir delivery). imaplib reads, flags, moves
+and deletes it with STARTTLS on the imap port and with implicit TLS on imaps,
+verifying the server's self-signed certificate; curl is the independent
+client. Flags and UIDs survive a restart, IDLE hears of a delivery, traversal
+names and a huge literal are refused. The last test logs in against the LDAP
+backend (a real slapd from tests/ldap_server.py).
+"""
+
+import imaplib
+import re
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from email import policy
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: ldap_server
+
+import ldap_server  # noqa: E402  (needs the path above)
+from harness import HOSTNAME, wait_until  # noqa: E402
+
+ALICE, ALICE_PW = "alice@example.test", "alice imap password"
+LISTENERS = ("mx", "imap", "imaps")
+TIMEOUT = 30
+
+
+@pytest.fixture
+def server(mailserver_factory):
+    return mailserver_factory(listeners=LISTENERS, users=((ALICE, ALICE_PW),))
+
+
+def cert_file(server):
+    return str(server.data_dir / "tls" / "cert.pem")
+
+
+def tls_context(server):
+    """Trust the self-signed certificate the server made in data_dir."""
+    context = ssl.create_default_context(cafile=cert_file(server))
+    context.check_hostname = False      # we connect to 127.0.0.1, it names the host
+    return context
+
+
+def send_through_mx(server, subject, body="hello\n", recipient=ALICE):
+    msg = EmailMessage()
+    msg["From"] = "friend@example.net"
+    msg["To"] = recipient
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{uuid.uuid4().hex}@example.net>"
+    msg.set_content(body)
+    with smtplib.SMTP(server.host, server.mx_port, timeout=TIMEOUT) as client:
+        client.sendmail("friend@example.net", [recipient], msg.as_bytes(policy=policy.SMTP))
+
+
+def fill(server, count):
+    have = len(server.messages(ALICE))
+    for number in range(have + 1, have + count + 1):
+        send_through_mx(server, f"message {number}", f"body of message {number}\n")
+        server.wait_for_messages(ALICE, number)
+
+
+def imap_starttls(server, password=ALICE_PW):
+    client = imaplib.IMAP4(server.host, server.port("imap"), timeout=TIMEOUT)
+    assert "LOGINDISABLED" in client.capabilities
+    client.starttls(ssl_context=tls_context(server))
+    client.login(ALICE, password)
+    return client
+
+
+def imaps(server, password=ALICE_PW):
+    client = imaplib.IMAP4_SSL(server.host, server.port("imaps"),
+                               ssl_context=tls_context(server), timeout=TIMEOUT)
+    client.login(ALICE, password)
+    return client
+
+
+def uid_flags(client):
+    typ, data = client.uid("FETCH", "1:*", "(FLAGS)")
+    assert typ == "OK"
+    found = {}
+    for item in data:
+        line = item if isinstance(item, bytes) else item[0]
+        m = re.search(rb"UID (\d+) FLAGS \(([^)]*)\)|FLAGS \(([^)]*)\) UID (\d+)", line)
+        uid = int(m.group(1) or m.group(4))
+        flags = (m.group(2) if m.group(1) else m.group(3)).split()
+        found[uid] = sorted(f for f in flags if f != b"\\Recent")
+    return found
+
+
+def test_read_flag_move_delete_over_starttls(server):
+    fill(server, 3)
+    client = imap_starttls(server)
+    typ, data = client.select("INBOX")
+    assert (typ, data) == ("OK", [b"3"])
+    typ, data = client.fetch("2", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert data[0][1].strip() == b"Subject: message 2"
+    typ, data = client.fetch("1", "(RFC822)")
+    assert b"body of message 1" in data[0][1]
+    assert b"\\Seen" in client.fetch("1", "(FLAGS)")[1][0]
+    client.store("3", "+FLAGS", "(\\Flagged)")
+    typ, data = client.uid("MOVE", "2", "Trash")
+    assert typ == "OK"
+    client.store("1", "+FLAGS", "(\\Deleted)")
+    typ, data = client.expunge()
+    assert typ == "OK" and data == [b"2", b"1"]      # the MOVE's EXPUNGE, then ours
+    assert client.search(None, "ALL")[1] == [b"1"]
+    client.select("Trash")
+    assert client.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[1][0][1].strip() == \
+        b"Subject: message 2"
+    client.logout()
+    names = sorted(p.name for p in server.messages(ALICE))
+    assert len(names) == 1 and names[0].endswith(":2,F")
+
+
+def test_flags_and_uids_survive_a_restart(server):
+    fill(server, 2)
+    client = imaps(server)
+    client.select("INBOX")
+    validity = client.response("UIDVALIDITY")[1][0]
+    client.uid("STORE", "2", "+FLAGS", "(\\Answered $Work)")
+    before = uid_flags(client)
+    client.logout()
+    server.stop()
+    server.start()
+    fill(server, 1)          # delivered after the restart: the next UID
+    client = imaps(server)
+    client.select("INBOX")
+    assert client.response("UIDVALIDITY")[1][0] == validity
+    after = uid_flags(client)
+    assert {uid: after[uid] for uid in before} == before
+    assert after[2] == [b"$Work", b"\\Answered"]
+    assert sorted(after) == [1, 2, 3]
+    client.logout()
+
+
+def test_idle_sees_a_delivery(server):
+    fill(server, 1)
+    client = imaps(server)
+    client.select("INBOX")
+    tag = client._new_tag()
+    client.send(tag + b" IDLE\r\n")
+    assert client.readline().startswith(b"+")
+    send_through_mx(server, "while idling")
+    client.sock.settimeout(TIMEOUT)
+    line = client.readline()
+    assert line == b"* 2 EXISTS\r\n"
+    client.send(b"DONE\r\n")
+    while not line.startswith(tag):
+        line = client.readline()
+    assert b"OK" in line
+    client.logout()
+
+
+def test_traversal_names_are_refused(server):
+    client = imaps(server)
+    for name in ('"../../etc"', '"/etc"', '"a/b"', '".."'):
+        typ, data = client._simple_command("CREATE", name)
+        assert typ == "NO", (name, typ, data)
+        typ, data = client.select(name)
+        assert typ == "NO"
+    client.logout()
+    mail_root = server.data_dir / "mail"
+    assert sorted(p.name for p in mail_root.iterdir()) == ["example.test"]
+    assert not (server.data_dir / "etc").exists()
+
+
+def test_huge_literal_is_refused_before_the_continuation(server):
+    raw = socket.create_connection((server.host, server.port("imaps")), timeout=TIMEOUT)
+    sock = tls_context(server).wrap_socket(raw)
+    stream = sock.makefile("rb")
+    assert stream.readline().startswith(b"* OK [CAPABILITY")
+    sock.sendall(b'a LOGIN "%s" "%s"\r\n' % (ALICE.encode(), ALICE_PW.encode()))
+    assert stream.readline().startswith(b"a OK")
+    sock.sendall(b"b APPEND INBOX {4294967295}\r\n")
+    assert stream.readline() == b"b NO [TOOBIG] Literal too big\r\n"
+    sock.sendall(b"c APPEND INBOX {-1}\r\n")
+    assert stream.readline().startswith(b"c BAD")
+    sock.sendall(b"d NOOP\r\n")
+    assert stream.readline() == b"d OK completed\r\n"
+    sock.close()
+
+
+def test_appendlimit_is_advertised_and_append_works(server):
+    client = imaps(server)
+    typ, data = client.capability()
+    assert b"APPENDLIMIT=26214400" in data[0]
+    message = b"From: alice@example.test\r\nSubject: draft\r\n\r\nunfinished\r\n"
+    typ, data = client.append("Drafts", "(\\Draft)", None, message)
+    assert typ == "OK" and b"APPENDUID" in data[0]
+    client.select("Drafts")
+    assert client.fetch("1", "(BODY.PEEK[])")[1][0][1] == message
+    client.logout()
+
+
+def test_starttls_discards_pipelined_login(server):
+    """T3 against the real listener: a LOGIN in the same packet as STARTTLS never runs."""
+    raw = socket.create_connection((server.host, server.port("imap")), timeout=TIMEOUT)
+    stream = raw.makefile("rb")
+    stream.readline()
+    raw.sendall(b'a STARTTLS\r\nb LOGIN "%s" "%s"\r\n' % (ALICE.encode(), ALICE_PW.encode()))
+    assert stream.readline() == b"a OK Begin TLS negotiation now\r\n"
+    sock = tls_context(server).wrap_socket(raw)
+    sock.sendall(b"c CAPABILITY\r\n")
+    reply = sock.recv(4096)
+    assert reply.startswith(b"* CAPABILITY") and b"AUTH=PLAIN" in reply   # still not logged in
+    sock.close()
+    wait_until(lambda: server.events("imap.starttls.discarded"), TIMEOUT,
+               what="imap.starttls.discarded")
+    assert not server.events("imap.login")
+
+
+# -- curl --------------------------------------------------------------------------------
+
+def curl(server, scheme, url_path, *extra):
+    port = server.port(scheme)
+    result = subprocess.run(
+        ["curl", "--silent", "--show-error", "--max-time", str(TIMEOUT),
+         "--cacert", cert_file(server),
+         "--connect-to", f"{HOSTNAME}:{port}:{server.host}:{port}",
+         "--user", f"{ALICE}:{ALICE_PW}", *extra,
+         f"{scheme}://{HOSTNAME}:{port}/{url_path}"],
+        capture_output=True, timeout=TIMEOUT + 10)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return result.stdout
+
+
+def test_curl_lists_and_fetches_over_imaps(server):
+    fill(server, 2)
+    listing = curl(server, "imaps", "")
+    assert b'"INBOX"' in listing and b"\\Sent" in listing
+    message = curl(server, "imaps", "INBOX/;UID=2")
+    assert b"Subject: message 2" in message and b"body of message 2" in message
+    search = curl(server, "imaps", "INBOX?SUBJECT%20%22message%201%22")
+    assert search.strip() == b"* SEARCH 1"
+
+
+def test_curl_with_starttls_and_a_custom_command(server):
+    fill(server, 1)
+    status = curl(server, "imap", "", "--ssl-reqd", "--request", "STATUS INBOX (MESSAGES)")
+    assert status.strip() == b'* STATUS "INBOX" (MESSAGES 1)'
+
+
+# -- the LDAP backend ------------------------------------------------------------------------
+
+@pytest.fixture
+def slapd(tmp_path):
+    with ldap_server.SlapdServer(tmp_path / "slapd") as running:
+        yield running
+
+
+def test_imaps_with_the_ldap_backend(mailserver_factory, slapd):
+    server = mailserver_factory(listeners=LISTENERS, users=(),
+                                overrides={"auth": slapd.auth_section("starttls")})
+    fill(server, 1)
+    password = ldap_server.USERS["alice"][0]
+    client = imaps(server, password=password)
+    client.select("INBOX")
+    assert b"message 1" in client.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[1][0][1]
+    client.logout()
+    client = imaplib.IMAP4_SSL(server.host, server.port("imaps"),
+                               ssl_context=tls_context(server), timeout=TIMEOUT)
+    with pytest.raises(imaplib.IMAP4.error, match=r"AUTHENTICATIONFAILED"):
+        client.login(ALICE, "not the password")
+    client.logout()
+    slapd.stop()
+    start = time.monotonic()
+    client = imaplib.IMAP4_SSL(server.host, server.port("imaps"),
+                               ssl_context=tls_context(server), timeout=TIMEOUT)
+    with pytest.raises(imaplib.IMAP4.error, match=r"UNAVAILABLE"):
+        client.login(ALICE, password)
+    assert time.monotonic() - start < TIMEOUT
+    client.logout()
