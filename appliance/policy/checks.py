@@ -1,0 +1,379 @@
+"""Inbound SPF, DKIM and DMARC on the MX listener, and Authentication-Results.
+
+Between the end of DATA and the spool, a message that reached the MX port
+from outside (no AUTH, not from ``[relay] trusted_networks``: our own mail is
+DKIM-signed instead, ``appliance.policy.dkim_sign``) is checked on a worker
+thread (``run_in_thread``: dnspython, pyspf and dkimpy block, T24):
+
+- SPF (``spf_check``) of the HELO name and of MAIL FROM (for the null sender
+  MAIL FROM takes the HELO result, RFC 7208 §2.4);
+- DKIM (``dkim_verify``) of every signature, bounded;
+- DMARC (``dmarc``) for each domain of the From: header (at most
+  ``MAX_FROM_DOMAINS``: several From: domains are each held to their policy).
+
+What ``[checks]`` does with them:
+
+- ``spf = enforce``: a MAIL FROM ``fail`` (a ``-all`` match) is refused at
+  the end of DATA with 550 5.7.23 (after DATA, not at MAIL: one worker-thread
+  pass per message, and DMARC needs the same answers). A HELO ``fail`` alone
+  is only recorded. ``on``: recorded. ``off``: not checked, except as DMARC's
+  input while DMARC is on (a DMARC verdict without SPF would refuse mail that
+  SPF alone authenticates); the same holds for ``dkim = off``.
+- ``dmarc = enforce``: a ``reject`` disposition is 550 5.7.1 and nothing is
+  stored; ``quarantine`` is delivered to each recipient's Junk folder
+  (``envelope.params["folder"]``). ``report``: the header only.
+- DNS trouble is ``temperror`` and never refuses a message.
+
+Every check that ran is in one ``Authentication-Results:`` field (RFC 8601,
+authres) with ``[server] hostname`` as authserv-id, added on top. Fields in
+the message that claim our authserv-id are forgeries and are removed first.
+Nothing taken from the client reaches the field unless it is a plain
+domain, selector or address token (no CR, LF, ``;`` or comments).
+
+All of a message's DNS queries share a time budget (``BUDGET_TIMEOUTS`` times
+``[dns] timeout``); what is still undone when it is spent is ``temperror``.
+"""
+
+import random as random_module
+import re
+import time
+from collections import namedtuple
+from email.headerregistry import HeaderRegistry
+
+import authres
+import authres.dmarc
+from twisted.internet import defer
+
+from appliance import events
+from appliance.policy import dmarc as dmarc_module
+from appliance.policy.dkim_verify import verify_signatures
+from appliance.policy.lookup import Lookups
+from appliance.policy.spf_check import check_helo, check_mailfrom
+from appliance.receive import replies
+from appliance.receive.policy import peer_in
+from appliance.receive.received import header_safe
+
+for _name, _description, _fields in (
+    ("check.spf", "an SPF check of an inbound message (identity mailfrom or helo)",
+     ("session", "peer_ip", "queue_id", "identity", "domain", "result")),
+    ("check.dkim", "a DKIM signature of an inbound message was verified",
+     ("session", "peer_ip", "queue_id", "domain", "selector", "algorithm", "result",
+      "reason")),
+    ("check.dmarc", "the DMARC verdict for a From: domain of an inbound message; "
+     "action is what was done (none, quarantine, reject)",
+     ("session", "peer_ip", "queue_id", "domain", "result", "policy", "disposition",
+      "action")),
+):
+    events.register(_name, _description, _fields)
+
+JUNK = "Junk"
+WORKER_THREADS = 16             # checks mostly wait on DNS: threads are cheap here
+MAX_FROM_DOMAINS = 5
+BUDGET_TIMEOUTS = 4             # the checks of one message: four [dns] timeouts in all
+MIN_BUDGET = 5.0
+
+_DOMAIN = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9])?\Z")
+_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}\Z")
+_SELECTOR = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,62})\Z")
+_ALGORITHM = re.compile(r"[a-z0-9-]{1,20}\Z")
+_COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9 .,:=/-]")
+_DOMAIN_IN_TEXT = re.compile(r"@([^\s<>\"(),;:@\[\]\\]+)")
+
+Facts = namedtuple("Facts", "peer_ip helo sender")
+Facts.__doc__ = """What the session knows: the client's IP, its HELO name, the MAIL FROM
+address ("" for the null sender)."""
+
+
+class Verdict:
+    """The checks' answer for one message.
+
+    ``refusal``: the Reply to refuse it with, or None; ``folder``: the
+    Maildir++ folder to deliver into (None: the inbox); ``message``: what to
+    store (our Authentication-Results on top, forged ones removed);
+    ``spf`` / ``dkim`` / ``dmarc``: the results, for events and tests.
+    """
+
+    def __init__(self, message, refusal=None, folder=None, spf=(), dkim=None, dmarc=(),
+                 skipped_signatures=0, action="none"):
+        self.message = message
+        self.refusal = refusal
+        self.folder = folder
+        self.spf = list(spf)
+        self.dkim = None if dkim is None else list(dkim)     # None: DKIM not evaluated
+        self.dmarc = list(dmarc)
+        self.skipped_signatures = skipped_signatures
+        self.action = action
+
+
+# -- the header block -----------------------------------------------------------
+
+def header_fields(message):
+    """``[(name, start, end)]``: each header field of ``message`` (bytes, CRLF
+    lines) with its continuation lines; ``name`` lower-case bytes, or None for
+    a line that is not a field. Offsets are into ``message``."""
+    if message.startswith(b"\r\n"):
+        return []
+    end = message.find(b"\r\n\r\n")
+    end = len(message) if end < 0 else end + 2
+    fields, pos = [], 0
+    while pos < end:
+        newline = message.find(b"\r\n", pos, end)
+        line_end = end if newline < 0 else newline + 2
+        if message[pos:pos + 1] in (b" ", b"\t") and fields:
+            fields[-1][2] = line_end
+        else:
+            line = message[pos:line_end]
+            name = line.split(b":", 1)[0].strip().lower() if b":" in line else None
+            fields.append([name, pos, line_end])
+        pos = line_end
+    return [tuple(field) for field in fields]
+
+
+def _value(message, start, end):
+    """A field's value, unfolded, as text."""
+    raw = message[start:end].split(b":", 1)[1]
+    return raw.replace(b"\r\n", b"").decode("utf-8", "replace")
+
+
+def _without_comments(text):
+    """``text`` with RFC 5322 comments (nested, with quoted pairs) removed."""
+    out, depth, escaped = [], 0, False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\" and depth:
+            escaped = True
+        elif char == "(":
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif not depth:
+            out.append(char)
+    return "".join(out)
+
+
+def claims_authserv_id(value, hostname):
+    """True when an Authentication-Results value names ``hostname`` as its
+    authserv-id (comments, quotes, case and a trailing dot not counting)."""
+    head = _without_comments(value).split(";", 1)[0]
+    ours = hostname.rstrip(".").lower()
+    return any(token.strip('"').rstrip(".").lower() == ours for token in head.split())
+
+
+def strip_forged(message, hostname, fields=None):
+    """``(message without our-hostname Authentication-Results fields, count removed)``."""
+    fields = header_fields(message) if fields is None else fields
+    forged = [(start, end) for name, start, end in fields
+              if name == b"authentication-results"
+              and claims_authserv_id(_value(message, start, end), hostname)]
+    if not forged:
+        return message, 0
+    parts, pos = [], 0
+    for start, end in forged:
+        parts.append(message[pos:start])
+        pos = end
+    parts.append(message[pos:])
+    return b"".join(parts), len(forged)
+
+
+def from_domains(message, fields):
+    """The distinct domains of the From: fields, A-label form, in order.
+
+    A From: value the email package finds defective (or without an address)
+    is also searched for ``@domain`` text: a reader may show such a header,
+    so it must not slip past DMARC by being malformed.
+    """
+    found = []
+    for name, start, end in fields:
+        if name != b"from":
+            continue
+        text = _value(message, start, end)
+        try:
+            header = HeaderRegistry()("from", text)
+            domains = [address.domain for address in header.addresses if address.domain]
+            defective = bool(header.defects) or not domains
+        except Exception:           # the email package on hostile input
+            domains, defective = [], True
+        if defective:
+            domains += _DOMAIN_IN_TEXT.findall(text)
+        found.extend(domains)
+    seen = []
+    for domain in found:
+        ascii_domain = ascii_domain_or_none(domain)
+        if ascii_domain is not None and ascii_domain not in seen:
+            seen.append(ascii_domain)
+    return seen
+
+
+def ascii_domain_or_none(domain):
+    """``domain`` lower-case in A-label form if it is a plain DNS name, else None."""
+    domain = domain.strip().rstrip(".").lower()
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    return domain if "." in domain and _DOMAIN.match(domain) else None
+
+
+# -- Authentication-Results -----------------------------------------------------
+
+def _comment(text):
+    return _COMMENT_UNSAFE.sub("", text)[:80] or None
+
+
+def _address_value(sender):
+    """An SPF smtp.mailfrom value: the address if it is a plain token, else its domain."""
+    local, _, domain = sender.rpartition("@")
+    domain = ascii_domain_or_none(domain)
+    if domain is None:
+        return None
+    return f"{local}@{domain}" if _LOCAL.match(local) else domain
+
+
+def _spf_result(result, sender):
+    if result.identity == "helo":
+        helo = ascii_domain_or_none(result.domain)
+        return authres.SPFAuthenticationResult(result=result.result, smtp_helo=helo)
+    mailfrom = _address_value(sender) if sender else None
+    if mailfrom is None:
+        return authres.SPFAuthenticationResult(
+            result=result.result, smtp_helo=ascii_domain_or_none(result.domain),
+            result_comment="null sender" if not sender else None)
+    return authres.SPFAuthenticationResult(result=result.result, smtp_mailfrom=mailfrom)
+
+
+def _dkim_result(result):
+    selector = result.selector if _SELECTOR.match(result.selector) else None
+    algorithm = result.algorithm if _ALGORITHM.match(result.algorithm) else None
+    return authres.DKIMAuthenticationResult(
+        result=result.result, result_comment=_comment(result.reason),
+        header_d=ascii_domain_or_none(result.domain), header_s=selector,
+        header_a=algorithm)
+
+
+def _dmarc_result(result):
+    comment = f"p={result.policy or 'none'} dis={result.disposition}" \
+        if result.policy else _comment(result.reason)
+    return authres.dmarc.DMARCAuthenticationResult(
+        result=result.result, result_comment=comment,
+        header_from=ascii_domain_or_none(result.domain))
+
+
+def authentication_results(hostname, verdict, sender):
+    """The Authentication-Results field (bytes, CRLF, folded one result a line)."""
+    results = [_spf_result(r, sender) for r in verdict.spf]
+    if verdict.dkim is not None:
+        results += [_dkim_result(r) for r in verdict.dkim] or [
+            authres.DKIMAuthenticationResult(result="none")]
+    results += [_dmarc_result(r) for r in verdict.dmarc]
+    authserv_id = re.sub(r"[^a-z0-9.-]", "", hostname.lower()) or "localhost"
+    text = "".join(";\r\n\t" + str(result) for result in results) or "; none"
+    field = f"Authentication-Results: {authserv_id}{text}\r\n"
+    # Every value passed the token checks above; this keeps it a promise.
+    return field.encode("ascii", "replace")
+
+
+# -- the checks -----------------------------------------------------------------
+
+class InboundChecks:
+    """See the module docstring.
+
+    ``resolver``: the server's dnspython resolver; ``run_in_thread(f, *args)
+    -> Deferred`` runs the blocking part (a thread pool of its own in the
+    server, ``synchronous_runner`` in tests); ``random`` draws for DMARC pct;
+    ``monotonic`` times the budget.
+    """
+
+    def __init__(self, config, resolver, run_in_thread, random=random_module.random,
+                 monotonic=time.monotonic):
+        self.hostname = config.server.hostname
+        self.trusted = config.relay.trusted_networks
+        self.spf = config.checks.spf
+        self.dkim = config.checks.dkim
+        self.dmarc = config.checks.dmarc
+        self.timeout = config.dns.timeout
+        self.budget = max(MIN_BUDGET, BUDGET_TIMEOUTS * config.dns.timeout)
+        self.resolver = resolver
+        self.run_in_thread = run_in_thread
+        self.random = random
+        self.monotonic = monotonic
+
+    @property
+    def enabled(self):
+        return self.spf != "off" or self.dkim or self.dmarc != "off"
+
+    def applies(self, session):
+        """Mail from outside: not authenticated, not from a trusted network."""
+        return not session.auth_user and not peer_in(self.trusted, session.peer_ip)
+
+    def check(self, facts, message, context):
+        """A Deferred firing with the Verdict for ``message`` (bytes, CRLF);
+        ``context`` (session, peer_ip, queue_id) goes into the events."""
+        if not self.enabled:
+            return defer.succeed(Verdict(strip_forged(message, self.hostname)[0]))
+        d = self.run_in_thread(self.evaluate, facts, message)
+        d.addCallback(self._report, context)
+        return d
+
+    def evaluate(self, facts, message):
+        """The Verdict; blocking (DNS, RSA): runs on a worker thread."""
+        lookups = Lookups(self.resolver, self.timeout, self.budget, self.monotonic)
+        fields = header_fields(message)
+        spf_results, mailfrom = [], None
+        if self.spf != "off" or self.dmarc != "off":
+            helo = check_helo(lookups, facts.peer_ip, facts.helo)
+            mailfrom = check_mailfrom(lookups, facts.peer_ip, facts.sender, helo)
+            spf_results = [mailfrom, helo]
+        dkim_results, skipped = None, 0
+        if self.dkim or self.dmarc != "off":
+            dkim_results, skipped = verify_signatures(message, lookups)
+        dmarc_results = []
+        if self.dmarc != "off":
+            dmarc_results = self._dmarc(lookups, message, fields, mailfrom, dkim_results)
+        verdict = Verdict(b"", spf=spf_results, dkim=dkim_results, dmarc=dmarc_results,
+                          skipped_signatures=skipped)
+        self._decide(verdict, mailfrom)
+        cleaned, _ = strip_forged(message, self.hostname, fields)
+        verdict.message = authentication_results(self.hostname, verdict, facts.sender) + cleaned
+        return verdict
+
+    def _dmarc(self, lookups, message, fields, mailfrom, dkim_results):
+        domains = from_domains(message, fields)[:MAX_FROM_DOMAINS]
+        if not domains:
+            return [dmarc_module.DMARCResult("", "permerror", "", "none",
+                                             "no usable From domain")]
+        return [dmarc_module.evaluate(lookups, domain, mailfrom, dkim_results or [],
+                                      self.random) for domain in domains]
+
+    def _decide(self, verdict, mailfrom):
+        if self.spf == "enforce" and mailfrom is not None and mailfrom.result == "fail":
+            verdict.refusal, verdict.action = replies.SPF_FAILED, "reject"
+            return
+        if self.dmarc != "enforce":
+            return
+        worst = dmarc_module.most_severe(verdict.dmarc)
+        if worst == "reject":
+            verdict.refusal, verdict.action = replies.DMARC_REJECTED, "reject"
+        elif worst == "quarantine":
+            verdict.folder, verdict.action = JUNK, "quarantine"
+
+    def _report(self, verdict, context):
+        """The events, on the reactor thread (the event log is not thread-safe)."""
+        for result in verdict.spf:
+            events.emit("check.spf", identity=result.identity, domain=_field(result.domain),
+                        result=result.result, **context)
+        for result in verdict.dkim or ():
+            events.emit("check.dkim", domain=_field(result.domain),
+                        selector=_field(result.selector), algorithm=_field(result.algorithm),
+                        result=result.result, reason=result.reason, **context)
+        for result in verdict.dmarc:
+            acted = self.dmarc == "enforce" and result.disposition != "none"
+            events.emit("check.dmarc", domain=result.domain, result=result.result,
+                        policy=result.policy, disposition=result.disposition,
+                        action=verdict.action if acted else "none", **context)
+        return verdict
+
+
+def _field(text):
+    """Client-supplied text for an event field: printable, bounded."""
+    return header_safe(text)[:255]

@@ -1,0 +1,151 @@
+"""DKIM verification (RFC 6376) with dkimpy, bounded (TWISTED-TRAPS T24).
+
+Every DKIM-Signature of a message is checked, up to ``MAX_SIGNATURES`` (the
+rest are not looked at: a pile of signatures must not buy a sender our CPU).
+Stock dkimpy accepts what we refuse here:
+
+- ``rsa-sha1`` signatures: fail (RFC 8301 §3.1), without a DNS query;
+- ``l=`` signatures: fail (anyone may append to the signed body, T24);
+- RSA keys over ``MAX_KEY_BITS`` or with a public exponent over
+  ``MAX_EXPONENT_BITS``: fail, refused before any arithmetic. dkimpy does
+  RSA in pure Python and holds the GIL through one ``pow()``: a 16384-bit
+  key with a huge exponent stops the whole process, reactor included, for
+  about eight seconds. Keys under 1024 bits fail too (dkimpy's minkey).
+
+Keys come from our ``Lookups`` (shared resolver, the message's time budget);
+a signature whose key cannot be fetched now is ``temperror``, one whose key
+does not exist or does not parse ``permerror``; a signature left when the
+budget is spent is ``temperror`` without a query.
+"""
+
+import base64
+import binascii
+import logging
+from collections import namedtuple
+
+import dkim
+from dkim.crypto import UnparsableKeyError, parse_public_key
+from dkim.util import parse_tag_value
+
+from appliance.policy.lookup import TempDNSError
+
+MAX_SIGNATURES = 5
+MAX_KEY_BITS = 4096             # RFC 8301 §3.2: verifiers must handle 1024 to 4096
+MAX_EXPONENT_BITS = 256         # FIPS 186-4 B.3.1; real keys use 65537
+
+DKIMResult = namedtuple("DKIMResult", "result domain selector algorithm reason")
+DKIMResult.__doc__ = """One signature's outcome: result (pass, fail, temperror, permerror),
+its d=, s= and a= as text (client data: sanitise before use), and our reason."""
+
+# dkimpy logs every failure at ERROR; with no handler, Python would print them.
+_quiet = logging.getLogger("mailappliance.dkim-verify")
+_quiet.addHandler(logging.NullHandler())
+_quiet.propagate = False
+
+
+def _text(value):
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else ""
+
+
+def key_refusal(record):
+    """Why we refuse the key ``record`` (bytes) before using it, or None.
+
+    Only what dkimpy would accept but we must not: an RSA key too big or with
+    a huge exponent. A record that does not parse is left to dkimpy.
+    """
+    try:
+        tags = parse_tag_value(record)
+        if tags.get(b"k", b"rsa").strip() != b"rsa" or not tags.get(b"p"):
+            return None
+        key = parse_public_key(base64.b64decode(tags[b"p"]))
+    except (dkim.DKIMException, UnparsableKeyError, binascii.Error, ValueError,
+            TypeError, IndexError, KeyError):
+        return None
+    if key["modulus"].bit_length() > MAX_KEY_BITS:
+        return f"key over {MAX_KEY_BITS} bits"
+    if key["publicExponent"].bit_length() > MAX_EXPONENT_BITS:
+        return f"public exponent over {MAX_EXPONENT_BITS} bits"
+    return None
+
+
+class _KeyFetch:
+    """dkimpy's ``dnsfunc`` for one signature: our DNS, our key caps, and
+    the reason it gave dkimpy nothing (``problem``: (result, reason))."""
+
+    def __init__(self, lookups):
+        self.lookups = lookups
+        self.problem = None
+
+    def __call__(self, name, timeout=5):
+        try:
+            qname = name.decode("ascii")
+        except (UnicodeDecodeError, AttributeError):
+            self.problem = ("permerror", "key name is not ASCII")
+            return None
+        try:
+            records = self.lookups.txt(qname)
+        except TempDNSError:
+            self.problem = ("temperror", "key lookup failed")
+            raise dkim.DnsTimeoutError("key lookup failed") from None
+        if not records:
+            self.problem = ("permerror", "no key for signature")
+            return None
+        record = records[0]
+        refusal = key_refusal(record)
+        if refusal is not None:
+            self.problem = ("fail", refusal)
+            return None         # dkimpy: "missing public key", no arithmetic
+        return record
+
+
+def verify_signatures(message, lookups, max_signatures=MAX_SIGNATURES):
+    """``([DKIMResult], skipped)`` for the DKIM-Signature fields of
+    ``message`` (bytes), top first; ``skipped`` counts those past the cap."""
+    try:
+        verifier = dkim.DKIM(message, logger=_quiet, minkey=1024)
+    except Exception:               # dkimpy on a header block it cannot split
+        return [DKIMResult("permerror", "", "", "", "message not parsable")], 0
+    signatures = [value for name, value in verifier.headers
+                  if name.lower() == b"dkim-signature"]
+    results = [_verify_one(verifier, index, value, lookups)
+               for index, value in enumerate(signatures[:max_signatures])]
+    return results, len(signatures) - len(results)
+
+
+def _verify_one(verifier, index, value, lookups):
+    try:
+        tags = parse_tag_value(value)
+    except Exception:
+        return DKIMResult("permerror", "", "", "", "malformed signature")
+    domain, selector = _text(tags.get(b"d")), _text(tags.get(b"s"))
+    algorithm = _text(tags.get(b"a")).lower()
+
+    def result(outcome, reason):
+        return DKIMResult(outcome, domain, selector, algorithm, reason)
+
+    if algorithm == "rsa-sha1":
+        return result("fail", "rsa-sha1 is not accepted (RFC 8301)")
+    if b"l" in tags:
+        return result("fail", "l= (a partly signed body) is not accepted")
+    if lookups.remaining() <= 0:
+        return result("temperror", "time budget for the checks spent")
+    fetch = _KeyFetch(lookups)
+    try:
+        verified = verifier.verify(index, dnsfunc=fetch)
+    except dkim.ValidationError as exc:
+        if "body hash mismatch" in str(exc):
+            return result("fail", "body hash did not verify")
+        return result("permerror", "invalid signature")
+    except dkim.NaClNotFoundError:
+        return result("permerror", "ed25519 is not supported here")
+    except dkim.KeyFormatError as exc:       # raised after the arithmetic: a small key
+        if "too small" in str(exc):
+            return result("fail", "key under 1024 bits (RFC 8301)")
+        return result("permerror", "key not usable")
+    except Exception:           # DKIMException, or dkimpy on hostile input
+        return result("permerror", "signature could not be verified")
+    if verified:
+        return result("pass", "")
+    if fetch.problem is not None:
+        return result(*fetch.problem)
+    return result("fail", "signature did not verify")
