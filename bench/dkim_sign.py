@@ -6,7 +6,7 @@ temp directory, one thread, for ``--seconds`` per algorithm (and at most
 ``--max`` signatures). Every signature of the first message is checked with
 dkimpy, so the figures are for signatures that verify.
 
-  .venv/bin/python bench/dkim.py [--seconds 3]
+  .venv/bin/python bench/dkim_sign.py [--seconds 3]
 
 It prints figures; it is not a test.
 """
@@ -18,11 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this file's directory comes first on sys.path, and this
-# file (dkim.py) would shadow the dkim package: take the directory off.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dkim  # noqa: E402
 
