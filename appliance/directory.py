@@ -14,6 +14,7 @@ short cache); ``directory_from_config`` picks one.
 """
 
 import dataclasses
+import functools
 import time
 
 from twisted.internet import defer
@@ -35,6 +36,7 @@ events.register("aliases.changed", "an alias was added, extended or deleted",
 MAX_DEPTH = 8           # alias chains longer than this are cut (and logged)
 
 
+@functools.lru_cache(maxsize=4096)      # pure, and asked several times per message
 def canonical_domain(domain):
     """Lower-case, U-label, no trailing dot; UsersError if not a domain."""
     try:

@@ -9,29 +9,60 @@ writer pool is added first and outlives the services that use it)::
     ApplianceService
       event log          JSON events to [log] events
       writer pool        the group-commit thread (spool and Maildir fsyncs)
-      queue runner       local delivery of spooled mail, recovery at start
-      listener mx        ESMTP on [listen] mx
+      ldap-directory-pool  LDAP threads for recipient lookups (backend = ldap only)
+      queue runner       local and remote delivery, retries, DSNs; recovery at start
+      ldap-pool          LDAP threads (backend = ldap only)
+      tls                certificate and JWKS loaded; SIGHUP reloads the certificate
+      dkim-keys          DKIM keys made if missing, loaded (mail from our users is signed)
+      inbound-checks     threads for SPF / DKIM / DMARC of MX mail (DNS, RSA block)
+      listener mx        ESMTP on [listen] mx, STARTTLS
+      listener submission, submission_alt   STARTTLS + AUTH
+      listener submissions                  implicit TLS + AUTH
+      listener pop3 (STLS), pop3s (implicit TLS)   POP3 over the Maildirs
+      listener imap (STARTTLS), imaps (implicit TLS)   IMAP4rev1 over the Maildirs
 """
 
 import os
+import signal
 import sys
+from concurrent import futures
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints, threads
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import threadpool, usage
 
 import appliance
 from appliance import events
+from appliance.access.imap import IMAPFactory
+from appliance.access.maildir import MaildirStore
+from appliance.access.pop3 import POP3Factory
+from appliance.auth.ldap import LdapConfigError, accounts_from_config
+from appliance.auth.oauth2 import JWKSError, TokenVerifier
+from appliance.auth.sasl import Mechanisms
 from appliance.auth.users import UsersFile
 from appliance.config import ConfigError, load
 from appliance.deliver.maildir import MaildirDeliverer
-from appliance.directory import AliasesFile, Directory
-from appliance.queue.commit import GroupCommitWriter, ThreadPoolService, pool_runner
+from appliance.deliver.mx import MXResolver, build_resolver
+from appliance.deliver.remote import RemoteDelivery
+from appliance.directory import AliasesFile, directory_from_config
+from appliance.policy.checks import WORKER_THREADS, InboundChecks
+from appliance.policy.dkim_sign import Signer
+from appliance.policy.keys import KeyService, KeyStore
+from appliance.queue.commit import (GroupCommitWriter, ParallelFileSystem, ThreadPoolService,
+                                    pool_runner)
+from appliance.queue.bounce import Bouncer
+from appliance.queue.manager import QueueSettings
 from appliance.queue.runner import QueueRunner
 from appliance.queue.store import Spool
 from appliance.receive.smtp import SMTPFactory
+from appliance.receive.submission import SubmissionFactory
+from appliance.tls import ServerTLS, TLSError
+
+FSYNC_THREADS = 16      # fsyncs of one group-commit batch in flight together
+SWITCH_INTERVAL = 0.0005    # seconds; see makeService
 
 DEFAULT_CONFIG = "/etc/mailappliance/mailappliance.ini"
 
@@ -59,24 +90,28 @@ class EventLogService(service.Service):
 
     name = "event-log"
 
-    def __init__(self, path):
+    def __init__(self, path, reactor):
         self.path = path
+        self.reactor = reactor
         self.observer = None
 
     def privilegedStartService(self):
         # Opened before twistd drops privileges: /var/log may need root.
         try:
             os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
-            self.observer = events.JsonEventFile(self.path)
+            self.observer = events.JsonEventFile(self.path, self._call_soon)
         except OSError as exc:
             fail(f"[log] events: cannot open {self.path}: {exc.strerror or exc}")
-        globalLogPublisher.addObserver(self.observer)
+        events.add_observer(self.observer)
         super().privilegedStartService()
+
+    def _call_soon(self, f):
+        self.reactor.callLater(0, f)
 
     def stopService(self):
         super().stopService()
         if self.observer is not None:
-            globalLogPublisher.removeObserver(self.observer)
+            events.remove_observer(self.observer)
             self.observer.close()
             self.observer = None
 
@@ -163,34 +198,178 @@ def _check_tls_files(cfg):
                 fail(f"[tls] {key}: cannot read {path}: {exc.strerror or exc}")
 
 
+class TLSService(service.Service):
+    """Loads the certificate, key and JWKS before privileges are dropped and
+    before any listener binds (an unusable one stops start-up with one
+    line); while running, SIGHUP reloads the certificate (renewals)."""
+
+    name = "tls"
+
+    def __init__(self, reactor, parts):
+        self._reactor = reactor
+        self._parts = parts
+        self._previous = None
+
+    def privilegedStartService(self):
+        try:
+            self._parts["tls"].load()
+        except TLSError as exc:
+            fail(f"[tls] certificate: {exc}")
+        if self._parts.get("oauth2") is not None:
+            try:
+                self._parts["oauth2"].load()
+            except JWKSError as exc:
+                fail(f"[auth] oauth2_jwks_file: {exc}")
+        super().privilegedStartService()
+
+    def startService(self):
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+
+    def stopService(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        return super().stopService()
+
+    def _hangup(self, signum, frame):
+        # The handler runs between bytecodes: hand the work to the reactor.
+        self._reactor.callFromThread(self._reload_logged)
+
+    def _reload_logged(self):
+        _log.info("SIGHUP: reloading the TLS certificate")
+        try:
+            self._parts["tls"].reload()
+        except Exception:
+            _log.failure("reload on SIGHUP failed")
+
+
+def _submission_listeners(cfg, reactor, top, parts, directory, spool, users):
+    """submission and submission_alt (STARTTLS), submissions (implicit TLS)."""
+    try:
+        accounts, ldap_service = accounts_from_config(cfg, users, directory, reactor)
+    except LdapConfigError as exc:
+        fail(str(exc))
+    if ldap_service is not None:
+        ldap_service.setServiceParent(top)     # before the listeners: stops after them
+    parts["accounts"] = accounts
+    parts["oauth2"] = TokenVerifier.from_config(cfg)
+    mechanisms = Mechanisms(accounts, parts["oauth2"])
+    for name in ("submission", "submissions", "submission_alt"):
+        address = getattr(cfg.listen, name)
+        if address is None:
+            continue
+        implicit = name == "submissions"
+        factory = SubmissionFactory(cfg, directory, spool, reactor, name, mechanisms,
+                                    parts["tls"], implicit_tls=implicit)
+        factory.signer = parts["signer"]
+        parts[name] = factory
+        wrapped = TLSMemoryBIOFactory(parts["tls"], False, factory) if implicit else factory
+        Listener(name, format_address(address), server_endpoint(reactor, address),
+                 wrapped).setServiceParent(top)
+
+
+def _mail_store(cfg, parts):
+    """The one MaildirStore that IMAP and POP3 share (their folder objects,
+    UID lists and the POP3 maildrop lock live in it)."""
+    if "mailstore" not in parts:
+        parts["mailstore"] = MaildirStore(os.path.join(cfg.server.data_dir, "mail"),
+                                          threads.deferToThread,
+                                          hostname=cfg.server.hostname)
+    return parts["mailstore"]
+
+
+def _pop3_listeners(cfg, reactor, top, parts):
+    """pop3 (STLS) and pop3s (implicit TLS), after the accounts are built."""
+    mechanisms = Mechanisms(parts["accounts"], parts["oauth2"])
+    for name in ("pop3", "pop3s"):
+        address = getattr(cfg.listen, name)
+        if address is None:
+            continue
+        implicit = name == "pop3s"
+        factory = POP3Factory(cfg, _mail_store(cfg, parts), mechanisms, reactor, name,
+                              tls=parts["tls"], implicit_tls=implicit)
+        parts[name] = factory
+        wrapped = TLSMemoryBIOFactory(parts["tls"], False, factory) if implicit else factory
+        Listener(name, format_address(address), server_endpoint(reactor, address),
+                 wrapped).setServiceParent(top)
+
+
+def _imap_listeners(cfg, reactor, top, parts):
+    """imap (STARTTLS) and imaps (implicit TLS), after the accounts are built."""
+    mechanisms = Mechanisms(parts["accounts"], parts["oauth2"])
+    for name in ("imap", "imaps"):
+        address = getattr(cfg.listen, name)
+        if address is None:
+            continue
+        implicit = name == "imaps"
+        factory = IMAPFactory(cfg, _mail_store(cfg, parts), parts["accounts"], mechanisms,
+                              parts["tls"], reactor, name, implicit_tls=implicit)
+        parts[name] = factory
+        wrapped = TLSMemoryBIOFactory(parts["tls"], False, factory) if implicit else factory
+        Listener(name, format_address(address), server_endpoint(reactor, address),
+                 wrapped).setServiceParent(top)
+
+
+def _queue_manager(cfg, reactor, spool, directory, deliverer, resolver):
+    """The queue runner with remote delivery (MX routing + SMTP client) and DSNs."""
+    remote = RemoteDelivery(cfg, MXResolver(cfg, resolver=resolver), reactor)
+    return QueueRunner(spool, directory, deliverer, reactor,
+                       settings=QueueSettings.from_config(cfg), remote=remote,
+                       bouncer=Bouncer.from_config(cfg, spool, reactor))
+
+
 def build(cfg, reactor):
     """The service tree for ``cfg``; nothing is bound or started yet."""
     data_dir = cfg.server.data_dir
     writer_pool = threadpool.ThreadPool(minthreads=1, maxthreads=1, name="group-commit")
-    writer = GroupCommitWriter(pool_runner(reactor, writer_pool))
+    fsyncs = futures.ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="fsync")
+    writer = GroupCommitWriter(pool_runner(reactor, writer_pool), ParallelFileSystem(fsyncs))
 
     def read_in_thread(f, *args):
         return threads.deferToThread(f, *args)
 
-    spool = Spool(os.path.join(data_dir, "queue"), writer, read_in_thread, reactor)
+    spool = Spool(os.path.join(data_dir, "queue"), writer, read_in_thread, reactor,
+                  spare=os.path.join(data_dir, "queue.spare"))
     users = UsersFile(cfg.auth.users_file)
     aliases = AliasesFile(os.path.join(data_dir, "aliases"))
-    directory = Directory(cfg, users, aliases)
+    try:
+        directory, directory_service = directory_from_config(cfg, users, aliases, reactor)
+    except LdapConfigError as exc:
+        fail(str(exc))
     deliverer = MaildirDeliverer(os.path.join(data_dir, "mail"), writer, cfg.server.hostname)
-    runner = QueueRunner(spool, directory, deliverer, reactor)
+    resolver = build_resolver(cfg)      # one for MX routing and the inbound checks
+    runner = _queue_manager(cfg, reactor, spool, directory, deliverer, resolver)
 
     parts = dict(writer=writer, spool=spool, users=users, aliases=aliases,
                  directory=directory, runner=runner)
     top = ApplianceService(cfg, parts)
-    EventLogService(cfg.log.events).setServiceParent(top)
-    ThreadPoolService(writer_pool, drain=writer.drain).setServiceParent(top)
+    EventLogService(cfg.log.events, reactor).setServiceParent(top)
+    ThreadPoolService(writer_pool, drain=writer.drain, helpers=fsyncs).setServiceParent(top)
+    if directory_service is not None:   # LDAP lookups: stops after the runner and listeners
+        directory_service.setServiceParent(top)
     runner.setServiceParent(top)
+    parts["tls"] = ServerTLS.from_config(cfg)
+    TLSService(reactor, parts).setServiceParent(top)
+    parts["dkim"] = KeyStore.from_config(cfg)
+    KeyService(parts["dkim"], cfg.server.domains, fail).setServiceParent(top)
+    parts["signer"] = Signer(cfg, parts["dkim"], threads.deferToThread)
+    checks_pool = threadpool.ThreadPool(minthreads=0, maxthreads=WORKER_THREADS,
+                                        name="inbound-checks")
+    ThreadPoolService(checks_pool).setServiceParent(top)    # before the MX: outlives it
+    parts["checks"] = InboundChecks(cfg, resolver, pool_runner(reactor, checks_pool))
 
     if cfg.listen.mx is not None:
-        factory = SMTPFactory(cfg, directory, spool, reactor, listener="mx")
+        factory = SMTPFactory(cfg, directory, spool, reactor, listener="mx",
+                              tls=parts["tls"])
+        factory.signer = parts["signer"]        # trusted networks' mail
+        factory.checks = parts["checks"]        # everyone else's: SPF, DKIM, DMARC
         parts["mx"] = factory
         Listener("mx", format_address(cfg.listen.mx),
                  server_endpoint(reactor, cfg.listen.mx), factory).setServiceParent(top)
+    _submission_listeners(cfg, reactor, top, parts, directory, spool, users)
+    _pop3_listeners(cfg, reactor, top, parts)
+    _imap_listeners(cfg, reactor, top, parts)
     return top
 
 
@@ -203,4 +382,9 @@ def makeService(options):
         print(lines, file=sys.stderr)
         raise SystemExit(2)
     from twisted.internet import reactor
+    # The group-commit writer and its fsync threads give the GIL away at every
+    # system call and must win it back from a busy reactor thread: with the
+    # default 5 ms switch interval a batch's calls queue behind it. A short
+    # interval keeps commits (and the 250s waiting on them) moving.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     return build(cfg, reactor)

@@ -4,15 +4,17 @@ import errno
 import os
 import shutil
 import tempfile
+import threading
+from concurrent import futures
 
 import pytest
 from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest as trial
 
-from appliance.queue.commit import (Durable, FileSystem, GroupCommitWriter, StorageError,
-                                    ThreadPoolService, makedirs, pool_runner, run_batch,
-                                    synchronous_runner)
+from appliance.queue.commit import (Durable, FileSystem, GroupCommitWriter,
+                                    ParallelFileSystem, StorageError, ThreadPoolService,
+                                    makedirs, pool_runner, run_batch, synchronous_runner)
 
 
 class ManualRunner:
@@ -79,6 +81,20 @@ class RecordingFS(FileSystem):
     def fsync_dir(self, path):
         self._check("fsync_dir", path)
         super().fsync_dir(path)
+
+    def link(self, src, dst):
+        self._check("link", dst)
+        super().link(src, dst)
+
+    def open_existing(self, path):
+        self._check("open_existing", path)
+        fd = super().open_existing(path)
+        self._paths[fd] = path
+        return fd
+
+    def truncate(self, fd, length):
+        self._check("truncate", self._paths[fd])
+        super().truncate(fd, length)
 
     def calls(self, method):
         return [path for m, path in self.log if m == method]
@@ -287,6 +303,158 @@ def test_os_errors_in_each_phase_become_storage_errors(tmp_path, method):
     [result] = results_of([writer.submit(file_plan(str(tmp_path), "x"), "op")])
     assert result.check(StorageError)
     assert os.listdir(tmp_path) == []
+
+
+def link_plan(directory, name, links, data=b"message\n"):
+    """Commit ``name`` (temp + rename), then link it as each of ``links``."""
+    temp, final = os.path.join(directory, name + ".tmp"), os.path.join(directory, name)
+
+    def plan(fs):
+        return Durable(writes=[(temp, data)], renames=[(temp, final)],
+                       links=[(final, dst) for dst in links], sync_dirs=[directory],
+                       rollback=[final], result=final)
+    return plan
+
+
+def test_links_come_after_every_rename_and_their_directories_are_fsynced(tmp_path):
+    box = tmp_path / "box"
+    box.mkdir()
+    fs = RecordingFS()
+    outcomes = run_batch(fs, [link_plan(str(tmp_path), "a", [str(box / "a")]),
+                              file_plan(str(tmp_path), "b")])
+    assert outcomes == [(True, (str(tmp_path / "a"), {})), (True, str(tmp_path / "b"))]
+    order = [method for method, _ in fs.log]
+    assert order.index("link") > max(i for i, m in enumerate(order) if m == "rename")
+    assert sorted(fs.calls("fsync_dir")) == sorted([str(tmp_path), str(box)])
+    assert os.stat(box / "a").st_ino == os.stat(tmp_path / "a").st_ino
+
+
+def test_a_failed_link_is_reported_and_does_not_fail_its_item(tmp_path):
+    box = tmp_path / "box"
+    box.mkdir()
+    fs = RecordingFS()
+    fs.fail[("link", str(box / "x"))] = errno.EXDEV
+    [(ok, (result, failed))] = run_batch(fs, [link_plan(str(tmp_path), "m",
+                                                        [str(box / "x"), str(box / "y")])])
+    assert ok and result == str(tmp_path / "m")
+    assert list(failed) == [str(box / "x")] and failed[str(box / "x")].errno == errno.EXDEV
+    assert os.listdir(box) == ["y"]
+
+
+def test_an_existing_link_counts_as_made_and_survives_a_rollback(tmp_path):
+    box = tmp_path / "box"
+    box.mkdir()
+    (box / "old").write_bytes(b"an earlier attempt")
+    fs = RecordingFS()
+    fs.fail[("fsync_dir", str(tmp_path))] = errno.EIO      # fails the item after its links
+    [(ok, error)] = run_batch(fs, [link_plan(str(tmp_path), "m",
+                                             [str(box / "old"), str(box / "new")])])
+    assert not ok and error.errno == errno.EIO
+    assert os.listdir(box) == ["old"]           # the link it made is gone, not the old one
+    assert "m" not in os.listdir(tmp_path)      # nor its commit
+
+
+def test_a_failed_fsync_of_a_link_directory_reports_its_links(tmp_path):
+    box = tmp_path / "box"
+    box.mkdir()
+    fs = RecordingFS()
+    fs.fail[("fsync_dir", str(box))] = errno.EIO
+    [(ok, (_, failed))] = run_batch(fs, [link_plan(str(tmp_path), "m", [str(box / "m")])])
+    assert ok and failed[str(box / "m")].errno == errno.EIO
+
+
+def test_rewrites_write_over_an_existing_file_and_cut_it_to_length(tmp_path):
+    spare = tmp_path / "spare"
+    spare.write_bytes(b"a much longer state file from an earlier message")
+    inode = os.stat(spare).st_ino
+    final = tmp_path / "state"
+    fs = RecordingFS()
+
+    def plan(fs):
+        return Durable(rewrites=[(str(spare), b"short")], renames=[(str(spare), str(final))],
+                       sync_dirs=[str(tmp_path)], result="ok")
+
+    assert run_batch(fs, [plan]) == [(True, "ok")]
+    assert final.read_bytes() == b"short" and os.stat(final).st_ino == inode
+    assert fs.calls("fsync") == [str(spare)] and fs.calls("open") == []
+
+
+class BarrierFS(FileSystem):
+    """fsync waits until ``parties`` fsyncs are in progress at once (bounded)."""
+
+    def __init__(self, parties):
+        self.barrier = threading.Barrier(parties, timeout=10)
+        self.synced = []
+
+    def fsync(self, fd):
+        self.barrier.wait()
+        self.synced.append(fd)
+
+    def fsync_dir(self, path):
+        self.barrier.wait()
+        self.synced.append(path)
+
+
+def test_parallel_file_system_issues_a_batch_of_fsyncs_together(tmp_path):
+    plans = [file_plan(str(tmp_path), f"m{i}") for i in range(4)]
+    barrier_fs = BarrierFS(4)
+    with futures.ThreadPoolExecutor(4) as executor:
+        fs = ParallelFileSystem(executor)
+        fs.fsync = barrier_fs.fsync             # would time out if run one by one
+        outcomes = run_batch(fs, plans)
+    assert [ok for ok, _ in outcomes] == [True] * 4 and len(barrier_fs.synced) == 4
+    assert sorted(os.listdir(tmp_path)) == [f"m{i}" for i in range(4)]
+
+
+def test_parallel_file_system_reports_each_directory_failure_on_its_own(tmp_path):
+    with futures.ThreadPoolExecutor(4) as executor:
+        errors = ParallelFileSystem(executor).fsync_dirs(
+            [str(tmp_path), str(tmp_path / "missing"), str(tmp_path)])
+    assert errors[0] is None and isinstance(errors[1], FileNotFoundError) and errors[2] is None
+
+
+def test_parallel_file_system_stores_each_file_as_one_task(tmp_path):
+    class Failing(ParallelFileSystem):
+        def write_all(self, fd, data):
+            if data == b"bad":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            super().write_all(fd, data)
+
+    spare = tmp_path / "spare"
+    spare.write_bytes(b"old content, longer than the new")
+    final = tmp_path / "reused"
+
+    def reuse(fs):
+        return Durable(rewrites=[(str(spare), b"new")], renames=[(str(spare), str(final))],
+                       sync_dirs=[str(tmp_path)], result="reused")
+
+    plans = [file_plan(str(tmp_path), "good"), file_plan(str(tmp_path), "bad", b"bad"), reuse]
+    with futures.ThreadPoolExecutor(4) as executor:
+        outcomes = run_batch(Failing(executor), plans)
+    assert outcomes[0] == (True, str(tmp_path / "good")) and outcomes[2] == (True, "reused")
+    assert outcomes[1][0] is False and outcomes[1][1].errno == errno.ENOSPC
+    assert sorted(os.listdir(tmp_path)) == ["good", "reused"]      # bad.tmp cleaned up
+    assert final.read_bytes() == b"new" and (tmp_path / "good").read_bytes() == b"data\n"
+
+
+def test_thread_pool_service_shuts_the_helpers_down_after_the_pool(tmp_path):
+    class Helpers:
+        shut = False
+
+        def shutdown(self, wait):
+            self.shut = wait
+
+    class Pool:
+        def start(self):
+            pass
+
+        def stop(self):
+            assert not helpers.shut
+
+    helpers = Helpers()
+    service = ThreadPoolService(Pool(), helpers=helpers)
+    service.startService()
+    assert service.stopService().called and helpers.shut
 
 
 class RealThreadTests(trial.TestCase):

@@ -1,5 +1,6 @@
 """Maildir delivery: layout, names, conversion, idempotent redo, shared fsyncs."""
 
+import errno
 import os
 import stat
 
@@ -7,8 +8,9 @@ import pytest
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from appliance.deliver.maildir import (Delivered, MaildirDeliverer, maildir_bytes,
-                                       maildir_path, message_name, path_component)
+from appliance.deliver.maildir import (Delivered, MaildirDeliverer, SpoolFile,
+                                       maildir_bytes, maildir_path, message_name,
+                                       path_component, round_trips, wire_bytes)
 from appliance.envelope import Envelope
 from appliance.queue.commit import FileSystem, GroupCommitWriter, StorageError, \
     synchronous_runner
@@ -179,3 +181,108 @@ def test_many_messages_share_one_fsync_of_new(tmp_path):
     assert fs.file_syncs == 8
     assert fs.dir_syncs == [str(root / "example.test" / "bob" / "new")]
     assert len(os.listdir(root / "example.test" / "bob" / "new")) == 9
+
+
+def spool_file(tmp_path, message=MESSAGE, maildir_form=True):
+    """A committed spool message file, as appliance.queue.store writes it."""
+    data = maildir_bytes("alice@example.org", message) if maildir_form else message
+    path = tmp_path / "spooled.msg"
+    path.write_bytes(data)
+    return SpoolFile(str(path), maildir_form, len(data))
+
+
+def test_the_stored_form_gives_back_the_message_as_received():
+    stored = maildir_bytes("alice@example.org", MESSAGE)
+    assert round_trips(MESSAGE) and wire_bytes(stored) == MESSAGE
+    odd = b"Subject: x\r\n\r\nbare\rcr and \r\r\n and no end"
+    assert round_trips(odd) and wire_bytes(maildir_bytes("a@b.example", odd)) == odd
+    assert not round_trips(b"Subject: x\n\nbare lf\r\n")
+
+
+def test_delivery_from_the_spool_file_is_a_hard_link(tmp_path):
+    root = tmp_path / "mail"
+    source = spool_file(tmp_path)
+    fs = CountingFS()
+    result = result_of(deliverer(root, fs).deliver(
+        envelope(), source, ["bob@example.test", "carol@example.test"]))
+    for user in ("bob", "carol"):
+        delivered = result[f"{user}@example.test"]
+        assert delivered.size == source.size and not delivered.existed
+        assert os.stat(delivered.path).st_ino == os.stat(source.path).st_ino
+        assert os.listdir(root / "example.test" / user / "tmp") == []
+        assert str(root / "example.test" / user / "new") in fs.dir_syncs
+    assert fs.file_syncs == 0       # the spool fsynced the data once, at commit
+
+
+def test_a_link_redone_after_a_crash_finds_its_file(tmp_path):
+    root = tmp_path / "mail"
+    source = spool_file(tmp_path)
+    d = deliverer(root)
+    result_of(d.deliver(envelope(), source, ["bob@example.test"]))
+    again = result_of(d.deliver(envelope(), source, ["bob@example.test"]))
+    assert isinstance(again["bob@example.test"], Delivered)
+    assert len(os.listdir(root / "example.test" / "bob" / "new")) == 1
+
+
+@pytest.mark.parametrize("code", [errno.EXDEV, errno.EMLINK, errno.EPERM])
+def test_where_no_link_can_be_made_the_message_is_copied(tmp_path, code):
+    class NoLinks(CountingFS):
+        def link(self, src, dst):
+            raise OSError(code, os.strerror(code))
+
+    root = tmp_path / "mail"
+    source = spool_file(tmp_path)
+    fs = NoLinks()
+    result = result_of(deliverer(root, fs).deliver(envelope(), source, ["bob@example.test"]))
+    path = result["bob@example.test"].path
+    assert open(path, "rb").read() == maildir_bytes("alice@example.org", MESSAGE)
+    assert os.stat(path).st_ino != os.stat(source.path).st_ino and fs.file_syncs == 1
+
+
+def test_a_spool_file_in_the_wire_form_is_converted_as_it_is_copied(tmp_path):
+    root = tmp_path / "mail"
+    source = spool_file(tmp_path, maildir_form=False)
+    result = result_of(deliverer(root).deliver(envelope(), source, ["bob@example.test"]))
+    path = result["bob@example.test"].path
+    assert open(path, "rb").read() == maildir_bytes("alice@example.org", MESSAGE)
+    assert os.stat(path).st_ino != os.stat(source.path).st_ino
+
+
+def test_other_link_errors_fail_that_mailbox(tmp_path):
+    class Broken(FileSystem):
+        def link(self, src, dst):
+            raise OSError(errno.EIO, "Input/output error")
+
+    result = result_of(deliverer(tmp_path / "mail", Broken()).deliver(
+        envelope(), spool_file(tmp_path), ["bob@example.test"]))
+    assert result["bob@example.test"].check(StorageError)
+
+
+def test_commit_links_make_missing_maildirs_once_and_name_the_links(tmp_path):
+    root = tmp_path / "mail"
+    d = deliverer(root)
+    fs = CountingFS()
+    links = d.commit_links(envelope(), ["bob@example.test", "bob@example.test",
+                                        "carol@example.test"])
+    pairs, created = links.prepare(fs, "/spool/x.msg")
+    name = message_name("0005f1e2d3c4b5a6deadbeef", 1700000000.5, "mail.example.test")
+    assert pairs == [("/spool/x.msg", str(root / "example.test" / u / "new" / name))
+                     for u in ("bob", "carol")]
+    assert str(root / "example.test") in created      # parents to fsync with the commit
+    again = d.commit_links(envelope(qid="00000000ab"), ["bob@example.test"])
+    calls = []
+    fs.mkdir = lambda path, mode=0o700: calls.append(path)
+    again.prepare(fs, "/spool/y.msg")
+    assert calls == []                                  # known complete: no mkdir at all
+    failed = {pairs[1][1]: OSError(errno.ENOENT, "gone")}
+    results = links.results(failed, 99)
+    assert results["bob@example.test"] == Delivered("bob@example.test", pairs[0][1], name,
+                                                    99, False)
+    assert results["carol@example.test"].check(OSError)
+
+
+def test_commit_links_leave_a_maildir_folder_to_the_full_delivery(tmp_path):
+    quarantined = Envelope(queue_id="0005f1e2d3c4b5a6deadbeef", sender="a@b.example",
+                           recipients=["bob@example.test"], received_at=1.0,
+                           params={"folder": "Junk"})
+    assert deliverer(tmp_path).commit_links(quarantined, ["bob@example.test"]) is None

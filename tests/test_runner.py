@@ -1,5 +1,6 @@
 """The queue runner: local delivery, aliases, failures, retries, recovery, crash safety."""
 
+import errno
 import json
 import os
 from types import SimpleNamespace
@@ -91,12 +92,17 @@ class CrashingFS(FileSystem):
         self._step()
         super().mkdir(path, mode)
 
+    def link(self, src, dst):
+        self._step()
+        super().link(src, dst)
 
-def build(root, directory=None, fs=None, runner=synchronous_runner, clock=None):
+
+def build(root, directory=None, fs=None, runner=synchronous_runner, clock=None, spare=False):
     clock = clock or task.Clock()
     clock.advance(1000)
     writer = GroupCommitWriter(runner, fs)
-    spool = Spool(str(root / "queue"), writer, synchronous_runner, clock)
+    spool = Spool(str(root / "queue"), writer, synchronous_runner, clock,
+                  spare=str(root / "queue.spare") if spare else None)
     maildir = MaildirDeliverer(str(root / "mail"), writer, "mx.example.test")
     directory = directory or FakeDirectory()
     return SimpleNamespace(clock=clock, writer=writer, spool=spool, directory=directory,
@@ -263,24 +269,55 @@ def test_stop_waits_for_the_pass_in_flight_and_cancels_retries(tmp_path):
         d.callback(f(*args))
 
     env = build(tmp_path, runner=hold)
-    env.runner.startService()
-    run_held()                                   # recovery
     envelope = Envelope(queue_id="0005f1e2d3c4b5a6deadbeef", sender="alice@example.org",
                         recipients=["bob@example.test"], received_at=990.0)
-    env.spool.accept(envelope, MESSAGE)          # submitted, not yet durable
-    run_held()                                   # committed; the delivery is now queued
+    env.spool.accept(envelope, MESSAGE)          # before the runner runs: no commit links
+    run_held()                                   # committed
+    env.runner.startService()
+    run_held()                                   # recovery; the pass's delivery is queued
     stopped = env.runner.stopService()
     assert not stopped.called
-    run_held()                                   # the Maildir write
+    run_held()                                   # the Maildir link
     assert not stopped.called
     run_held()                                   # the removal ends the pass
     assert stopped.called and len(mail_files(tmp_path, "bob")) == 1
     assert env.clock.getDelayedCalls() == []
 
 
-def outcome_after_crash(root, step, read_first=False):
+def test_stop_waits_for_the_removal_after_a_delivery_made_at_commit(tmp_path):
+    held = []
+
+    def hold(f, *args):
+        held.append((f, args, defer.Deferred()))
+        return held[-1][2]
+
+    env = build(tmp_path, runner=hold)
+    env.runner.startService()
+    f, args, d = held.pop(0)
+    d.callback(f(*args))                         # recovery
+    envelope = Envelope(queue_id="0005f1e2d3c4b5a6deadbeef", sender="alice@example.org",
+                        recipients=["bob@example.test"], received_at=990.0)
+    accepted = env.spool.accept(envelope, MESSAGE)
+    f, args, d = held.pop(0)
+    d.callback(f(*args))                         # committed AND linked: one batch
+    assert accepted.called and len(mail_files(tmp_path, "bob")) == 1
+    stopped = env.runner.stopService()
+    assert not stopped.called and len(held) == 1     # the removal is queued
+    f, args, d = held.pop(0)
+    d.callback(f(*args))
+    assert stopped.called and os.listdir(tmp_path / "queue") == []
+
+
+def outcome_after_crash(root, step, read_first=False, spare=False):
     """Run accept + delivery with a kill at ``step``, restart, recover; report."""
-    crashed = build(root, fs=CrashingFS(step))
+    if spare:       # an earlier message leaves a spare state file to write over
+        seed = build(root, spare=True)
+        seed.runner.startService()
+        accept(seed, ["bob@example.test"], qid="0005f1e2d3c4b5a6cafef00d")
+        assert os.listdir(root / "queue.spare") == ["0005f1e2d3c4b5a6cafef00d"]
+        for path in mail_files(root, "bob"):
+            path.unlink()
+    crashed = build(root, fs=CrashingFS(step), spare=spare)
     crashed.runner.startService()
     accepted = accept(crashed, ["bob@example.test", "team@example.test"])
     # Committed: the state file was renamed into place (it may be gone again if
@@ -291,18 +328,19 @@ def outcome_after_crash(root, step, read_first=False):
         for path in mail_files(root, "bob"):
             if path.parent.name == "new":           # a mail client reads it before the restart
                 os.rename(path, path.parent.parent / "cur" / (path.name + ":2,S"))
-    restarted = build(root)
+    restarted = build(root, spare=spare)
     restarted.runner.startService()
     return accepted, committed, crashed.writer.fs.crashed, restarted
 
 
-@pytest.mark.parametrize("read_first", [False, True])
+@pytest.mark.parametrize("read_first,spare", [(False, False), (True, False), (False, True)])
 def test_a_kill_at_any_step_delivers_each_committed_message_exactly_once(tmp_path,
-                                                                         read_first):
+                                                                         read_first, spare):
     seen = set()
     for step in range(200):
         root = tmp_path / f"run{step}"
-        accepted, committed, crashed, restarted = outcome_after_crash(root, step, read_first)
+        accepted, committed, crashed, restarted = outcome_after_crash(root, step, read_first,
+                                                                      spare)
         bob, carol = mail_files(root, "bob"), mail_files(root, "carol")
         if committed:
             assert len(bob) == 1 and len(carol) == 1, f"kill at step {step}"
@@ -321,7 +359,7 @@ def test_a_kill_at_any_step_delivers_each_committed_message_exactly_once(tmp_pat
     else:
         pytest.fail("the pipeline never completed")
     assert seen == {"delivered", "nothing"}
-    assert step > 20          # accept, two Maildir deliveries and the removal were all cut
+    assert step > 20          # accept, the Maildir links and the removal were all cut
 
 
 def test_a_failed_recovery_is_retried(tmp_path, collected):
@@ -344,3 +382,35 @@ def test_a_failed_recovery_is_retried(tmp_path, collected):
     env.clock.advance(60)
     assert collected.named("queue.recovered")[0]["count"] == 1
     assert len(mail_files(tmp_path, "bob")) == 1
+
+
+def test_where_the_commit_cannot_link_the_runner_copies(tmp_path, collected):
+    class NoLinks(FileSystem):
+        def link(self, src, dst):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    env = build(tmp_path, fs=NoLinks())
+    env.runner.startService()
+    accept(env, ["bob@example.test", "team@example.test"])
+    for user in ("bob", "carol"):
+        [path] = mail_files(tmp_path, user)
+        assert path.read_bytes() == STORED
+    assert env.spool.entries() == [] and os.listdir(tmp_path / "queue") == []
+    assert sorted(e["mailbox"] for e in collected.named("delivery.local")) == [
+        "bob@example.test", "carol@example.test"]
+
+
+def test_a_delivery_at_commit_needs_one_batch_and_no_read_back(tmp_path, collected):
+    reads = []
+    env = build(tmp_path)
+    env.spool.reader = lambda f, *args: reads.append(args) or defer.succeed(b"")
+    env.runner.startService()
+    batches = env.writer.batches
+    accept(env, ["bob@example.test", "team@example.test"])
+    # the commit (with the links) and the removal
+    assert env.writer.batches - batches == 2 and reads == []
+    assert len(mail_files(tmp_path, "bob")) == 1 and len(mail_files(tmp_path, "carol")) == 1
+    [bob] = mail_files(tmp_path, "bob")
+    [carol] = mail_files(tmp_path, "carol")
+    assert os.stat(bob).st_ino == os.stat(carol).st_ino      # one file, two names
+    assert len(collected.named("delivery.local")) == 2

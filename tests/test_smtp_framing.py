@@ -116,3 +116,77 @@ def test_a_dot_after_a_discarded_long_line_does_not_end_data():
     first, second = lines(framer, 1000)
     assert not body.add(first) and not body.add(second)
     assert body.fault == "long_line"
+
+
+def line_by_line(chunks, max_size, limit=1000):
+    """DATA the reference way: next_line + DataBody.add, one line at a time."""
+    framer, body = LineFramer(), DataBody(max_size)
+    for i, chunk in enumerate(chunks):
+        framer.feed(chunk)
+        while (line := framer.next_line(limit)) is not None:
+            if body.add(line):
+                return body, bytes(framer._buffer) + b"".join(chunks[i + 1:])
+    return body, None
+
+
+def in_blocks(chunks, max_size, limit=1000):
+    """DATA the fast way, as ApplianceSMTP._drain does it."""
+    framer, body = LineFramer(), DataBody(max_size)
+    for i, chunk in enumerate(chunks):
+        framer.feed(chunk)
+        while True:
+            done = framer.take_body(body, limit)
+            if done is False:
+                break
+            line = Line(b".", 1, False, False) if done else framer.next_line(limit)
+            if line is None:
+                break
+            if body.add(line):
+                return body, bytes(framer._buffer) + b"".join(chunks[i + 1:])
+    return body, None
+
+
+BODIES = [
+    b".\r\nQUIT\r\n",
+    b"Subject: x\r\n\r\nhello\r\n.\r\nQUIT\r\n",
+    b"..leading dot\r\n.\r\n",
+    b"a\r\n..\r\n...\r\n.x\r\nb\r\n.\r\nMAIL FROM:<a@b>\r\n",
+    b"line\r\n" * 300 + b".\r\n",
+    b"long " + b"y" * 1200 + b"\r\nafter\r\n.\r\n",
+    b"bare\nlf\r\n.\r\n",
+    b"bare\rcr\r\nmore\r\n.\r\n",
+    b"smuggle\r\n.\nMAIL FROM:<x@y>\r\n.\r\n",
+    b"smuggle\n.\r\nRCPT TO:<x@y>\r\n.\r\n",
+    b"x" * 998 + b"\r\n" + b"z" * 999 + b"\r\n.\r\n",
+    b"big " * 200 + b"\r\n.\r\n",
+    b"no end yet\r\npartial",
+]
+
+
+def test_taking_the_body_in_blocks_is_the_same_as_line_by_line():
+    """Every body, cut into reads at every boundary size: same message, size,
+    fault and leftover input (the pipelined commands after the dot)."""
+    for data in BODIES:
+        for step in (1, 2, 3, 7, 64, 1000, len(data)):
+            chunks = [data[i:i + step] for i in range(0, len(data), step)]
+            for max_size in (10_000, 500):
+                slow, slow_rest = line_by_line(chunks, max_size)
+                fast, fast_rest = in_blocks(chunks, max_size)
+                assert (fast.message(), fast.size, fast.fault, fast_rest) == \
+                    (slow.message(), slow.size, slow.fault, slow_rest), (data[:40], step)
+
+
+def test_a_plain_body_is_taken_whole():
+    framer, body = LineFramer(), DataBody(10_000)
+    framer.feed(b"Subject: x\r\n\r\n..dot\r\nend\r\n.\r\nQUIT\r\n")
+    assert framer.take_body(body, 1000) is True
+    assert body.message() == b"Subject: x\r\n\r\n.dot\r\nend\r\n"
+    assert bytes(framer._buffer) == b"QUIT\r\n" and not body.slow
+
+
+def test_an_odd_line_sends_the_rest_of_the_message_line_by_line():
+    framer, body = LineFramer(), DataBody(10_000)
+    framer.feed(b"ok\r\nbare\nlf\r\n")
+    assert framer.take_body(body, 1000) is None and body.slow
+    framer.feed(b"fine\r\n.\r\n")
+    assert framer.take_body(body, 1000) is None     # stays on the careful path

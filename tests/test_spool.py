@@ -9,9 +9,11 @@ import pytest
 from twisted.internet import defer, task
 
 from appliance import events
+from appliance.deliver.maildir import MaildirDeliverer, maildir_bytes
 from appliance.envelope import Envelope
 from appliance.queue.commit import FileSystem, GroupCommitWriter, synchronous_runner
-from appliance.queue.store import DEFERRED, DELIVERED, PENDING, Spool, StorageError
+from appliance.queue.store import (DEFERRED, DELIVERED, PENDING, Route, Spool,
+                                   StorageError)
 
 QID = "0005f1e2d3c4b5a6deadbeef"
 MESSAGE = b"Received: from a\r\nSubject: hi\r\n\r\nbody\r\n"
@@ -25,7 +27,7 @@ class FaultyFS(FileSystem):
     """Raises ``error`` at the ``at``-th mutating call (0-based) and every call after."""
 
     MUTATING = ("open_new", "write_all", "fsync", "close", "rename", "unlink", "fsync_dir",
-                "mkdir")
+                "mkdir", "link")
 
     def __init__(self, at=None, error=None, only=None):
         self.at, self.error, self.only = at, error, only
@@ -61,10 +63,12 @@ def envelope(qid=QID, recipients=("bob@example.test",), sender="alice@example.or
                     size=len(MESSAGE))
 
 
-def make_spool(directory, fs=None, clock=None, runner=synchronous_runner, statvfs=os.statvfs):
+def make_spool(directory, fs=None, clock=None, runner=synchronous_runner, statvfs=os.statvfs,
+               spare=None, max_spares=16):
     writer = GroupCommitWriter(runner, fs)
     return Spool(str(directory), writer, synchronous_runner, clock or task.Clock(),
-                 statvfs=statvfs)
+                 statvfs=statvfs, spare=None if spare is None else str(spare),
+                 max_spares=max_spares)
 
 
 def result_of(d):
@@ -89,10 +93,13 @@ def test_accept_commits_message_and_readable_state(tmp_path):
     spool.add_listener(notified.append)
     assert result_of(spool.accept(envelope(), MESSAGE)) == QID
     assert sorted(os.listdir(queue)) == [QID + ".json", QID + ".msg"]
-    assert (queue / (QID + ".msg")).read_bytes() == MESSAGE
+    # Kept in the form a Maildir stores, so local delivery is a hard link.
+    stored = maildir_bytes("alice@example.org", MESSAGE)
+    assert (queue / (QID + ".msg")).read_bytes() == stored
     state = json.loads((queue / (QID + ".json")).read_text())
     assert state["envelope"]["sender"] == "alice@example.org"
     assert state["message_size"] == len(MESSAGE)
+    assert (state["message_form"], state["stored_size"]) == ("maildir", len(stored))
     assert state["recipients"]["bob@example.test"]["state"] == PENDING
     assert notified == [QID]
     assert spool.get(QID).envelope.recipients == ["bob@example.test"]
@@ -282,3 +289,178 @@ def test_a_kill_at_any_step_of_accept_leaves_nothing_or_a_complete_entry(tmp_pat
         pytest.fail("accept never completed")
     assert outcomes == {"none", "complete"}
     assert step >= 8       # mkdir, 2 opens, 2 writes, 2 fsyncs, 2 closes, rename, dir fsync
+
+
+def test_a_message_with_a_bare_lf_is_kept_as_received(tmp_path):
+    queue = tmp_path / "queue"
+    odd = b"Subject: hi\r\n\r\nbare\nlf\r\n"
+    spool = make_spool(queue)
+    result_of(spool.accept(envelope(), odd))
+    assert (queue / (QID + ".msg")).read_bytes() == odd
+    assert json.loads((queue / (QID + ".json")).read_text())["message_form"] == "wire"
+    assert result_of(spool.read(QID)) == odd
+    assert spool.source(QID).maildir_form is False
+
+
+def test_an_entry_written_before_message_forms_existed_is_read_as_received(tmp_path):
+    queue = tmp_path / "queue"
+    result_of(make_spool(queue).accept(envelope(), MESSAGE))
+    state = json.loads((queue / (QID + ".json")).read_text())
+    del state["message_form"], state["stored_size"]
+    (queue / (QID + ".json")).write_text(json.dumps(state))
+    (queue / (QID + ".msg")).write_bytes(MESSAGE)
+    spool = make_spool(queue)
+    [entry] = result_of(spool.recover())
+    assert entry.message_form == "wire" and entry.stored_size == len(MESSAGE)
+    assert result_of(spool.read(QID)) == MESSAGE
+
+
+def test_remove_does_not_wait_for_a_directory_fsync(tmp_path):
+    class Counting(FileSystem):
+        dir_syncs = 0
+
+        def fsync_dir(self, path):
+            Counting.dir_syncs += 1
+            super().fsync_dir(path)
+
+    spool = make_spool(tmp_path / "queue", fs=Counting())
+    result_of(spool.accept(envelope(), MESSAGE))
+    before = Counting.dir_syncs
+    result_of(spool.remove(QID))
+    assert Counting.dir_syncs == before and os.listdir(tmp_path / "queue") == []
+
+
+def test_removed_state_files_are_written_over_by_the_next_entries(tmp_path):
+    queue, spare = tmp_path / "queue", tmp_path / "queue.spare"
+    spool = make_spool(queue, spare=spare)
+    result_of(spool.accept(envelope(), MESSAGE))
+    inode = os.stat(queue / (QID + ".json")).st_ino
+    result_of(spool.remove(QID))
+    assert os.listdir(queue) == [] and os.listdir(spare) == [QID]
+    other = "0005f1e2d3c4b5a6cafef00d"
+    result_of(spool.accept(envelope(qid=other, recipients=("b@example.test",)), MESSAGE))
+    assert os.listdir(spare) == []          # written over by the new entry's state file
+    assert os.stat(queue / (other + ".json")).st_ino == inode
+    state = json.loads((queue / (other + ".json")).read_text())
+    assert state["queue_id"] == other and list(state["recipients"]) == ["b@example.test"]
+    result_of(spool.update(other, {"b@example.test": {"state": DEFERRED}}))
+    assert json.loads((queue / (other + ".json")).read_text())["recipients"][
+        "b@example.test"]["state"] == DEFERRED
+
+
+def test_spares_are_bounded_and_found_again_after_a_restart(tmp_path):
+    queue, spare = tmp_path / "queue", tmp_path / "queue.spare"
+    spool = make_spool(queue, spare=spare, max_spares=2)
+    qids = [f"0005f1e2d3c4b5a6deadbee{i}" for i in range(3)]
+    for qid in qids:
+        result_of(spool.accept(envelope(qid=qid), MESSAGE))
+    for qid in qids:
+        result_of(spool.remove(qid))
+    assert sorted(os.listdir(spare)) == qids[:2] and os.listdir(queue) == []
+    restarted = make_spool(queue, spare=spare)
+    assert result_of(restarted.recover()) == []
+    inodes = {os.stat(spare / name).st_ino for name in os.listdir(spare)}
+    other = "0005f1e2d3c4b5a6cafef00d"
+    result_of(restarted.accept(envelope(qid=other), MESSAGE))
+    assert len(os.listdir(spare)) == 1              # one of the two was written over
+    assert os.stat(queue / (other + ".json")).st_ino in inodes
+    assert result_of(restarted.read(other)) == MESSAGE
+
+
+def test_a_kill_at_any_step_with_spares_leaves_nothing_or_a_complete_entry(tmp_path):
+    outcomes = set()
+    for step in range(50):
+        queue, spare = tmp_path / f"run{step}" / "queue", tmp_path / f"run{step}" / "spare"
+        seed = make_spool(queue, spare=spare)
+        result_of(seed.accept(envelope(qid="0005f1e2d3c4b5a6cafef00d"), MESSAGE))
+        result_of(seed.remove("0005f1e2d3c4b5a6cafef00d"))       # one spare, reused below
+        fs = FaultyFS(at=step)
+        crashed = make_spool(queue, fs=fs, spare=spare)
+        result_of(crashed.recover())
+        accepted = result_of(crashed.accept(envelope(), MESSAGE))
+        spool = make_spool(queue, spare=spare)
+        recovered = result_of(spool.recover())
+        if recovered:
+            assert sorted(os.listdir(queue)) == [QID + ".json", QID + ".msg"]
+            assert result_of(spool.read(QID)) == MESSAGE
+            assert recovered[0].recipients["bob@example.test"]["state"] == PENDING
+            outcomes.add("complete")
+        else:
+            assert os.listdir(queue) == [] and accepted != QID
+            outcomes.add("none")
+        if not fs.crashed:
+            break
+    else:
+        pytest.fail("accept never completed")
+    assert outcomes == {"none", "complete"}
+
+
+def linking_router(root, deliverer_fs=None):
+    maildir = MaildirDeliverer(str(root), None, "mx.example.test")
+
+    def router(entry):
+        mailboxes = list(entry.envelope.recipients)
+        return Route({r: [r] for r in mailboxes},
+                     maildir.commit_links(entry.envelope, mailboxes))
+    return router
+
+
+def new_files(root, user):
+    new = root / "example.test" / user / "new"
+    return os.listdir(new) if new.exists() else []
+
+
+def test_a_router_has_the_commit_link_the_message_into_its_maildirs(tmp_path):
+    queue, mail = tmp_path / "queue", tmp_path / "mail"
+    spool = make_spool(queue)
+    spool.set_router(linking_router(mail))
+    result_of(spool.accept(envelope(recipients=("bob@example.test",)), MESSAGE))
+    [name] = new_files(mail, "bob")
+    path = mail / "example.test" / "bob" / "new" / name
+    assert os.stat(path).st_ino == os.stat(queue / (QID + ".msg")).st_ino
+    entry = spool.get(QID)
+    assert entry.resolved == {"bob@example.test": ["bob@example.test"]}
+    assert entry.linked["bob@example.test"].path == str(path)
+
+
+def test_a_router_that_fails_or_waits_still_commits(tmp_path):
+    queue, mail = tmp_path / "queue", tmp_path / "mail"
+    spool = make_spool(queue)
+
+    def broken(entry):
+        raise RuntimeError("routing bug")
+    spool.set_router(broken)
+    assert result_of(spool.accept(envelope(), MESSAGE)) == QID
+    assert spool.get(QID).linked is None and new_files(mail, "bob") == []
+    later = defer.Deferred()
+    spool.set_router(lambda entry: later)
+    other = "0005f1e2d3c4b5a6cafef00d"
+    d = spool.accept(envelope(qid=other), MESSAGE)
+    assert not d.called
+    later.errback(RuntimeError("lookup failed"))
+    assert result_of(d) == other and spool.get(other).linked is None
+
+
+def test_a_kill_at_any_step_of_a_linking_commit_links_only_committed_messages(tmp_path):
+    """Links come after the commit rename: no Maildir ever holds an uncommitted message."""
+    outcomes = set()
+    for step in range(50):
+        queue, mail = tmp_path / f"run{step}" / "queue", tmp_path / f"run{step}" / "mail"
+        fs = FaultyFS(at=step)
+        spool = make_spool(queue, fs=fs)
+        spool.set_router(linking_router(mail))
+        result_of(spool.accept(envelope(recipients=("bob@example.test", "carol@example.test")),
+                               MESSAGE))
+        committed = (queue / (QID + ".json")).exists()
+        linked = new_files(mail, "bob") + new_files(mail, "carol")
+        if not committed:
+            assert linked == []
+            outcomes.add("none")
+        else:
+            outcomes.add("linked" if len(linked) == 2 else "committed")
+        if not fs.crashed:
+            assert len(linked) == 2
+            break
+    else:
+        pytest.fail("accept never completed")
+    assert outcomes == {"none", "committed", "linked"}

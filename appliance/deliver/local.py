@@ -7,13 +7,19 @@ reached twice via aliases gets one copy), and answers with the new state of
 each recipient. It never writes spool state itself: the queue runner does,
 after the Maildir renames are durable, which is what makes local delivery
 exactly once across crashes.
+
+The first pass over a new entry usually finds the work done: the spool's
+commit resolved the recipients and linked the message into their Maildirs in
+its own batch (``route`` below, ``appliance.queue.store.Spool.set_router``);
+``deliver`` then only turns those results into recipient states.
 """
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from appliance import events
-from appliance.queue.store import DEFERRED, DELIVERED, FAILED
+from appliance.deliver.maildir import Delivered
+from appliance.queue.store import DEFERRED, DELIVERED, FAILED, Route
 
 events.register("delivery.local", "a message was stored in a local Maildir",
                 ("queue_id", "recipient", "mailbox", "size", "delay"))
@@ -30,6 +36,14 @@ def _domain(address):
     return address.rpartition("@")[2]
 
 
+def _answer(lookup, *args):
+    """``lookup(*args)``: its value, its Deferred, or the Failure it raised."""
+    try:
+        return lookup(*args)
+    except Exception:  # noqa: BLE001 - a failed lookup is an answer too
+        return Failure()
+
+
 def _one_line(failure):
     text = f"{failure.type.__name__}: {failure.getErrorMessage()}"
     return " ".join(text.split())[:200]
@@ -43,20 +57,63 @@ class LocalDelivery:
         self.maildir = maildir
         self.clock = clock
 
-    @defer.inlineCallbacks
+    def route(self, entry):
+        """For the spool's commit of ``entry``: a Route (or a Deferred of one)
+        with every recipient resolved and the local mailboxes to link, or
+        None when a lookup failed (the first pass will see it and defer)."""
+        recipients = list(entry.envelope.recipients)
+        answers = [_answer(self.directory.resolve, rcpt) for rcpt in recipients]
+        if any(isinstance(a, defer.Deferred) for a in answers):
+            d = defer.DeferredList([defer.maybeDeferred(lambda a=a: a) for a in answers],
+                                   consumeErrors=True)
+            d.addCallback(lambda results: self._route(
+                entry, recipients, [value if ok else None for ok, value in results]))
+            return d
+        return self._route(entry, recipients, answers)
+
+    def _route(self, entry, recipients, answers):
+        targets = {}
+        for rcpt, found in zip(recipients, answers):
+            if not isinstance(found, (list, tuple)):
+                return None
+            targets[rcpt] = list(found)
+        mailboxes = self._mailboxes(entry, targets)
+        links = self.maildir.commit_links(entry.envelope, mailboxes) if mailboxes else None
+        return Route(targets, links)
+
     def deliver(self, entry, message, recipients):
         """Fires with ``{recipient: changes}`` for the spool (state, last_error...).
 
-        A recipient is ``delivered`` when all its local mailboxes hold the
-        message, ``failed`` when it resolves to nothing, ``deferred`` when the
-        directory or a Maildir failed (temporary) or when it has non-local
-        targets (kept for the outbound queue).
+        ``message``: what ``MaildirDeliverer.deliver`` takes (the spool's
+        SpoolFile). A recipient is ``delivered`` when all its local mailboxes
+        hold the message, ``failed`` when it resolves to nothing, ``deferred``
+        when the directory or a Maildir failed (temporary) or when it has
+        non-local targets (kept for the outbound queue).
         """
-        targets = yield self._resolve_all(recipients)
+        resolved, entry.resolved = entry.resolved, None     # the commit's, used once
+        if resolved is not None and all(rcpt in resolved for rcpt in recipients):
+            targets = {rcpt: resolved[rcpt] for rcpt in recipients}
+            return self._store(entry, message, targets)
+        d = self._resolve_all(recipients)
+        d.addCallback(lambda found: self._store(entry, message, found))
+        return d
+
+    def _store(self, entry, message, targets):
         mailboxes = self._mailboxes(entry, targets)
-        stored = {}
-        if mailboxes:
-            stored = yield self.maildir.deliver(entry.envelope, message, mailboxes)
+        linked, entry.linked = entry.linked or {}, None     # the commit's, used once
+        stored = {m: linked[m] for m in mailboxes if m in linked}
+        rest = [m for m in mailboxes if not isinstance(stored.get(m), Delivered)]
+        if not rest:
+            return defer.succeed(self._outcomes(entry, targets, stored))
+        d = self.maildir.deliver(entry.envelope, message, rest)
+
+        def done(results):
+            stored.update(results)
+            return self._outcomes(entry, targets, stored)
+        d.addCallback(done)
+        return d
+
+    def _outcomes(self, entry, targets, stored):
         counted = set()     # mailboxes already reported for an earlier recipient
         return {rcpt: self._outcome(entry, rcpt, found, stored, counted)
                 for rcpt, found in targets.items()}

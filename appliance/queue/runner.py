@@ -122,6 +122,7 @@ class QueueRunner(service.Service):
         self._recovery_retry = None
         self.ready = None        # fires when the first recovery attempt is over
         spool.add_listener(self.process)      # ignored until the service runs
+        spool.set_router(self._route)         # local delivery in the commit's batch
 
     # -- service life
 
@@ -218,6 +219,13 @@ class QueueRunner(service.Service):
         if entry.finished() and not self._inflight.get(qid) and self.spool.get(qid) is entry:
             yield self.spool.remove(qid)
 
+    def _route(self, entry):
+        """The spool's router: resolve and link at commit while running (the
+        first pass then finds its local deliveries done)."""
+        if not self.running:
+            return None
+        return self.local.route(entry)
+
     def _due(self, entry, now, force=False):
         busy = self._inflight.get(entry.queue_id, ())
         due = []
@@ -265,13 +273,8 @@ class QueueRunner(service.Service):
     @defer.inlineCallbacks
     def _deliver_local(self, entry, todo):
         """``{recipient: spool changes}`` for one local delivery attempt of ``todo``."""
-        try:
-            message = yield self.spool.read(entry.queue_id)
-        except StorageError as e:
-            outcomes = {r: {"state": DEFERRED, "last_error": f"4.3.0 spool read: {e.error}",
-                            "retry": True} for r in todo}
-        else:
-            outcomes = yield self.local.deliver(entry, message, todo)
+        # The Maildir files are links to (or copies of) the spool file: no read here.
+        outcomes = yield self.local.deliver(entry, self.spool.source(entry.queue_id), todo)
         forwards = self._forwards(entry, outcomes) if self.remote is not None else {}
         now = self.clock.seconds()
         changes = {rcpt: self._settle(entry, rcpt, change, now)

@@ -1,21 +1,34 @@
 """The durable spool: ``<data_dir>/queue/<id>.msg`` + ``<id>.json``.
 
-``<id>.msg`` is the message exactly as it will be relayed (CRLF, our
-``Received:`` first). ``<id>.json`` is the envelope plus per-recipient state,
-indented so a person can ``cat`` it. The state file's presence is the commit
-point. Acceptance, via the group-commit writer:
+``<id>.msg`` is the message in the form a Maildir stores it (``Return-Path:``
+first, LF line ends: ``appliance.deliver.maildir.maildir_bytes``), so local
+delivery is a hard link of this file; ``read`` gives back the message exactly
+as received and as it will be relayed (CRLF, our ``Received:`` first). A
+message whose LFs are not all CRLFs would not come back exactly: it is kept
+as received (``message_form`` "wire") and copied at delivery instead.
+``<id>.json`` is the envelope plus per-recipient state, indented so a person
+can ``cat`` it. The state file's presence is the commit point. Acceptance, via
+the group-commit writer:
 
-    1. write ``<id>.msg`` and ``<id>.json.<n>.tmp``, fsync both;
-    2. rename the temp file to ``<id>.json``;
-    3. fsync the queue directory.
+    1. write ``<id>.msg``, and the state into a temp file (or a spare one,
+       see ``Spool``), fsync both;
+    2. rename the state file to ``<id>.json``;
+    3. link ``<id>.msg`` into the Maildirs of the local recipients (optional);
+    4. fsync the queue directory (and the Maildirs' ``new/``).
 
 A kill -9 before 2 leaves files without a state file: ``recover()`` deletes
-them. After 2 the entry is complete (the message was fsynced in 1). Only after
-3 does ``accept`` fire, so a ``250`` always means "on disk". State updates write
-a new temp file and rename it over ``<id>.json`` (atomic replace); removal
-unlinks the state file first, so a half-removed entry is just an orphan.
+them, and no Maildir has the message (3 comes after 2). After 2 the entry is
+complete (the message was fsynced in 1) and its recipients are pending: a
+redo finds the links already made (same names) and makes the others. Only
+after 4 does ``accept`` fire, so a ``250`` always means "on disk". State
+updates write a new temp file and rename it over ``<id>.json`` (atomic
+replace); removal unlinks the state file first, so a half-removed entry is
+just an orphan. Removal does not fsync the directory: an entry that comes back
+after a power cut is one whose recipients are all done or whose redo finds
+its Maildir files (exactly once still holds).
 """
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -26,11 +39,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from appliance import events
+from appliance.deliver.maildir import SpoolFile, maildir_bytes, round_trips, wire_bytes
 from appliance.envelope import Envelope, new_queue_id
 from appliance.queue.commit import Durable, StorageError, makedirs
 
-__all__ = ["Spool", "SpoolEntry", "StorageError", "PENDING", "DELIVERED", "DEFERRED",
-           "FAILED"]
+__all__ = ["Spool", "SpoolEntry", "Route", "StorageError", "PENDING", "DELIVERED",
+           "DEFERRED", "FAILED"]
 
 _log = Logger(namespace="mailappliance.queue")
 
@@ -43,8 +57,11 @@ events.register("spool.orphans_removed", "recovery deleted files of uncommitted 
 events.register("queue.removed", "an entry left the spool (all recipients done)",
                 ("queue_id",))
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False)
+
 PENDING, DELIVERED, DEFERRED, FAILED = "pending", "delivered", "deferred", "failed"
 STATES = (PENDING, DELIVERED, DEFERRED, FAILED)
+MAILDIR_FORM, WIRE_FORM = "maildir", "wire"     # how <id>.msg holds the message
 
 FORMAT = 1
 STATE_SUFFIX = ".json"
@@ -54,6 +71,13 @@ CORRUPT_DIR = "corrupt"
 QUEUE_ID = re.compile(r"[0-9a-f]{8,64}")
 RESERVE_BYTES = 16 * 1024 * 1024
 RESERVE_INODES = 64
+MAX_SPARES = 1024
+
+
+Route = collections.namedtuple("Route", "resolved links")
+Route.__doc__ = """What a router found for a new entry: ``resolved`` ``{recipient:
+targets}`` for the first delivery pass, ``links`` the CommitLinks to make in
+the commit's batch (or None)."""
 
 
 def new_recipient_state(now):
@@ -70,13 +94,21 @@ class SpoolEntry:
     (status, remote_host, dsn ...): the queue manager adds them.
     """
 
-    def __init__(self, envelope, message_size, created_at, recipients=None, flags=None):
+    def __init__(self, envelope, message_size, created_at, recipients=None, flags=None,
+                 message_form=WIRE_FORM, stored_size=None):
         self.envelope = envelope
         self.message_size = message_size
         self.created_at = created_at
         self.recipients = recipients if recipients is not None else {
             address: new_recipient_state(created_at) for address in envelope.recipients}
         self.flags = dict(flags or {})
+        self.message_form = message_form
+        self.stored_size = message_size if stored_size is None else stored_size
+        # Not saved: what the commit already did for the first delivery pass
+        # (``{recipient: targets}`` resolved, ``{mailbox: Delivered or
+        # Failure}`` linked), handed over once to the queue runner.
+        self.resolved = None
+        self.linked = None
 
     @property
     def held(self):
@@ -89,12 +121,21 @@ class SpoolEntry:
     def to_json(self):
         return {"format": FORMAT, "queue_id": self.queue_id,
                 "message_file": self.queue_id + MESSAGE_SUFFIX,
-                "message_size": self.message_size, "created_at": self.created_at,
+                "message_size": self.message_size, "message_form": self.message_form,
+                "stored_size": self.stored_size, "created_at": self.created_at,
                 "envelope": self.envelope.to_json(), "recipients": self.recipients,
                 "flags": self.flags}
 
     def dumps(self):
-        return json.dumps(self.to_json(), indent=1, ensure_ascii=False).encode("utf-8") + b"\n"
+        """The state file: a JSON object, one top-level key a line (``cat``-able).
+
+        Each value is encoded on its own with the C encoder: ``indent=``
+        would send the whole object through json's pure-Python encoder,
+        several times slower, and this runs for every message.
+        """
+        lines = [f"{_ENCODER.encode(key)}: {_ENCODER.encode(value)}"
+                 for key, value in self.to_json().items()]
+        return ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
 
     @classmethod
     def from_json(cls, data):
@@ -109,8 +150,12 @@ class SpoolEntry:
             flags = data.get("flags", {})       # absent in entries written before it existed
             if not isinstance(flags, dict):
                 raise ValueError("flags is not an object")
+            form = data.get("message_form", WIRE_FORM)      # older entries: as received
+            if form not in (MAILDIR_FORM, WIRE_FORM):
+                raise ValueError(f"unknown message form {form!r}")
+            stored = data.get("stored_size")
             return cls(envelope, int(data["message_size"]), float(data["created_at"]),
-                       recipients, flags)
+                       recipients, flags, form, None if stored is None else int(stored))
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed state file ({e.__class__.__name__}: {e})") from None
 
@@ -149,11 +194,30 @@ class Spool:
     recovery scan run on its thread); ``reader(f, *args) -> Deferred`` runs
     message reads on a thread; ``clock`` gives ``seconds()``; ``statvfs`` is
     ``os.statvfs`` unless a test fakes a full disk.
+
+    ``set_router(router)`` lets the queue runner deliver locally in the
+    commit's own batch: ``router(entry)`` answers a ``Route`` (or a Deferred
+    of one, or None) before the entry is written.
+
+    ``spare``: a directory (on the same file system, outside ``directory``)
+    where removed state files wait, at most ``max_spares`` of them, to be
+    written over by the state files of new entries. Creating and deleting a
+    file per message costs the file system more than rewriting one (inode
+    allocation: ext4 without a journal skips every recently freed inode;
+    with ``discard`` each freed block is trimmed at once). A spare's content
+    means nothing: the first batch after a start finds those left over.
+    (Message files cannot be recycled: each lives on as the Maildir copy.)
     """
 
     def __init__(self, directory, writer, reader, clock, statvfs=os.statvfs,
-                 reserve=RESERVE_BYTES):
+                 reserve=RESERVE_BYTES, spare=None, max_spares=MAX_SPARES):
         self.directory = directory
+        self.spare = spare
+        self.max_spares = max_spares
+        # Spare state files ready for reuse: appended on the reactor thread once
+        # a removal is done, taken on the writer thread (deque: thread-safe).
+        self._spares = collections.deque()
+        self._spares_pending = 0
         self.writer = writer
         self.reader = reader
         self.clock = clock
@@ -164,6 +228,7 @@ class Spool:
         self._listeners = []
         self._temp_names = itertools.count()
         self._dir_ready = False
+        self._router = None
 
     # -- paths
 
@@ -180,18 +245,38 @@ class Spool:
         return self._path(f"{qid}{STATE_SUFFIX}.{next(self._temp_names)}{TEMP_SUFFIX}")
 
     def _ensure_dir(self, fs):
-        """Create the queue directory once (writer thread)."""
+        """Create the queue (and spare) directory once (writer thread)."""
         if self._dir_ready:
             return []
         created = makedirs(fs, self.directory)
+        if self.spare is not None:
+            created += makedirs(fs, self.spare)
+            # The spares left by an earlier run; from now on the deque knows them all.
+            self._spares.extend(os.path.join(self.spare, name)
+                                for name in sorted(fs.listdir(self.spare))[:self.max_spares])
         self._dir_ready = True
         return [os.path.dirname(path) for path in created]
+
+    def _state_write(self, qid, data):
+        """(writes, rewrites, temp) for a new state file of ``qid`` (writer
+        thread): written over a spare when there is one."""
+        try:
+            spare = self._spares.popleft()
+        except IndexError:
+            temp = self._temp_path(qid)
+            return [(temp, data)], [], temp
+        return [], [(spare, data)], spare
 
     # -- listeners
 
     def add_listener(self, callback):
         """``callback(queue_id)`` after each commit, on the reactor thread."""
         self._listeners.append(callback)
+
+    def set_router(self, router):
+        """``router(entry) -> Route | Deferred[Route] | None``, asked at each
+        accept; None (or a failure) commits the entry without deliveries."""
+        self._router = router
 
     def _notify(self, qid):
         for callback in list(self._listeners):
@@ -220,33 +305,71 @@ class Spool:
             return self.statvfs(os.path.dirname(self.directory))
 
     def accept(self, envelope, message):
-        """Commit a new entry; fires with the queue id once durable, else StorageError."""
+        """Commit a new entry; fires with the queue id once durable, else StorageError.
+
+        With a router, the message is also linked into the Maildirs the route
+        names, in the same batch, after the commit rename (module docstring).
+        """
         qid = envelope.queue_id or new_queue_id(self.clock.seconds())
         if not QUEUE_ID.fullmatch(qid):
             return defer.fail(ValueError(f"queue id {qid!r} is not a spool file name"))
         if qid in self._entries:
             return defer.fail(ValueError(f"queue id {qid} already spooled"))
         message = bytes(message)
-        entry = SpoolEntry(dataclasses.replace(envelope, queue_id=qid,
-                                               recipients=list(envelope.recipients)),
-                           len(message), self.clock.seconds())
+        envelope = dataclasses.replace(envelope, queue_id=qid,
+                                       recipients=list(envelope.recipients))
+        if round_trips(message):
+            form, stored = MAILDIR_FORM, maildir_bytes(envelope.sender, message)
+        else:
+            form, stored = WIRE_FORM, message
+        entry = SpoolEntry(envelope, len(message), self.clock.seconds(),
+                           message_form=form, stored_size=len(stored))
+        route = self._route(entry)
+        if isinstance(route, defer.Deferred):
+            route.addErrback(self._route_failed)
+            return route.addCallback(lambda found: self._commit(entry, stored, found))
+        return self._commit(entry, stored, route)
+
+    def _route(self, entry):
+        if self._router is None:
+            return None
+        try:
+            return self._router(entry)
+        except Exception:  # noqa: BLE001 - routing is an optimisation: commit without it
+            _log.failure("routing {queue_id} at commit failed", queue_id=entry.queue_id)
+            return None
+
+    def _route_failed(self, failure):
+        _log.failure("routing at commit failed", failure)
+        return None
+
+    def _commit(self, entry, stored, route):
+        qid = entry.queue_id
+        links = route.links if route is not None and entry.message_form == MAILDIR_FORM \
+            else None
+        msg_path, state_path = self.message_path(qid), self.state_path(qid)
         state = entry.dumps()
-        msg_path, state_path, temp = self.message_path(qid), self.state_path(qid), \
-            self._temp_path(qid)
 
         def plan(fs):
             parents = self._ensure_dir(fs)
-            return Durable(writes=[(msg_path, message), (temp, state)],
-                           renames=[(temp, state_path)],
-                           sync_dirs=parents + [self.directory],
+            writes, rewrites, temp = self._state_write(qid, state)
+            pairs, created = links.prepare(fs, msg_path) if links is not None else ((), [])
+            return Durable(writes=[(msg_path, stored)] + writes, rewrites=rewrites,
+                           renames=[(temp, state_path)], links=pairs,
+                           sync_dirs=parents + [self.directory] + created,
                            rollback=[state_path, msg_path], result=qid)
 
         d = self.writer.submit(plan, "spool.accept")
-        d.addCallbacks(self._accepted, self._storage_failed, callbackArgs=(entry,),
+        d.addCallbacks(self._accepted, self._storage_failed, callbackArgs=(entry, route),
                        errbackArgs=("accept",))
         return d
 
-    def _accepted(self, qid, entry):
+    def _accepted(self, result, entry, route):
+        qid = entry.queue_id
+        if route is not None:
+            entry.resolved = route.resolved
+            if isinstance(result, tuple):        # (qid, failed links): see Durable.links
+                entry.linked = route.links.results(result[1], entry.stored_size)
         self._entries[qid] = entry
         self._notify(qid)
         return qid
@@ -269,13 +392,21 @@ class Spool:
         return [self._entries[qid].summary(now) for qid in sorted(self._entries)]
 
     def read(self, qid):
-        """The message bytes, read on a thread; StorageError if unreadable."""
-        if qid not in self._entries:
+        """The message as received, read on a thread; StorageError if unreadable."""
+        entry = self._entries.get(qid)
+        if entry is None:
             return defer.fail(KeyError(qid))
-        d = self.reader(_read_file, self.message_path(qid))
+        d = self.reader(_read_message, self.message_path(qid),
+                        entry.message_form == MAILDIR_FORM)
         d.addErrback(_os_to_storage, "read")
         d.addErrback(self._storage_failed, "read")
         return d
+
+    def source(self, qid):
+        """The SpoolFile local deliveries link (or copy) from."""
+        entry = self._entries[qid]
+        return SpoolFile(self.message_path(qid), entry.message_form == MAILDIR_FORM,
+                         entry.stored_size)
 
     def update(self, qid, changes, flags=None):
         """Apply ``{recipient: {field: value}}`` (and message ``flags``), then
@@ -292,10 +423,11 @@ class Spool:
             state = entry.recipients.setdefault(address, new_recipient_state(now))
             state.update(fields, updated_at=now)
         entry.flags.update(flags or {})
-        data, temp, state_path = entry.dumps(), self._temp_path(qid), self.state_path(qid)
+        data, state_path = entry.dumps(), self.state_path(qid)
 
         def plan(fs):
-            return Durable(writes=[(temp, data)], renames=[(temp, state_path)],
+            writes, rewrites, temp = self._state_write(qid, data)
+            return Durable(writes=writes, rewrites=rewrites, renames=[(temp, state_path)],
                            sync_dirs=[self.directory], result=entry)
 
         d = self.writer.submit(plan, "spool.update")
@@ -303,28 +435,48 @@ class Spool:
         return d
 
     def remove(self, qid):
-        """Delete the entry (state file first, so a crash leaves only an orphan)."""
+        """Delete the entry (state file first, so a crash leaves only an orphan).
+
+        The state file becomes a spare when there is room for one.
+        """
         if qid not in self._entries or qid in self._removing:
             return defer.fail(KeyError(qid))
         self._removing.add(qid)
-        unlinks = [self.state_path(qid), self.message_path(qid)]
+        state_path, msg_path = self.state_path(qid), self.message_path(qid)
+        spare = None
+        if self.spare is not None and \
+                len(self._spares) + self._spares_pending < self.max_spares:
+            spare = os.path.join(self.spare, qid)
+            self._spares_pending += 1
 
         def plan(fs):
-            return Durable(unlinks=unlinks, sync_dirs=[self.directory], result=qid)
+            # No directory fsync: see the module docstring.
+            if spare is None:
+                return Durable(unlinks=[state_path, msg_path], result=qid)
+            try:
+                fs.rename(state_path, spare)
+            except FileNotFoundError:
+                pass
+            return Durable(unlinks=[msg_path], result=qid)
 
         d = self.writer.submit(plan, "spool.remove")
-        d.addCallbacks(self._removed, self._remove_failed, callbackArgs=(qid,),
-                       errbackArgs=(qid,))
+        d.addCallbacks(self._removed, self._remove_failed, callbackArgs=(qid, spare),
+                       errbackArgs=(qid, spare))
         return d
 
-    def _removed(self, result, qid):
+    def _removed(self, result, qid, spare):
         self._removing.discard(qid)
         self._entries.pop(qid, None)
+        if spare is not None:
+            self._spares_pending -= 1
+            self._spares.append(spare)
         events.emit("queue.removed", queue_id=qid)
         return qid
 
-    def _remove_failed(self, failure, qid):
+    def _remove_failed(self, failure, qid, spare):
         self._removing.discard(qid)
+        if spare is not None:
+            self._spares_pending -= 1
         return self._storage_failed(failure, "remove")
 
     def recover(self):
@@ -371,8 +523,8 @@ class Spool:
             size = fs.size(self.message_path(qid))
         except FileNotFoundError:
             raise ValueError("message file missing") from None
-        if size != entry.message_size:
-            raise ValueError(f"message file has {size} bytes, expected {entry.message_size}")
+        if size != entry.stored_size:
+            raise ValueError(f"message file has {size} bytes, expected {entry.stored_size}")
         return entry
 
     def _set_aside(self, fs, qid):
@@ -399,9 +551,10 @@ class Spool:
         return fresh
 
 
-def _read_file(path):
+def _read_message(path, maildir_form):
     with open(path, "rb") as f:
-        return f.read()
+        data = f.read()
+    return wire_bytes(data) if maildir_form else data
 
 
 def _os_to_storage(failure, operation):

@@ -68,6 +68,40 @@ class LineFramer:
         self._discarded, self._bare = 0, False
         return Line(b"" if too_long else data, length, too_long, bare)
 
+    def take_body(self, body, limit):
+        """Move every complete DATA line into ``body`` at once, as one block.
+
+        True when the final ``.`` line came, False when more input is needed,
+        None when a line must go through ``next_line`` and ``DataBody.add``
+        one at a time: a bare CR or LF, a line over ``limit`` or an overlong
+        line being discarded (the block would not be refused the same way).
+        The common message costs a few scans of the buffer instead of a
+        method call per line.
+        """
+        if self._discarded or body.slow:
+            return None
+        buffer = self._buffer
+        if buffer.startswith(b".\r\n"):
+            del buffer[:3]
+            return True
+        end = buffer.find(b"\r\n.\r\n")
+        done = end >= 0
+        end = end + 2 if done else buffer.rfind(CRLF) + 2
+        if end < 2:                              # not even one complete line
+            self._trim(limit)
+            return False
+        block = bytes(buffer[:end])
+        crlf = block.count(CRLF)
+        if block.count(b"\r") != crlf or block.count(b"\n") != crlf or \
+                max(map(len, block.split(CRLF))) + 2 > limit:
+            body.slow = True                     # this message goes line by line
+            return None
+        del buffer[:end + 3 if done else end]
+        body.add_block(block)
+        if not done:
+            self._trim(limit)
+        return done
+
     def _trim(self, limit):
         """Drop what can no longer fit in the current line.
 
@@ -94,6 +128,7 @@ class DataBody:
         self.max_size = max_size
         self.size = 0
         self.bare = self.too_long = False
+        self.slow = False       # LineFramer.take_body found a line it must not take whole
         self._lines = []
 
     def add(self, line):
@@ -109,6 +144,18 @@ class DataBody:
         else:
             self._lines = []
         return False
+
+    def add_block(self, block):
+        """Take complete lines (CRLF-terminated, none bare, none too long, no
+        final ``.``) in one go: as ``add`` would, line by line."""
+        unstuffed = block.replace(b"\r\n.", b"\r\n")
+        if unstuffed.startswith(b"."):
+            unstuffed = unstuffed[1:]
+        self.size += len(unstuffed)
+        if self.fault is None:
+            self._lines.append(unstuffed[:-2])
+        else:
+            self._lines = []
 
     @property
     def fault(self):

@@ -1,8 +1,8 @@
 """Who may send what to whom: the MX listener's rules, apart from the protocol.
 
 A policy answers with a ``Reply`` (or a Deferred firing with one); the
-protocol only relays the answer. The submission profile will bring its own
-policy with the same two methods (sender ownership, AUTH required).
+protocol only relays the answer. ``SubmissionPolicy`` is the submission
+ports' (AUTH required, sender ownership, any recipient domain).
 """
 
 import ipaddress
@@ -10,6 +10,7 @@ import ipaddress
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from appliance.auth.accounts import BackendUnavailable
 from appliance.receive import replies
 
 _log = Logger()
@@ -59,5 +60,39 @@ class MXPolicy:
         return d
 
     def _lookup_failed(self, failure, address):
-        _log.failure("directory lookup for {address} failed", failure, address=address)
+        if failure.check(BackendUnavailable):
+            # An outage, already reported once by the backend (ldap.unavailable):
+            # one line per RCPT, not a traceback each.
+            _log.warn("directory lookup for {address} failed: {why}",
+                      address=address, why=failure.getErrorMessage())
+        else:
+            _log.failure("directory lookup for {address} failed", failure, address=address)
         return replies.LOOKUP_FAILED
+
+
+class SubmissionPolicy(MXPolicy):
+    """The submission ports: nothing before AUTH, then the account's own
+    addresses as sender and any recipient domain.
+
+    ``session.account`` is the authenticated ``Account``; its
+    ``may_send_as`` decides the sender (own address, ``+tag`` forms and the
+    aliases that reach it). The null sender stays allowed: it is what a
+    user's own vacation replies and delivery reports use.
+    """
+
+    def check_sender(self, session, sender):
+        if session.account is None:
+            return replies.AUTH_REQUIRED
+        if sender.is_null or session.account.may_send_as(sender.canonical()):
+            return replies.SENDER_OK
+        return replies.SENDER_NOT_OWNED
+
+    def check_recipient(self, session, recipient):
+        if session.account is None:
+            return replies.AUTH_REQUIRED
+        return super().check_recipient(session, recipient)
+
+    def _local_or_relay(self, is_local, session, address):
+        if not is_local:
+            return replies.RECIPIENT_OK         # authenticated: any domain
+        return super()._local_or_relay(is_local, session, address)

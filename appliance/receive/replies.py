@@ -116,6 +116,7 @@ SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by the authenti
 FROM_NOT_OWNED = Reply(550, "5.7.1", "From: header address not owned by the "
                                      "authenticated user")
 FROM_MISSING = Reply(550, "5.7.1", "Message needs a From: header with an address")
+HEADER_MALFORMED = Reply(550, "5.6.0", "Malformed header section: the message cannot be signed")
 
 
 def challenge(data):

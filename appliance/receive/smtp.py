@@ -10,28 +10,36 @@ Three layers, kept apart:
 The class stays an ``smtp.ESMTP`` and keeps its mode names, but every command
 handler and the line handling are our own: the stock ones carry the holes
 listed in TWISTED-TRAPS.md (T7-T10, T16-T18, T23), each named where it is
-closed. STARTTLS and AUTH (stock: T1, T2, T4-T6) are refused here; the
-submission profile adds them by extending ``commands`` and ``ehlo_keywords``.
+closed. STARTTLS is here (for every listener with a TLS context: T1, T2);
+AUTH (stock: T4-T6) is refused here and added by the submission profile
+(``appliance.receive.submission``), which extends ``commands`` and
+``ehlo_keywords``.
 """
 
 import ipaddress
 import re
 import secrets
 
+from OpenSSL import SSL
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IHandshakeListener, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
+from zope.interface import implementer
 
 from appliance import events
 from appliance.address import AddressError, Path, parse_path, split_path
 from appliance.envelope import Envelope, Session, new_queue_id
+from appliance.policy.checks import Facts
 from appliance.receive import replies
-from appliance.receive.framing import DataBody, LineFramer
+from appliance.receive.framing import DataBody, Line, LineFramer
 from appliance.receive.policy import MXPolicy, peer_in
 from appliance.receive.received import header_safe, protocol_name, received_header
+from appliance.tls import TLSError, connection_info
 
 COMMAND_LINE_LIMIT = 512        # octets with CRLF, RFC 5321 §4.5.3.1.4
 TEXT_LINE_LIMIT = 1000          # octets with CRLF, RFC 5321 §4.5.3.1.6
+DATA_END = Line(b".", 1, False, False)      # the final dot, found by LineFramer.take_body
 MAX_LINE_DISCARD = 64 * 1024    # one command line longer than this: not a confused client
 MAX_PENDING_INPUT = 1024 * 1024  # buffered while a reply is pending: not pipelining any more
 
@@ -63,6 +71,12 @@ for _name, _description, _fields in (
      ("session", "peer_ip", "kind")),
     ("smtp.denied", "a connection from a [limits] deny network was refused",
      ("session", "peer_ip")),
+    ("smtp.starttls", "a TLS handshake finished after STARTTLS (or at connect: implicit)",
+     ("session", "peer_ip", "listener", "version", "cipher", "implicit")),
+    ("smtp.starttls.discarded", "input pipelined after STARTTLS was thrown away (T1)",
+     ("session", "peer_ip", "octets")),
+    ("smtp.tls.failed", "a TLS handshake or TLS session failed",
+     ("session", "peer_ip", "listener", "error")),
 ):
     events.register(_name, _description, _fields)
 
@@ -119,6 +133,7 @@ def _parse_params(words):
     return params
 
 
+@implementer(IHandshakeListener)
 class ApplianceSMTP(smtp.ESMTP):
     """One SMTP session. Built by ``SMTPFactory``; everything outside comes from it."""
 
@@ -147,13 +162,17 @@ class ApplianceSMTP(smtp.ESMTP):
         self._long_line_answered = False
         self._errors = 0
         self._timer = None
+        if factory.tls is not None and not factory.implicit_tls:
+            self.commands = self.commands | {"STARTTLS"}
+            self.unimplemented = self.unimplemented - {"STARTTLS"}
 
     # -- connection life ----------------------------------------------------
 
     def connectionMade(self):
         peer = self.transport.getPeer()
         self.session = Session(peer_ip=_peer_ip(peer), peer_port=getattr(peer, "port", 0),
-                               listener=self.factory.listener)
+                               listener=self.factory.listener,
+                               tls=self.factory.implicit_tls)
         self.started = self.clock.seconds()
         self.emit("smtp.connect", peer_port=self.session.peer_port,
                   listener=self.session.listener)
@@ -166,6 +185,9 @@ class ApplianceSMTP(smtp.ESMTP):
         self._arm_command_timer()
 
     def connectionLost(self, reason=protocol.connectionDone):
+        if reason is not None and reason.check(SSL.Error) and self.session is not None:
+            self.emit("smtp.tls.failed", listener=self.session.listener,
+                      error=header_safe(str(reason.value))[:200])
         self._closing = True
         self._cancel_timer()
         if self._registered:
@@ -208,7 +230,15 @@ class ApplianceSMTP(smtp.ESMTP):
         self._draining = True
         try:
             while not (self._pending or self._closing):
-                line = self._framer.next_line(self._line_limit())
+                if self.mode == smtp.DATA:
+                    # Whole blocks of body lines at once; line by line only
+                    # where take_body says so.
+                    done = self._framer.take_body(self._txn.body, TEXT_LINE_LIMIT)
+                    if done is False:
+                        break
+                    line = DATA_END if done else self._framer.next_line(TEXT_LINE_LIMIT)
+                else:
+                    line = self._framer.next_line(self._line_limit())
                 if line is None:
                     self._unfinished_line()
                     break
@@ -340,8 +370,11 @@ class ApplianceSMTP(smtp.ESMTP):
 
     def ehlo_keywords(self):
         """The EHLO extensions (T16); a profile with TLS/AUTH extends the list."""
-        return ["PIPELINING", f"SIZE {self.config.server.max_message_size}",
-                "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+        keywords = ["PIPELINING", f"SIZE {self.config.server.max_message_size}",
+                    "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+        if "STARTTLS" in self.commands and not self.session.tls:
+            keywords.append("STARTTLS")
+        return keywords
 
     def do_EHLO(self, rest):
         self._greet(rest, esmtp=True)
@@ -502,6 +535,52 @@ class ApplianceSMTP(smtp.ESMTP):
     def do_QUIT(self, rest):
         self._close_with(replies.BYE)
 
+    # -- STARTTLS (RFC 3207) ------------------------------------------------------
+
+    def do_STARTTLS(self, rest):
+        if rest:
+            raise ProtocolError(replies.NO_ARGUMENTS, "syntax", "STARTTLS")
+        if self.session.tls:
+            raise ProtocolError(replies.TLS_ACTIVE, "sequence", "STARTTLS under TLS")
+        tls = self.factory.tls
+        try:
+            tls.context     # reloads if due; fails only when no context was ever loaded
+        except TLSError:
+            _log.failure("no TLS context for STARTTLS")
+            self.reply(replies.TLS_UNAVAILABLE)
+            return None
+        if not ITLSTransport.providedBy(self.transport):
+            self.reply(replies.TLS_UNAVAILABLE)
+            return None
+        self._discard_pipelined()
+        self.reply(replies.READY_FOR_TLS)
+        self.transport.startTLS(tls)
+        self._reset_for_tls()
+        return None
+
+    def _discard_pipelined(self):
+        """T1: what came after STARTTLS in the same read was sent in the clear
+        and must never run under TLS (stock Twisted runs it: CVE-2011-0411)."""
+        octets = self._framer.buffered
+        self._framer = LineFramer()
+        if octets:
+            self.emit("smtp.starttls.discarded", octets=octets)
+
+    def _reset_for_tls(self):
+        """T2: RFC 3207 §4.2, the session starts over (stock keeps the HELO
+        name, the transaction and even the authentication)."""
+        self.session.tls = True
+        self.session.helo = ""
+        self.session.auth_user = ""
+        self.session.account = None
+        self.esmtp = False
+        self._txn = None
+
+    def handshakeCompleted(self):
+        version, cipher = connection_info(self.transport)
+        self.emit("smtp.starttls", listener=self.session.listener, version=version,
+                  cipher=cipher, implicit=self.factory.implicit_tls)
+
     # -- end of DATA: refuse, or spool and answer when it is on disk -----------
 
     def _end_of_data(self):
@@ -511,18 +590,63 @@ class ApplianceSMTP(smtp.ESMTP):
         fault = txn.body.fault
         if fault is not None:
             return self._refuse_message(fault)
+        body = txn.body.message()
+        refusal = self.check_content(txn, body)
+        if refusal is not None:
+            self.emit("smtp.message.rejected", code=refusal.code, reason=refusal.text)
+            self.reply(refusal)
+            return None
         now = self.clock.seconds()
         envelope = Envelope(
             queue_id=new_queue_id(now), sender=txn.sender.canonical(),
             recipients=list(txn.recipients), received_at=now, helo=self.session.helo,
             peer_ip=self.session.peer_ip, listener=self.session.listener,
             auth_user=self.session.auth_user, params=dict(txn.params))
-        message = self._received(txn, envelope) + txn.body.message()
+        checks = self.factory.checks
+        if checks is not None and checks.applies(self.session):
+            # Inbound SPF/DKIM/DMARC (MX mail from outside), off the reactor thread.
+            facts = Facts(self.session.peer_ip, self.session.helo, envelope.sender)
+            context = dict(session=self.session_id, peer_ip=self.session.peer_ip,
+                           queue_id=envelope.queue_id)
+            d = checks.check(facts, body, context)
+            d.addCallback(self._checked, txn, envelope)
+            return d
+        return self._store(txn, envelope, body)
+
+    def _checked(self, verdict, txn, envelope):
+        """Refuse per the inbound checks, or store with their header (and folder)."""
+        if self._closing:
+            return None     # the client left without a 250: it will send again
+        if verdict.refusal is not None:
+            self.emit("smtp.message.rejected", code=verdict.refusal.code,
+                      reason=verdict.refusal.text)
+            self.reply(verdict.refusal)
+            return None
+        if verdict.folder is not None:
+            envelope.params["folder"] = verdict.folder
+        return self._store(txn, envelope, verdict.message)
+
+    def _store(self, txn, envelope, body):
+        message = self._received(txn, envelope) + body
         envelope.size = len(message)
-        d = defer.maybeDeferred(self.factory.spool.accept, envelope, message)
+        signer = self.factory.signer
+        if signer is None:
+            d = defer.maybeDeferred(self.factory.spool.accept, envelope, message)
+        else:       # DKIM, off the reactor thread, before the spool: retries never re-sign
+            d = signer.sign(message, self.session, envelope.queue_id, self.session_id)
+            d.addCallback(self._accept_signed, envelope)
         d.addCallbacks(self._queued, self._not_queued,
                        callbackArgs=(envelope,), errbackArgs=(envelope,))
         return d
+
+    def _accept_signed(self, message, envelope):
+        envelope.size = len(message)
+        return self.factory.spool.accept(envelope, message)
+
+    def check_content(self, txn, body):
+        """A Reply refusing the message ``body`` (bytes), or None to store it.
+        The submission profile checks the From: header here."""
+        return None
 
     def _received(self, txn, envelope):
         with_ = protocol_name(self.esmtp, tls=self.session.tls,
@@ -551,30 +675,41 @@ class ApplianceSMTP(smtp.ESMTP):
         self.reply(replies.queued(queue_id))
 
     def _not_queued(self, failure, envelope):
-        """T10: a storage failure is temporary (451), never stock's permanent 550."""
-        _log.failure("spool refused {queue_id}", failure, queue_id=envelope.queue_id)
-        self.emit("smtp.message.rejected", code=replies.STORAGE_FAILED.code,
-                  reason=replies.STORAGE_FAILED.text)
-        self.reply(replies.STORAGE_FAILED)
+        """T10: a storage failure is temporary (451), never stock's permanent 550.
+        A step before the spool (DKIM signing) may fail with an exception
+        carrying its own ``smtp_reply``; it has logged its reason itself."""
+        reply = getattr(failure.value, "smtp_reply", None)
+        if reply is None:
+            _log.failure("spool refused {queue_id}", failure, queue_id=envelope.queue_id)
+            reply = replies.STORAGE_FAILED
+        self.emit("smtp.message.rejected", code=reply.code, reason=reply.text)
+        self.reply(reply)
 
 
 class SMTPFactory(protocol.ServerFactory):
     """Builds ``ApplianceSMTP`` sessions for one listener and counts them per IP.
 
     ``clock`` is the reactor (callLater, seconds) or a ``task.Clock`` in
-    tests; ``policy`` defaults to the MX rules.
+    tests; ``policy`` defaults to the MX rules. ``tls`` (an
+    ``appliance.tls.ServerTLS``) enables STARTTLS; with ``implicit_tls`` the
+    listener wraps every connection in TLS itself and STARTTLS is not offered.
     """
 
     protocol = ApplianceSMTP
     noisy = False               # sessions are logged as events, not as factory chatter
+    signer = None               # an appliance.policy.dkim_sign.Signer: DKIM for our users' mail
+    checks = None               # an appliance.policy.checks.InboundChecks: SPF/DKIM/DMARC in
 
-    def __init__(self, config, directory, spool, clock, listener="mx", policy=None):
+    def __init__(self, config, directory, spool, clock, listener="mx", policy=None,
+                 tls=None, implicit_tls=False):
         self.config = config
         self.directory = directory
         self.spool = spool
         self.clock = clock
         self.listener = listener
         self.policy = policy if policy is not None else MXPolicy(config, directory)
+        self.tls = tls
+        self.implicit_tls = implicit_tls
         self._per_ip = {}
 
     def buildProtocol(self, addr):
