@@ -363,6 +363,45 @@ def test_a_failed_fsync_of_a_link_directory_reports_its_links(tmp_path):
     assert ok and failed[str(box / "m")].errno == errno.EIO
 
 
+def retiring_plan(directory, box, links):
+    """Commit m, link it, then retire it (state to a spare, the name unlinked)."""
+    plan = link_plan(directory, "m", links)
+
+    def retiring(fs):
+        durable = plan(fs)
+        durable.retire = [("rename", os.path.join(directory, "m"),
+                           os.path.join(directory, "spare")),
+                          ("unlink", os.path.join(directory, "gone"))]
+        return durable
+    return retiring
+
+
+def test_retire_steps_come_after_the_directory_fsyncs(tmp_path):
+    box = tmp_path / "box"
+    box.mkdir()
+    (tmp_path / "gone").write_bytes(b"x")
+    fs = RecordingFS()
+    [(ok, (_, failed))] = run_batch(fs, [retiring_plan(str(tmp_path), box, [str(box / "m")])])
+    assert ok and failed == {}
+    order = [method for method, _ in fs.log]
+    assert order[-2:] == ["rename", "unlink"]
+    assert order.index("fsync_dir") < len(order) - 2
+    assert sorted(os.listdir(tmp_path)) == ["box", "spare"]
+    assert os.listdir(box) == ["m"]
+
+
+def test_no_retiring_while_a_link_is_missing(tmp_path):
+    box = tmp_path / "box"
+    box.mkdir()
+    (tmp_path / "gone").write_bytes(b"x")
+    fs = RecordingFS()
+    fs.fail[("link", str(box / "n"))] = errno.EXDEV
+    [(ok, (_, failed))] = run_batch(fs, [retiring_plan(str(tmp_path), box,
+                                                       [str(box / "m"), str(box / "n")])])
+    assert ok and list(failed) == [str(box / "n")]
+    assert sorted(os.listdir(tmp_path)) == ["box", "gone", "m"]     # nothing retired
+
+
 def test_rewrites_write_over_an_existing_file_and_cut_it_to_length(tmp_path):
     spare = tmp_path / "spare"
     spare.write_bytes(b"a much longer state file from an earlier message")
@@ -477,4 +516,24 @@ class RealThreadTests(trial.TestCase):
         self.assertEqual(sorted(os.listdir(directory)), sorted(names))
         self.assertEqual(results, [os.path.join(directory, n) for n in names])
         self.assertLessEqual(writer.batches, 20)
+        self.assertFalse(pool.started)
+
+    @defer.inlineCallbacks
+    def test_real_thread_pool_with_parallel_files(self):
+        """The production set-up: writer pool, fsync executor shut down after it."""
+        from twisted.internet import reactor
+        pool = ThreadPool(1, 1, "test-writer")
+        executor = futures.ThreadPoolExecutor(4)
+        writer = GroupCommitWriter(pool_runner(reactor, pool), ParallelFileSystem(executor))
+        service = ThreadPoolService(pool, writer.drain, helpers=executor)
+        service.startService()
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        order = []
+        ds = [writer.submit(file_plan(directory, f"m{i}", b"x"), "test").addCallback(
+            lambda path: order.append(os.path.basename(path))) for i in range(30)]
+        yield defer.gatherResults(ds)
+        yield service.stopService()
+        self.assertEqual(order, [f"m{i}" for i in range(30)])     # fired in submission order
+        self.assertEqual(len(os.listdir(directory)), 30)
         self.assertFalse(pool.started)

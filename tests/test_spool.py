@@ -423,6 +423,42 @@ def test_a_router_has_the_commit_link_the_message_into_its_maildirs(tmp_path):
     assert entry.linked["bob@example.test"].path == str(path)
 
 
+def test_a_complete_route_retires_the_entry_in_the_commits_batch(tmp_path, collected):
+    queue, mail, spare = tmp_path / "queue", tmp_path / "mail", tmp_path / "queue.spare"
+    spool = make_spool(queue, spare=spare)
+    router = linking_router(mail)
+    spool.set_router(lambda entry: router(entry)._replace(complete=True))
+    notified = []
+    spool.add_listener(notified.append)
+    batches = spool.writer.batches
+    assert result_of(spool.accept(envelope(recipients=("bob@example.test",)), MESSAGE)) == QID
+    assert spool.writer.batches - batches == 1
+    assert os.listdir(queue) == [] and os.listdir(spare) == [QID]   # the state file recycled
+    [name] = new_files(mail, "bob")
+    assert (mail / "example.test" / "bob" / "new" / name).read_bytes() == maildir_bytes(
+        "alice@example.org", MESSAGE)
+    entry = spool.get(QID)
+    assert entry.retired and notified == [QID]      # the runner reports and forgets it
+    spool.forget(QID)
+    assert spool.get(QID) is None and collected.named("queue.removed")[0]["queue_id"] == QID
+    assert result_of(make_spool(queue, spare=spare).recover()) == []
+
+
+def test_an_entry_whose_link_failed_is_not_retired(tmp_path):
+    class NoLinks(FileSystem):
+        def link(self, src, dst):
+            raise OSError(errno.EMLINK, os.strerror(errno.EMLINK))
+
+    queue, mail = tmp_path / "queue", tmp_path / "mail"
+    spool = make_spool(queue, fs=NoLinks())
+    router = linking_router(mail)
+    spool.set_router(lambda entry: router(entry)._replace(complete=True))
+    result_of(spool.accept(envelope(recipients=("bob@example.test",)), MESSAGE))
+    entry = spool.get(QID)
+    assert not entry.retired and entry.linked["bob@example.test"].check(OSError)
+    assert sorted(os.listdir(queue)) == [QID + ".json", QID + ".msg"]
+
+
 def test_a_router_that_fails_or_waits_still_commits(tmp_path):
     queue, mail = tmp_path / "queue", tmp_path / "mail"
     spool = make_spool(queue)
@@ -464,3 +500,18 @@ def test_a_kill_at_any_step_of_a_linking_commit_links_only_committed_messages(tm
     else:
         pytest.fail("accept never completed")
     assert outcomes == {"none", "committed", "linked"}
+
+
+def test_the_free_space_answer_is_reused_briefly(tmp_path):
+    calls = []
+
+    def statvfs(path):
+        calls.append(path)
+        return SimpleNamespace(f_bavail=10**6, f_frsize=4096, f_files=1000, f_favail=1000)
+
+    clock = task.Clock()
+    spool = make_spool(tmp_path / "queue", clock=clock, statvfs=statvfs)
+    assert spool.space_available(100) and spool.space_available(100)
+    assert len(calls) == 1
+    clock.advance(0.5)
+    assert spool.space_available(100) and len(calls) == 2

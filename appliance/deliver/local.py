@@ -79,7 +79,16 @@ class LocalDelivery:
             targets[rcpt] = list(found)
         mailboxes = self._mailboxes(entry, targets)
         links = self.maildir.commit_links(entry.envelope, mailboxes) if mailboxes else None
-        return Route(targets, links)
+        # Complete: every recipient reaches local mailboxes only, so once the
+        # links are durable there is nothing left to do for this entry.
+        complete = links is not None and all(
+            found and all(self._is_local(t) for t in found) for found in targets.values())
+        return Route(targets, links, complete)
+
+    def report(self, entry):
+        """The delivery events of an entry its commit delivered and retired."""
+        self._outcomes(entry, entry.resolved, entry.linked)
+        entry.resolved = entry.linked = None
 
     def deliver(self, entry, message, recipients):
         """Fires with ``{recipient: changes}`` for the spool (state, last_error...).

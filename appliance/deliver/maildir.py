@@ -256,6 +256,11 @@ class CommitLinks:
             links.append((src, dst))
         return links, parents
 
+    @property
+    def all_prepared(self):
+        """Every address got its link named (no Maildir failed to be made)."""
+        return not self._errors and len(self._targets) == len(self.addresses)
+
     def results(self, failed, size):
         """``{address: Delivered or Failure}`` from the writer's failed links."""
         out = {address: Failure(error) for address, error in self._errors.items()}

@@ -16,6 +16,8 @@ A batch runs in phases, each over all of its items::
     link      hard links to committed files (a message into its Maildirs)
     unlink    remove files
     dir sync  fsync each touched directory ONCE for the whole batch
+    retire    renames and unlinks an item no longer needs once its links are
+              durable (a spool entry delivered in its own commit's batch)
 
 An item's Deferred fires only after the batch's last phase, so never before its
 own data and directory entries are durable. An item that fails in any phase is
@@ -61,15 +63,20 @@ class Durable:
     name links after queue ids: an existing one is this message from an
     earlier attempt). With links the item's result is ``(result, failed)``,
     ``failed`` mapping each dst that was not made durable to its exception.
+    ``retire``: ("rename", src, dst) and ("unlink", path) steps done after
+    the directory fsyncs, only when the item succeeded and every one of its
+    links is durable; not fsynced themselves (a crash that loses them only
+    makes the next start redo work already done), best effort.
     """
 
     __slots__ = ("writes", "renames", "unlinks", "sync_dirs", "rollback", "result",
-                 "links", "rewrites")
+                 "links", "rewrites", "retire")
 
     def __init__(self, writes=(), renames=(), unlinks=(), sync_dirs=(), rollback=(),
-                 result=None, links=(), rewrites=()):
+                 result=None, links=(), rewrites=(), retire=()):
         self.writes = list(writes)
         self.rewrites = list(rewrites)
+        self.retire = list(retire)
         self.renames = list(renames)
         self.unlinks = list(unlinks)
         self.sync_dirs = list(sync_dirs)
@@ -164,7 +171,9 @@ class ParallelFileSystem(FileSystem):
     Each file is one task (open, write, fsync, close): every system call
     gives the GIL away and waits to get it back from the busy reactor thread,
     so the writer thread making them one after the other would wait for the
-    sum of those turns; from several threads the waits overlap too.
+    sum of those turns; from several threads the waits overlap too. (The
+    renames and links stay on the writer thread: handing those out as tasks
+    too measured slower, each costing more in hand-over than it saved.)
     """
 
     parallel = True
@@ -301,7 +310,20 @@ def run_batch(fs, plans):
         if not item.alive and item.durable is not None:
             _discard(fs, (item.durable.rollback if item.renamed else []) + item.written
                      + item.linked)
+        elif item.alive and item.durable.retire and not item.link_failed:
+            _retire(fs, item.durable.retire)
     return [item.outcome() for item in items]
+
+
+def _retire(fs, steps):
+    for step in steps:
+        try:
+            if step[0] == "rename":
+                fs.rename(step[1], step[2])
+            else:
+                fs.unlink(step[1])
+        except Exception:  # noqa: BLE001 - the item is durable: never fail it now
+            return          # the rest is left for the next start's recovery
 
 
 def _link(fs, item):

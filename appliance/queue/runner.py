@@ -168,6 +168,12 @@ class QueueRunner(service.Service):
         """Work on ``qid`` now (or right after the pass already running)."""
         if not self.running:
             return defer.succeed(None)
+        entry = self.spool.get(qid)
+        if entry is not None and entry.retired:
+            # Delivered and removed by its own commit's batch: report, forget.
+            self.local.report(entry)
+            self.spool.forget(qid)
+            return defer.succeed(None)
         if qid in self._active:
             self._again.add(qid)
             return self._active[qid]

@@ -26,6 +26,12 @@ replace); removal unlinks the state file first, so a half-removed entry is
 just an orphan. Removal does not fsync the directory: an entry that comes back
 after a power cut is one whose recipients are all done or whose redo finds
 its Maildir files (exactly once still holds).
+
+When the links of 3 deliver every recipient, the same batch retires the entry
+after 4 (state file first, as a removal would): the common message costs one
+batch, and its entry never outlives it. A kill between 4 and the reply leaves
+a message delivered but unanswered, as a kill just after any last fsync does:
+the client sends it again.
 """
 
 import collections
@@ -72,12 +78,14 @@ QUEUE_ID = re.compile(r"[0-9a-f]{8,64}")
 RESERVE_BYTES = 16 * 1024 * 1024
 RESERVE_INODES = 64
 MAX_SPARES = 1024
+STATVFS_TTL = 0.5       # seconds a free-space answer is reused
 
 
-Route = collections.namedtuple("Route", "resolved links")
+Route = collections.namedtuple("Route", "resolved links complete", defaults=(False,))
 Route.__doc__ = """What a router found for a new entry: ``resolved`` ``{recipient:
 targets}`` for the first delivery pass, ``links`` the CommitLinks to make in
-the commit's batch (or None)."""
+the commit's batch (or None), ``complete`` when those links deliver every
+recipient (then the entry is retired in the same batch once they are durable)."""
 
 
 def new_recipient_state(now):
@@ -106,9 +114,12 @@ class SpoolEntry:
         self.stored_size = message_size if stored_size is None else stored_size
         # Not saved: what the commit already did for the first delivery pass
         # (``{recipient: targets}`` resolved, ``{mailbox: Delivered or
-        # Failure}`` linked), handed over once to the queue runner.
+        # Failure}`` linked), handed over once to the queue runner; and
+        # whether the commit's batch also retired the entry (all delivered,
+        # its files gone: only the events and ``Spool.forget`` are left).
         self.resolved = None
         self.linked = None
+        self.retired = False
 
     @property
     def held(self):
@@ -229,6 +240,7 @@ class Spool:
         self._temp_names = itertools.count()
         self._dir_ready = False
         self._router = None
+        self._statvfs_cache = None      # (when, statvfs result)
 
     # -- paths
 
@@ -288,12 +300,23 @@ class Spool:
     # -- operations
 
     def space_available(self, size):
-        """True if ``size`` more bytes fit with room to spare (cheap statvfs)."""
-        try:
-            st = self._statvfs()
-        except OSError as e:
-            events.emit("spool.error", operation="statvfs", error=str(e))
-            return False
+        """True if ``size`` more bytes fit with room to spare.
+
+        The statvfs answer is kept for ``STATVFS_TTL`` seconds: asked at every
+        MAIL, it is a system call on the reactor thread each time, and free
+        space moves slowly (a commit that finds the disk full still says 451).
+        """
+        now = self.clock.seconds()
+        if self._statvfs_cache is not None and now - self._statvfs_cache[0] < STATVFS_TTL:
+            st = self._statvfs_cache[1]
+        else:
+            try:
+                st = self._statvfs()
+            except OSError as e:
+                self._statvfs_cache = None
+                events.emit("spool.error", operation="statvfs", error=str(e))
+                return False
+            self._statvfs_cache = (now, st)
         free = st.f_bavail * st.f_frsize
         inodes_ok = st.f_files == 0 or st.f_favail >= RESERVE_INODES
         return inodes_ok and free >= 2 * max(0, size) + self.reserve
@@ -349,6 +372,13 @@ class Spool:
             else None
         msg_path, state_path = self.message_path(qid), self.state_path(qid)
         state = entry.dumps()
+        spare, retire = None, []
+        if links is not None and route.complete:
+            # Every recipient is delivered once the links are durable: the
+            # entry leaves the spool in the same batch, as ``remove`` would.
+            spare = self._reserve_spare(qid)
+            retire = [("rename", state_path, spare) if spare else ("unlink", state_path),
+                      ("unlink", msg_path)]
 
         def plan(fs):
             parents = self._ensure_dir(fs)
@@ -357,22 +387,49 @@ class Spool:
             return Durable(writes=[(msg_path, stored)] + writes, rewrites=rewrites,
                            renames=[(temp, state_path)], links=pairs,
                            sync_dirs=parents + [self.directory] + created,
-                           rollback=[state_path, msg_path], result=qid)
+                           rollback=[state_path, msg_path], result=qid,
+                           retire=retire if links is not None and links.all_prepared else [])
 
         d = self.writer.submit(plan, "spool.accept")
-        d.addCallbacks(self._accepted, self._storage_failed, callbackArgs=(entry, route),
-                       errbackArgs=("accept",))
+        d.addCallbacks(self._accepted, self._accept_failed,
+                       callbackArgs=(entry, route, retire, spare), errbackArgs=(spare,))
         return d
 
-    def _accepted(self, result, entry, route):
+    def _accepted(self, result, entry, route, retire, spare):
         qid = entry.queue_id
         if route is not None:
             entry.resolved = route.resolved
             if isinstance(result, tuple):        # (qid, failed links): see Durable.links
                 entry.linked = route.links.results(result[1], entry.stored_size)
+                entry.retired = bool(retire) and route.links.all_prepared and not result[1]
+        self._release_spare(spare, entry.retired)
         self._entries[qid] = entry
         self._notify(qid)
         return qid
+
+    def _accept_failed(self, failure, spare):
+        self._release_spare(spare, False)
+        return self._storage_failed(failure, "accept")
+
+    def _reserve_spare(self, qid):
+        """A spare path for the state file of ``qid`` to become, or None when
+        there are enough spares (then it is deleted)."""
+        if self.spare is None or len(self._spares) + self._spares_pending >= self.max_spares:
+            return None
+        self._spares_pending += 1
+        return os.path.join(self.spare, qid)
+
+    def _release_spare(self, spare, made):
+        if spare is not None:
+            self._spares_pending -= 1
+            if made:
+                self._spares.append(spare)
+
+    def forget(self, qid):
+        """Drop an entry its commit's batch retired (``SpoolEntry.retired``):
+        its files are gone already."""
+        if self._entries.pop(qid, None) is not None:
+            events.emit("queue.removed", queue_id=qid)
 
     def _storage_failed(self, failure, operation):
         if failure.check(StorageError):
@@ -443,11 +500,7 @@ class Spool:
             return defer.fail(KeyError(qid))
         self._removing.add(qid)
         state_path, msg_path = self.state_path(qid), self.message_path(qid)
-        spare = None
-        if self.spare is not None and \
-                len(self._spares) + self._spares_pending < self.max_spares:
-            spare = os.path.join(self.spare, qid)
-            self._spares_pending += 1
+        spare = self._reserve_spare(qid)
 
         def plan(fs):
             # No directory fsync: see the module docstring.
@@ -467,16 +520,13 @@ class Spool:
     def _removed(self, result, qid, spare):
         self._removing.discard(qid)
         self._entries.pop(qid, None)
-        if spare is not None:
-            self._spares_pending -= 1
-            self._spares.append(spare)
+        self._release_spare(spare, True)
         events.emit("queue.removed", queue_id=qid)
         return qid
 
     def _remove_failed(self, failure, qid, spare):
         self._removing.discard(qid)
-        if spare is not None:
-            self._spares_pending -= 1
+        self._release_spare(spare, False)
         return self._storage_failed(failure, "remove")
 
     def recover(self):
