@@ -52,7 +52,7 @@ from appliance.access.maildir import (DELIMITER, SYSTEM_FLAGS, FolderError,
                                       check_folder_name, maildir_path)
 from appliance.auth.accounts import BackendUnavailable, BadCredentials
 from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
-from appliance.receive.policy import peer_in
+from appliance.receive.policy import BUSY, DENIED, ConnectionGate
 from appliance.receive.received import header_safe
 from appliance.tls import TLSError, connection_info
 
@@ -1233,7 +1233,7 @@ class IMAPFactory(protocol.ServerFactory):
         self.run_in_thread = run_in_thread or store.run_in_thread
         self.idle_poll = idle_poll
         self.hostname = config.server.hostname
-        self._per_ip = {}
+        self.gate = ConnectionGate(config.limits)
         self._rescans = {}          # folder path -> another scan wanted after this one
 
     def buildProtocol(self, addr):
@@ -1276,26 +1276,20 @@ class IMAPFactory(protocol.ServerFactory):
 
     @property
     def connections(self):
-        return sum(self._per_ip.values())
+        return self.gate.connections
 
     def admit(self, server):
         """None to let the connection in, or the BYE text to close it with."""
-        ip = server.peer_ip
-        limits = self.config.limits
-        if peer_in(limits.deny, ip):
+        verdict = self.gate.admit(server.peer_ip)
+        if verdict == DENIED:
             server.emit("imap.denied", listener=self.listener)
             return b"Access denied"
-        if not peer_in(limits.allow, ip) and self._per_ip.get(ip, 0) >= limits.connections_per_ip:
+        if verdict == BUSY:
             server.emit("imap.limit", kind="connections_per_ip")
             return b"[UNAVAILABLE] Too many connections from your address"
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         return None
 
     def release(self, server):
-        count = self._per_ip.get(server.peer_ip, 0) - 1
-        if count > 0:
-            self._per_ip[server.peer_ip] = count
-        else:
-            self._per_ip.pop(server.peer_ip, None)
+        self.gate.release(server.peer_ip)
 
 

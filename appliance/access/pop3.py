@@ -47,7 +47,7 @@ from appliance.access.maildir import FolderMissing, MessageGone
 from appliance.auth.accounts import BackendUnavailable, BadCredentials
 from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
 from appliance.receive.framing import LineFramer
-from appliance.receive.policy import peer_in
+from appliance.receive.policy import BUSY, DENIED, ConnectionGate
 from appliance.receive.received import header_safe
 from appliance.tls import TLSError, connection_info
 
@@ -885,32 +885,25 @@ class POP3Factory(protocol.ServerFactory):
         self.listener = listener
         self.tls = tls
         self.implicit_tls = implicit_tls
-        self._per_ip = {}
+        self.gate = ConnectionGate(config.limits)
 
     def buildProtocol(self, addr):
         return self.protocol(self)
 
     @property
     def connections(self):
-        return sum(self._per_ip.values())
+        return self.gate.connections
 
     def admit(self, session):
         """None to let the connection in, or the text to close it with."""
-        ip = session.peer_ip
-        limits = self.config.limits
-        if peer_in(limits.deny, ip):
+        verdict = self.gate.admit(session.peer_ip)
+        if verdict == DENIED:
             session.emit("pop3.limit", kind="denied")
             return "Access denied"
-        if (not peer_in(limits.allow, ip)
-                and self._per_ip.get(ip, 0) >= limits.connections_per_ip):
+        if verdict == BUSY:
             session.emit("pop3.limit", kind="connections_per_ip")
             return "[SYS/TEMP] Too many connections from your address"
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         return None
 
     def release(self, session):
-        remaining = self._per_ip.get(session.peer_ip, 0) - 1
-        if remaining > 0:
-            self._per_ip[session.peer_ip] = remaining
-        else:
-            self._per_ip.pop(session.peer_ip, None)
+        self.gate.release(session.peer_ip)

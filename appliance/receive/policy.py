@@ -25,6 +25,44 @@ def peer_in(networks, peer_ip):
     return any(ip in network for network in networks)
 
 
+DENIED = "denied"
+BUSY = "busy"
+
+
+class ConnectionGate:
+    """The deny/allow lists and per-IP connection counts, shared by every listener.
+
+    ``admit(ip)`` answers None (let in and counted), DENIED or BUSY; each
+    protocol turns that into its own reply (T23: stock LimitConnectionsByPeer
+    drops the connection without a word). Deny wins over allow; allowed
+    networks are never limited.
+    """
+
+    def __init__(self, limits):
+        self.limits = limits
+        self._per_ip = {}
+
+    @property
+    def connections(self):
+        return sum(self._per_ip.values())
+
+    def admit(self, ip):
+        if peer_in(self.limits.deny, ip):
+            return DENIED
+        if (not peer_in(self.limits.allow, ip)
+                and self._per_ip.get(ip, 0) >= self.limits.connections_per_ip):
+            return BUSY
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        return None
+
+    def release(self, ip):
+        remaining = self._per_ip.get(ip, 0) - 1
+        if remaining > 0:
+            self._per_ip[ip] = remaining
+        else:
+            self._per_ip.pop(ip, None)
+
+
 class MXPolicy:
     """Mail for our domains from anyone; relay only for trusted networks.
 

@@ -33,7 +33,7 @@ from appliance.envelope import Envelope, Session, new_queue_id
 from appliance.policy.checks import Facts
 from appliance.receive import replies
 from appliance.receive.framing import DataBody, Line, LineFramer
-from appliance.receive.policy import MXPolicy, peer_in
+from appliance.receive.policy import BUSY, DENIED, ConnectionGate, MXPolicy
 from appliance.receive.received import header_safe, protocol_name, received_header
 from appliance.tls import TLSError, connection_info
 
@@ -710,7 +710,7 @@ class SMTPFactory(protocol.ServerFactory):
         self.policy = policy if policy is not None else MXPolicy(config, directory)
         self.tls = tls
         self.implicit_tls = implicit_tls
-        self._per_ip = {}
+        self.gate = ConnectionGate(config.limits)
 
     def buildProtocol(self, addr):
         return self.protocol(self)
@@ -718,7 +718,7 @@ class SMTPFactory(protocol.ServerFactory):
     @property
     def connections(self):
         """Open sessions on this listener."""
-        return sum(self._per_ip.values())
+        return self.gate.connections
 
     def admit(self, session_protocol):
         """None to let the connection in, or the Reply to close it with.
@@ -727,22 +727,14 @@ class SMTPFactory(protocol.ServerFactory):
         wins); allow networks are never limited. T23: stock
         LimitConnectionsByPeer drops the connection without a word.
         """
-        ip = session_protocol.session.peer_ip
-        limits = self.config.limits
-        if peer_in(limits.deny, ip):
+        verdict = self.gate.admit(session_protocol.session.peer_ip)
+        if verdict == DENIED:
             session_protocol.emit("smtp.denied")
             return replies.ACCESS_DENIED
-        if (not peer_in(limits.allow, ip)
-                and self._per_ip.get(ip, 0) >= limits.connections_per_ip):
+        if verdict == BUSY:
             session_protocol.emit("smtp.limit", kind="connections_per_ip")
             return replies.TOO_MANY_CONNECTIONS
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         return None
 
     def release(self, session_protocol):
-        ip = session_protocol.session.peer_ip
-        remaining = self._per_ip.get(ip, 0) - 1
-        if remaining > 0:
-            self._per_ip[ip] = remaining
-        else:
-            self._per_ip.pop(ip, None)
+        self.gate.release(session_protocol.session.peer_ip)
