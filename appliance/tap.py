@@ -25,7 +25,6 @@ writer pool is added first and outlives the services that use it)::
 import os
 import signal
 import sys
-from concurrent import futures
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -51,12 +50,13 @@ from appliance.directory import AliasesFile, directory_from_config
 from appliance.policy.checks import WORKER_THREADS, InboundChecks
 from appliance.policy.dkim_sign import Signer
 from appliance.policy.keys import KeyService, KeyStore
-from appliance.queue.commit import (GroupCommitWriter, ParallelFileSystem, ThreadPoolService,
+from appliance.queue.commit import (GroupCommitWriter, ThreadPoolService,
                                     pool_runner)
 from appliance.queue.bounce import Bouncer
 from appliance.queue.manager import QueueSettings
 from appliance.queue.runner import QueueRunner
 from appliance.queue.store import Spool
+from appliance.queue.writer_process import ChildProcessFileSystem
 from appliance.receive.smtp import SMTPFactory
 from appliance.receive.submission import SubmissionFactory
 from appliance.tls import ServerTLS, TLSError
@@ -323,8 +323,10 @@ def build(cfg, reactor):
     """The service tree for ``cfg``; nothing is bound or started yet."""
     data_dir = cfg.server.data_dir
     writer_pool = threadpool.ThreadPool(minthreads=1, maxthreads=1, name="group-commit")
-    fsyncs = futures.ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="fsync")
-    writer = GroupCommitWriter(pool_runner(reactor, writer_pool), ParallelFileSystem(fsyncs))
+    # The writes and fsyncs of each batch run in a child process (its own GIL):
+    # see appliance.queue.writer_process.
+    files = ChildProcessFileSystem(os.path.join(data_dir, "queue.lock"), FSYNC_THREADS)
+    writer = GroupCommitWriter(pool_runner(reactor, writer_pool), files)
 
     def read_in_thread(f, *args):
         return threads.deferToThread(f, *args)
@@ -345,7 +347,7 @@ def build(cfg, reactor):
                  directory=directory, runner=runner)
     top = ApplianceService(cfg, parts)
     EventLogService(cfg.log.events, reactor).setServiceParent(top)
-    ThreadPoolService(writer_pool, drain=writer.drain, helpers=fsyncs).setServiceParent(top)
+    ThreadPoolService(writer_pool, drain=writer.drain, helpers=files).setServiceParent(top)
     if directory_service is not None:   # LDAP lookups: stops after the runner and listeners
         directory_service.setServiceParent(top)
     runner.setServiceParent(top)

@@ -438,7 +438,7 @@ def test_parallel_file_system_issues_a_batch_of_fsyncs_together(tmp_path):
     plans = [file_plan(str(tmp_path), f"m{i}") for i in range(4)]
     barrier_fs = BarrierFS(4)
     with futures.ThreadPoolExecutor(4) as executor:
-        fs = ParallelFileSystem(executor)
+        fs = ParallelFileSystem(executor, inline=0)
         fs.fsync = barrier_fs.fsync             # would time out if run one by one
         outcomes = run_batch(fs, plans)
     assert [ok for ok, _ in outcomes] == [True] * 4 and len(barrier_fs.synced) == 4
@@ -447,7 +447,7 @@ def test_parallel_file_system_issues_a_batch_of_fsyncs_together(tmp_path):
 
 def test_parallel_file_system_reports_each_directory_failure_on_its_own(tmp_path):
     with futures.ThreadPoolExecutor(4) as executor:
-        errors = ParallelFileSystem(executor).fsync_dirs(
+        errors = ParallelFileSystem(executor, inline=0).fsync_dirs(
             [str(tmp_path), str(tmp_path / "missing"), str(tmp_path)])
     assert errors[0] is None and isinstance(errors[1], FileNotFoundError) and errors[2] is None
 
@@ -469,7 +469,7 @@ def test_parallel_file_system_stores_each_file_as_one_task(tmp_path):
 
     plans = [file_plan(str(tmp_path), "good"), file_plan(str(tmp_path), "bad", b"bad"), reuse]
     with futures.ThreadPoolExecutor(4) as executor:
-        outcomes = run_batch(Failing(executor), plans)
+        outcomes = run_batch(Failing(executor, inline=0), plans)
     assert outcomes[0] == (True, str(tmp_path / "good")) and outcomes[2] == (True, "reused")
     assert outcomes[1][0] is False and outcomes[1][1].errno == errno.ENOSPC
     assert sorted(os.listdir(tmp_path)) == ["good", "reused"]      # bad.tmp cleaned up
@@ -537,3 +537,14 @@ class RealThreadTests(trial.TestCase):
         self.assertEqual(order, [f"m{i}" for i in range(30)])     # fired in submission order
         self.assertEqual(len(os.listdir(directory)), 30)
         self.assertFalse(pool.started)
+
+
+def test_parallel_file_system_runs_a_small_batch_inline(tmp_path):
+    class NoThreads:
+        def map(self, *args):
+            raise AssertionError("a batch of two files needs no hand-over")
+
+    plans = [file_plan(str(tmp_path), "a"), file_plan(str(tmp_path), "b")]
+    outcomes = run_batch(ParallelFileSystem(NoThreads(), inline=4), plans)
+    assert [ok for ok, _ in outcomes] == [True, True]
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]

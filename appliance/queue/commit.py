@@ -174,16 +174,22 @@ class ParallelFileSystem(FileSystem):
     sum of those turns; from several threads the waits overlap too. (The
     renames and links stay on the writer thread: handing those out as tasks
     too measured slower, each costing more in hand-over than it saved.)
+    A batch of at most ``inline`` files (a message or two: low load) goes
+    file by file on the calling thread: there, the hand-overs cost more than
+    the overlap saves.
     """
 
     parallel = True
 
-    def __init__(self, executor):
+    def __init__(self, executor, inline=4):
         self.executor = executor
+        self.inline = inline        # a batch this small goes file by file: no hand-overs
 
     def store_files(self, tasks):
         """``[(path, data, rewrite)]`` written, fsynced and closed, each on
         its own; a list of None or the Exception, one per task."""
+        if len(tasks) <= self.inline:
+            return [self._store(task) for task in tasks]
         return list(self.executor.map(self._store, tasks))
 
     def _store(self, task):
@@ -207,7 +213,7 @@ class ParallelFileSystem(FileSystem):
         return error
 
     def fsync_dirs(self, paths):
-        if len(paths) < 2:
+        if len(paths) <= max(1, self.inline):
             return super().fsync_dirs(paths)
         return list(self.executor.map(_attempt, [self.fsync_dir] * len(paths), paths))
 
@@ -264,11 +270,33 @@ def run_batch(fs, plans):
 
     Runs on the writer thread. Only ``Exception`` is caught per item: anything
     else (a test's simulated kill) stops the batch dead, like a crash would.
+    The plans run here; the rest goes to ``fs.execute`` when the file system
+    has one (``ChildProcessFileSystem``: the writes run in another process).
     """
+    prepare = getattr(fs, "prepare_batch", None)
+    if prepare is not None:
+        try:
+            prepare()
+        except OSError as e:
+            return [(False, e)] * len(plans)
     items = [_Item(plan) for plan in plans]
 
     def plan(item):
         item.durable = item.plan(fs)
+
+    _each(items, plan)
+    execute = getattr(fs, "execute", None)
+    if execute is not None:
+        execute(items)
+    else:
+        execute_items(fs, items)
+    return [item.outcome() for item in items]
+
+
+def execute_items(fs, items):
+    """Every phase after planning (see the module docstring), over ``items``
+    whose ``durable`` is set; failures land in ``item.error`` and
+    ``item.link_failed``."""
 
     def write(item):
         for path, data in item.durable.writes:
@@ -295,7 +323,6 @@ def run_batch(fs, plans):
             except FileNotFoundError:
                 pass
 
-    _each(items, plan)
     if fs.parallel:
         _store_files(fs, items)
     else:
@@ -312,7 +339,6 @@ def run_batch(fs, plans):
                      + item.linked)
         elif item.alive and item.durable.retire and not item.link_failed:
             _retire(fs, item.durable.retire)
-    return [item.outcome() for item in items]
 
 
 def _retire(fs, steps):

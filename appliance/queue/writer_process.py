@@ -1,0 +1,237 @@
+"""The group commit's writes, fsyncs, renames and links, in a child process.
+
+Why a process: every system call a Python thread makes gives the GIL away,
+and getting it back from a busy reactor thread costs a forced switch (up to
+the switch interval, and a storm of futex calls). A batch makes about a
+dozen such calls per message, so under load the writer threads and the
+reactor spent more time handing the GIL around than doing either's work.
+The child has its own interpreter and GIL: the writer thread hands it a
+whole batch in one pipe write and waits for one reply, and the reactor's
+core stays on the protocols.
+
+The plans still run in the server process, on the writer thread (they look
+at the file system: a Maildir already delivered, a spare state file); only
+their ``Durable``\\ s cross the pipe, as plain tuples, and only each item's
+error and failed links come back. The child runs exactly
+``commit.execute_items``: the commit protocol is the same code either way.
+
+Safety across crashes: the server holds an exclusive ``flock`` on
+``<data_dir>/queue.lock`` from its first batch, and the child inherits it. A
+restarted server's recovery (its first batch) waits for that lock, so it can
+never scan the queue while a dead server's child still finishes a batch. The
+child also asks the kernel to kill it when its parent dies, and exits at
+end of input.
+
+Wire format, both ways: a 4-byte big-endian length, then a pickle (the pipe
+is private to the two processes).
+"""
+
+import fcntl
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+from appliance.queue.commit import Durable, FileSystem, _Item, execute_items
+
+_LENGTH = struct.Struct(">I")
+_FIELDS = ("writes", "rewrites", "renames", "unlinks", "sync_dirs", "rollback", "links",
+           "retire")
+LOCK_WAIT = 30.0            # seconds a new server waits for an old one's writer to end
+
+
+class WriterDied(OSError):
+    """The child process ended or its pipe broke: the batch's items fail (4xx)."""
+
+
+class ChildProcessFileSystem(FileSystem):
+    """A FileSystem whose batches run in a child (``python -m appliance.queue.writer_process``).
+
+    Plans get this object's own (local) system calls; ``run_batch`` then
+    hands the planned items to ``execute``. Used from the writer thread only.
+    ``shutdown()`` ends the child (the ThreadPoolService calls it, as it would
+    an executor's).
+    """
+
+    def __init__(self, lock_path, threads=16, python=None):
+        self.lock_path = lock_path
+        self.threads = threads
+        self.python = python or sys.executable
+        self._lock_fd = None
+        self._child = None
+        self._guard = threading.Lock()
+
+    # -- the child
+
+    def prepare_batch(self):
+        """Hold the queue lock and have a child running (writer thread)."""
+        with self._guard:
+            if self._lock_fd is None:
+                self._lock_fd = _acquire(self.lock_path)
+            if self._child is None or self._child.poll() is not None:
+                self._child = self._spawn()
+
+    def _spawn(self):
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_root, env.get("PYTHONPATH")) if p)
+        return subprocess.Popen(
+            [self.python, "-m", "appliance.queue.writer_process", str(self.threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self._lock_fd,),
+            env=env, bufsize=0)
+
+    def shutdown(self, wait=True):
+        with self._guard:
+            child, self._child = self._child, None
+            if child is not None:
+                child.stdin.close()         # end of input: the child exits
+                if wait:
+                    try:
+                        child.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        child.kill()
+                        child.wait()
+                child.stdout.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    # -- a batch
+
+    def execute(self, items):
+        live = [(n, item) for n, item in enumerate(items) if item.alive]
+        if not live:
+            return
+        request = [(n, tuple(getattr(item.durable, f) for f in _FIELDS)) for n, item in live]
+        try:
+            self.prepare_batch()
+            reply = self._call(request)
+        except OSError as e:
+            self._forget_child()
+            for _, item in live:
+                item.error = e
+            return
+        for n, error, link_failed in reply:
+            item = items[n]
+            item.error = error
+            item.link_failed = link_failed
+
+    def _call(self, request):
+        child = self._child
+        data = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
+        try:
+            _write_all(child.stdin.fileno(), _LENGTH.pack(len(data)) + data)
+            return pickle.loads(_read_message(child.stdout.fileno()))
+        except (OSError, EOFError, pickle.UnpicklingError) as e:
+            raise WriterDied(f"writer process: {e}") from None
+
+    def _forget_child(self):
+        child, self._child = self._child, None
+        if child is not None:
+            child.kill()
+            child.wait()
+            child.stdin.close()
+            child.stdout.close()
+
+
+def _acquire(path):
+    """An fd holding an exclusive flock on ``path`` (waits up to LOCK_WAIT)."""
+    os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise OSError(f"{path} stays locked: another server uses this data_dir") \
+                    from None
+            time.sleep(0.05)
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_exact(fd, n):
+    chunks = []
+    while n:
+        chunk = os.read(fd, min(n, 1 << 20))
+        if not chunk:
+            raise EOFError("end of input")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_message(fd):
+    (length,) = _LENGTH.unpack(_read_exact(fd, _LENGTH.size))
+    return _read_exact(fd, length)
+
+
+# -- the child's side
+
+
+def _die_with_parent():
+    """Ask the kernel for SIGKILL when the parent dies (Linux), best effort."""
+    parent = os.getppid()
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, 9)            # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:      # it died before the call
+        os._exit(1)
+
+
+def _portable(error):
+    """An exception that pickles (the item's error, back in the server)."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any unpicklable exception becomes an OSError
+        return OSError(f"{type(error).__name__}: {error}")
+
+
+def serve(fs, infd=0, outfd=1):
+    """Run batches from ``infd`` until end of input."""
+    while True:
+        try:
+            request = pickle.loads(_read_message(infd))
+        except EOFError:
+            return
+        items = []
+        for _, fields in request:
+            item = _Item(None)
+            item.durable = Durable(**dict(zip(_FIELDS, fields)))
+            items.append(item)
+        execute_items(fs, items)
+        reply = [(n, None if item.alive else _portable(item.error),
+                  {dst: _portable(e) for dst, e in item.link_failed.items()})
+                 for (n, _), item in zip(request, items)]
+        data = pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
+        _write_all(outfd, _LENGTH.pack(len(data)) + data)
+
+
+def main(argv):
+    from concurrent import futures
+
+    from appliance.queue.commit import ParallelFileSystem
+    _die_with_parent()
+    threads = int(argv[0]) if argv else 16
+    with futures.ThreadPoolExecutor(threads, thread_name_prefix="fsync") as executor:
+        serve(ParallelFileSystem(executor))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,149 @@
+"""The group commit's file work in a child process (appliance.queue.writer_process).
+
+Real child processes, real files in a temp dir: the same run_batch contract
+as in-process (tests/test_group_commit.py), across the pipe.
+"""
+
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+from appliance.queue import writer_process
+from appliance.queue.commit import Durable, run_batch
+from appliance.queue.writer_process import ChildProcessFileSystem, WriterDied
+
+
+@pytest.fixture
+def files(tmp_path):
+    fs = ChildProcessFileSystem(str(tmp_path / "data" / "queue.lock"), threads=4)
+    yield fs
+    fs.shutdown()
+
+
+def store(directory, name, data=b"data\n"):
+    """A plan: write ``name`` via a temp file and rename it into place."""
+    def plan(fs):
+        temp = os.path.join(directory, name + ".tmp")
+        final = os.path.join(directory, name)
+        return Durable(writes=[(temp, data)], renames=[(temp, final)],
+                       sync_dirs=[directory], rollback=[final], result=final)
+    return plan
+
+
+def test_a_batch_is_written_by_the_child_and_each_result_comes_back(files, tmp_path):
+    box = tmp_path / "box"
+    box.mkdir()
+    outcomes = run_batch(files, [store(str(tmp_path), "a"), store(str(tmp_path), "b", b"bee")])
+    assert outcomes == [(True, str(tmp_path / "a")), (True, str(tmp_path / "b"))]
+    assert (tmp_path / "b").read_bytes() == b"bee"
+    assert files._child.pid != os.getpid() and files._child.poll() is None
+
+
+def test_one_failing_item_fails_alone_with_its_os_error(files, tmp_path):
+    missing = str(tmp_path / "no" / "such" / "dir")
+    outcomes = run_batch(files, [store(missing, "x"), store(str(tmp_path), "kept")])
+    ok, error = outcomes[0]
+    assert not ok and isinstance(error, OSError) and error.errno == errno.ENOENT
+    assert outcomes[1] == (True, str(tmp_path / "kept"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "kept"]
+
+
+def test_links_and_their_failures_are_reported_per_destination(files, tmp_path):
+    (tmp_path / "new").mkdir()
+    src = str(tmp_path / "m.msg")
+    good, bad = str(tmp_path / "new" / "m"), str(tmp_path / "gone" / "m")
+
+    def plan(fs):
+        return Durable(writes=[(src, b"message\n")], links=[(src, good), (src, bad)],
+                       sync_dirs=[str(tmp_path)], result="m")
+
+    [(ok, (result, failed))] = run_batch(files, [plan])
+    assert ok and result == "m" and list(failed) == [bad]
+    assert isinstance(failed[bad], FileNotFoundError)
+    assert os.path.samefile(src, good)
+
+
+def test_a_plan_that_raises_fails_its_item_without_reaching_the_child(files, tmp_path):
+    def broken(fs):
+        raise ValueError("bad plan")
+
+    outcomes = run_batch(files, [broken, store(str(tmp_path), "ok")])
+    assert not outcomes[0][0] and isinstance(outcomes[0][1], ValueError)
+    assert outcomes[1][0]
+
+
+def test_a_dead_child_fails_its_batch_and_the_next_batch_gets_a_new_one(files, tmp_path):
+    run_batch(files, [store(str(tmp_path), "first")])
+    first = files._child
+    first.kill()
+    first.wait()
+    [(ok, error)] = run_batch(files, [store(str(tmp_path), "lost")])
+    # poll() saw it dead before the call: a new child took the batch; or the
+    # call broke on the dead pipe: the batch failed as a storage error.
+    assert ok or isinstance(error, WriterDied)
+    [(ok, _)] = run_batch(files, [store(str(tmp_path), "again")])
+    assert ok and files._child is not first and (tmp_path / "again").exists()
+
+
+def test_the_child_ends_at_shutdown(files, tmp_path):
+    run_batch(files, [store(str(tmp_path), "a")])
+    child = files._child
+    files.shutdown()
+    assert child.wait(timeout=10) == 0
+
+
+def test_a_second_writer_on_the_same_data_dir_waits_for_the_lock(files, tmp_path, monkeypatch):
+    run_batch(files, [store(str(tmp_path), "a")])
+    monkeypatch.setattr(writer_process, "LOCK_WAIT", 0.2)
+    other = ChildProcessFileSystem(files.lock_path)
+    try:
+        [(ok, error)] = run_batch(other, [store(str(tmp_path), "b")])
+        assert not ok and "another server uses this data_dir" in str(error)
+        assert other._child is None
+    finally:
+        other.shutdown()
+    files.shutdown()
+    [(ok, _)] = run_batch(other, [store(str(tmp_path), "b")])     # free now
+    assert ok
+    other.shutdown()
+
+
+def _gone(pid):
+    """Exited: no such process, or a zombie waiting for its new parent to reap it."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "State:\tZ" in f.read()
+    except FileNotFoundError:
+        return True
+
+
+def test_the_lock_outlives_the_server_while_its_child_lives(tmp_path, monkeypatch):
+    """A server killed mid-batch: its child still holds the lock it inherited,
+    so a new server's recovery cannot scan the queue under it."""
+    lock = str(tmp_path / "queue.lock")
+    script = (
+        "import sys, os, time\n"
+        "from appliance.queue.writer_process import ChildProcessFileSystem\n"
+        "from appliance.queue.commit import Durable, run_batch\n"
+        f"fs = ChildProcessFileSystem({lock!r})\n"
+        f"run_batch(fs, [lambda fs: Durable(writes=[({str(tmp_path / 'f')!r}, b'x')])])\n"
+        "print(fs._child.pid, flush=True)\n"
+        "time.sleep(60)\n")
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child_pid = int(server.stdout.readline())
+        monkeypatch.setattr(writer_process, "LOCK_WAIT", 0.2)
+        with pytest.raises(OSError, match="another server"):
+            writer_process._acquire(lock)
+        server.kill()
+        server.wait()
+        # PR_SET_PDEATHSIG: the child dies with its server; then the lock is free.
+        monkeypatch.setattr(writer_process, "LOCK_WAIT", 10)
+        os.close(writer_process._acquire(lock))
+        assert _gone(child_pid)
+    finally:
+        server.kill()
+        server.wait()
