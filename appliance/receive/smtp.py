@@ -30,6 +30,7 @@ from zope.interface import implementer
 from appliance import events
 from appliance.address import AddressError, Path, parse_path, split_path
 from appliance.envelope import Envelope, Session, new_queue_id
+from appliance.netio import write_now
 from appliance.policy.checks import Facts
 from appliance.receive import replies
 from appliance.receive.framing import DataBody, Line, LineFramer
@@ -202,7 +203,7 @@ class ApplianceSMTP(smtp.ESMTP):
 
     def reply(self, reply):
         if not self._closing:
-            self.transport.write(reply.to_bytes())
+            write_now(self.transport, reply.to_bytes())
 
     def _close_with(self, reply):
         self.reply(reply)
