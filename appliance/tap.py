@@ -44,7 +44,7 @@ from appliance.auth.sasl import Mechanisms
 from appliance.auth.users import UsersFile
 from appliance.config import ConfigError, load
 from appliance.deliver.maildir import MaildirDeliverer
-from appliance.deliver.mx import MXResolver, build_resolver
+from appliance.deliver.mx import ROUTE_CACHE_SECONDS, MXResolver, build_resolver
 from appliance.deliver.remote import RemoteDelivery
 from appliance.directory import AliasesFile, directory_from_config
 from appliance.policy.checks import WORKER_THREADS, InboundChecks
@@ -313,7 +313,8 @@ def _imap_listeners(cfg, reactor, top, parts):
 
 def _queue_manager(cfg, reactor, spool, directory, deliverer, resolver):
     """The queue runner with remote delivery (MX routing + SMTP client) and DSNs."""
-    remote = RemoteDelivery(cfg, MXResolver(cfg, resolver=resolver), reactor)
+    routes = MXResolver(cfg, resolver=resolver, clock=reactor, cache_seconds=ROUTE_CACHE_SECONDS)
+    remote = RemoteDelivery(cfg, routes, reactor)
     return QueueRunner(spool, directory, deliverer, reactor,
                        settings=QueueSettings.from_config(cfg), remote=remote,
                        bouncer=Bouncer.from_config(cfg, spool, reactor))

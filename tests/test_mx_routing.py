@@ -5,7 +5,7 @@ import threading
 
 import dns.resolver
 import pytest
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from appliance.deliver import mx
@@ -336,3 +336,65 @@ def test_the_test_dns_server_answers_txt_nodata_and_refused():
         server.zones["late.test"] = {"A": ["192.0.2.9"]}     # zones change while running
         assert [r.address for r in resolver.resolve("late.test", "A", search=False)] == \
             ["192.0.2.9"]
+
+
+# -- the route cache of the running server -------------------------------------
+
+class CountingRunner:
+    """A run_in_thread the test finishes by hand, counting the lookups."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, function, *args):
+        d = defer.Deferred()
+        self.calls.append((function, args, d))
+        return d
+
+    def finish(self):
+        function, args, d = self.calls.pop(0)
+        defer.maybeDeferred(function, *args).chainDeferred(d)
+
+
+def cached_resolver(dns_server, runner):
+    config = make_config(dns={"nameservers": dns_server.address, "timeout": "2s"})
+    return MXResolver(config, runner, random=random.Random(1), clock=task.Clock(),
+                      cache_seconds=5)
+
+
+def test_one_lookup_serves_every_message_asking_while_it_runs(dns_server):
+    runner = CountingRunner()
+    resolver = cached_resolver(dns_server, runner)
+    results = []
+    for _ in range(3):
+        resolver.resolve("example.net").addBoth(results.append)
+    assert len(runner.calls) == 1 and results == []
+    runner.finish()
+    assert len(results) == 3 and all(r is results[0] for r in results)
+    assert results[0].hosts
+
+
+def test_a_route_is_reused_until_the_cache_time_runs_out(dns_server):
+    runner = CountingRunner()
+    resolver = cached_resolver(dns_server, runner)
+    resolver.resolve("example.net")
+    runner.finish()
+    resolver.clock.advance(4.9)
+    results = []
+    resolver.resolve("example.net").addBoth(results.append)
+    assert runner.calls == [] and len(results) == 1
+    resolver.clock.advance(0.2)
+    resolver.resolve("example.net")
+    assert len(runner.calls) == 1           # expired: looked up again
+
+
+def test_failures_are_not_cached_but_reach_everyone_waiting(dns_server):
+    runner = CountingRunner()
+    resolver = cached_resolver(dns_server, runner)
+    results = []
+    resolver.resolve("missing.test").addBoth(results.append)
+    resolver.resolve("missing.test").addBoth(results.append)
+    runner.finish()
+    assert len(results) == 2 and all(r.check(RoutingError) for r in results)
+    resolver.resolve("missing.test").addBoth(results.append)
+    assert len(runner.calls) == 1           # asked again

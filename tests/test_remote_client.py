@@ -194,6 +194,8 @@ def test_a_lockstep_delivery_says_every_command_in_order():
         h.deliver()
         h.peer.greet("SIZE 10000000", "8BITMIME")
         body = deliver_plainly(h.peer)
+        assert h.peer.lines() == [] and not h.peer.closed     # kept for the next message
+        h.clock.advance(remote.IDLE_LIMIT)
         assert h.peer.lines() == ["QUIT"]
     assert body == MESSAGE + b".\r\n"
     assert h.peer.closed
@@ -764,7 +766,9 @@ def test_no_timer_is_left_behind_after_a_delivery():
     h.peer.send("250 Ok\r\n250 Ok\r\n354 go\r\n")
     h.peer.send("250 Ok\r\n")
     assert h.results()[0].delivered
-    assert h.clock.getDelayedCalls() == []
+    [idle] = h.clock.getDelayedCalls()              # the idle connection's expiry
+    h.clock.advance(remote.IDLE_LIMIT)
+    assert h.clock.getDelayedCalls() == [] and h.peer.closed
 
 
 @pytest.mark.parametrize("reason", [error.ConnectionDone(), error.ConnectionLost()])
@@ -775,6 +779,112 @@ def test_a_connection_closed_after_quit_is_quiet(reason):
     deliver_plainly(h.peer)
     h.peer.protocol.connectionLost(failure.Failure(reason))
     assert h.results()[0].delivered
+
+
+# ---------------------------------------------------------------------------
+# Connection reuse (Postfix's connection cache)
+
+def deliver_pipelined(h, peer, body_reply="250 2.0.0 Ok"):
+    """MAIL, RCPT and DATA at once, then the body's reply."""
+    lines = peer.lines()
+    assert lines[0].startswith("MAIL FROM:") and lines[-1] == "DATA", lines
+    peer.send("250 Ok\r\n250 Ok\r\n354 go\r\n")
+    body = peer.written()
+    peer.send(body_reply + "\r\n")
+    return body
+
+
+def test_the_next_message_to_the_same_host_reuses_the_idle_connection():
+    h = Harness()
+    h.deliver()
+    h.peer.greet("PIPELINING")
+    deliver_pipelined(h, h.peer)
+    assert h.results()[0].delivered
+    h.clock.advance(remote.IDLE_LIMIT - 0.5)
+    h.deliver(recipients=["carol@remote.test"])
+    assert len(h.peers) == 1 and h.resolver.asked == ["remote.test", "remote.test"]
+    lines = h.peer.lines()          # no greeting, no EHLO: MAIL straight away
+    assert lines == ["MAIL FROM:<alice@example.test>", "RCPT TO:<carol@remote.test>", "DATA"]
+    h.peer.send("250 Ok\r\n250 Ok\r\n354 go\r\n")
+    assert h.peer.written() == MESSAGE + b".\r\n"
+    h.peer.send("250 2.0.0 Ok: second\r\n")
+    [result] = h.results()
+    assert result.delivered and result.response == "250 2.0.0 Ok: second"
+    h.clock.advance(remote.IDLE_LIMIT)
+    assert h.peer.lines() == ["QUIT"] and h.peer.closed
+
+
+def test_a_failed_transaction_does_not_keep_its_connection():
+    h = Harness()
+    h.deliver()
+    h.peer.greet("PIPELINING")
+    deliver_pipelined(h, h.peer, body_reply="451 4.3.0 try later")
+    assert h.results()[0].deferred
+    assert h.peer.lines() == ["QUIT"] and h.peer.closed
+    h.deliver()
+    assert len(h.peers) == 2
+
+
+def test_an_idle_connection_the_peer_closes_is_forgotten():
+    h = Harness()
+    h.deliver()
+    h.peer.greet("PIPELINING")
+    deliver_pipelined(h, h.peer)
+    h.peer.lose()
+    assert h.clock.getDelayedCalls() == []
+    h.deliver()
+    assert len(h.peers) == 2
+    h.peer.greet("PIPELINING")
+
+
+def test_a_stale_idle_connection_hands_the_message_to_a_new_one():
+    h = Harness()
+    h.deliver()
+    h.peer.greet("PIPELINING")
+    deliver_pipelined(h, h.peer)
+    first = h.peer
+    h.deliver()
+    assert first.lines()[0].startswith("MAIL FROM:")
+    first.lose()                    # closed before it answered anything
+    assert len(h.peers) == 2 and h.outcome == []
+    h.peer.greet("PIPELINING")
+    deliver_pipelined(h, h.peer)
+    assert h.results()[0].delivered and h.results()[0].remote_ip == "127.0.0.2"
+
+
+def test_a_reused_connection_that_answered_is_not_retried():
+    h = Harness()
+    h.deliver()
+    h.peer.greet("PIPELINING")
+    deliver_pipelined(h, h.peer)
+    first = h.peer
+    h.deliver()
+    first.lines()
+    first.send("250 Ok\r\n")      # MAIL answered, then the connection drops
+    first.lose()
+    # Like a connection lost mid-transaction: the next host, not the same again.
+    assert h.peer is not first and h.peer.ip == "127.0.0.3"
+
+
+def test_a_connection_is_not_reused_past_the_reuse_limit(monkeypatch):
+    monkeypatch.setattr(remote, "REUSE_LIMIT", 60.0)
+    h = Harness()
+    h.deliver()
+    h.peer.greet("PIPELINING")
+    h.clock.advance(60)
+    deliver_pipelined(h, h.peer)
+    assert h.results()[0].delivered
+    assert h.peer.lines() == ["QUIT"] and h.peer.closed
+
+
+def test_stop_quits_the_idle_connections_and_keeps_none_after():
+    h = Harness()
+    h.deliver()
+    h.peer.greet("PIPELINING")
+    deliver_pipelined(h, h.peer)
+    h.delivery.stop()
+    assert h.peer.lines() == ["QUIT"] and h.peer.closed
+    assert h.clock.getDelayedCalls() == []
 
 
 # ---------------------------------------------------------------------------
@@ -940,11 +1050,13 @@ class RealSocketTests(unittest.TestCase):
         config = make_config(dns={"nameservers": self.dns.address, "timeout": "2s"},
                              outbound={"port": str(port), "tls": tls})
         context = functools.partial(default_tls_context, trust_root=trust) if trust else None
-        return RemoteDelivery(config, MXResolver(config), reactor,
-                              tls_context_factory=context,
-                              timeouts=timeouts or Timeouts(connect=2, greeting=2, command=2,
-                                                            data_init=2, data_block=2,
-                                                            data_end=2))
+        delivery = RemoteDelivery(config, MXResolver(config), reactor,
+                                  tls_context_factory=context,
+                                  timeouts=timeouts or Timeouts(connect=2, greeting=2,
+                                                                command=2, data_init=2,
+                                                                data_block=2, data_end=2))
+        self.addCleanup(delivery.stop)      # QUIT the idle connections, wait till closed
+        return delivery
 
     @defer.inlineCallbacks
     def send(self, delivery, message=MESSAGE, recipients=("bob@remote.test",),
@@ -1114,7 +1226,9 @@ class PostfixTests(unittest.TestCase):
     def delivery(self, tls="opportunistic"):
         config = make_config(dns={"nameservers": self.dns.address, "timeout": "2s"},
                              outbound={"port": str(self.port), "tls": tls})
-        return RemoteDelivery(config, MXResolver(config), reactor)
+        delivery = RemoteDelivery(config, MXResolver(config), reactor)
+        self.addCleanup(delivery.stop)
+        return delivery
 
     @defer.inlineCallbacks
     def wait_for(self, address, count=1):

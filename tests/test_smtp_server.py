@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 
 from appliance.events import EVENTS
 from appliance.receive import replies
+from appliance.receive import smtp as smtp_module
 from appliance.receive.smtp import SMTPFactory
 from appliance.testing import (
     FakeDirectory, FakeSpool, SMTPHarness, capture_events, make_config)
@@ -413,11 +414,28 @@ def test_250_only_once_the_spool_has_it():
     transaction(h)
     h.send("NOOP\r\n")
     assert h.replies()[-1] == "354 End data with <CR><LF>.<CR><LF>"
-    assert h.transport.producerState == "paused"
     spool.release()
     lines = h.replies()
     assert lines[0].startswith("250 2.0.0 Ok: queued as ") and lines[1] == "250 2.0.0 Ok"
     assert h.transport.producerState == "producing"
+
+
+def test_input_piling_up_behind_a_pending_answer_pauses_the_socket():
+    """A few pipelined commands just wait in the buffer; past PAUSE_INPUT
+    the transport stops reading, and reads again once the answer is sent."""
+    spool = FakeSpool(hold=True)
+    h = greeted(spool=spool)
+    transaction(h)
+    h.send("NOOP\r\n" * 10)
+    assert h.transport.producerState == "producing"
+    h.send("NOOP\r\n" * (smtp_module.PAUSE_INPUT // 6))
+    assert h.transport.producerState == "paused"
+    assert h.replies()[-1] == "354 End data with <CR><LF>.<CR><LF>"
+    spool.release()
+    assert h.transport.producerState == "producing"
+    lines = h.replies()
+    assert lines[0].startswith("250 2.0.0 Ok: queued as ")
+    assert lines[1:] == ["250 2.0.0 Ok"] * (10 + smtp_module.PAUSE_INPUT // 6)
 
 
 @pytest.mark.parametrize("hold", [False, True])
@@ -571,7 +589,6 @@ def test_pipelined_commands_wait_for_a_pending_lookup():
     h.send("MAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\n"
            "RCPT TO:<bob@example.org>\r\nDATA\r\nMAIL FROM:<evil@attacker.test>\r\n.\r\n")
     assert h.replies() == ["250 2.1.0 Sender ok"]
-    assert h.transport.producerState == "paused"
     assert [address for address, _ in directory.held] == ["alice@example.test"]
     directory.release()
     assert h.replies() == ["250 2.1.5 Recipient ok"]

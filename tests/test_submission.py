@@ -468,8 +468,7 @@ def test_pipelined_commands_wait_for_a_slow_backend():
     accounts = FakeAccounts({ALICE: PASSWORD}, hold=True)
     h = under_tls(accounts=accounts)
     h.send(f"AUTH PLAIN {plain()}\r\nMAIL FROM:<{ALICE}>\r\n")
-    assert h.replies() == []
-    assert h.transport.producerState == "paused"
+    assert h.replies() == []            # MAIL waits in the buffer for the AUTH's answer
     accounts.release()
     assert h.replies() == ["235 2.7.0 Authentication successful", "250 2.1.0 Sender ok"]
 

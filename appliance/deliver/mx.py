@@ -29,6 +29,8 @@ import dns.exception
 import dns.message
 import dns.name
 import dns.resolver
+from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from appliance import events
 
@@ -38,6 +40,8 @@ events.register("dns.error", "a DNS lookup for outbound routing failed",
 MAX_HOSTS = 10          # MX hosts kept per route (after sorting)
 MAX_ADDRESSES = 20      # addresses kept per route, all hosts together
 LOOKUP_BUDGET = 4       # a lookup resolves no new host after this many [dns] timeouts
+ROUTE_CACHE_SECONDS = 5.0   # the server's reuse of a route found (MXResolver cache_seconds)
+MAX_CACHED_ROUTES = 10000
 _WILDCARD = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
 
 
@@ -135,8 +139,15 @@ class MXResolver:
     """
 
     def __init__(self, config, run_in_thread=None, resolver=None, random=None,
-                 self_addresses=()):
+                 self_addresses=(), clock=None, cache_seconds=0.0):
         self.config = config
+        # A route found is reused for ``cache_seconds`` (0: never), and one
+        # lookup serves every message asking for the domain while it runs:
+        # under load that is one thread hand-over per domain, not per message.
+        self.clock = clock
+        self.cache_seconds = cache_seconds if clock is not None else 0.0
+        self._routes = {}               # domain -> (expires, Route)
+        self._in_flight = {}            # domain -> [Deferred] waiting for its lookup
         self.run_in_thread = run_in_thread or _default_thread_runner
         self.resolver = resolver if resolver is not None else build_resolver(config)
         self.random = random or random_module.Random()
@@ -165,9 +176,36 @@ class MXResolver:
     def resolve(self, domain):
         """``Deferred[Route]`` for ``domain``; errback ``RoutingError``."""
         domain = domain.lower().rstrip(".")
+        if not self.cache_seconds:
+            return self.run_in_thread(self._route, domain).addErrback(self._failed, domain)
+        cached = self._routes.get(domain)
+        if cached is not None and cached[0] > self.clock.seconds():
+            return defer.succeed(cached[1])
+        waiting = self._in_flight.get(domain)
+        if waiting is not None:
+            d = defer.Deferred()
+            waiting.append(d)
+            return d
+        self._in_flight[domain] = []
         d = self.run_in_thread(self._route, domain)
         d.addErrback(self._failed, domain)
+        d.addBoth(self._settled, domain)
         return d
+
+    def _settled(self, result, domain):
+        """Remember a route found (not a failure) and answer those who waited."""
+        waiting = self._in_flight.pop(domain, [])
+        if not isinstance(result, Failure):
+            now = self.clock.seconds()
+            if len(self._routes) >= MAX_CACHED_ROUTES:
+                self._routes = {k: v for k, v in self._routes.items() if v[0] > now}
+            self._routes[domain] = (now + self.cache_seconds, result)
+        for d in waiting:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+        return result
 
     def _failed(self, failure, domain):
         if failure.check(RoutingError):

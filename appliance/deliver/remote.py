@@ -7,6 +7,12 @@ answers one ``RecipientResult`` per recipient: 2xx delivered, 4xx deferred,
 times out, fails TLS or greets with an error is skipped for the next one; when
 every host failed, each recipient gets a 4xx with the last error.
 
+A connection whose transaction ended in a 2xx stays open ``IDLE_LIMIT``
+seconds for the next message to the same host (MAIL straight away, as after
+any completed transaction), like Postfix's connection cache: under load a
+destination costs one connect, greeting and EHLO (and TLS handshake) per
+burst, not per message.
+
 The protocol is our own small client (``SMTPClientProtocol``), not
 twisted.mail's ``ESMTPClient``, because of TWISTED-TRAPS:
 
@@ -49,6 +55,13 @@ MAX_REPLY_BYTES = 65536
 MAX_ATTEMPTS = 20          # addresses tried per delivery
 BLOCK = 16384              # body bytes per transport write
 QUIT_WAIT = 10.0           # seconds to wait for the reply to QUIT before closing
+# Connection reuse, as Postfix's smtp_connection_cache_time_limit and
+# smtp_connection_reuse_time_limit: a connection whose transaction ended in a
+# 2xx waits IDLE_LIMIT seconds for the next message to the same host, and is
+# not reused once REUSE_LIMIT seconds old.
+IDLE_LIMIT = 2.0
+REUSE_LIMIT = 300.0
+MAX_IDLE = 100             # idle connections kept in all
 
 
 @dataclass(frozen=True)
@@ -183,11 +196,18 @@ class SMTPClientProtocol(protocol.Protocol):
         self._body = None                 # the body being written, if any
         self._paused = False
         self._block_timer = None
+        self.replies = 0                  # replies received so far
+        self.extensions = {}              # of the session in use (RemoteDelivery's)
+        self.opened_at = None
+        self.on_lost = None               # called once the connection is gone
 
     # -- connection ----------------------------------------------------------
 
     def connectionLost(self, reason=None):
         self._closed = True
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            on_lost()
         if self._failure is None:
             why = "lost connection"
             if reason is not None and reason.check(SSL.Error):
@@ -198,6 +218,12 @@ class SMTPClientProtocol(protocol.Protocol):
     def close(self):
         if not self._closed:
             self.transport.loseConnection()
+
+    @property
+    def usable(self):
+        """Still connected, nothing failed, no reply or body outstanding."""
+        return (not self._closed and self._failure is None and self._owed == 0
+                and self._body is None and not self._ready and not self._buffer)
 
     def abort(self):
         if not self._closed:
@@ -258,6 +284,7 @@ class SMTPClientProtocol(protocol.Protocol):
             return
         self._owed -= 1
         self._receivable -= 1
+        self.replies += 1
         if self._waiting is not None:
             d, timer, _what = self._waiting
             self._waiting = None
@@ -483,6 +510,8 @@ class RemoteDelivery:
         self._connect = connect or self._tcp_connect
         self.tls_mode = config.outbound.tls
         self.helo_name = config.server.hostname or "localhost"
+        self._idle = {}            # (host, ip, port) -> [(proto, expiry DelayedCall)]
+        self._stopped = False
 
     def _tcp_connect(self, ip, port, factory, timeout):
         endpoint_class = endpoints.TCP6ClientEndpoint if ":" in ip \
@@ -552,21 +581,104 @@ class RemoteDelivery:
 
     @defer.inlineCallbacks
     def _attempt(self, envelope, body, size, recipients, host, ip, port):
-        """``({recipient: Reply}, tls)`` from this host, or raise HostFailure."""
+        """``({recipient: Reply}, tls)`` from this host, or raise HostFailure.
+
+        An idle connection to the host from an earlier message is used first;
+        if it turns out closed before answering anything, a new one is made.
+        """
+        key = (host, ip, port)
+        proto = self._take_idle(key)
+        if proto is not None:
+            answered = proto.replies
+            try:
+                replies = yield self._transaction(proto, envelope, body, size, recipients,
+                                                  proto.extensions)
+            except HostFailure:
+                proto.abort()
+                if proto.replies != answered:
+                    raise
+            else:
+                self._done_with(key, proto, replies)
+                return replies, proto.tls
         peer = f"{host}[{ip}]" if host != ip else f"[{ip}]"
         factory = _ClientFactory(self.reactor, peer)
         try:
             proto = yield self._connect(ip, port, factory, self.timeouts.connect)
         except Exception as e:        # refused, timed out, unreachable ...
             raise HostFailure("4.4.1", f"connect to {peer}:{port}: {_describe(e)}") from None
+        proto.opened_at = self.reactor.seconds()
         try:
             replies = yield self._converse(proto, envelope, body, size, recipients, host)
         except Exception:
             proto.abort()
             raise
-        proto.command("QUIT")       # no need to wait for its reply
-        proto.close()
+        self._done_with(key, proto, replies)
         return replies, proto.tls
+
+    # -- idle connections ----------------------------------------------------
+
+    def _done_with(self, key, proto, replies):
+        """Keep the connection for the next message to this host, or QUIT.
+
+        Kept only after a transaction that ended in a 2xx to the end of data
+        (a positive reply for some recipient): the session is then back at
+        its start, ready for MAIL.
+        """
+        if (not self._stopped and proto.usable
+                and any(reply.positive for reply in replies.values())
+                and self.reactor.seconds() - proto.opened_at < REUSE_LIMIT
+                and sum(map(len, self._idle.values())) < MAX_IDLE):
+            timer = self.reactor.callLater(IDLE_LIMIT, self._expire, key, proto)
+            self._idle.setdefault(key, []).append((proto, timer))
+            proto.on_lost = lambda: self._forget_idle(key, proto)
+            return
+        _quit(proto)
+
+    def _take_idle(self, key):
+        """The most recently used idle connection to ``key``, or None."""
+        idle = self._idle.get(key)
+        while idle:
+            proto, timer = idle.pop()
+            if timer.active():
+                timer.cancel()
+            proto.on_lost = None
+            if proto.usable:
+                if not idle:
+                    del self._idle[key]
+                return proto
+            proto.abort()
+        self._idle.pop(key, None)
+        return None
+
+    def _forget_idle(self, key, proto):
+        """The peer closed an idle connection (or it failed): drop it."""
+        idle = self._idle.get(key, [])
+        for n, (cached, timer) in enumerate(idle):
+            if cached is proto:
+                del idle[n]
+                if timer.active():
+                    timer.cancel()
+                break
+        if not idle:
+            self._idle.pop(key, None)
+
+    def _expire(self, key, proto):
+        self._forget_idle(key, proto)
+        _quit(proto)
+
+    def stop(self):
+        """QUIT every idle connection and keep none from now on (shutdown).
+
+        The Deferred fires once they are all closed."""
+        self._stopped = True
+        idle, self._idle = self._idle, {}
+        gone = []
+        for entries in idle.values():
+            for proto, timer in entries:
+                if timer.active():
+                    timer.cancel()
+                gone.append(_quit(proto))
+        return defer.DeferredList(gone)
 
     @defer.inlineCallbacks
     def _converse(self, proto, envelope, body, size, recipients, host):
@@ -576,7 +688,7 @@ class RemoteDelivery:
             raise HostFailure.from_reply(greeting, f"host {proto.peer_name} refused to talk "
                                                    "to me")
         extensions = yield self._hello(proto)
-        extensions = yield self._tls(proto, extensions, host)
+        extensions = proto.extensions = yield self._tls(proto, extensions, host)
         replies = yield self._transaction(proto, envelope, body, size, recipients, extensions)
         return replies
 
@@ -712,6 +824,18 @@ class RemoteDelivery:
             proto.command("DATA")
             data_reply = yield proto.expect(t.data_init, "sending DATA")
         return mail_reply, rcpt_replies, data_reply
+
+
+def _quit(proto):
+    """QUIT and close; a Deferred that fires once the connection is gone."""
+    if proto._closed:
+        proto.on_lost = None
+        return defer.succeed(None)
+    gone = defer.Deferred()
+    proto.on_lost = lambda: gone.callback(None)
+    proto.command("QUIT")       # no need to wait for its reply
+    proto.close()
+    return gone
 
 
 def _refused_before_mail(proto, envelope, size, recipients, extensions):

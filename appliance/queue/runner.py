@@ -158,6 +158,8 @@ class QueueRunner(service.Service):
         super().stopService()
         self.wakeups.stop()
         self.outbound.stop()
+        if self.remote is not None and hasattr(self.remote, "stop"):
+            self.remote.stop()          # QUIT the idle outbound connections
         if self._recovery_retry is not None and self._recovery_retry.active():
             self._recovery_retry.cancel()
         return defer.DeferredList(list(self._active.values()))

@@ -43,6 +43,7 @@ TEXT_LINE_LIMIT = 1000          # octets with CRLF, RFC 5321 §4.5.3.1.6
 DATA_END = Line(b".", 1, False, False)      # the final dot, found by LineFramer.take_body
 MAX_LINE_DISCARD = 64 * 1024    # one command line longer than this: not a confused client
 MAX_PENDING_INPUT = 1024 * 1024  # buffered while a reply is pending: not pipelining any more
+PAUSE_INPUT = 64 * 1024         # buffered while a reply is pending: stop reading the socket
 
 _VERB = re.compile(rb"[A-Za-z]{1,16}\Z")
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
@@ -214,14 +215,16 @@ class ApplianceSMTP(smtp.ESMTP):
     # -- input: framing and one-at-a-time dispatch ----------------------------
 
     def dataReceived(self, data):
-        """Replaces LineOnlyReceiver's: CRLF only, capped, paused while pending."""
+        """Replaces LineOnlyReceiver's: CRLF only, capped, held while pending."""
         if self._closing:
             return
         self._framer.feed(data)
-        if self._pending and self._framer.buffered > MAX_PENDING_INPUT:
-            self.emit("smtp.limit", kind="pipelined_input")
-            self._close_with(replies.INPUT_FLOOD)
-            return
+        if self._pending:
+            if self._framer.buffered > MAX_PENDING_INPUT:
+                self.emit("smtp.limit", kind="pipelined_input")
+                self._close_with(replies.INPUT_FLOOD)
+                return
+            self._pause_if_flooded()
         self._drain()
 
     def _drain(self):
@@ -270,7 +273,8 @@ class ApplianceSMTP(smtp.ESMTP):
         return getattr(self, "state_" + self.mode)(line.data)
 
     def _await(self, result):
-        """Stop reading until a pending answer is sent; replies stay in order."""
+        """Handle no more lines until a pending answer is sent (T9); replies
+        stay in order. Input that arrives meanwhile waits in the framer."""
         if not isinstance(result, defer.Deferred):
             if self.mode != smtp.DATA and not self._closing:
                 self._arm_command_timer()
@@ -280,6 +284,13 @@ class ApplianceSMTP(smtp.ESMTP):
         result.addErrback(self._internal_error)
         result.addBoth(self._answered)
         if self._pending and not self._closing:
+            self._pause_if_flooded()
+
+    def _pause_if_flooded(self):
+        """Stop reading the socket once PAUSE_INPUT bytes wait for a pending
+        answer. Not sooner: pausing and resuming cost a system call each, and
+        a pipelining client sends a few commands, not a flood."""
+        if not self._paused and self._framer.buffered > PAUSE_INPUT:
             self._paused = True
             self.transport.pauseProducing()
 
