@@ -155,6 +155,20 @@ def test_remote_recipients_go_one_transaction_per_domain_and_are_then_removed(tm
     assert env.spool.get(qid) is None and os.listdir(tmp_path / "queue") == []
 
 
+def test_the_last_remote_result_is_recorded_by_a_durable_removal_alone(tmp_path):
+    env = Env(tmp_path).start()
+    qid = env.accept(["a@one.example"])
+    updates, removals = [], []
+    env.spool.update = lambda *args, **kw: updates.append(args)
+    real_remove = env.spool.remove
+    env.spool.remove = lambda q, durable=False: (removals.append((q, durable)),
+                                                 real_remove(q, durable))[1]
+    [call] = env.remote.calls
+    call.answer()
+    assert updates == [] and removals == [(qid, True)]
+    assert env.spool.get(qid) is None and os.listdir(tmp_path / "queue") == []
+
+
 def test_global_and_per_domain_caps_are_respected(tmp_path):
     settings = QueueSettings(retry=(60.0,), concurrency=4, per_domain=2)
     env = Env(tmp_path, settings=settings).start()

@@ -330,6 +330,43 @@ def test_remove_does_not_wait_for_a_directory_fsync(tmp_path):
     assert Counting.dir_syncs == before and os.listdir(tmp_path / "queue") == []
 
 
+def test_a_durable_remove_fsyncs_the_queue_directory(tmp_path):
+    synced = []
+
+    class Counting(FileSystem):
+        def fsync_dir(self, path):
+            synced.append(path)
+            super().fsync_dir(path)
+
+    queue = tmp_path / "queue"
+    spool = make_spool(queue, fs=Counting(), spare=tmp_path / "spare")
+    result_of(spool.accept(envelope(), MESSAGE))
+    synced.clear()
+    assert result_of(spool.remove(QID, durable=True)) == QID
+    assert str(queue) in synced and os.listdir(queue) == []
+
+
+def test_the_first_read_of_a_new_entry_comes_from_memory(tmp_path):
+    queue = tmp_path / "queue"
+    spool = make_spool(queue)
+    result_of(spool.accept(envelope(), MESSAGE))
+    os.unlink(queue / (QID + ".msg"))           # the disk is not asked
+    assert result_of(spool.read(QID)) == MESSAGE
+    assert result_of(spool.read(QID)).check(StorageError)     # only once
+
+
+def test_memory_for_first_reads_is_bounded(tmp_path, monkeypatch):
+    from appliance.queue import store
+    monkeypatch.setattr(store, "HOT_BYTES", 2 * len(MESSAGE))
+    spool = make_spool(tmp_path / "queue")
+    qids = [f"{QID[:-1]}{n}" for n in range(4)]
+    for qid in qids:
+        result_of(spool.accept(envelope(qid=qid), MESSAGE))
+    assert list(spool._hot) == qids[2:] and spool._hot_bytes == 2 * len(MESSAGE)
+    result_of(spool.remove(qids[3]))
+    assert list(spool._hot) == qids[2:3]
+
+
 def test_removed_state_files_are_written_over_by_the_next_entries(tmp_path):
     queue, spare = tmp_path / "queue", tmp_path / "queue.spare"
     spool = make_spool(queue, spare=spare)

@@ -261,11 +261,12 @@ class QueueRunner(service.Service):
         except Exception:  # noqa: BLE001 - the local path defers on directory trouble
             return False
 
-    def _finishes(self, entry, changes):
-        """Would ``changes`` leave nothing to do (every recipient delivered)?"""
+    def _finishes(self, entry, changes, settling=()):
+        """Would ``changes`` leave nothing to do (every recipient delivered)?
+        ``settling``: the in-flight recipients these changes are the results of."""
         if any(rcpt not in entry.recipients for rcpt in changes):
             return False            # new recipients (forward targets) still to deliver
-        if self._inflight.get(entry.queue_id):
+        if self._inflight.get(entry.queue_id, set()).difference(settling):
             return False
         for rcpt, st in entry.recipients.items():
             change = changes.get(rcpt)
@@ -413,6 +414,10 @@ class QueueRunner(service.Service):
         now = self.clock.seconds()
         changes = {rcpt: self._settle(entry, rcpt, change, now)
                    for rcpt, change in outcomes.items()}
+        if self._finishes(entry, changes, settling=outcomes):
+            # The last recipients delivered: a durable removal is the record
+            # (no state write first; the entry cannot come back after a crash).
+            return self.spool.remove(qid, durable=True)
         return self.spool.update(qid, changes)
 
     def _attempt_over(self, result, qid, rcpts):

@@ -77,6 +77,8 @@ CORRUPT_DIR = "corrupt"
 QUEUE_ID = re.compile(r"[0-9a-f]{8,64}")
 RESERVE_BYTES = 16 * 1024 * 1024
 RESERVE_INODES = 64
+HOT_MESSAGE = 256 * 1024    # a message up to this size is kept in memory for its first read
+HOT_BYTES = 32 * 1024 * 1024
 MAX_SPARES = 1024
 STATVFS_TTL = 0.5       # seconds a free-space answer is reused
 
@@ -241,6 +243,10 @@ class Spool:
         self._dir_ready = False
         self._router = None
         self._statvfs_cache = None      # (when, statvfs result)
+        # Messages just accepted, as received, for their first remote attempt
+        # (which then needs no read): oldest first, HOT_BYTES in all.
+        self._hot = collections.OrderedDict()
+        self._hot_bytes = 0
 
     # -- paths
 
@@ -350,8 +356,8 @@ class Spool:
         route = self._route(entry)
         if isinstance(route, defer.Deferred):
             route.addErrback(self._route_failed)
-            return route.addCallback(lambda found: self._commit(entry, stored, found))
-        return self._commit(entry, stored, route)
+            return route.addCallback(lambda found: self._commit(entry, stored, found, message))
+        return self._commit(entry, stored, route, message)
 
     def _route(self, entry):
         if self._router is None:
@@ -366,7 +372,7 @@ class Spool:
         _log.failure("routing at commit failed", failure)
         return None
 
-    def _commit(self, entry, stored, route):
+    def _commit(self, entry, stored, route, message):
         qid = entry.queue_id
         links = route.links if route is not None and entry.message_form == MAILDIR_FORM \
             else None
@@ -392,10 +398,11 @@ class Spool:
 
         d = self.writer.submit(plan, "spool.accept")
         d.addCallbacks(self._accepted, self._accept_failed,
-                       callbackArgs=(entry, route, retire, spare), errbackArgs=(spare,))
+                       callbackArgs=(entry, route, retire, spare, message),
+                       errbackArgs=(spare,))
         return d
 
-    def _accepted(self, result, entry, route, retire, spare):
+    def _accepted(self, result, entry, route, retire, spare, message):
         qid = entry.queue_id
         if route is not None:
             entry.resolved = route.resolved
@@ -404,8 +411,25 @@ class Spool:
                 entry.retired = bool(retire) and route.links.all_prepared and not result[1]
         self._release_spare(spare, entry.retired)
         self._entries[qid] = entry
+        if not entry.retired:
+            self._keep_hot(qid, message)
         self._notify(qid)
         return qid
+
+    def _keep_hot(self, qid, message):
+        if len(message) > HOT_MESSAGE:
+            return
+        self._hot[qid] = message
+        self._hot_bytes += len(message)
+        while self._hot_bytes > HOT_BYTES:
+            _, old = self._hot.popitem(last=False)
+            self._hot_bytes -= len(old)
+
+    def _cool(self, qid):
+        message = self._hot.pop(qid, None)
+        if message is not None:
+            self._hot_bytes -= len(message)
+        return message
 
     def _accept_failed(self, failure, spare):
         self._release_spare(spare, False)
@@ -428,6 +452,7 @@ class Spool:
     def forget(self, qid):
         """Drop an entry its commit's batch retired (``SpoolEntry.retired``):
         its files are gone already."""
+        self._cool(qid)
         if self._entries.pop(qid, None) is not None:
             events.emit("queue.removed", queue_id=qid)
 
@@ -453,6 +478,9 @@ class Spool:
         entry = self._entries.get(qid)
         if entry is None:
             return defer.fail(KeyError(qid))
+        message = self._cool(qid)           # read once from memory, then from disk
+        if message is not None:
+            return defer.succeed(message)
         d = self.reader(_read_message, self.message_path(qid),
                         entry.message_form == MAILDIR_FORM)
         d.addErrback(_os_to_storage, "read")
@@ -491,26 +519,33 @@ class Spool:
         d.addErrback(self._storage_failed, "update")
         return d
 
-    def remove(self, qid):
+    def remove(self, qid, durable=False):
         """Delete the entry (state file first, so a crash leaves only an orphan).
 
-        The state file becomes a spare when there is room for one.
+        The state file becomes a spare when there is room for one. With
+        ``durable`` the queue directory is fsynced too: the removal is then
+        the record that the entry is done (it can never come back).
         """
         if qid not in self._entries or qid in self._removing:
             return defer.fail(KeyError(qid))
         self._removing.add(qid)
+        self._cool(qid)
         state_path, msg_path = self.state_path(qid), self.message_path(qid)
         spare = self._reserve_spare(qid)
+        sync_dirs = [self.directory] if durable else []
 
         def plan(fs):
-            # No directory fsync: see the module docstring.
+            # No directory fsync unless durable: see the module docstring.
             if spare is None:
-                return Durable(unlinks=[state_path, msg_path], result=qid)
+                return Durable(unlinks=[state_path, msg_path], sync_dirs=sync_dirs,
+                               result=qid)
             try:
                 fs.rename(state_path, spare)
             except FileNotFoundError:
                 pass
-            return Durable(unlinks=[msg_path], result=qid)
+            if durable:
+                sync_dirs.append(self.spare)
+            return Durable(unlinks=[msg_path], sync_dirs=sync_dirs, result=qid)
 
         d = self.writer.submit(plan, "spool.remove")
         d.addCallbacks(self._removed, self._remove_failed, callbackArgs=(qid, spare),
