@@ -41,6 +41,7 @@ from zope.interface import implementer
 from appliance import events
 from appliance.address import quote_local
 from appliance.deliver.mx import RoutingError
+from appliance.netio import write_now
 
 _log = Logger(namespace="mailappliance.deliver.remote")
 
@@ -320,12 +321,12 @@ class SMTPClientProtocol(protocol.Protocol):
 
     # -- commands ------------------------------------------------------------
 
-    def command(self, line):
-        """Write one command line (str, no CRLF); a reply is owed for it."""
+    def command(self, *lines):
+        """Write command lines (str, no CRLF) in one go; a reply is owed for each."""
         if self._failure is not None or self._closed:
             return
-        self._owed += 1
-        self.transport.write(line.encode("utf-8") + b"\r\n")
+        self._owed += len(lines)
+        write_now(self.transport, "".join(line + "\r\n" for line in lines).encode("utf-8"))
 
     def start_tls(self, connection_creator):
         self.discard_input()
@@ -341,6 +342,10 @@ class SMTPClientProtocol(protocol.Protocol):
         """
         if self._failure is not None:
             return defer.fail(self._failure)
+        if len(data) <= BLOCK:          # the usual message: one write, no flow control
+            self._owed += 1
+            write_now(self.transport, bytes(data) + b".\r\n")
+            return defer.succeed(None)
         body = self._body = _Body(memoryview(data), timeout, defer.Deferred())
         self._paused = False
         self.transport.registerProducer(self, True)
@@ -798,8 +803,7 @@ class RemoteDelivery:
     def _pipelined(self, proto, mail, rcpts):
         """RFC 2920: every command in one go, then the replies in order."""
         t = self.timeouts
-        for line in [mail] + rcpts + ["DATA"]:
-            proto.command(line)
+        proto.command(mail, *rcpts, "DATA")
         mail_reply = yield proto.expect(t.command, "sending MAIL FROM")
         rcpt_replies = []
         for _line in rcpts:
