@@ -1,8 +1,15 @@
 """Value objects of a message's journey: the session, the envelope, queue ids."""
 
 import os
+import random
 import time
 from dataclasses import dataclass, field
+
+
+# Uniqueness, not secrecy: a generator seeded from the OS once, instead of a
+# getrandom system call per message. (A fork must not share it: the server
+# does not fork after start, and each process seeds its own.)
+_ids = random.Random(os.urandom(16))
 
 
 def new_queue_id(now=None):
@@ -12,7 +19,7 @@ def new_queue_id(now=None):
     name (hex only) and unique across restarts without a counter on disk.
     """
     micros = int((time.time() if now is None else now) * 1_000_000)
-    return f"{micros:014x}{os.urandom(4).hex()}"
+    return f"{micros:014x}{_ids.getrandbits(32):08x}"
 
 
 @dataclass

@@ -63,6 +63,7 @@ from appliance.tls import ServerTLS, TLSError
 
 FSYNC_THREADS = 16      # fsyncs of one group-commit batch in flight together
 SWITCH_INTERVAL = 0.0005    # seconds; see makeService
+EVENT_FLUSH_INTERVAL = 0.02     # seconds; see EventLogService
 
 DEFAULT_CONFIG = "/etc/mailappliance/mailappliance.ini"
 
@@ -94,6 +95,7 @@ class EventLogService(service.Service):
         self.path = path
         self.reactor = reactor
         self.observer = None
+        self._flushed_at = 0.0
 
     def privilegedStartService(self):
         # Opened before twistd drops privileges: /var/log may need root.
@@ -106,7 +108,14 @@ class EventLogService(service.Service):
         super().privilegedStartService()
 
     def _call_soon(self, f):
-        self.reactor.callLater(0, f)
+        # At most one write per EVENT_FLUSH_INTERVAL under load (each is a
+        # system call on the reactor thread); at once after a quiet spell.
+        delay = max(0.0, self._flushed_at + EVENT_FLUSH_INTERVAL - self.reactor.seconds())
+        self.reactor.callLater(delay, self._flush, f)
+
+    def _flush(self, f):
+        self._flushed_at = self.reactor.seconds()
+        f()
 
     def stopService(self):
         super().stopService()

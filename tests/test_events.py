@@ -71,3 +71,33 @@ def test_only_notable_events_reach_the_text_log():
     assert names == ["server.started", "listener.failed"]
     from twisted.logger import formatEvent
     assert formatEvent(seen[1]) == "listener.failed name='mx' address='a' error='e'"
+
+
+def test_the_running_server_writes_events_at_most_once_per_flush_interval(tmp_path):
+    from twisted.internet import task
+
+    from appliance.tap import EVENT_FLUSH_INTERVAL, EventLogService
+
+    clock = task.Clock()
+    clock.advance(100)
+    path = tmp_path / "log" / "events.json"
+    service = EventLogService(str(path), clock)
+    service.privilegedStartService()
+    service.startService()
+
+    def lines():
+        return len(path.read_text().splitlines())
+
+    try:
+        events.emit("server.stopped")
+        assert lines() == 0 and len(clock.getDelayedCalls()) == 1
+        clock.advance(0)                            # quiet before: written at once
+        assert lines() == 1
+        events.emit("server.stopped")
+        events.emit("server.stopped")
+        clock.advance(EVENT_FLUSH_INTERVAL / 2)     # busy: waits out the interval
+        assert lines() == 1
+        clock.advance(EVENT_FLUSH_INTERVAL / 2)
+        assert lines() == 3 and clock.getDelayedCalls() == []
+    finally:
+        service.stopService()

@@ -432,9 +432,15 @@ def wire_body(message):
     blocks (T12); a bare CR or LF becomes CRLF, never travels raw. The final
     ``.CRLF`` is not included.
     """
-    data = _LINE_END.sub(b"\r\n", message)
+    crlf = message.count(b"\r\n")
+    if crlf == message.count(b"\n") == message.count(b"\r"):
+        data = message                  # every line ends in CRLF already (the usual)
+    else:
+        data = _LINE_END.sub(b"\r\n", message)
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
+    if b"\n." not in data and not data.startswith(b"."):
+        return data                     # no line to stuff
     return _DOT_LINE.sub(b"..", data)
 
 

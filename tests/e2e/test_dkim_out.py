@@ -132,8 +132,10 @@ def test_submitted_mail_verifies_at_the_remote_end(mailserver_factory, dns, post
     results = dkimpy_results(stored, dnsfunc_server(dns.host, dns.port))
     assert results == {key: True for key in expected}       # one signature per key, once
 
-    [accepted] = server.events("smtp.message.accepted")
-    signed = server.events("dkim.signed")
+    # Events reach the file within a flush interval, not before the reply.
+    [accepted] = wait_until(lambda: server.events("smtp.message.accepted"), 10,
+                            what="smtp.message.accepted")
+    signed = wait_until(lambda: server.events("dkim.signed"), 10, what="dkim.signed")
     assert {(e["selector"], e["algorithm"]) for e in signed} == expected
     assert {e["queue_id"] for e in signed} == {accepted["queue_id"]}
     assert {e["domain"] for e in signed} == {"example.test"}

@@ -122,6 +122,7 @@ def test_signed_mail_passes_with_our_header_on_top_and_forgeries_removed(server)
     for clause in ("spf=pass smtp.mailfrom=bounce@good.test", "spf=pass smtp.helo=" + CLIENT_NAME,
                    "dkim=pass header.d=good.test", "dmarc=pass"):
         assert clause in " ".join(ours.split()), ours
+    wait_until(lambda: server.events("check.dmarc"), 10, what="check.dmarc")
     results = {e["event"]: e["result"] for e in server.events()
                if e["event"].startswith("check.") and e.get("identity") != "helo"}
     assert results == {"check.spf": "pass", "check.dkim": "pass", "check.dmarc": "pass"}
@@ -134,7 +135,7 @@ def test_spoofing_a_p_reject_domain_is_refused_and_nothing_stored(server):
              make_message(server.user, "ceo@good.test", marker))
     assert refused.value.smtp_code == 550
     assert refused.value.smtp_error.startswith(b"5.7.1")
-    [event] = server.events("check.dmarc")
+    [event] = wait_until(lambda: server.events("check.dmarc"), 10, what="check.dmarc")
     assert (event["domain"], event["result"], event["action"]) == ("good.test", "fail", "reject")
     assert server.spool_files() == [] and server.messages(server.user) == []
 
@@ -195,9 +196,10 @@ def test_other_sessions_are_answered_while_a_check_is_slow(server, sender, selec
     assert outcome, "the first client got no answer"
     assert outcome[0][0] == "250"     # DMARC passes: aligned SPF (huge) or DKIM (hang)
     if selector == "huge":
-        [dkim_event] = server.events("check.dkim")
+        [dkim_event] = wait_until(lambda: server.events("check.dkim"), 10, what="check.dkim")
         assert dkim_event["reason"] == "key over 4096 bits"
     else:
         assert outcome[0][1] > 2.5                    # it did wait for the DNS timeout
-        spf = [e for e in server.events("check.spf") if e["identity"] == "mailfrom"]
+        spf = wait_until(lambda: [e for e in server.events("check.spf")
+                                  if e["identity"] == "mailfrom"], 10, what="check.spf")
         assert spf[0]["result"] == "temperror"

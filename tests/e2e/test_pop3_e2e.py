@@ -149,7 +149,7 @@ def test_commands_sent_with_stls_are_discarded(server):
         tls_reader.close()
         tls.close()
         reader.close()
-    assert server.events("pop3.stls.discarded")
+    wait_until(lambda: server.events("pop3.stls.discarded"), TIMEOUT, what="pop3.stls.discarded")
 
 
 # -- implicit TLS on pop3s ---------------------------------------------------------------
@@ -207,7 +207,8 @@ def test_wrong_passwords_are_limited_and_logged(server):
         client.pass_("guess 2")
     with pytest.raises((poplib.error_proto, OSError, EOFError)):
         client.noop()
-    failures = server.events("auth.failure")
+    failures = wait_until(lambda: len(server.events("auth.failure")) >= 3 and
+                          server.events("auth.failure"), TIMEOUT, what="3 auth.failure")
     assert len(failures) == 3
     assert {f["listener"] for f in failures} == {"pop3s"}
     assert all("guess" not in str(f) for f in failures)
@@ -237,7 +238,7 @@ def test_curl_lists_and_retrieves_over_pop3s(server):
     parsed = BytesParser(policy=policy.default).parsebytes(message.replace(b"\r\n", b"\n"))
     assert parsed["Subject"] == "message 2"
     assert ".a line starting with a dot\n.\nend" in parsed.get_content()
-    logins = server.events("pop3.login")
+    logins = wait_until(lambda: server.events("pop3.login"), TIMEOUT, what="pop3.login")
     assert {e["mechanism"] for e in logins} <= {"PLAIN", "LOGIN", "USER"}
 
 
