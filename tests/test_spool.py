@@ -470,7 +470,8 @@ def test_a_complete_route_retires_the_entry_in_the_commits_batch(tmp_path, colle
     batches = spool.writer.batches
     assert result_of(spool.accept(envelope(recipients=("bob@example.test",)), MESSAGE)) == QID
     assert spool.writer.batches - batches == 1
-    assert os.listdir(queue) == [] and os.listdir(spare) == [QID]   # the state file recycled
+    # Every link was ready: no state file at all, the Maildir is the record.
+    assert os.listdir(queue) == [] and os.listdir(spare) == []
     [name] = new_files(mail, "bob")
     assert (mail / "example.test" / "bob" / "new" / name).read_bytes() == maildir_bytes(
         "alice@example.org", MESSAGE)
@@ -494,6 +495,39 @@ def test_an_entry_whose_link_failed_is_not_retired(tmp_path):
     entry = spool.get(QID)
     assert not entry.retired and entry.linked["bob@example.test"].check(OSError)
     assert sorted(os.listdir(queue)) == [QID + ".json", QID + ".msg"]
+
+
+def test_a_kill_at_any_step_of_a_direct_commit_leaves_no_partial_message(tmp_path):
+    """Every recipient linked at commit, no state file: a kill leaves no 250,
+    no truncated Maildir file and, after recovery, nothing in the queue."""
+    full = maildir_bytes("alice@example.org", MESSAGE)
+    outcomes = set()
+    for step in range(100):
+        queue, mail = tmp_path / f"run{step}" / "queue", tmp_path / f"run{step}" / "mail"
+        fs = FaultyFS(at=step)
+        spool = make_spool(queue, fs=fs)
+        router = linking_router(mail)
+        spool.set_router(lambda entry: router(entry)._replace(complete=True))
+        answered = []
+        try:
+            spool.accept(envelope(recipients=("bob@example.test", "carol@example.test")),
+                         MESSAGE).addBoth(answered.append)
+        except Crash:
+            pass
+        boxes = [mail / "example.test" / user / "new" for user in ("bob", "carol")]
+        files = [box / name for box in boxes if box.exists() for name in os.listdir(box)]
+        assert all(path.read_bytes() == full for path in files)
+        if fs.crashed:
+            assert answered in ([], ) or not isinstance(answered[0], str)
+            outcomes.add("killed")
+        else:
+            assert answered == [QID] and len(files) == 2
+            outcomes.add("delivered")
+        assert result_of(make_spool(queue).recover()) == []
+        assert not queue.exists() or os.listdir(queue) == []
+        if not fs.crashed:
+            break                       # every step before this one was a kill
+    assert outcomes == {"killed", "delivered"}
 
 
 def test_a_router_that_fails_or_waits_still_commits(tmp_path):

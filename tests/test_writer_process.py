@@ -80,12 +80,28 @@ def test_a_dead_child_fails_its_batch_and_the_next_batch_gets_a_new_one(files, t
     first = files._child
     first.kill()
     first.wait()
+    # Dead before the batch was sent (the pipe is broken): nothing of it ran,
+    # so a new child takes it.
+    [(ok, _)] = run_batch(files, [store(str(tmp_path), "next")])
+    assert ok and files._child is not first and (tmp_path / "next").exists()
+
+
+def test_a_child_dying_during_a_batch_fails_that_batch_only(files, tmp_path, monkeypatch):
+    run_batch(files, [store(str(tmp_path), "first")])
+    child = files._child
+
+    def dies_before_replying(fd):
+        child.kill()
+        child.wait()
+        return real_read(fd)
+
+    real_read = writer_process._read_message
+    monkeypatch.setattr(writer_process, "_read_message", dies_before_replying)
     [(ok, error)] = run_batch(files, [store(str(tmp_path), "lost")])
-    # poll() saw it dead before the call: a new child took the batch; or the
-    # call broke on the dead pipe: the batch failed as a storage error.
-    assert ok or isinstance(error, WriterDied)
+    assert not ok and isinstance(error, WriterDied)
+    monkeypatch.setattr(writer_process, "_read_message", real_read)
     [(ok, _)] = run_batch(files, [store(str(tmp_path), "again")])
-    assert ok and files._child is not first and (tmp_path / "again").exists()
+    assert ok and files._child is not child and (tmp_path / "again").exists()
 
 
 def test_the_child_ends_at_shutdown(files, tmp_path):

@@ -29,7 +29,14 @@ its Maildir files (exactly once still holds).
 
 When the links of 3 deliver every recipient, the same batch retires the entry
 after 4 (state file first, as a removal would): the common message costs one
-batch, and its entry never outlives it. A kill between 4 and the reply leaves
+batch, and its entry never outlives it. When the plan finds every link ready
+to be made (each recipient a local Maildir that exists or was just created),
+the batch skips the state file altogether: ``<id>.msg`` is written and
+fsynced, linked into each ``new/``, those directories fsynced, and the spool
+file unlinked. The Maildirs are then the record; a crash before their fsync
+leaves at most an orphan ``<id>.msg`` (deleted by recovery) and no ``250``.
+If a link fails after all, a second batch commits the state file (and the
+queue directory) before the ``250``, and the runner delivers the rest. A kill between 4 and the reply leaves
 a message delivered but unanswered, as a kill just after any last fsync does:
 the client sends it again.
 """
@@ -379,17 +386,25 @@ class Spool:
         msg_path, state_path = self.message_path(qid), self.state_path(qid)
         state = entry.dumps()
         spare, retire = None, []
-        if links is not None and route.complete:
+        complete = links is not None and route.complete
+        if complete:
             # Every recipient is delivered once the links are durable: the
             # entry leaves the spool in the same batch, as ``remove`` would.
             spare = self._reserve_spare(qid)
             retire = [("rename", state_path, spare) if spare else ("unlink", state_path),
                       ("unlink", msg_path)]
+        direct = []                 # the plan's choice, read back once the batch is done
 
         def plan(fs):
             parents = self._ensure_dir(fs)
-            writes, rewrites, temp = self._state_write(qid, state)
             pairs, created = links.prepare(fs, msg_path) if links is not None else ((), [])
+            if complete and links.all_prepared:
+                # Straight into the Maildirs: no state file (module docstring).
+                direct.append(True)
+                return Durable(writes=[(msg_path, stored)], links=pairs,
+                               sync_dirs=parents + created, result=qid,
+                               retire=[("unlink", msg_path)])
+            writes, rewrites, temp = self._state_write(qid, state)
             return Durable(writes=[(msg_path, stored)] + writes, rewrites=rewrites,
                            renames=[(temp, state_path)], links=pairs,
                            sync_dirs=parents + [self.directory] + created,
@@ -397,9 +412,30 @@ class Spool:
                            retire=retire if links is not None and links.all_prepared else [])
 
         d = self.writer.submit(plan, "spool.accept")
-        d.addCallbacks(self._accepted, self._accept_failed,
-                       callbackArgs=(entry, route, retire, spare, message),
+        d.addCallbacks(self._committed, self._accept_failed,
+                       callbackArgs=(entry, route, retire, spare, message, direct),
                        errbackArgs=(spare,))
+        return d
+
+    def _committed(self, result, entry, route, retire, spare, message, direct):
+        if not direct:
+            return self._accepted(result, entry, route, retire, spare, message)
+        self._release_spare(spare, False)
+        if not result[1]:
+            return self._accepted(result, entry, route, retire, None, message)
+        # A link failed: the message stays queued for those recipients, so it
+        # needs its state file after all (and the queue directory its fsync),
+        # before the 250.
+        state, state_path = entry.dumps(), self.state_path(entry.queue_id)
+
+        def plan(fs):
+            writes, rewrites, temp = self._state_write(entry.queue_id, state)
+            return Durable(writes=writes, rewrites=rewrites, renames=[(temp, state_path)],
+                           sync_dirs=[self.directory], rollback=[state_path])
+
+        d = self.writer.submit(plan, "spool.accept")
+        d.addCallbacks(lambda _: self._accepted(result, entry, route, [], None, message),
+                       self._accept_failed, errbackArgs=(None,))
         return d
 
     def _accepted(self, result, entry, route, retire, spare, message):

@@ -71,7 +71,7 @@ class ChildProcessFileSystem(FileSystem):
         with self._guard:
             if self._lock_fd is None:
                 self._lock_fd = _acquire(self.lock_path)
-            if self._child is None or self._child.poll() is not None:
+            if self._child is None:
                 self._child = self._spawn()
 
     def _spawn(self):
@@ -122,12 +122,26 @@ class ChildProcessFileSystem(FileSystem):
             item.link_failed = link_failed
 
     def _call(self, request):
-        child = self._child
         data = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
+        message = _LENGTH.pack(len(data)) + data
         try:
-            _write_all(child.stdin.fileno(), _LENGTH.pack(len(data)) + data)
-            return pickle.loads(_read_message(child.stdout.fileno()))
+            self._send(message)
+        except BrokenPipeError:
+            # The child had died before this batch (nothing of it ran): a new one.
+            self._forget_child()
+            self.prepare_batch()
+            self._send(message)
+        try:
+            return pickle.loads(_read_message(self._child.stdout.fileno()))
         except (OSError, EOFError, pickle.UnpicklingError) as e:
+            raise WriterDied(f"writer process: {e}") from None
+
+    def _send(self, message):
+        try:
+            _write_all(self._child.stdin.fileno(), message)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
             raise WriterDied(f"writer process: {e}") from None
 
     def _forget_child(self):
