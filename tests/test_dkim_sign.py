@@ -21,7 +21,8 @@ from appliance.auth.sasl import Mechanisms
 from appliance.envelope import Session
 from appliance.policy import keys as keysmod
 from appliance.policy.dkim_sign import (
-    SigningFailed, Signer, headers_to_sign, sign_message, signing_domain)
+    SigningFailed, Signer, ascii_forms, cannot_be_local, headers_to_sign, sign_message,
+    signing_domain)
 from appliance.policy.keys import KeyService, KeyStore, KeyStoreError, check_rsa_size
 from appliance.receive.smtp import SMTPFactory
 from appliance.receive.submission import SubmissionFactory
@@ -331,6 +332,25 @@ def test_mail_dkim_verifies_our_signatures_through_dns(dual_keys):
 def test_the_signing_domain_is_the_one_local_from_domain(from_header, domain):
     message = from_header + b"\r\nSubject: x\r\n\r\nbody\r\n"
     assert signing_domain(message, LOCAL) == domain
+
+
+@pytest.mark.parametrize("from_header, decided", [
+    (b"From: someone@remote.test", True),
+    (b"From: Someone <s@remote.test>\r\n (a comment)", True),
+    (b"From: Alice <alice@example.test>", False),
+    (b"FROM : alice@EXAMPLE.ORG", False),
+    (b"From: info@XN--BCHER-KVA.TEST", False),              # bücher.test, as A-labels
+    (b"From: =?utf-8?q?x?= <info@remote.test>", False),     # encoded words: parse it
+    (b"From: \xc3\xa9@remote.test", False),                  # non-ASCII: parse it
+    (b"From: a@remote.test\r\n\tb@example.test", False),     # folded onto a second line
+    (b"Sender: alice@remote.test", False),                  # no From: at all: parse it
+])
+def test_a_foreign_from_is_told_apart_without_a_thread(from_header, decided):
+    """``cannot_be_local`` only ever says True when ``signing_domain`` says None."""
+    message = from_header + b"\r\nSubject: x\r\n\r\nFrom: alice@example.test\r\n"
+    assert cannot_be_local(message, ascii_forms(LOCAL)) is decided
+    if decided:
+        assert signing_domain(message, LOCAL) is None
 
 
 # -- the step between end of DATA and the spool ---------------------------------------------

@@ -17,6 +17,8 @@ dkimpy and the key store block (RSA in pure Python, file reads): ``sign``
 runs them through ``run_in_thread`` and answers with a Deferred (T24).
 """
 
+import re
+
 import dkim
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -64,6 +66,43 @@ def header_section(message):
     end = message.find(b"\r\n\r\n")
     head = message if end < 0 else message[:end + 2]
     return head.split(b"\r\n")[:-1] if head.endswith(b"\r\n") else head.split(b"\r\n")
+
+
+_FROM_FIELD = re.compile(rb"^from[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)",
+                         re.IGNORECASE | re.MULTILINE)
+
+
+def ascii_forms(domains):
+    """The domains as they can appear in a plain-ASCII header: A-labels."""
+    forms = set()
+    for domain in domains:
+        try:
+            forms.add(domain.lower().encode("idna"))
+        except UnicodeError:
+            continue            # not a name a header could hold in ASCII either
+    return frozenset(forms)
+
+
+def cannot_be_local(message, local_forms):
+    """True when no From: field of ``message`` could name a local domain
+    (``local_forms``: from ``ascii_forms``), by a look at the raw bytes: on
+    the reactor, with no thread needed to find out.
+
+    Only a plain-ASCII From: without encoded words, in which no local domain
+    appears at all, says True; anything else (non-ASCII, ``=?``, a domain
+    seen) is left to ``signing_domain``'s full parse.
+    """
+    end = message.find(b"\r\n\r\n")
+    head = message if end < 0 else message[:end + 2]
+    found = False
+    for match in _FROM_FIELD.finditer(head):
+        value = match.group(1).lower()
+        if not value.isascii() or b"=?" in value:
+            return False
+        if any(form in value for form in local_forms):
+            return False
+        found = True
+    return found
 
 
 def headers_to_sign(message):
@@ -128,6 +167,7 @@ class Signer:
         self.keystore = keystore
         self.run_in_thread = run_in_thread
         self.local_domains = frozenset(config.server.domains)
+        self._local_forms = ascii_forms(self.local_domains)
 
     def wants(self, session):
         """Mail from our users: authenticated, or from a trusted network."""
@@ -138,7 +178,7 @@ class Signer:
         """A Deferred firing with the message to queue: signed, or unchanged
         when it is not ours to sign; SigningFailed if it cannot be signed."""
         context = dict(session=session_id, peer_ip=session.peer_ip, queue_id=queue_id)
-        if not self.wants(session):
+        if not self.wants(session) or cannot_be_local(message, self._local_forms):
             return defer.succeed(message)
         d = self.run_in_thread(self.sign_blocking, message)
         d.addCallbacks(self._signed, self._failed, callbackArgs=(context,),
