@@ -61,7 +61,7 @@ from appliance.receive.smtp import SMTPFactory
 from appliance.receive.submission import SubmissionFactory
 from appliance.tls import ServerTLS, TLSError
 
-FSYNC_THREADS = 16      # fsyncs of one group-commit batch in flight together
+FSYNC_THREADS = 4       # fsyncs of one group-commit batch in flight together (in the writer child)
 SWITCH_INTERVAL = 0.0005    # seconds; see makeService
 EVENT_FLUSH_INTERVAL = 0.02     # seconds; see EventLogService
 
