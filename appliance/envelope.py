@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 _ids = random.Random(os.urandom(16))
 
 
+def new_session_id():
+    """8 hex digits naming one connection in the event stream (not a secret)."""
+    return f"{_ids.getrandbits(32):08x}"
+
+
 def new_queue_id(now=None):
     """A sortable, unique queue id: 10 hex digits of microseconds + 8 random hex.
 

@@ -335,7 +335,8 @@ def build(cfg, reactor):
     writer_pool = threadpool.ThreadPool(minthreads=1, maxthreads=1, name="group-commit")
     # The writes and fsyncs of each batch run in a child process (its own GIL):
     # see appliance.queue.writer_process.
-    files = ChildProcessFileSystem(os.path.join(data_dir, "queue.lock"), FSYNC_THREADS)
+    files = ChildProcessFileSystem(os.path.join(data_dir, "queue.lock"), FSYNC_THREADS,
+                                   reactor=reactor)
     writer = GroupCommitWriter(pool_runner(reactor, writer_pool), files)
 
     def read_in_thread(f, *args):

@@ -6,13 +6,17 @@ as in-process (tests/test_group_commit.py), across the pipe.
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
 
 from appliance.queue import writer_process
-from appliance.queue.commit import Durable, run_batch
+from appliance.queue.commit import Durable, GroupCommitWriter, run_batch
 from appliance.queue.writer_process import ChildProcessFileSystem, WriterDied
 
 
@@ -143,7 +147,7 @@ def test_the_lock_outlives_the_server_while_its_child_lives(tmp_path, monkeypatc
     script = (
         "import sys, os, time\n"
         "from appliance.queue.writer_process import ChildProcessFileSystem\n"
-        "from appliance.queue.commit import Durable, run_batch\n"
+        "from appliance.queue.commit import Durable, GroupCommitWriter, run_batch\n"
         f"fs = ChildProcessFileSystem({lock!r})\n"
         f"run_batch(fs, [lambda fs: Durable(writes=[({str(tmp_path / 'f')!r}, b'x')])])\n"
         "print(fs._child.pid, flush=True)\n"
@@ -163,3 +167,72 @@ def test_the_lock_outlives_the_server_while_its_child_lives(tmp_path, monkeypatc
     finally:
         server.kill()
         server.wait()
+
+
+# -- light batches from the reactor, no thread -----------------------------------
+
+class FromTheReactor(unittest.TestCase):
+    """run_batch_here with the real reactor watching the child's pipe."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="writer-here-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.files = ChildProcessFileSystem(os.path.join(self.dir, "queue.lock"), threads=2,
+                                            reactor=reactor)
+        self.addCleanup(self.files.shutdown)
+
+    def test_no_child_yet_means_the_thread_path(self):
+        self.assertIsNone(self.files.run_batch_here([store(self.dir, "a")]))
+
+    @defer.inlineCallbacks
+    def test_a_light_batch_runs_without_a_thread(self):
+        run_batch(self.files, [store(self.dir, "first")])     # spawns the child
+        d = self.files.run_batch_here([store(self.dir, "a"), store(self.dir, "b", b"bee")])
+        self.assertIsInstance(d, defer.Deferred)
+        outcomes = yield d
+        self.assertEqual(outcomes, [(True, os.path.join(self.dir, "a")),
+                                    (True, os.path.join(self.dir, "b"))])
+        with open(os.path.join(self.dir, "b"), "rb") as f:
+            self.assertEqual(f.read(), b"bee")
+
+    @defer.inlineCallbacks
+    def test_a_group_commit_writer_sends_light_batches_past_its_thread(self):
+        run_batch(self.files, [store(self.dir, "first")])
+        threaded = []
+
+        def runner(f, *args):
+            threaded.append(f)
+            return defer.maybeDeferred(f, *args)
+
+        writer = GroupCommitWriter(runner, self.files)
+        light = yield writer.submit(store(self.dir, "light"), "test", light=True)
+        heavy = yield writer.submit(store(self.dir, "heavy"), "test")
+        self.assertEqual((light, heavy), (os.path.join(self.dir, "light"),
+                                          os.path.join(self.dir, "heavy")))
+        self.assertEqual(len(threaded), 1)          # only the heavy one
+
+    def test_a_child_found_dead_sends_the_batch_to_the_thread_path(self):
+        run_batch(self.files, [store(self.dir, "first")])
+        first = self.files._child
+        first.kill()
+        first.wait()
+        self.assertIsNone(self.files.run_batch_here([store(self.dir, "x")]))
+        [(ok, _)] = run_batch(self.files, [store(self.dir, "again")])
+        self.assertTrue(ok)
+        self.assertIsNot(self.files._child, first)
+
+    @defer.inlineCallbacks
+    def test_a_child_dying_mid_batch_fails_that_batch(self):
+        run_batch(self.files, [store(self.dir, "first")])
+        child = self.files._child
+
+        def died_before_replying(fd):
+            child.kill()
+            child.wait()
+            raise EOFError("end of input")      # what a read of its closed pipe meets
+
+        self.patch(writer_process, "_read_message", died_before_replying)
+        outcomes = yield self.files.run_batch_here([store(self.dir, "lost")])
+        self.assertFalse(outcomes[0][0])
+        self.assertIsInstance(outcomes[0][1], WriterDied)
+        self.assertIsNone(self.files._child)

@@ -29,7 +29,6 @@ polling the disk (two ``stat`` calls) every few seconds only while IDLE.
 
 import ipaddress
 import re
-import secrets
 import tempfile
 
 from twisted.internet import defer, protocol
@@ -52,6 +51,7 @@ from appliance.access.maildir import (DELIMITER, SYSTEM_FLAGS, FolderError,
                                       check_folder_name, maildir_path)
 from appliance.auth.accounts import BackendUnavailable, BadCredentials
 from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
+from appliance.envelope import new_session_id
 from appliance.receive.policy import BUSY, DENIED, ConnectionGate
 from appliance.receive.received import header_safe
 from appliance.tls import TLSError, connection_info
@@ -206,7 +206,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.callLater = factory.clock.callLater        # TimeoutMixin's timer source
         self.timeOut = PREAUTH_TIMEOUT
         self.POSTAUTH_TIMEOUT = factory.config.limits.imap_idle_timeout
-        self.session_id = secrets.token_hex(4)
+        self.session_id = new_session_id()
         self.peer_ip = ""
         self.tls = factory.implicit_tls
         self.user = None                # UserMaildir after login

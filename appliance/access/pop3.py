@@ -31,7 +31,6 @@ and across restarts.
 
 import ipaddress
 import re
-import secrets
 from io import BytesIO
 
 from twisted.internet import defer, protocol
@@ -46,6 +45,7 @@ from appliance import events
 from appliance.access.maildir import FolderMissing, MessageGone
 from appliance.auth.accounts import BackendUnavailable, BadCredentials
 from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
+from appliance.envelope import new_session_id
 from appliance.receive.framing import LineFramer
 from appliance.receive.policy import BUSY, DENIED, ConnectionGate
 from appliance.receive.received import header_safe
@@ -267,7 +267,7 @@ class POP3Session(pop3.POP3):
         self.clock = factory.clock
         # TimeoutMixin's setTimeout(None) overwrites timeOut: keep the setting apart.
         self.idle_timeout = self.config.limits.pop3_timeout
-        self.session_id = secrets.token_hex(4)
+        self.session_id = new_session_id()
         self.peer_ip = ""
         self.tls = factory.implicit_tls
         self.account = None

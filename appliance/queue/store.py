@@ -84,6 +84,7 @@ CORRUPT_DIR = "corrupt"
 QUEUE_ID = re.compile(r"[0-9a-f]{8,64}")
 RESERVE_BYTES = 16 * 1024 * 1024
 RESERVE_INODES = 64
+LIGHT_WRITE = 64 * 1024     # a commit writing no more may run from the reactor (commit.py)
 HOT_MESSAGE = 256 * 1024    # a message up to this size is kept in memory for its first read
 HOT_BYTES = 32 * 1024 * 1024
 MAX_SPARES = 1024
@@ -411,7 +412,7 @@ class Spool:
                            rollback=[state_path, msg_path], result=qid,
                            retire=retire if links is not None and links.all_prepared else [])
 
-        d = self.writer.submit(plan, "spool.accept")
+        d = self.writer.submit(plan, "spool.accept", light=len(stored) <= LIGHT_WRITE)
         d.addCallbacks(self._committed, self._accept_failed,
                        callbackArgs=(entry, route, retire, spare, message, direct),
                        errbackArgs=(spare,))
@@ -433,7 +434,7 @@ class Spool:
             return Durable(writes=writes, rewrites=rewrites, renames=[(temp, state_path)],
                            sync_dirs=[self.directory], rollback=[state_path])
 
-        d = self.writer.submit(plan, "spool.accept")
+        d = self.writer.submit(plan, "spool.accept", light=True)
         d.addCallbacks(lambda _: self._accepted(result, entry, route, [], None, message),
                        self._accept_failed, errbackArgs=(None,))
         return d
@@ -551,7 +552,7 @@ class Spool:
             return Durable(writes=writes, rewrites=rewrites, renames=[(temp, state_path)],
                            sync_dirs=[self.directory], result=entry)
 
-        d = self.writer.submit(plan, "spool.update")
+        d = self.writer.submit(plan, "spool.update", light=True)
         d.addErrback(self._storage_failed, "update")
         return d
 
@@ -583,7 +584,7 @@ class Spool:
                 sync_dirs.append(self.spare)
             return Durable(unlinks=[msg_path], sync_dirs=sync_dirs, result=qid)
 
-        d = self.writer.submit(plan, "spool.remove")
+        d = self.writer.submit(plan, "spool.remove", light=True)
         d.addCallbacks(self._removed, self._remove_failed, callbackArgs=(qid, spare),
                        errbackArgs=(qid, spare))
         return d

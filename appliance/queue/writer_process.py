@@ -35,6 +35,10 @@ import sys
 import threading
 import time
 
+from twisted.internet import defer
+from twisted.internet.interfaces import IReadDescriptor
+from zope.interface import implementer
+
 from appliance.queue.commit import Durable, FileSystem, _Item, execute_items
 
 _LENGTH = struct.Struct(">I")
@@ -56,10 +60,11 @@ class ChildProcessFileSystem(FileSystem):
     an executor's).
     """
 
-    def __init__(self, lock_path, threads=16, python=None):
+    def __init__(self, lock_path, threads=16, python=None, reactor=None):
         self.lock_path = lock_path
         self.threads = threads
         self.python = python or sys.executable
+        self.reactor = reactor          # given: light batches run from the reactor
         self._lock_fd = None
         self._child = None
         self._guard = threading.Lock()
@@ -121,6 +126,64 @@ class ChildProcessFileSystem(FileSystem):
             item.error = error
             item.link_failed = link_failed
 
+    # -- a light batch, from the reactor thread
+
+    def run_batch_here(self, plans):
+        """``run_batch`` without a thread, or None when it needs one.
+
+        For batches of light plans (``GroupCommitWriter.submit``): the plans
+        run here, the request goes down the pipe (small: the child is
+        waiting for it, the write does not block), and the reactor watches
+        for the reply. The first batch (recovery), a dead child or a missing
+        reactor send the batch to the writer thread instead.
+        """
+        child = self._child
+        if self.reactor is None or child is None or self._lock_fd is None:
+            return None
+        if child.poll() is not None:    # died since the last batch: the thread respawns it
+            with self._guard:
+                self._forget_child()
+            return None
+        items = [_Item(plan) for plan in plans]
+        for item in items:
+            try:
+                item.durable = item.plan(self)
+            except Exception as e:  # noqa: BLE001 - fails its item only, as in run_batch
+                item.error = e
+        live = [(n, item) for n, item in enumerate(items) if item.alive]
+        if not live:
+            return defer.succeed([item.outcome() for item in items])
+        request = [(n, tuple(getattr(item.durable, f) for f in _FIELDS)) for n, item in live]
+        data = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
+        try:
+            _write_all(child.stdin.fileno(), _LENGTH.pack(len(data)) + data)
+        except OSError as e:
+            self._lost(live, e)
+            return defer.succeed([item.outcome() for item in items])
+        done = defer.Deferred()
+        reader = _Readable(child.stdout.fileno(),
+                           lambda: self._reply_ready(reader, items, live, done))
+        self.reactor.addReader(reader)
+        return done
+
+    def _reply_ready(self, reader, items, live, done):
+        self.reactor.removeReader(reader)
+        try:
+            reply = pickle.loads(_read_message(reader.fd))
+        except (OSError, EOFError, pickle.UnpicklingError) as e:
+            self._lost(live, WriterDied(f"writer process: {e}"))
+        else:
+            for n, error, link_failed in reply:
+                items[n].error = error
+                items[n].link_failed = link_failed
+        done.callback([item.outcome() for item in items])
+
+    def _lost(self, live, error):
+        with self._guard:
+            self._forget_child()
+        for _, item in live:
+            item.error = error
+
     def _call(self, request):
         data = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
         message = _LENGTH.pack(len(data)) + data
@@ -151,6 +214,24 @@ class ChildProcessFileSystem(FileSystem):
             child.wait()
             child.stdin.close()
             child.stdout.close()
+
+
+@implementer(IReadDescriptor)
+class _Readable:
+    """The child's reply pipe, watched by the reactor for one batch."""
+
+    def __init__(self, fd, ready):
+        self.fd = fd
+        self.doRead = ready
+
+    def fileno(self):
+        return self.fd
+
+    def connectionLost(self, reason):
+        pass
+
+    def logPrefix(self):
+        return "group-commit-writer"
 
 
 def _acquire(path):

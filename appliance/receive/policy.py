@@ -5,6 +5,7 @@ protocol only relays the answer. ``SubmissionPolicy`` is the submission
 ports' (AUTH required, sender ownership, any recipient domain).
 """
 
+import functools
 import ipaddress
 
 from twisted.internet import defer
@@ -18,11 +19,19 @@ _log = Logger()
 
 def peer_in(networks, peer_ip):
     """True when ``peer_ip`` (a string) lies in one of ``networks``."""
-    try:
-        ip = ipaddress.ip_address(peer_ip)
-    except ValueError:          # not an IP peer (a UNIX socket in tests)
+    if not networks:
         return False
-    return any(ip in network for network in networks)
+    ip = _ip(peer_ip)
+    return ip is not None and any(ip in network for network in networks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip(text):
+    """The parsed address (asked several times per connection), or None."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:          # not an IP peer (a UNIX socket in tests)
+        return None
 
 
 DENIED = "denied"

@@ -7,12 +7,15 @@ a client write headers of its own into ours (TWISTED-TRAPS T17).
 
 import datetime
 import email.utils
+import functools
 
 from appliance.address import smtp_path
 
 
 def header_safe(text, allow_utf8=False):
     """``text`` with every control character (and, unless allowed, non-ASCII) as ``?``."""
+    if text.isascii() and text.isprintable():
+        return text                 # the usual case, checked in C
     def keep(char):
         if char.isascii():
             return 0x20 <= ord(char) < 0x7f
@@ -25,6 +28,13 @@ def protocol_name(esmtp, tls=False, auth=False, utf8=False):
     or UTF8SMTP(S)(A) for an SMTPUTF8 transaction (RFC 6531 §4.3)."""
     name = "UTF8SMTP" if utf8 else "ESMTP" if esmtp else "SMTP"
     return name + ("S" if tls else "") + ("A" if auth else "")
+
+
+@functools.lru_cache(maxsize=4)
+def _date(second):
+    """RFC 5322 date of a whole second (made once per second, not per message)."""
+    return email.utils.format_datetime(
+        datetime.datetime.fromtimestamp(second, datetime.timezone.utc))
 
 
 def received_header(*, helo, peer_ip, hostname, with_, queue_id, recipients,
@@ -40,8 +50,7 @@ def received_header(*, helo, peer_ip, hostname, with_, queue_id, recipients,
         f"Received: from {header_safe(helo)} ([{peer_ip}])",
         f"\tby {hostname} (mailappliance) with {with_} id {queue_id}",
     ]
-    date = email.utils.format_datetime(
-        datetime.datetime.fromtimestamp(when, datetime.timezone.utc))
+    date = _date(int(when))
     if len(recipients) == 1:
         lines.append(f"\tfor {header_safe(smtp_path(recipients[0]), utf8)}; {date}")
     else:

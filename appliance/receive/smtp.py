@@ -18,7 +18,6 @@ AUTH (stock: T4-T6) is refused here and added by the submission profile
 
 import ipaddress
 import re
-import secrets
 
 from OpenSSL import SSL
 from twisted.internet import defer, protocol
@@ -29,7 +28,7 @@ from zope.interface import implementer
 
 from appliance import events
 from appliance.address import AddressError, Path, parse_path, split_path
-from appliance.envelope import Envelope, Session, new_queue_id
+from appliance.envelope import Envelope, Session, new_queue_id, new_session_id
 from appliance.netio import write_now
 from appliance.policy.checks import Facts
 from appliance.receive import replies
@@ -153,7 +152,7 @@ class ApplianceSMTP(smtp.ESMTP):
         self.policy = factory.policy
         self.host = self.config.server.hostname
         self.session = None
-        self.session_id = secrets.token_hex(4)
+        self.session_id = new_session_id()
         self.esmtp = False
         self.messages = 0
         self.started = 0.0
@@ -358,6 +357,10 @@ class ApplianceSMTP(smtp.ESMTP):
     # -- timeouts (the injected clock) -----------------------------------------
 
     def _arm(self, seconds, phase):
+        timer = self._timer
+        if timer is not None and timer.args == (phase,) and timer.active():
+            timer.reset(seconds)        # the same wait again: move it, no new timer
+            return
         self._cancel_timer()
         self._timer = self.clock.callLater(seconds, self._timed_out, phase)
 
