@@ -310,9 +310,11 @@ def outcome_after_crash(root, step, read_first=False, spare=False):
     if spare:       # an earlier message leaves a spare state file to write over
         seed = build(root, spare=True)
         seed.runner.startService()
-        accept(seed, ["bob@example.test"], qid="0005f1e2d3c4b5a6cafef00d")
+        # Two recipients: a one-recipient message would need no state file at all.
+        accept(seed, ["bob@example.test", "carol@example.test"],
+               qid="0005f1e2d3c4b5a6cafef00d")
         assert os.listdir(root / "queue.spare") == ["0005f1e2d3c4b5a6cafef00d"]
-        for path in mail_files(root, "bob"):
+        for path in mail_files(root, "bob") + mail_files(root, "carol"):
             path.unlink()
     crashed = build(root, fs=CrashingFS(step), spare=spare)
     crashed.runner.startService()

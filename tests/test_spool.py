@@ -498,7 +498,7 @@ def test_an_entry_whose_link_failed_is_not_retired(tmp_path):
 
 
 def test_a_kill_at_any_step_of_a_direct_commit_leaves_no_partial_message(tmp_path):
-    """Every recipient linked at commit, no state file: a kill leaves no 250,
+    """One recipient linked at commit, no state file: a kill leaves no 250,
     no truncated Maildir file and, after recovery, nothing in the queue."""
     full = maildir_bytes("alice@example.org", MESSAGE)
     outcomes = set()
@@ -510,24 +510,47 @@ def test_a_kill_at_any_step_of_a_direct_commit_leaves_no_partial_message(tmp_pat
         spool.set_router(lambda entry: router(entry)._replace(complete=True))
         answered = []
         try:
-            spool.accept(envelope(recipients=("bob@example.test", "carol@example.test")),
+            spool.accept(envelope(recipients=("bob@example.test",)),
                          MESSAGE).addBoth(answered.append)
         except Crash:
             pass
-        boxes = [mail / "example.test" / user / "new" for user in ("bob", "carol")]
-        files = [box / name for box in boxes if box.exists() for name in os.listdir(box)]
+        box = mail / "example.test" / "bob" / "new"
+        files = [box / name for name in os.listdir(box)] if box.exists() else []
         assert all(path.read_bytes() == full for path in files)
         if fs.crashed:
             assert answered in ([], ) or not isinstance(answered[0], str)
             outcomes.add("killed")
         else:
-            assert answered == [QID] and len(files) == 2
+            assert answered == [QID] and len(files) == 1
             outcomes.add("delivered")
         assert result_of(make_spool(queue).recover()) == []
         assert not queue.exists() or os.listdir(queue) == []
         if not fs.crashed:
             break                       # every step before this one was a kill
     assert outcomes == {"killed", "delivered"}
+
+
+def test_several_recipients_keep_the_state_file_so_a_crash_cannot_half_deliver(tmp_path):
+    written = []
+
+    class Recording(FileSystem):
+        def open_existing(self, path):
+            written.append(path)
+            return super().open_existing(path)
+
+        def open_new(self, path):
+            written.append(path)
+            return super().open_new(path)
+
+    queue, mail = tmp_path / "queue", tmp_path / "mail"
+    spool = make_spool(queue, fs=Recording())
+    router = linking_router(mail)
+    spool.set_router(lambda entry: router(entry)._replace(complete=True))
+    result_of(spool.accept(envelope(recipients=("bob@example.test", "carol@example.test")),
+                           MESSAGE))
+    assert any(QID + ".json" in os.path.basename(path) for path in written)
+    assert len(new_files(mail, "bob")) == 1 and len(new_files(mail, "carol")) == 1
+    assert spool.get(QID).retired
 
 
 def test_a_router_that_fails_or_waits_still_commits(tmp_path):

@@ -29,14 +29,16 @@ its Maildir files (exactly once still holds).
 
 When the links of 3 deliver every recipient, the same batch retires the entry
 after 4 (state file first, as a removal would): the common message costs one
-batch, and its entry never outlives it. When the plan finds every link ready
-to be made (each recipient a local Maildir that exists or was just created),
-the batch skips the state file altogether: ``<id>.msg`` is written and
-fsynced, linked into each ``new/``, those directories fsynced, and the spool
-file unlinked. The Maildirs are then the record; a crash before their fsync
-leaves at most an orphan ``<id>.msg`` (deleted by recovery) and no ``250``.
-If a link fails after all, a second batch commits the state file (and the
-queue directory) before the ``250``, and the runner delivers the rest. A kill between 4 and the reply leaves
+batch, and its entry never outlives it. When the message has one recipient,
+a local Maildir that exists (or was just made), the batch skips the state
+file altogether: ``<id>.msg`` is written and fsynced, linked into ``new/``,
+that directory fsynced, and the spool file unlinked. The Maildir is then the
+record; a crash before its fsync leaves at most an orphan ``<id>.msg``
+(deleted by recovery) and no ``250``. With one link there is no partial
+delivery for a state file to finish; with several, the state file is what
+lets recovery complete a delivery a crash cut short, so they keep it. If the
+link fails after all, a second batch commits the state file (and the queue
+directory) before the ``250``, and the runner delivers it the usual way. A kill between 4 and the reply leaves
 a message delivered but unanswered, as a kill just after any last fsync does:
 the client sends it again.
 """
@@ -399,8 +401,8 @@ class Spool:
         def plan(fs):
             parents = self._ensure_dir(fs)
             pairs, created = links.prepare(fs, msg_path) if links is not None else ((), [])
-            if complete and links.all_prepared:
-                # Straight into the Maildirs: no state file (module docstring).
+            if complete and links.all_prepared and len(pairs) == 1:
+                # Straight into the one Maildir: no state file (module docstring).
                 direct.append(True)
                 return Durable(writes=[(msg_path, stored)], links=pairs,
                                sync_dirs=parents + created, result=qid,
