@@ -6,7 +6,7 @@ Real TCP on loopback: the fast path is for Twisted's own TCP transport only.
 import socket
 
 from twisted.internet import defer, protocol, reactor
-from twisted.test.proto_helpers import StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from appliance.netio import write_now
