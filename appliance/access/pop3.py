@@ -46,15 +46,14 @@ from appliance.access.maildir import FolderMissing, MessageGone
 from appliance.auth.accounts import BackendUnavailable, BadCredentials
 from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
 from appliance.envelope import new_session_id
-from appliance.receive.framing import LineFramer
 from appliance.receive.policy import BUSY, DENIED, ConnectionGate
 from appliance.receive.received import header_safe
+from appliance.receive.session import MAX_PENDING_INPUT, LineSession  # noqa: F401  (the limit)
 from appliance.tls import TLSError, connection_info
 
 COMMAND_LINE_LIMIT = 512        # octets with CRLF; RFC 2449 asks for 255, passwords run longer
 AUTH_LINE_LIMIT = 12288         # a SASL line (RFC 5034 §4 exempts it; OAuth tokens are long)
 MAX_LINE_DISCARD = 64 * 1024    # one line longer than this: not a confused client
-MAX_PENDING_INPUT = 1024 * 1024  # buffered while a reply is pending: not pipelining any more
 MAX_AUTH_FAILURES = 3           # per connection; the auditor bans across connections
 CRLF = b"\r\n"
 
@@ -253,7 +252,7 @@ def _number(arg, what="message number"):
 # -- the protocol ---------------------------------------------------------------------
 
 @implementer(IHandshakeListener)
-class POP3Session(pop3.POP3):
+class POP3Session(LineSession, pop3.POP3):
     """One POP3 session (``POP3Factory`` builds it).
 
     ``state`` keeps the stock meaning: "COMMAND", or "AUTH" while a SASL
@@ -261,7 +260,13 @@ class POP3Session(pop3.POP3):
     logged in (the TRANSACTION state), None before.
     """
 
+    protocol_label = "POP3"
+    # The transport is paused as soon as an answer is pending (SMTP waits for
+    # PAUSE_INPUT octets): tests/test_pop3.py checks this.
+    pause_input = None
+
     def __init__(self, factory):
+        super().__init__()              # LineSession (pop3.POP3 has no __init__)
         self.factory = factory
         self.config = factory.config
         self.clock = factory.clock
@@ -277,8 +282,6 @@ class POP3Session(pop3.POP3):
         self._user = None
         self._sasl = None
         self._sender = None
-        self._framer = LineFramer()
-        self._pending = self._paused = self._draining = self._closing = False
         self._registered = False
         self._long_line_answered = False
         self._auth_failures = 0
@@ -340,14 +343,8 @@ class POP3Session(pop3.POP3):
         self._lose()
 
     def _lose(self):
-        self._closing = True
         self.setTimeout(None)
-        if self._paused:
-            # Read again before closing: TLS waits for the client's
-            # close_notify (or its FIN), which a paused transport never sees.
-            self._paused = False
-            self.transport.resumeProducing()
-        self.transport.loseConnection()
+        self._close_transport()
 
     def timeoutConnection(self):
         """Idle for ``[limits] pop3_timeout``; also a reader that stopped
@@ -367,39 +364,7 @@ class POP3Session(pop3.POP3):
             sender.file = None
             sender.stopProducing()
 
-    # -- input: framing and one-at-a-time dispatch ----------------------------
-
-    def dataReceived(self, data):
-        """Replaces LineOnlyReceiver's: CRLF only, capped, paused while pending."""
-        if self._closing:
-            return
-        self._framer.feed(data)
-        if self._pending and self._framer.buffered > MAX_PENDING_INPUT:
-            self.emit("pop3.limit", kind="pipelined_input")
-            self._close_with("Too much pipelined input")
-            return
-        self._drain()
-
-    def _drain(self):
-        """Handle complete lines until one is pending or none is left."""
-        if self._draining:
-            return
-        self._draining = True
-        try:
-            while not (self._pending or self._closing):
-                line = self._framer.next_line(self._line_limit())
-                if line is None:
-                    self._unfinished_line()
-                    break
-                try:
-                    result = self._dispatch(line)
-                except Exception:
-                    _log.failure("POP3 command handler failed")
-                    self.failResponse("[SYS/TEMP] Internal error, try again later")
-                    result = None
-                self._await(result)
-        finally:
-            self._draining = False
+    # -- input: the hooks of LineSession (appliance.receive.session) --------------
 
     def _line_limit(self):
         if self.state == "AUTH" or (self.tls and self.mbox is None):
@@ -420,34 +385,18 @@ class POP3Session(pop3.POP3):
             return self._error("Bare CR or LF in a command line", "bare_cr_lf")
         return self.state_COMMAND(line.data)
 
-    def _await(self, result):
-        """Stop reading until a pending answer is sent; replies stay in order."""
-        if not isinstance(result, defer.Deferred):
-            if not self._closing:
-                self.setTimeout(self.idle_timeout)
-            return
-        self._pending = True
+    def _arm_timeout(self):
+        self.setTimeout(self.idle_timeout)
+
+    def _disarm_timeout(self):
         if self._sender is None:        # a transfer keeps its own progress timer
             self.setTimeout(None)       # otherwise the wait is ours, not the client's
-        result.addErrback(self._internal_error)
-        result.addBoth(self._answered)
-        if self._pending and not self._closing:
-            self._paused = True
-            self.transport.pauseProducing()
 
-    def _answered(self, _):
-        self._pending = False
-        if self._paused:
-            self._paused = False
-            if not self._closing:
-                self.transport.resumeProducing()
-        if self._closing:
-            return
-        self.setTimeout(self.idle_timeout)
-        self._drain()
+    def _input_flood(self):
+        self.emit("pop3.limit", kind="pipelined_input")
+        self._close_with("Too much pipelined input")
 
-    def _internal_error(self, failure):
-        _log.failure("POP3 command failed", failure)
+    def _reply_internal_error(self):
         self.failResponse("[SYS/TEMP] Internal error, try again later")
 
     def _unfinished_line(self):
@@ -554,8 +503,7 @@ class POP3Session(pop3.POP3):
     def _discard_pipelined(self):
         """What came after STLS in the same read was sent in the clear and
         must never run under TLS (RFC 2595 §4; the SMTP T1 hole)."""
-        octets = self._framer.buffered
-        self._framer = LineFramer()
+        octets = self._discard_input()
         if octets:
             self.emit("pop3.stls.discarded", octets=octets)
 

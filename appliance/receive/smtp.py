@@ -3,8 +3,9 @@
 Three layers, kept apart:
 
 - framing (``appliance.receive.framing``): CRLF-only lines, bounded memory;
-- dispatch (here): one command at a time, replies in command order, reading
-  paused while a policy answer or the spool is pending;
+- dispatch (``appliance.receive.session``, its hooks here): one command at a
+  time, replies in command order, later lines held while a policy answer or
+  the spool is pending;
 - policy (``appliance.receive.policy``): who may send what to whom.
 
 The class stays an ``smtp.ESMTP`` and keeps its mode names, but every command
@@ -32,17 +33,17 @@ from appliance.envelope import Envelope, Session, new_queue_id, new_session_id
 from appliance.netio import write_now
 from appliance.policy.checks import Facts
 from appliance.receive import replies
-from appliance.receive.framing import DataBody, Line, LineFramer
+from appliance.receive.framing import DataBody, Line
 from appliance.receive.policy import BUSY, DENIED, ConnectionGate, MXPolicy
 from appliance.receive.received import header_safe, protocol_name, received_header
+from appliance.receive.session import LineSession
+from appliance.receive.session import MAX_PENDING_INPUT, PAUSE_INPUT  # noqa: F401  (the limits)
 from appliance.tls import TLSError, connection_info
 
 COMMAND_LINE_LIMIT = 512        # octets with CRLF, RFC 5321 §4.5.3.1.4
 TEXT_LINE_LIMIT = 1000          # octets with CRLF, RFC 5321 §4.5.3.1.6
 DATA_END = Line(b".", 1, False, False)      # the final dot, found by LineFramer.take_body
 MAX_LINE_DISCARD = 64 * 1024    # one command line longer than this: not a confused client
-MAX_PENDING_INPUT = 1024 * 1024  # buffered while a reply is pending: not pipelining any more
-PAUSE_INPUT = 64 * 1024         # buffered while a reply is pending: stop reading the socket
 
 _VERB = re.compile(rb"[A-Za-z]{1,16}\Z")
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
@@ -135,7 +136,7 @@ def _parse_params(words):
 
 
 @implementer(IHandshakeListener)
-class ApplianceSMTP(smtp.ESMTP):
+class ApplianceSMTP(LineSession, smtp.ESMTP):
     """One SMTP session. Built by ``SMTPFactory``; everything outside comes from it."""
 
     commands = frozenset({"EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET",
@@ -144,8 +145,10 @@ class ApplianceSMTP(smtp.ESMTP):
     unimplemented = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "STARTTLS",
                                "AUTH", "SEND", "SOML", "SAML"})
 
+    protocol_label = "SMTP"
+
     def __init__(self, factory):
-        smtp.ESMTP.__init__(self)
+        super().__init__()              # LineSession, then smtp.ESMTP
         self.factory = factory
         self.config = factory.config
         self.clock = factory.clock
@@ -157,8 +160,6 @@ class ApplianceSMTP(smtp.ESMTP):
         self.messages = 0
         self.started = 0.0
         self._txn = None
-        self._framer = LineFramer()
-        self._pending = self._paused = self._draining = self._closing = False
         self._registered = False
         self._long_line_answered = False
         self._errors = 0
@@ -207,53 +208,20 @@ class ApplianceSMTP(smtp.ESMTP):
 
     def _close_with(self, reply):
         self.reply(reply)
-        self._closing = True
         self._cancel_timer()
-        self.transport.loseConnection()
+        self._close_transport()
 
-    # -- input: framing and one-at-a-time dispatch ----------------------------
+    # -- input: the hooks of LineSession (appliance.receive.session) --------------
 
-    def dataReceived(self, data):
-        """Replaces LineOnlyReceiver's: CRLF only, capped, held while pending."""
-        if self._closing:
-            return
-        self._framer.feed(data)
-        if self._pending:
-            if self._framer.buffered > MAX_PENDING_INPUT:
-                self.emit("smtp.limit", kind="pipelined_input")
-                self._close_with(replies.INPUT_FLOOD)
-                return
-            self._pause_if_flooded()
-        self._drain()
-
-    def _drain(self):
-        """Handle complete lines until one is pending (T9) or none is left."""
-        if self._draining:
-            return
-        self._draining = True
-        try:
-            while not (self._pending or self._closing):
-                if self.mode == smtp.DATA:
-                    # Whole blocks of body lines at once; line by line only
-                    # where take_body says so.
-                    done = self._framer.take_body(self._txn.body, TEXT_LINE_LIMIT)
-                    if done is False:
-                        break
-                    line = DATA_END if done else self._framer.next_line(TEXT_LINE_LIMIT)
-                else:
-                    line = self._framer.next_line(self._line_limit())
-                if line is None:
-                    self._unfinished_line()
-                    break
-                try:
-                    result = self._dispatch(line)
-                except Exception:
-                    _log.failure("SMTP command handler failed")
-                    self.reply(replies.LOCAL_ERROR)
-                    result = None
-                self._await(result)
-        finally:
-            self._draining = False
+    def _next_line(self):
+        if self.mode != smtp.DATA:
+            return self._framer.next_line(self._line_limit())
+        # Whole blocks of body lines at once; line by line only where
+        # take_body says so.
+        done = self._framer.take_body(self._txn.body, TEXT_LINE_LIMIT)
+        if done is None:
+            return self._framer.next_line(TEXT_LINE_LIMIT)
+        return DATA_END if done else None
 
     def _line_limit(self):
         return TEXT_LINE_LIMIT if self.mode == smtp.DATA else COMMAND_LINE_LIMIT
@@ -271,42 +239,18 @@ class ApplianceSMTP(smtp.ESMTP):
             return self._protocol_error(replies.BARE_CR_LF_COMMAND, "bare_cr_lf", "command")
         return getattr(self, "state_" + self.mode)(line.data)
 
-    def _await(self, result):
-        """Handle no more lines until a pending answer is sent (T9); replies
-        stay in order. Input that arrives meanwhile waits in the framer."""
-        if not isinstance(result, defer.Deferred):
-            if self.mode != smtp.DATA and not self._closing:
-                self._arm_command_timer()
-            return
-        self._pending = True
-        self._cancel_timer()            # the wait is ours, not the client's
-        result.addErrback(self._internal_error)
-        result.addBoth(self._answered)
-        if self._pending and not self._closing:
-            self._pause_if_flooded()
-
-    def _pause_if_flooded(self):
-        """Stop reading the socket once PAUSE_INPUT bytes wait for a pending
-        answer. Not sooner: pausing and resuming cost a system call each, and
-        a pipelining client sends a few commands, not a flood."""
-        if not self._paused and self._framer.buffered > PAUSE_INPUT:
-            self._paused = True
-            self.transport.pauseProducing()
-
-    def _answered(self, _):
-        self._pending = False
-        if self._paused:
-            self._paused = False
-            if not self._closing:
-                self.transport.resumeProducing()
-        if self._closing:
-            return
-        if self.mode != smtp.DATA:
+    def _arm_timeout(self):
+        if self.mode != smtp.DATA:      # DATA keeps its data_timeout
             self._arm_command_timer()
-        self._drain()
 
-    def _internal_error(self, failure):
-        _log.failure("SMTP command failed", failure)
+    def _disarm_timeout(self):
+        self._cancel_timer()
+
+    def _input_flood(self):
+        self.emit("smtp.limit", kind="pipelined_input")
+        self._close_with(replies.INPUT_FLOOD)
+
+    def _reply_internal_error(self):
         self.reply(replies.LOCAL_ERROR)
 
     def _unfinished_line(self):
@@ -576,8 +520,7 @@ class ApplianceSMTP(smtp.ESMTP):
     def _discard_pipelined(self):
         """T1: what came after STARTTLS in the same read was sent in the clear
         and must never run under TLS (stock Twisted runs it: CVE-2011-0411)."""
-        octets = self._framer.buffered
-        self._framer = LineFramer()
+        octets = self._discard_input()
         if octets:
             self.emit("smtp.starttls.discarded", octets=octets)
 
