@@ -10,6 +10,7 @@ Python 3 and leaves quoted local parts quoted (TWISTED-TRAPS T18): a lookup on
 ``"alice"@example.test`` would then miss ``alice@example.test``.
 """
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -192,6 +193,7 @@ def _check_literal(content):
         raise AddressError("malformed address literal") from None
 
 
+@functools.lru_cache(maxsize=4096)     # asked several times per message, same few domains
 def canonical_domain(domain):
     """Lower-case, U-labels (``xn--`` decoded), no trailing dot.
 

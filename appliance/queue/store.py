@@ -387,7 +387,6 @@ class Spool:
         links = route.links if route is not None and entry.message_form == MAILDIR_FORM \
             else None
         msg_path, state_path = self.message_path(qid), self.state_path(qid)
-        state = entry.dumps()
         spare, retire = None, []
         complete = links is not None and route.complete
         if complete:
@@ -407,7 +406,9 @@ class Spool:
                 return Durable(writes=[(msg_path, stored)], links=pairs,
                                sync_dirs=parents + created, result=qid,
                                retire=[("unlink", msg_path)])
-            writes, rewrites, temp = self._state_write(qid, state)
+            # Made here, only when needed: the entry is nobody else's until
+            # the batch is done.
+            writes, rewrites, temp = self._state_write(qid, entry.dumps())
             return Durable(writes=[(msg_path, stored)] + writes, rewrites=rewrites,
                            renames=[(temp, state_path)], links=pairs,
                            sync_dirs=parents + [self.directory] + created,

@@ -6,6 +6,7 @@ and on the intermediate 354, which no RFC 3463 class (2, 4, 5) describes.
 Texts never echo what the client sent, so nothing of theirs needs escaping.
 """
 
+import functools
 from collections import namedtuple
 
 
@@ -19,11 +20,16 @@ class Reply(namedtuple("Reply", "code status text")):
         return 200 <= self.code < 400
 
     def to_bytes(self):
-        lines = self.text.split("\n")
-        prefix = f"{self.status} " if self.status else ""
-        out = [f"{self.code}-{prefix}{line}\r\n" for line in lines[:-1]]
-        out.append(f"{self.code} {prefix}{lines[-1]}\r\n")
-        return "".join(out).encode("utf-8")
+        return _wire(self)
+
+
+@functools.lru_cache(maxsize=256)       # most replies are the same few constants
+def _wire(reply):
+    lines = reply.text.split("\n")
+    prefix = f"{reply.status} " if reply.status else ""
+    out = [f"{reply.code}-{prefix}{line}\r\n" for line in lines[:-1]]
+    out.append(f"{reply.code} {prefix}{lines[-1]}\r\n")
+    return "".join(out).encode("utf-8")
 
 
 def greeting(hostname):
