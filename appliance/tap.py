@@ -22,6 +22,7 @@ writer pool is added first and outlives the services that use it)::
       listener imap (STARTTLS), imaps (implicit TLS)   IMAP4rev1 over the Maildirs
 """
 
+import gc
 import os
 import signal
 import sys
@@ -64,6 +65,7 @@ from appliance.tls import ServerTLS, TLSError
 FSYNC_THREADS = 4       # fsyncs of one group-commit batch in flight together (in the writer child)
 SWITCH_INTERVAL = 0.0005    # seconds; see makeService
 EVENT_FLUSH_INTERVAL = 0.02     # seconds; see EventLogService
+GC_THRESHOLD = 20000            # allocations between young-generation collections; see makeService
 
 DEFAULT_CONFIG = "/etc/mailappliance/mailappliance.ini"
 
@@ -400,4 +402,12 @@ def makeService(options):
     # default 5 ms switch interval a batch's calls queue behind it. A short
     # interval keeps commits (and the 250s waiting on them) moving.
     sys.setswitchinterval(SWITCH_INTERVAL)
+    # Every message makes thousands of short-lived containers (Deferreds,
+    # events, lines): with the default threshold of 700 the cyclic collector
+    # ran every few messages and walked everything built at start-up too.
+    # Start-up objects are frozen out of its way once running, and the young
+    # generation is collected every GC_THRESHOLD allocations (measured: about
+    # a tenth less CPU per message under load).
+    gc.set_threshold(GC_THRESHOLD, 10, 10)
+    reactor.callWhenRunning(gc.freeze)
     return build(cfg, reactor)
