@@ -174,14 +174,15 @@ class ParallelFileSystem(FileSystem):
     sum of those turns; from several threads the waits overlap too. (The
     renames and links stay on the writer thread: handing those out as tasks
     too measured slower, each costing more in hand-over than it saved.)
-    A batch of at most ``inline`` files (a message or two: low load) goes
-    file by file on the calling thread: there, the hand-overs cost more than
-    the overlap saves.
+    A batch of at most ``inline`` files (one message at low load) goes on
+    the calling thread: there is nothing to overlap. (Measured in the writer
+    child at concurrency 10: with two or more files in parallel a batch took
+    1.25 ms, with up to four one after the other 1.7 ms.)
     """
 
     parallel = True
 
-    def __init__(self, executor, inline=4):
+    def __init__(self, executor, inline=1):
         self.executor = executor
         self.inline = inline        # a batch this small goes file by file: no hand-overs
 
