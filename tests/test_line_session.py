@@ -2,7 +2,8 @@
 
 from twisted.internet import defer, protocol
 
-from appliance.receive.session import MAX_PENDING_INPUT, PAUSE_INPUT, LineSession
+from appliance.receive.session import (MAX_LINE_DISCARD, MAX_PENDING_INPUT, PAUSE_INPUT,
+                                       LineSession)
 from appliance.testing import StringTransport
 
 
@@ -23,6 +24,8 @@ class Echo(LineSession, protocol.Protocol):
         return 512
 
     def _dispatch(self, line):
+        if line.too_long:
+            return self._overlong_line(line)
         self.handled.append(line.data)
         if line.data == b"FAIL":
             raise RuntimeError("handler bug")
@@ -39,6 +42,15 @@ class Echo(LineSession, protocol.Protocol):
 
     def _unfinished_line(self):
         self.calls.append("unfinished")
+        if self._framer.overflowing:
+            self._answer_overflow()
+
+    def _line_too_long(self, octets):
+        self.say(b"too long" if octets is None else b"too long: %d" % octets)
+
+    def _line_flood(self):
+        self.say(b"line flood")
+        self._close_transport()
 
     def _arm_timeout(self):
         self.calls.append("arm")
@@ -236,3 +248,24 @@ def test_a_paused_session_reads_again_as_it_closes():
     assert s.transport.producerState == "paused"
     s._close_transport()
     assert s.transport.producerState == "producing" and s.transport.disconnecting
+
+
+def test_a_long_line_is_answered_once_whether_it_overflows_or_ends_first():
+    s = connected()
+    s.dataReceived(b"x" * 600)                  # over 512, no CRLF yet: answered now
+    assert said(s) == ["too long"]
+    s.dataReceived(b"x" * 100 + b"\r\nnext\r\n")  # its CRLF: not answered twice
+    assert said(s) == ["ok next"]
+    s.dataReceived(b"y" * 600 + b"\r\n")       # arrives whole: answered at its CRLF
+    assert said(s) == ["too long: 602"]
+
+
+def test_a_line_that_never_ends_closes_the_session():
+    s = connected()
+    s.dataReceived(b"x" * 600)
+    chunk = b"x" * 8192
+    for _ in range(MAX_LINE_DISCARD // len(chunk) + 2):
+        if s.transport.disconnecting:
+            break
+        s.dataReceived(chunk)
+    assert said(s) == ["too long", "line flood"] and s.transport.disconnecting

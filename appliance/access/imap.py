@@ -52,7 +52,7 @@ from appliance.access.maildir import (DELIMITER, SYSTEM_FLAGS, FolderError,
 from appliance.auth.accounts import BackendUnavailable, BadCredentials
 from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
 from appliance.envelope import new_session_id
-from appliance.receive.policy import BUSY, DENIED, ConnectionGate
+from appliance.receive.policy import DENIED, ConnectionGate, GatedFactory
 from appliance.receive.received import header_safe
 from appliance.tls import TLSError, connection_info
 
@@ -1209,7 +1209,7 @@ def _uid_set(numbers):
 
 # -- the factory ---------------------------------------------------------------------------
 
-class IMAPFactory(protocol.ServerFactory):
+class IMAPFactory(GatedFactory):
     """Sessions for one IMAP listener (``imap`` with STARTTLS, ``imaps`` implicit).
 
     ``store`` is the shared MaildirStore (POP3 uses the same one), ``accounts``
@@ -1235,9 +1235,6 @@ class IMAPFactory(protocol.ServerFactory):
         self.hostname = config.server.hostname
         self.gate = ConnectionGate(config.limits)
         self._rescans = {}          # folder path -> another scan wanted after this one
-
-    def buildProtocol(self, addr):
-        return self.protocol(self)
 
     def startFactory(self):
         events.add_observer(self._delivered)
@@ -1274,22 +1271,12 @@ class IMAPFactory(protocol.ServerFactory):
         if again:
             self._rescan(folder)
 
-    @property
-    def connections(self):
-        return self.gate.connections
-
-    def admit(self, server):
-        """None to let the connection in, or the BYE text to close it with."""
-        verdict = self.gate.admit(server.peer_ip)
+    def refusal(self, server, verdict):
+        """The BYE text to close a refused connection with."""
         if verdict == DENIED:
             server.emit("imap.denied", listener=self.listener)
             return b"Access denied"
-        if verdict == BUSY:
-            server.emit("imap.limit", kind="connections_per_ip")
-            return b"[UNAVAILABLE] Too many connections from your address"
-        return None
-
-    def release(self, server):
-        self.gate.release(server.peer_ip)
+        server.emit("imap.limit", kind="connections_per_ip")
+        return b"[UNAVAILABLE] Too many connections from your address"
 
 

@@ -46,14 +46,13 @@ from appliance.access.maildir import FolderMissing, MessageGone
 from appliance.auth.accounts import BackendUnavailable, BadCredentials
 from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
 from appliance.envelope import new_session_id
-from appliance.receive.policy import BUSY, DENIED, ConnectionGate
+from appliance.receive.policy import DENIED, ConnectionGate, GatedFactory
 from appliance.receive.received import header_safe
 from appliance.receive.session import MAX_PENDING_INPUT, LineSession  # noqa: F401  (the limit)
 from appliance.tls import TLSError, connection_info
 
 COMMAND_LINE_LIMIT = 512        # octets with CRLF; RFC 2449 asks for 255, passwords run longer
 AUTH_LINE_LIMIT = 12288         # a SASL line (RFC 5034 §4 exempts it; OAuth tokens are long)
-MAX_LINE_DISCARD = 64 * 1024    # one line longer than this: not a confused client
 MAX_AUTH_FAILURES = 3           # per connection; the auditor bans across connections
 CRLF = b"\r\n"
 
@@ -283,7 +282,6 @@ class POP3Session(LineSession, pop3.POP3):
         self._sasl = None
         self._sender = None
         self._registered = False
-        self._long_line_answered = False
         self._auth_failures = 0
         self._errors = 0
 
@@ -377,10 +375,7 @@ class POP3Session(LineSession, pop3.POP3):
                 return self._sasl_line(line.data)
             self._end_sasl()
         if line.too_long:
-            if self._long_line_answered:      # answered when it overflowed
-                self._long_line_answered = False
-                return None
-            return self._error("Line too long", "long_line")
+            return self._overlong_line(line)
         if line.bare:
             return self._error("Bare CR or LF in a command line", "bare_cr_lf")
         return self.state_COMMAND(line.data)
@@ -406,12 +401,14 @@ class POP3Session(LineSession, pop3.POP3):
             return
         if self.state == "AUTH":
             self._end_sasl()
-        if not self._long_line_answered:
-            self._long_line_answered = True
-            self._error("Line too long", "long_line")
-        if not self._closing and self._framer.discarded > MAX_LINE_DISCARD:
-            self.emit("pop3.limit", kind="line_flood")
-            self._close_with("Line too long, closing")
+        self._answer_overflow()
+
+    def _line_too_long(self, octets):
+        return self._error("Line too long", "long_line")
+
+    def _line_flood(self):
+        self.emit("pop3.limit", kind="line_flood")
+        self._close_with("Line too long, closing")
 
     def _error(self, text, kind):
         """A protocol error: answered, counted, the session ended at max_errors."""
@@ -810,7 +807,7 @@ def _reason(failure):
     return header_safe(str(failure.value))[:200] or type(failure.value).__name__
 
 
-class POP3Factory(protocol.ServerFactory):
+class POP3Factory(GatedFactory):
     """Builds POP3 sessions for one listener ("pop3" or "pop3s").
 
     ``store`` is the shared ``appliance.access.maildir.MaildirStore`` (the
@@ -835,23 +832,10 @@ class POP3Factory(protocol.ServerFactory):
         self.implicit_tls = implicit_tls
         self.gate = ConnectionGate(config.limits)
 
-    def buildProtocol(self, addr):
-        return self.protocol(self)
-
-    @property
-    def connections(self):
-        return self.gate.connections
-
-    def admit(self, session):
-        """None to let the connection in, or the text to close it with."""
-        verdict = self.gate.admit(session.peer_ip)
+    def refusal(self, session, verdict):
+        """The text to close a refused connection with."""
         if verdict == DENIED:
             session.emit("pop3.limit", kind="denied")
             return "Access denied"
-        if verdict == BUSY:
-            session.emit("pop3.limit", kind="connections_per_ip")
-            return "[SYS/TEMP] Too many connections from your address"
-        return None
-
-    def release(self, session):
-        self.gate.release(session.peer_ip)
+        session.emit("pop3.limit", kind="connections_per_ip")
+        return "[SYS/TEMP] Too many connections from your address"

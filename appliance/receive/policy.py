@@ -8,7 +8,7 @@ ports' (AUTH required, sender ownership, any recipient domain).
 import functools
 import ipaddress
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from appliance.auth.accounts import BackendUnavailable
@@ -70,6 +70,33 @@ class ConnectionGate:
             self._per_ip[ip] = remaining
         else:
             self._per_ip.pop(ip, None)
+
+
+class GatedFactory(protocol.ServerFactory):
+    """What every listener's factory shares: one session per connection, let
+    in or refused by ``self.gate`` (a ConnectionGate; sessions have
+    ``peer_ip``). The protocol's own words for a refusal, and its event,
+    come from ``refusal(session, verdict)`` (verdict DENIED or BUSY).
+    """
+
+    def buildProtocol(self, addr):
+        return self.protocol(self)
+
+    @property
+    def connections(self):
+        """Open sessions on this listener."""
+        return self.gate.connections
+
+    def admit(self, session):
+        """None to let the connection in, or what to close it with."""
+        verdict = self.gate.admit(session.peer_ip)
+        return None if verdict is None else self.refusal(session, verdict)
+
+    def release(self, session):
+        self.gate.release(session.peer_ip)
+
+    def refusal(self, session, verdict):
+        raise NotImplementedError
 
 
 class MXPolicy:

@@ -22,7 +22,12 @@ The hooks, for what differs between the protocols:
 - ``_arm_timeout()``: the client's turn again (after a line, after an answer);
 - ``_disarm_timeout()``: an answer is pending, the wait is ours, not the client's;
 - ``_input_flood()``: more than ``max_pending_input`` buffered: answer and close;
-- ``_reply_internal_error()``: answer a line whose handler failed.
+- ``_reply_internal_error()``: answer a line whose handler failed;
+- ``_line_too_long(octets)``: answer a line over its limit (``octets``: its
+  length, or None while it is still arriving); ``_line_flood()``: close on a
+  line that never ends (T7). A protocol calls ``_overlong_line(line)`` from
+  ``_dispatch`` and ``_answer_overflow()`` from ``_unfinished_line``: each
+  long line is answered once, when it starts to overflow or at its CRLF.
 
 The session sets ``_closing`` when it closes: no line is handled after that.
 """
@@ -34,6 +39,7 @@ from appliance.receive.framing import LineFramer
 
 MAX_PENDING_INPUT = 1024 * 1024  # buffered while a reply is pending: not pipelining any more
 PAUSE_INPUT = 64 * 1024         # buffered while a reply is pending: stop reading the socket
+MAX_LINE_DISCARD = 64 * 1024    # one line longer than this: not a confused client
 
 _log = Logger()
 
@@ -53,6 +59,7 @@ class LineSession:
         super().__init__(*args, **kwargs)
         self._framer = LineFramer()
         self._pending = self._paused = self._draining = self._closing = False
+        self._long_line_answered = False
 
     # -- hooks ----------------------------------------------------------------
 
@@ -79,6 +86,31 @@ class LineSession:
 
     def _reply_internal_error(self):
         raise NotImplementedError
+
+    def _line_too_long(self, octets):
+        raise NotImplementedError
+
+    def _line_flood(self):
+        raise NotImplementedError
+
+    # -- lines over their limit (T7) -------------------------------------------
+
+    def _overlong_line(self, line):
+        """A too-long line reached its CRLF: its answer, unless it was given
+        while the line overflowed."""
+        if self._long_line_answered:
+            self._long_line_answered = False
+            return None
+        return self._line_too_long(line.length + 2)
+
+    def _answer_overflow(self):
+        """No CRLF yet and already over the limit: answer at once, keep
+        discarding, give up on a client that never ends the line."""
+        if not self._long_line_answered:
+            self._long_line_answered = True
+            self._line_too_long(None)
+        if not self._closing and self._framer.discarded > MAX_LINE_DISCARD:
+            self._line_flood()
 
     # -- the input ----------------------------------------------------------------
 

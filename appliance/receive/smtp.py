@@ -34,7 +34,7 @@ from appliance.netio import write_now
 from appliance.policy.checks import Facts
 from appliance.receive import replies
 from appliance.receive.framing import DataBody, Line
-from appliance.receive.policy import BUSY, DENIED, ConnectionGate, MXPolicy
+from appliance.receive.policy import DENIED, ConnectionGate, GatedFactory, MXPolicy
 from appliance.receive.received import header_safe, protocol_name, received_header
 from appliance.receive.session import LineSession
 from appliance.receive.session import MAX_PENDING_INPUT, PAUSE_INPUT  # noqa: F401  (the limits)
@@ -43,7 +43,6 @@ from appliance.tls import TLSError, connection_info
 COMMAND_LINE_LIMIT = 512        # octets with CRLF, RFC 5321 §4.5.3.1.4
 TEXT_LINE_LIMIT = 1000          # octets with CRLF, RFC 5321 §4.5.3.1.6
 DATA_END = Line(b".", 1, False, False)      # the final dot, found by LineFramer.take_body
-MAX_LINE_DISCARD = 64 * 1024    # one command line longer than this: not a confused client
 
 _VERB = re.compile(rb"[A-Za-z]{1,16}\Z")
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
@@ -161,7 +160,6 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         self.started = 0.0
         self._txn = None
         self._registered = False
-        self._long_line_answered = False
         self._errors = 0
         self._timer = None
         if factory.tls is not None and not factory.implicit_tls:
@@ -198,6 +196,10 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         self.emit("smtp.disconnect", duration=round(self.clock.seconds() - self.started, 3),
                   messages=self.messages)
 
+    @property
+    def peer_ip(self):
+        return self.session.peer_ip
+
     def emit(self, name, **fields):
         """A structured event about this session (session id and peer IP added)."""
         events.emit(name, session=self.session_id, peer_ip=self.session.peer_ip, **fields)
@@ -230,11 +232,7 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         if self.mode == smtp.DATA:
             return self._end_of_data() if self._txn.body.add(line) else None
         if line.too_long:
-            if self._long_line_answered:      # answered when it overflowed
-                self._long_line_answered = False
-                return None
-            return self._protocol_error(replies.LINE_TOO_LONG, "long_line",
-                                        f"command line of {line.length + 2} octets")
+            return self._overlong_line(line)
         if line.bare:
             return self._protocol_error(replies.BARE_CR_LF_COMMAND, "bare_cr_lf", "command")
         return getattr(self, "state_" + self.mode)(line.data)
@@ -261,13 +259,16 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         """
         if self.mode == smtp.DATA or not self._framer.overflowing:
             return
-        if not self._long_line_answered:
-            self._long_line_answered = True
-            self._protocol_error(replies.LINE_TOO_LONG, "long_line",
-                                 f"command line over {COMMAND_LINE_LIMIT} octets")
-        if not self._closing and self._framer.discarded > MAX_LINE_DISCARD:
-            self.emit("smtp.limit", kind="line_flood")
-            self._close_with(replies.LINE_FLOOD)
+        self._answer_overflow()
+
+    def _line_too_long(self, octets):
+        detail = (f"command line of {octets} octets" if octets is not None
+                  else f"command line over {COMMAND_LINE_LIMIT} octets")
+        return self._protocol_error(replies.LINE_TOO_LONG, "long_line", detail)
+
+    def _line_flood(self):
+        self.emit("smtp.limit", kind="line_flood")
+        self._close_with(replies.LINE_FLOOD)
 
     def _protocol_error(self, reply, kind, detail):
         self.emit("smtp.protocol_error", kind=kind, detail=detail)
@@ -644,7 +645,7 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         self.reply(reply)
 
 
-class SMTPFactory(protocol.ServerFactory):
+class SMTPFactory(GatedFactory):
     """Builds ``ApplianceSMTP`` sessions for one listener and counts them per IP.
 
     ``clock`` is the reactor (callLater, seconds) or a ``task.Clock`` in
@@ -670,29 +671,12 @@ class SMTPFactory(protocol.ServerFactory):
         self.implicit_tls = implicit_tls
         self.gate = ConnectionGate(config.limits)
 
-    def buildProtocol(self, addr):
-        return self.protocol(self)
-
-    @property
-    def connections(self):
-        """Open sessions on this listener."""
-        return self.gate.connections
-
-    def admit(self, session_protocol):
-        """None to let the connection in, or the Reply to close it with.
-
-        Deny networks are refused even if also allowed (the explicit refusal
-        wins); allow networks are never limited. T23: stock
-        LimitConnectionsByPeer drops the connection without a word.
-        """
-        verdict = self.gate.admit(session_protocol.session.peer_ip)
+    def refusal(self, session_protocol, verdict):
+        """The Reply to close a refused connection with. Deny networks are
+        refused even if also allowed; allow networks are never limited. T23:
+        stock LimitConnectionsByPeer drops the connection without a word."""
         if verdict == DENIED:
             session_protocol.emit("smtp.denied")
             return replies.ACCESS_DENIED
-        if verdict == BUSY:
-            session_protocol.emit("smtp.limit", kind="connections_per_ip")
-            return replies.TOO_MANY_CONNECTIONS
-        return None
-
-    def release(self, session_protocol):
-        self.gate.release(session_protocol.session.peer_ip)
+        session_protocol.emit("smtp.limit", kind="connections_per_ip")
+        return replies.TOO_MANY_CONNECTIONS
