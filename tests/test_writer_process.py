@@ -182,11 +182,12 @@ class FromTheReactor(unittest.TestCase):
         self.addCleanup(self.files.shutdown)
 
     def test_no_child_yet_means_the_thread_path(self):
-        self.assertIsNone(self.files.run_batch_here([store(self.dir, "a")]))
+        self.assertFalse(self.files.ready_here())
 
     @defer.inlineCallbacks
     def test_a_light_batch_runs_without_a_thread(self):
         run_batch(self.files, [store(self.dir, "first")])     # spawns the child
+        self.assertTrue(self.files.ready_here())
         d = self.files.run_batch_here([store(self.dir, "a"), store(self.dir, "b", b"bee")])
         self.assertIsInstance(d, defer.Deferred)
         outcomes = yield d
@@ -211,12 +212,38 @@ class FromTheReactor(unittest.TestCase):
                                           os.path.join(self.dir, "heavy")))
         self.assertEqual(len(threaded), 1)          # only the heavy one
 
+    @defer.inlineCallbacks
+    def test_batches_sent_before_the_first_is_answered_are_answered_in_order(self):
+        run_batch(self.files, [store(self.dir, "first")])
+        order = []
+        ds = [self.files.run_batch_here([store(self.dir, f"m{n}")]) for n in range(3)]
+        for n, d in enumerate(ds):
+            d.addCallback(lambda outcomes, n=n: order.append((n, outcomes)))
+        yield defer.gatherResults(ds)
+        self.assertEqual([n for n, _ in order], [0, 1, 2])
+        self.assertEqual([outcomes for _, outcomes in order],
+                         [[(True, os.path.join(self.dir, f"m{n}"))] for n in range(3)])
+        self.assertIsNone(self.files._reader)       # no reply awaited: not watching
+
+    @defer.inlineCallbacks
+    def test_a_group_commit_writer_keeps_two_light_batches_in_the_child(self):
+        run_batch(self.files, [store(self.dir, "first")])
+        writer = GroupCommitWriter(lambda f, *a: defer.maybeDeferred(f, *a), self.files)
+        first = writer.submit(store(self.dir, "a"), "test", light=True)
+        second = writer.submit(store(self.dir, "b"), "test", light=True)
+        third = writer.submit(store(self.dir, "c"), "test", light=True)
+        self.assertEqual((writer._in_flight, len(writer._pending)), (2, 1))
+        results = yield defer.gatherResults([first, second, third])
+        self.assertEqual(results, [os.path.join(self.dir, n) for n in "abc"])
+        yield writer.drain()
+        self.assertEqual((writer._in_flight, writer.batches), (0, 3))
+
     def test_a_child_found_dead_sends_the_batch_to_the_thread_path(self):
         run_batch(self.files, [store(self.dir, "first")])
         first = self.files._child
         first.kill()
         first.wait()
-        self.assertIsNone(self.files.run_batch_here([store(self.dir, "x")]))
+        self.assertFalse(self.files.ready_here())
         [(ok, _)] = run_batch(self.files, [store(self.dir, "again")])
         self.assertTrue(ok)
         self.assertIsNot(self.files._child, first)

@@ -427,32 +427,46 @@ def _sync_dirs(fs, items):
 
 
 class GroupCommitWriter:
-    """Queues durable requests on the reactor side and runs them in batches on one thread.
+    """Queues durable requests on the reactor side and runs them in batches.
 
     ``run_in_thread(f, *args) -> Deferred`` runs ``f`` on the writer thread
     (``pool_runner`` over a one-thread ThreadPool; tests pass
-    ``synchronous_runner`` or a runner they step by hand). Only one batch is
-    ever in flight, so batches are ordered: a request submitted after another
-    is never made durable before it.
+    ``synchronous_runner`` or a runner they step by hand).
+
+    Batches are ordered: a request submitted after another is never made
+    durable before it. A batch on the writer thread is the only one in
+    flight. A batch of light requests, when the file system can take it
+    from the reactor (``ChildProcessFileSystem.ready_here``: a pipe to the
+    writer child, which answers in order), may go while ``pipeline - 1``
+    others are still in the child: it waits in the pipe instead of in this
+    queue, and the child starts it the moment the one before is done,
+    without a round trip through the reactor in between. Such a second
+    batch holds at most ``pipelined_batch`` requests, so that it fits the
+    pipe even before the child reads it.
     """
 
-    def __init__(self, run_in_thread, fs=None, max_batch=256):
+    def __init__(self, run_in_thread, fs=None, max_batch=256, pipeline=2,
+                 pipelined_batch=16):
         self.run_in_thread = run_in_thread
         self.fs = fs if fs is not None else FileSystem()
         self.max_batch = max_batch  # bounds the file descriptors held open by one batch
+        self.pipeline = pipeline
+        self.pipelined_batch = pipelined_batch
         self._pending = []
-        self._busy = False
+        self._in_flight = 0
+        self._on_thread = False     # the batch in flight runs on the writer thread
+        self._completing = False    # a batch's callbacks are running
         self._idle_waiters = []
         self.batches = 0
         self.items = 0
 
     def submit(self, plan, operation, light=False):
-        """Run ``plan(fs) -> Durable`` in the next batch.
+        """Run ``plan(fs) -> Durable`` in a coming batch.
 
         The Deferred fires with ``Durable.result`` once durable; an OSError
         arrives as ``StorageError(operation, error)``. ``light``: the plan
         makes at most a few quick system calls and its writes are small, so
-        it may run on the reactor thread (see ``_kick``).
+        it may run on the reactor thread (see the class docstring).
         """
         d = defer.Deferred()
         self._pending.append((plan, operation, d, light))
@@ -461,45 +475,61 @@ class GroupCommitWriter:
 
     def drain(self):
         """A Deferred that fires when nothing is queued or in flight (for shutdown)."""
-        if not self._busy and not self._pending:
+        if not self._in_flight and not self._pending:
             return defer.succeed(None)
         d = defer.Deferred()
         self._idle_waiters.append(d)
         return d
 
     def _kick(self):
-        if self._busy or not self._pending:
-            return
-        batch = self._pending[:self.max_batch]
-        del self._pending[:self.max_batch]
-        self._busy = True
-        self.batches += 1
-        self.items += len(batch)
-        plans = [plan for plan, _, _, _ in batch]
-        d = None
-        # A batch of light plans needs no thread when the file system can run
-        # the rest without blocking (ChildProcessFileSystem: a pipe to its
-        # child, watched by the reactor): that saves two thread hand-overs.
-        here = getattr(self.fs, "run_batch_here", None)
-        if here is not None and all(light for _, _, _, light in batch):
-            d = here(plans)
-        if d is None:
-            d = self.run_in_thread(run_batch, self.fs, plans)
-        d.addBoth(self._finished, batch)
+        # While a batch's callbacks run, what they submit waits and goes
+        # together in the next batch instead of one request at a time.
+        while self._pending and not self._on_thread and not self._completing:
+            here = self._can_run_here()
+            if here:
+                if self._in_flight >= self.pipeline:
+                    return
+                size = self.pipelined_batch if self._in_flight else self.max_batch
+            elif self._in_flight:
+                return              # the thread's batch goes alone
+            else:
+                size = self.max_batch
+            batch = self._pending[:size]
+            del self._pending[:size]
+            self._in_flight += 1
+            self._on_thread = not here
+            self.batches += 1
+            self.items += len(batch)
+            plans = [plan for plan, _, _, _ in batch]
+            if here:
+                d = self.fs.run_batch_here(plans)
+            else:
+                d = self.run_in_thread(run_batch, self.fs, plans)
+            d.addBoth(self._finished, batch)
+
+    def _can_run_here(self):
+        ready = getattr(self.fs, "ready_here", None)
+        if ready is None:
+            return False
+        size = self.pipelined_batch if self._in_flight else self.max_batch
+        return all(light for _, _, _, light in self._pending[:size]) and ready()
 
     def _finished(self, outcomes, batch):
-        # Still "busy" while the callbacks run: what they submit waits and
-        # goes together in the next batch instead of one item at a time.
         if isinstance(outcomes, Failure):
             outcomes = [(False, outcomes)] * len(batch)
-        for (_, operation, d, _), (ok, value) in zip(batch, outcomes):
-            if ok:
-                d.callback(value)
-            else:
-                d.errback(_as_failure(operation, value))
-        self._busy = False
+        self._completing = True
+        try:
+            for (_, operation, d, _), (ok, value) in zip(batch, outcomes):
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(_as_failure(operation, value))
+        finally:
+            self._completing = False
+        self._in_flight -= 1
+        self._on_thread = False
         self._kick()
-        if not self._busy and not self._pending:
+        if not self._in_flight and not self._pending:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)

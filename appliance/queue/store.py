@@ -576,16 +576,16 @@ class Spool:
 
         def plan(fs):
             # No directory fsync unless durable: see the module docstring.
+            # The rename is the writer's, not the plan's: it then comes after
+            # every earlier write of this entry still on its way (a batch may
+            # wait in the writer child's pipe behind another).
             if spare is None:
                 return Durable(unlinks=[state_path, msg_path], sync_dirs=sync_dirs,
                                result=qid)
-            try:
-                fs.rename(state_path, spare)
-            except FileNotFoundError:
-                pass
             if durable:
                 sync_dirs.append(self.spare)
-            return Durable(unlinks=[msg_path], sync_dirs=sync_dirs, result=qid)
+            return Durable(renames=[(state_path, spare)], unlinks=[msg_path],
+                           sync_dirs=sync_dirs, result=qid)
 
         d = self.writer.submit(plan, "spool.remove", light=True)
         d.addCallbacks(self._removed, self._remove_failed, callbackArgs=(qid, spare),

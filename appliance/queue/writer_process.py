@@ -26,6 +26,7 @@ Wire format, both ways: a 4-byte big-endian length, then a pickle (the pipe
 is private to the two processes).
 """
 
+import collections
 import fcntl
 import os
 import pickle
@@ -45,6 +46,7 @@ _LENGTH = struct.Struct(">I")
 _FIELDS = ("writes", "rewrites", "renames", "unlinks", "sync_dirs", "rollback", "links",
            "retire")
 LOCK_WAIT = 30.0            # seconds a new server waits for an old one's writer to end
+PIPE_BYTES = 1024 * 1024    # the request pipe's size (F_SETPIPE_SZ; unprivileged maximum)
 
 
 class WriterDied(OSError):
@@ -68,6 +70,8 @@ class ChildProcessFileSystem(FileSystem):
         self._lock_fd = None
         self._child = None
         self._guard = threading.Lock()
+        self._awaiting = collections.deque()    # (items, Deferred) sent from the reactor
+        self._reader = None
 
     # -- the child
 
@@ -85,10 +89,15 @@ class ChildProcessFileSystem(FileSystem):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (package_root, env.get("PYTHONPATH")) if p)
-        return subprocess.Popen(
+        child = subprocess.Popen(
             [self.python, "-m", "appliance.queue.writer_process", str(self.threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self._lock_fd,),
             env=env, bufsize=0)
+        try:        # room for a batch while the child works on the one before
+            fcntl.fcntl(child.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except (OSError, AttributeError):
+            pass    # the default 64 KiB: GroupCommitWriter keeps the second batch small
+        return child
 
     def shutdown(self, wait=True):
         with self._guard:
@@ -126,24 +135,30 @@ class ChildProcessFileSystem(FileSystem):
             item.error = error
             item.link_failed = link_failed
 
-    # -- a light batch, from the reactor thread
+    # -- light batches, from the reactor thread
 
-    def run_batch_here(self, plans):
-        """``run_batch`` without a thread, or None when it needs one.
-
-        For batches of light plans (``GroupCommitWriter.submit``): the plans
-        run here, the request goes down the pipe (small: the child is
-        waiting for it, the write does not block), and the reactor watches
-        for the reply. The first batch (recovery), a dead child or a missing
-        reactor send the batch to the writer thread instead.
-        """
+    def ready_here(self):
+        """Can ``run_batch_here`` take a batch now? Not before the first
+        batch (recovery, on the thread) made the child, nor without a reactor,
+        nor once the child died (the thread path makes a new one)."""
         child = self._child
         if self.reactor is None or child is None or self._lock_fd is None:
-            return None
-        if child.poll() is not None:    # died since the last batch: the thread respawns it
-            with self._guard:
-                self._forget_child()
-            return None
+            return False
+        if child.poll() is not None:
+            self._fail_awaiting(WriterDied("writer process ended"))
+            return False
+        return True
+
+    def run_batch_here(self, plans):
+        """``run_batch`` without a thread: a Deferred of the outcomes.
+
+        For light plans (``GroupCommitWriter.submit``), after ``ready_here``:
+        the plans run here, the request goes down the pipe (small; the pipe
+        holds PIPE_BYTES, so the write does not wait for the child even while
+        it works on the batch before), and the reactor watches for replies.
+        The child answers batches in the order they were sent.
+        """
+        child = self._child
         items = [_Item(plan) for plan in plans]
         for item in items:
             try:
@@ -158,31 +173,49 @@ class ChildProcessFileSystem(FileSystem):
         try:
             _write_all(child.stdin.fileno(), _LENGTH.pack(len(data)) + data)
         except OSError as e:
-            self._lost(live, e)
+            self._fail_awaiting(WriterDied(f"writer process: {e}"))
+            for _, item in live:
+                item.error = WriterDied(f"writer process: {e}")
             return defer.succeed([item.outcome() for item in items])
         done = defer.Deferred()
-        reader = _Readable(child.stdout.fileno(),
-                           lambda: self._reply_ready(reader, items, live, done))
-        self.reactor.addReader(reader)
+        self._awaiting.append((items, done))
+        if self._reader is None:
+            self._reader = _Readable(child.stdout.fileno(), self._reply_ready)
+            self.reactor.addReader(self._reader)
         return done
 
-    def _reply_ready(self, reader, items, live, done):
-        self.reactor.removeReader(reader)
+    def _reply_ready(self):
+        """The oldest batch sent has its reply (or the child is gone)."""
         try:
-            reply = pickle.loads(_read_message(reader.fd))
+            reply = pickle.loads(_read_message(self._reader.fd))
         except (OSError, EOFError, pickle.UnpicklingError) as e:
-            self._lost(live, WriterDied(f"writer process: {e}"))
-        else:
-            for n, error, link_failed in reply:
-                items[n].error = error
-                items[n].link_failed = link_failed
+            self._fail_awaiting(WriterDied(f"writer process: {e}"))
+            return
+        items, done = self._awaiting.popleft()
+        if not self._awaiting:
+            self._stop_reading()
+        for n, error, link_failed in reply:
+            items[n].error = error
+            items[n].link_failed = link_failed
         done.callback([item.outcome() for item in items])
 
-    def _lost(self, live, error):
+    def _fail_awaiting(self, error):
+        """The child is gone: every batch sent and not answered fails, a new
+        child comes with the next batch on the thread."""
+        self._stop_reading()
+        awaiting, self._awaiting = self._awaiting, collections.deque()
         with self._guard:
             self._forget_child()
-        for _, item in live:
-            item.error = error
+        for items, done in awaiting:
+            for item in items:
+                if item.alive:
+                    item.error = error
+            done.callback([item.outcome() for item in items])
+
+    def _stop_reading(self):
+        if self._reader is not None:
+            self.reactor.removeReader(self._reader)
+            self._reader = None
 
     def _call(self, request):
         data = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
