@@ -179,7 +179,9 @@ class MaildirDeliverer:
                 maildir = os.path.join(inbox, "." + folder)
                 parents += _make_maildir(fs, maildir)
                 if FOLDER_MARKER not in fs.listdir(maildir):
-                    writes.append((os.path.join(maildir, FOLDER_MARKER), b""))
+                    # Made now, before the link below can show the message:
+                    # a reader never finds a folder's mail without its marker.
+                    _touch(fs, os.path.join(maildir, FOLDER_MARKER))
                     parents.append(maildir)
             new = os.path.join(maildir, "new", name)
             if already_in_cur(fs, maildir, name):
@@ -204,6 +206,11 @@ class MaildirDeliverer:
             return None
         name = message_name(envelope.queue_id, envelope.received_at, self.hostname)
         return CommitLinks(self, name, list(dict.fromkeys(addresses)))
+
+
+def _touch(fs, path):
+    """An empty file (its directory is fsynced with the batch)."""
+    fs.close(fs.open_new(path))
 
 
 def _linked(fs, src, dst):
