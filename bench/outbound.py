@@ -27,7 +27,7 @@ is the ceiling of this rig (loader + sinks), to show the sinks are not the
 bottleneck. Reps interleave (ours, then Postfix); the figure that matters is
 the median of the per-rep ratios mailappliance / Postfix (target >= 1.0).
 
-Run as root (Postfix starts as root):  python bench/queue.py [--reps 3]
+Run as root (Postfix starts as root):  python bench/outbound.py [--reps 3]
 It prints figures; it is not a test.
 """
 
@@ -356,7 +356,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     why_not = why_not_runnable()
     if why_not:
-        print(f"bench/queue.py: cannot run: {why_not}", file=sys.stderr)
+        print(f"bench/outbound.py: cannot run: {why_not}", file=sys.stderr)
         return 2
     raise_fd_limit(8192)
     domains = [Domain(i) for i in range(args.domains)]
@@ -393,7 +393,7 @@ def main(argv=None):
         return 0
     except (RuntimeError, ServerError, PostfixError, OSError,
             subprocess.TimeoutExpired) as error:
-        print(f"bench/queue.py: {error}", file=sys.stderr)
+        print(f"bench/outbound.py: {error}", file=sys.stderr)
         if ours is not None:
             print(ours.output()[-3000:], file=sys.stderr)
         return 1
