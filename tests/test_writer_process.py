@@ -18,6 +18,7 @@ from twisted.trial import unittest
 from appliance.queue import writer_process
 from appliance.queue.commit import Durable, GroupCommitWriter, run_batch
 from appliance.queue.writer_process import ChildProcessFileSystem, WriterDied
+from appliance.testing import capture_events
 
 
 @pytest.fixture
@@ -88,6 +89,19 @@ def test_a_dead_child_fails_its_batch_and_the_next_batch_gets_a_new_one(files, t
     # so a new child takes it.
     [(ok, _)] = run_batch(files, [store(str(tmp_path), "next")])
     assert ok and files._child is not first and (tmp_path / "next").exists()
+
+
+def test_the_childs_start_and_loss_are_events(files, tmp_path):
+    with capture_events() as seen:
+        run_batch(files, [store(str(tmp_path), "first")])
+        first = files._child
+        first.kill()
+        first.wait()
+        run_batch(files, [store(str(tmp_path), "next")])
+    started = seen.named("spool.writer.started")
+    assert [e["pid"] for e in started] == [first.pid, files._child.pid]
+    [lost] = seen.named("spool.writer.lost")
+    assert lost["pid"] == first.pid and lost["status"] == -9
 
 
 def test_a_child_dying_during_a_batch_fails_that_batch_only(files, tmp_path, monkeypatch):

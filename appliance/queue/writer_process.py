@@ -40,7 +40,13 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReadDescriptor
 from zope.interface import implementer
 
+from appliance import events
 from appliance.queue.commit import Durable, FileSystem, _Item, execute_items
+
+events.register("spool.writer.started", "the writer child (the spool's fsyncs) started",
+                ("pid",))
+events.register("spool.writer.lost", "the writer child ended or broke its pipe: the batches "
+                "it held failed with 451, the next batch starts a new one", ("pid", "status"))
 
 _LENGTH = struct.Struct(">I")
 _FIELDS = ("writes", "rewrites", "renames", "unlinks", "sync_dirs", "rollback", "links",
@@ -97,7 +103,15 @@ class ChildProcessFileSystem(FileSystem):
             fcntl.fcntl(child.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         except (OSError, AttributeError):
             pass    # the default 64 KiB: GroupCommitWriter keeps the second batch small
+        self._emit("spool.writer.started", pid=child.pid)
         return child
+
+    def _emit(self, name, **fields):
+        """An event, from whichever thread: it is written on the reactor's."""
+        if self.reactor is None:
+            events.emit(name, **fields)
+        else:
+            self.reactor.callFromThread(events.emit, name, **fields)
 
     def shutdown(self, wait=True):
         with self._guard:
@@ -241,12 +255,15 @@ class ChildProcessFileSystem(FileSystem):
             raise WriterDied(f"writer process: {e}") from None
 
     def _forget_child(self):
+        """Done with a child that died or broke its pipe (the next batch on
+        the thread starts another)."""
         child, self._child = self._child, None
         if child is not None:
             child.kill()
-            child.wait()
+            status = child.wait()
             child.stdin.close()
             child.stdout.close()
+            self._emit("spool.writer.lost", pid=child.pid, status=status)
 
 
 @implementer(IReadDescriptor)
