@@ -794,11 +794,17 @@ def deliver_pipelined(h, peer, body_reply="250 2.0.0 Ok"):
     return body
 
 
-def test_the_next_message_to_the_same_host_reuses_the_idle_connection():
+def with_an_idle_connection():
+    """A Harness whose first message went through and left its connection idle."""
     h = Harness()
     h.deliver()
     h.peer.greet("PIPELINING")
     deliver_pipelined(h, h.peer)
+    return h
+
+
+def test_the_next_message_to_the_same_host_reuses_the_idle_connection():
+    h = with_an_idle_connection()
     assert h.results()[0].delivered
     h.clock.advance(remote.IDLE_LIMIT - 0.5)
     h.deliver(recipients=["carol@remote.test"])
@@ -826,10 +832,7 @@ def test_a_failed_transaction_does_not_keep_its_connection():
 
 
 def test_an_idle_connection_the_peer_closes_is_forgotten():
-    h = Harness()
-    h.deliver()
-    h.peer.greet("PIPELINING")
-    deliver_pipelined(h, h.peer)
+    h = with_an_idle_connection()
     h.peer.lose()
     assert h.clock.getDelayedCalls() == []
     h.deliver()
@@ -838,10 +841,7 @@ def test_an_idle_connection_the_peer_closes_is_forgotten():
 
 
 def test_a_stale_idle_connection_hands_the_message_to_a_new_one():
-    h = Harness()
-    h.deliver()
-    h.peer.greet("PIPELINING")
-    deliver_pipelined(h, h.peer)
+    h = with_an_idle_connection()
     first = h.peer
     h.deliver()
     assert first.lines()[0].startswith("MAIL FROM:")
@@ -853,10 +853,7 @@ def test_a_stale_idle_connection_hands_the_message_to_a_new_one():
 
 
 def test_a_reused_connection_that_answered_is_not_retried():
-    h = Harness()
-    h.deliver()
-    h.peer.greet("PIPELINING")
-    deliver_pipelined(h, h.peer)
+    h = with_an_idle_connection()
     first = h.peer
     h.deliver()
     first.lines()
@@ -878,10 +875,7 @@ def test_a_connection_is_not_reused_past_the_reuse_limit(monkeypatch):
 
 
 def test_stop_quits_the_idle_connections_and_keeps_none_after():
-    h = Harness()
-    h.deliver()
-    h.peer.greet("PIPELINING")
-    deliver_pipelined(h, h.peer)
+    h = with_an_idle_connection()
     h.delivery.stop()
     assert h.peer.lines() == ["QUIT"] and h.peer.closed
     assert h.clock.getDelayedCalls() == []
