@@ -280,18 +280,25 @@ def run_batch(fs, plans):
             prepare()
         except OSError as e:
             return [(False, e)] * len(plans)
-    items = [_Item(plan) for plan in plans]
-
-    def plan(item):
-        item.durable = item.plan(fs)
-
-    _each(items, plan)
+    items = plan_items(fs, plans)
     execute = getattr(fs, "execute", None)
     if execute is not None:
         execute(items)
     else:
         execute_items(fs, items)
     return [item.outcome() for item in items]
+
+
+def plan_items(fs, plans):
+    """The plan phase: one ``_Item`` per plan, its ``durable`` set (or its
+    ``error``, for a plan that raised)."""
+    items = [_Item(plan) for plan in plans]
+
+    def plan(item):
+        item.durable = item.plan(fs)
+
+    _each(items, plan)
+    return items
 
 
 def execute_items(fs, items):

@@ -627,4 +627,3 @@ def _remote_outcome(result):
     else:
         change.update(state=DEFERRED, last_error=reason, retry=True)
     return change
-

@@ -38,9 +38,9 @@ record; a crash before its fsync leaves at most an orphan ``<id>.msg``
 delivery for a state file to finish; with several, the state file is what
 lets recovery complete a delivery a crash cut short, so they keep it. If the
 link fails after all, a second batch commits the state file (and the queue
-directory) before the ``250``, and the runner delivers it the usual way. A kill between 4 and the reply leaves
-a message delivered but unanswered, as a kill just after any last fsync does:
-the client sends it again.
+directory) before the ``250``, and the runner delivers it the usual way. A
+kill between 4 and the reply leaves a message delivered but unanswered, as a
+kill just after any last fsync does: the client sends it again.
 """
 
 import collections
@@ -285,6 +285,18 @@ class Spool:
         self._dir_ready = True
         return [os.path.dirname(path) for path in created]
 
+    def _state_plan(self, qid, data, result=None, rollback=()):
+        """A plan replacing the state file of ``qid`` with ``data``: written
+        (over a spare when there is one), renamed into place, the queue
+        directory fsynced."""
+        state_path = self.state_path(qid)
+
+        def plan(fs):
+            writes, rewrites, temp = self._state_write(qid, data)
+            return Durable(writes=writes, rewrites=rewrites, renames=[(temp, state_path)],
+                           sync_dirs=[self.directory], rollback=rollback, result=result)
+        return plan
+
     def _state_write(self, qid, data):
         """(writes, rewrites, temp) for a new state file of ``qid`` (writer
         thread): written over a spare when there is one."""
@@ -430,13 +442,8 @@ class Spool:
         # A link failed: the message stays queued for those recipients, so it
         # needs its state file after all (and the queue directory its fsync),
         # before the 250.
-        state, state_path = entry.dumps(), self.state_path(entry.queue_id)
-
-        def plan(fs):
-            writes, rewrites, temp = self._state_write(entry.queue_id, state)
-            return Durable(writes=writes, rewrites=rewrites, renames=[(temp, state_path)],
-                           sync_dirs=[self.directory], rollback=[state_path])
-
+        plan = self._state_plan(entry.queue_id, entry.dumps(),
+                                rollback=[self.state_path(entry.queue_id)])
         d = self.writer.submit(plan, "spool.accept", light=True)
         d.addCallbacks(lambda _: self._accepted(result, entry, route, [], None, message),
                        self._accept_failed, errbackArgs=(None,))
@@ -548,14 +555,8 @@ class Spool:
             state = entry.recipients.setdefault(address, new_recipient_state(now))
             state.update(fields, updated_at=now)
         entry.flags.update(flags or {})
-        data, state_path = entry.dumps(), self.state_path(qid)
-
-        def plan(fs):
-            writes, rewrites, temp = self._state_write(qid, data)
-            return Durable(writes=writes, rewrites=rewrites, renames=[(temp, state_path)],
-                           sync_dirs=[self.directory], result=entry)
-
-        d = self.writer.submit(plan, "spool.update", light=True)
+        d = self.writer.submit(self._state_plan(qid, entry.dumps(), result=entry),
+                               "spool.update", light=True)
         d.addErrback(self._storage_failed, "update")
         return d
 
@@ -572,20 +573,21 @@ class Spool:
         self._cool(qid)
         state_path, msg_path = self.state_path(qid), self.message_path(qid)
         spare = self._reserve_spare(qid)
+        # No directory fsync unless durable: see the module docstring. The
+        # rename is the writer's, not the plan's: it then comes after every
+        # earlier write of this entry still on its way (a batch may wait in
+        # the writer child's pipe behind another).
         sync_dirs = [self.directory] if durable else []
-
-        def plan(fs):
-            # No directory fsync unless durable: see the module docstring.
-            # The rename is the writer's, not the plan's: it then comes after
-            # every earlier write of this entry still on its way (a batch may
-            # wait in the writer child's pipe behind another).
-            if spare is None:
-                return Durable(unlinks=[state_path, msg_path], sync_dirs=sync_dirs,
-                               result=qid)
+        if spare is None:
+            removal = Durable(unlinks=[state_path, msg_path], sync_dirs=sync_dirs, result=qid)
+        else:
             if durable:
                 sync_dirs.append(self.spare)
-            return Durable(renames=[(state_path, spare)], unlinks=[msg_path],
-                           sync_dirs=sync_dirs, result=qid)
+            removal = Durable(renames=[(state_path, spare)], unlinks=[msg_path],
+                              sync_dirs=sync_dirs, result=qid)
+
+        def plan(fs):
+            return removal
 
         d = self.writer.submit(plan, "spool.remove", light=True)
         d.addCallbacks(self._removed, self._remove_failed, callbackArgs=(qid, spare),

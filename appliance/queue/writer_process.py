@@ -41,7 +41,7 @@ from twisted.internet.interfaces import IReadDescriptor
 from zope.interface import implementer
 
 from appliance import events
-from appliance.queue.commit import Durable, FileSystem, _Item, execute_items
+from appliance.queue.commit import Durable, FileSystem, _Item, execute_items, plan_items
 
 events.register("spool.writer.started", "the writer child (the spool's fsyncs) started",
                 ("pid",))
@@ -132,22 +132,18 @@ class ChildProcessFileSystem(FileSystem):
     # -- a batch
 
     def execute(self, items):
-        live = [(n, item) for n, item in enumerate(items) if item.alive]
-        if not live:
+        """The batch's writes, in the child (writer thread; ``run_batch``
+        has called ``prepare_batch``)."""
+        message = _request(items)
+        if message is None:
             return
-        request = [(n, tuple(getattr(item.durable, f) for f in _FIELDS)) for n, item in live]
         try:
-            self.prepare_batch()
-            reply = self._call(request)
+            reply = self._call(message)
         except OSError as e:
             self._forget_child()
-            for _, item in live:
-                item.error = e
+            _fail(items, e)
             return
-        for n, error, link_failed in reply:
-            item = items[n]
-            item.error = error
-            item.link_failed = link_failed
+        _apply(items, reply)
 
     # -- light batches, from the reactor thread
 
@@ -173,24 +169,17 @@ class ChildProcessFileSystem(FileSystem):
         The child answers batches in the order they were sent.
         """
         child = self._child
-        items = [_Item(plan) for plan in plans]
-        for item in items:
-            try:
-                item.durable = item.plan(self)
-            except Exception as e:  # noqa: BLE001 - fails its item only, as in run_batch
-                item.error = e
-        live = [(n, item) for n, item in enumerate(items) if item.alive]
-        if not live:
-            return defer.succeed([item.outcome() for item in items])
-        request = [(n, tuple(getattr(item.durable, f) for f in _FIELDS)) for n, item in live]
-        data = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
+        items = plan_items(self, plans)
+        message = _request(items)
+        if message is None:
+            return defer.succeed(_outcomes(items))
         try:
-            _write_all(child.stdin.fileno(), _LENGTH.pack(len(data)) + data)
+            _write_all(child.stdin.fileno(), message)
         except OSError as e:
-            self._fail_awaiting(WriterDied(f"writer process: {e}"))
-            for _, item in live:
-                item.error = WriterDied(f"writer process: {e}")
-            return defer.succeed([item.outcome() for item in items])
+            died = WriterDied(f"writer process: {e}")
+            self._fail_awaiting(died)
+            _fail(items, died)
+            return defer.succeed(_outcomes(items))
         done = defer.Deferred()
         self._awaiting.append((items, done))
         if self._reader is None:
@@ -208,10 +197,8 @@ class ChildProcessFileSystem(FileSystem):
         items, done = self._awaiting.popleft()
         if not self._awaiting:
             self._stop_reading()
-        for n, error, link_failed in reply:
-            items[n].error = error
-            items[n].link_failed = link_failed
-        done.callback([item.outcome() for item in items])
+        _apply(items, reply)
+        done.callback(_outcomes(items))
 
     def _fail_awaiting(self, error):
         """The child is gone: every batch sent and not answered fails, a new
@@ -221,19 +208,15 @@ class ChildProcessFileSystem(FileSystem):
         with self._guard:
             self._forget_child()
         for items, done in awaiting:
-            for item in items:
-                if item.alive:
-                    item.error = error
-            done.callback([item.outcome() for item in items])
+            _fail(items, error)
+            done.callback(_outcomes(items))
 
     def _stop_reading(self):
         if self._reader is not None:
             self.reactor.removeReader(self._reader)
             self._reader = None
 
-    def _call(self, request):
-        data = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
-        message = _LENGTH.pack(len(data)) + data
+    def _call(self, message):
         try:
             self._send(message)
         except BrokenPipeError:
@@ -301,6 +284,37 @@ def _acquire(path):
             time.sleep(0.05)
 
 
+def _frame(value):
+    """``value`` as it crosses the pipe: its length, then its pickle."""
+    data = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(data)) + data
+
+
+def _request(items):
+    """The framed request for the live items (numbered by their place in
+    ``items``), or None when none is left to write."""
+    request = [(n, tuple(getattr(item.durable, f) for f in _FIELDS))
+               for n, item in enumerate(items) if item.alive]
+    return _frame(request) if request else None
+
+
+def _apply(items, reply):
+    """What the child reported: each item's error and failed links."""
+    for n, error, link_failed in reply:
+        items[n].error = error
+        items[n].link_failed = link_failed
+
+
+def _fail(items, error):
+    for item in items:
+        if item.alive:
+            item.error = error
+
+
+def _outcomes(items):
+    return [item.outcome() for item in items]
+
+
 def _write_all(fd, data):
     view = memoryview(data)
     while view:
@@ -364,8 +378,7 @@ def serve(fs, infd=0, outfd=1):
         reply = [(n, None if item.alive else _portable(item.error),
                   {dst: _portable(e) for dst, e in item.link_failed.items()})
                  for (n, _), item in zip(request, items)]
-        data = pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
-        _write_all(outfd, _LENGTH.pack(len(data)) + data)
+        _write_all(outfd, _frame(reply))
 
 
 def main(argv):
