@@ -10,6 +10,7 @@
 
 import contextlib
 import errno
+import socket
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -278,3 +279,43 @@ def capture_events():
         yield collector
     finally:
         events.remove_observer(collector)
+
+
+def free_ports(count, host="127.0.0.1"):
+    """``count`` distinct TCP ports free on ``host`` right now.
+
+    All sockets stay bound until every port is picked, so no port repeats.
+    """
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            socks.append(sock)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def outcome(d):
+    """The result (or Failure) of a Deferred that has already fired."""
+    results = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
+def value_of(d):
+    """The result of a fired Deferred; its exception raised if it failed."""
+    result = outcome(d)
+    if isinstance(result, failure.Failure):
+        result.raiseException()
+    return result
+
+
+def error_of(d):
+    """The exception a fired Deferred failed with."""
+    result = outcome(d)
+    assert isinstance(result, failure.Failure), f"expected a failure, got {result!r}"
+    return result.value

@@ -3,24 +3,14 @@
 import os
 
 import pytest
-from twisted.python.failure import Failure
 
 from appliance.access import maildir as md
 from appliance.deliver.maildir import MaildirDeliverer, already_in_cur, message_name
 from appliance.envelope import Envelope
 from appliance.queue.commit import FileSystem, GroupCommitWriter, synchronous_runner
+from appliance.testing import value_of as result_of
 
 ADDRESS = "alice@example.test"
-
-
-def result_of(d):
-    """The result of an already-fired Deferred (the runner is synchronous)."""
-    out = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
 
 
 @pytest.fixture

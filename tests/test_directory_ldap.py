@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 from twisted.internet import defer, task
-from twisted.python.failure import Failure
 
 import ldap_server
 from appliance.auth.accounts import Account, BackendUnavailable
@@ -27,7 +26,7 @@ from appliance.queue.runner import QueueRunner
 from appliance.queue.store import DEFERRED, DELIVERED, FAILED, Spool
 from appliance.receive import replies
 from appliance.receive.policy import MXPolicy
-from appliance.testing import FakeSpool, SMTPHarness, make_config
+from appliance.testing import FakeSpool, SMTPHarness, error_of, make_config, value_of
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
@@ -74,27 +73,6 @@ def ldap_directory(server, tmp_path, clock=None, runner=None, aliases=""):
     path.write_text(aliases)
     accounts = recipient_accounts(cfg, runner or CountingRunner(), timeout=2.0)
     return LdapDirectory(cfg, AliasesFile(str(path)), accounts, clock or task.Clock())
-
-
-def outcome(d):
-    """The result (or Failure) of a Deferred that has already fired."""
-    results = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    return results[0]
-
-
-def value_of(d):
-    result = outcome(d)
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result
-
-
-def error_of(d):
-    result = outcome(d)
-    assert isinstance(result, Failure), f"expected a failure, got {result!r}"
-    return result.value
 
 
 def recipient(address):

@@ -13,7 +13,6 @@ import time
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 import ldap_server
 from appliance.auth import ldap as ldap_backend
@@ -23,7 +22,8 @@ from appliance.auth.ldap import (LdapAccounts, LdapClient, LdapConfigError, Ldap
                                  accounts_from_config, account_from_entry,
                                  read_bind_password, user_filter)
 from appliance.queue.commit import synchronous_runner
-from appliance.testing import capture_events, make_config
+from appliance.testing import capture_events, error_of, make_config, outcome
+from appliance.testing import value_of as account_of
 
 ALICE = "alice@example.test"
 ALICE_PASSWORD = ldap_server.USERS["alice"][0]
@@ -70,28 +70,6 @@ class Runner:
 def accounts_for(server, tls="starttls", timeout=2.0, runner=None, **auth):
     runner = runner or Runner()
     return LdapAccounts(client_for(server, tls, timeout, **auth), runner)
-
-
-def outcome(d):
-    """The result (or Failure) of a Deferred that has already fired."""
-    results = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    return results[0]
-
-
-def account_of(d):
-    result = outcome(d)
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result
-
-
-def error_of(d):
-    """The exception a Deferred failed with."""
-    result = outcome(d)
-    assert isinstance(result, Failure), f"expected a failure, got {result!r}"
-    return result.value
 
 
 def refused_with(d):

@@ -14,6 +14,7 @@ from appliance.deliver.maildir import (Delivered, MaildirDeliverer, SpoolFile,
 from appliance.envelope import Envelope
 from appliance.queue.commit import FileSystem, GroupCommitWriter, StorageError, \
     synchronous_runner
+from appliance.testing import outcome as result_of
 
 MESSAGE = b"Received: from a\r\nSubject: hi\r\n\r\nline one\r\nline two\r\n"
 
@@ -52,12 +53,6 @@ def envelope(qid="0005f1e2d3c4b5a6deadbeef", sender="alice@example.org"):
 
 def deliverer(root, fs=None, runner=synchronous_runner):
     return MaildirDeliverer(str(root), GroupCommitWriter(runner, fs), "mail.example.test")
-
-
-def result_of(d):
-    out = []
-    d.addBoth(out.append)
-    return out[0]
 
 
 def test_path_components_stay_inside_the_root():

@@ -14,6 +14,7 @@ from appliance.auth.sasl import (
 from appliance.auth.users import UsersFile, hash_password
 from appliance.directory import AliasesFile, Directory
 from appliance.testing import FakeAccounts as _FakeAccounts, make_config
+from appliance.testing import value_of as result_of
 
 
 def FakeAccounts(**kwargs):
@@ -22,16 +23,6 @@ def FakeAccounts(**kwargs):
 
 def sync(f, *args):
     return defer.maybeDeferred(f, *args)
-
-
-def result_of(d):
-    """The result of a fired Deferred; its exception raised if it failed."""
-    results = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 class FakeVerifier:

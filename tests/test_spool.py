@@ -14,6 +14,7 @@ from appliance.envelope import Envelope
 from appliance.queue.commit import FileSystem, GroupCommitWriter, synchronous_runner
 from appliance.queue.store import (DEFERRED, DELIVERED, PENDING, Route, Spool,
                                    StorageError)
+from appliance.testing import outcome as result_of
 
 QID = "0005f1e2d3c4b5a6deadbeef"
 MESSAGE = b"Received: from a\r\nSubject: hi\r\n\r\nbody\r\n"
@@ -69,13 +70,6 @@ def make_spool(directory, fs=None, clock=None, runner=synchronous_runner, statvf
     return Spool(str(directory), writer, synchronous_runner, clock or task.Clock(),
                  statvfs=statvfs, spare=None if spare is None else str(spare),
                  max_spares=max_spares)
-
-
-def result_of(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    return out[0]
 
 
 @pytest.fixture

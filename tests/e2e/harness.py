@@ -7,15 +7,21 @@ Every wait is bounded in time; nothing here sleeps without a deadline.
 """
 
 import email.parser
+import email.policy
 import json
-import os
 import resource
 import signal
+import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import uuid
+from email.message import EmailMessage
 from pathlib import Path
+
+from appliance.testing import free_ports  # noqa: F401  (the tests and benches take it from here)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOSTNAME = "mail.example.test"
@@ -30,23 +36,6 @@ TWISTD = ("-c", "from twisted.scripts.twistd import run; run()")
 
 class ServerError(Exception):
     """The server did not start, or stopped when it should not have."""
-
-
-def free_ports(count, host="127.0.0.1"):
-    """``count`` distinct TCP ports free on ``host`` right now.
-
-    All sockets stay bound until every port is picked, so no port repeats.
-    """
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((host, 0))
-            socks.append(sock)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def wait_until(predicate, timeout, interval=0.05, what="condition"):
@@ -160,6 +149,28 @@ class MailServer:
             if path.is_dir():
                 found.extend(p for p in path.iterdir() if p.is_file())
         return sorted(found)
+
+    def cert_file(self):
+        """The self-signed certificate the server made in data_dir at start."""
+        return str(self.data_dir / "tls" / "cert.pem")
+
+    def tls_context(self):
+        """A client context trusting that certificate."""
+        context = ssl.create_default_context(cafile=self.cert_file())
+        context.check_hostname = False      # we connect to 127.0.0.1, it names the host
+        return context
+
+    def send_through_mx(self, subject, body, recipient, sender="friend@example.net",
+                        timeout=30):
+        """A small message to ``recipient`` through the MX port, with smtplib."""
+        msg = EmailMessage()
+        msg["From"] = sender
+        msg["To"] = recipient
+        msg["Subject"] = subject
+        msg["Message-ID"] = f"<{uuid.uuid4().hex}@example.net>"
+        msg.set_content(body)
+        with smtplib.SMTP(self.host, self.mx_port, timeout=timeout) as client:
+            client.sendmail(sender, [recipient], msg.as_bytes(policy=email.policy.SMTP))
 
     def wait_for_messages(self, address, count, timeout=20.0):
         """Wait until ``address`` holds at least ``count`` messages; return them."""

@@ -11,15 +11,10 @@ backend (a real slapd from tests/ldap_server.py).
 
 import imaplib
 import re
-import smtplib
 import socket
-import ssl
 import subprocess
 import sys
 import time
-import uuid
-from email import policy
-from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
@@ -39,46 +34,24 @@ def server(mailserver_factory):
     return mailserver_factory(listeners=LISTENERS, users=((ALICE, ALICE_PW),))
 
 
-def cert_file(server):
-    return str(server.data_dir / "tls" / "cert.pem")
-
-
-def tls_context(server):
-    """Trust the self-signed certificate the server made in data_dir."""
-    context = ssl.create_default_context(cafile=cert_file(server))
-    context.check_hostname = False      # we connect to 127.0.0.1, it names the host
-    return context
-
-
-def send_through_mx(server, subject, body="hello\n", recipient=ALICE):
-    msg = EmailMessage()
-    msg["From"] = "friend@example.net"
-    msg["To"] = recipient
-    msg["Subject"] = subject
-    msg["Message-ID"] = f"<{uuid.uuid4().hex}@example.net>"
-    msg.set_content(body)
-    with smtplib.SMTP(server.host, server.mx_port, timeout=TIMEOUT) as client:
-        client.sendmail("friend@example.net", [recipient], msg.as_bytes(policy=policy.SMTP))
-
-
 def fill(server, count):
     have = len(server.messages(ALICE))
     for number in range(have + 1, have + count + 1):
-        send_through_mx(server, f"message {number}", f"body of message {number}\n")
+        server.send_through_mx(f"message {number}", f"body of message {number}\n", ALICE)
         server.wait_for_messages(ALICE, number)
 
 
 def imap_starttls(server, password=ALICE_PW):
     client = imaplib.IMAP4(server.host, server.port("imap"), timeout=TIMEOUT)
     assert "LOGINDISABLED" in client.capabilities
-    client.starttls(ssl_context=tls_context(server))
+    client.starttls(ssl_context=server.tls_context())
     client.login(ALICE, password)
     return client
 
 
 def imaps(server, password=ALICE_PW):
     client = imaplib.IMAP4_SSL(server.host, server.port("imaps"),
-                               ssl_context=tls_context(server), timeout=TIMEOUT)
+                               ssl_context=server.tls_context(), timeout=TIMEOUT)
     client.login(ALICE, password)
     return client
 
@@ -149,7 +122,7 @@ def test_idle_sees_a_delivery(server):
     tag = client._new_tag()
     client.send(tag + b" IDLE\r\n")
     assert client.readline().startswith(b"+")
-    send_through_mx(server, "while idling")
+    server.send_through_mx("while idling", "hello\n", ALICE)
     client.sock.settimeout(TIMEOUT)
     line = client.readline()
     assert line == b"* 2 EXISTS\r\n"
@@ -175,7 +148,7 @@ def test_traversal_names_are_refused(server):
 
 def test_huge_literal_is_refused_before_the_continuation(server):
     raw = socket.create_connection((server.host, server.port("imaps")), timeout=TIMEOUT)
-    sock = tls_context(server).wrap_socket(raw)
+    sock = server.tls_context().wrap_socket(raw)
     stream = sock.makefile("rb")
     assert stream.readline().startswith(b"* OK [CAPABILITY")
     sock.sendall(b'a LOGIN "%s" "%s"\r\n' % (ALICE.encode(), ALICE_PW.encode()))
@@ -208,7 +181,7 @@ def test_starttls_discards_pipelined_login(server):
     stream.readline()
     raw.sendall(b'a STARTTLS\r\nb LOGIN "%s" "%s"\r\n' % (ALICE.encode(), ALICE_PW.encode()))
     assert stream.readline() == b"a OK Begin TLS negotiation now\r\n"
-    sock = tls_context(server).wrap_socket(raw)
+    sock = server.tls_context().wrap_socket(raw)
     sock.sendall(b"c CAPABILITY\r\n")
     reply = sock.recv(4096)
     assert reply.startswith(b"* CAPABILITY") and b"AUTH=PLAIN" in reply   # still not logged in
@@ -224,7 +197,7 @@ def curl(server, scheme, url_path, *extra):
     port = server.port(scheme)
     result = subprocess.run(
         ["curl", "--silent", "--show-error", "--max-time", str(TIMEOUT),
-         "--cacert", cert_file(server),
+         "--cacert", server.cert_file(),
          "--connect-to", f"{HOSTNAME}:{port}:{server.host}:{port}",
          "--user", f"{ALICE}:{ALICE_PW}", *extra,
          f"{scheme}://{HOSTNAME}:{port}/{url_path}"],
@@ -267,14 +240,14 @@ def test_imaps_with_the_ldap_backend(mailserver_factory, slapd):
     assert b"message 1" in client.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[1][0][1]
     client.logout()
     client = imaplib.IMAP4_SSL(server.host, server.port("imaps"),
-                               ssl_context=tls_context(server), timeout=TIMEOUT)
+                               ssl_context=server.tls_context(), timeout=TIMEOUT)
     with pytest.raises(imaplib.IMAP4.error, match=r"AUTHENTICATIONFAILED"):
         client.login(ALICE, "not the password")
     client.logout()
     slapd.stop()
     start = time.monotonic()
     client = imaplib.IMAP4_SSL(server.host, server.port("imaps"),
-                               ssl_context=tls_context(server), timeout=TIMEOUT)
+                               ssl_context=server.tls_context(), timeout=TIMEOUT)
     with pytest.raises(imaplib.IMAP4.error, match=r"UNAVAILABLE"):
         client.login(ALICE, password)
     assert time.monotonic() - start < TIMEOUT

@@ -10,14 +10,10 @@ the LDAP backend (a real slapd from tests/ldap_server.py).
 """
 
 import poplib
-import smtplib
 import socket
-import ssl
 import subprocess
 import sys
-import uuid
 from email import policy
-from email.message import EmailMessage
 from email.parser import BytesParser
 from pathlib import Path
 
@@ -38,44 +34,22 @@ def server(mailserver_factory):
     return mailserver_factory(listeners=LISTENERS, users=((ALICE, ALICE_PW),))
 
 
-def cert_file(server):
-    return str(server.data_dir / "tls" / "cert.pem")
-
-
-def tls_context(server):
-    """Trust the self-signed certificate the server made in data_dir."""
-    context = ssl.create_default_context(cafile=cert_file(server))
-    context.check_hostname = False      # we connect to 127.0.0.1, it names the host
-    return context
-
-
-def send_through_mx(server, subject, body, recipient=ALICE):
-    msg = EmailMessage()
-    msg["From"] = "friend@example.net"
-    msg["To"] = recipient
-    msg["Subject"] = subject
-    msg["Message-ID"] = f"<{uuid.uuid4().hex}@example.net>"
-    msg.set_content(body)
-    with smtplib.SMTP(server.host, server.mx_port, timeout=TIMEOUT) as client:
-        client.sendmail("friend@example.net", [recipient], msg.as_bytes(policy=policy.SMTP))
-
-
 def fill(server, count, recipient=ALICE):
     for n in range(count):
-        send_through_mx(server, f"message {n + 1}",
-                        f"body of message {n + 1}\n.a line starting with a dot\n.\nend\n",
-                        recipient)
+        server.send_through_mx(f"message {n + 1}",
+                               f"body of message {n + 1}\n.a line starting with a dot\n.\nend\n",
+                               recipient)
     return server.wait_for_messages(recipient, count)
 
 
 def pop3_stls(server):
     client = poplib.POP3(server.host, server.port("pop3"), timeout=TIMEOUT)
-    client.stls(tls_context(server))
+    client.stls(server.tls_context())
     return client
 
 
 def pop3s(server):
-    return poplib.POP3_SSL(server.host, server.port("pop3s"), context=tls_context(server),
+    return poplib.POP3_SSL(server.host, server.port("pop3s"), context=server.tls_context(),
                            timeout=TIMEOUT)
 
 
@@ -98,7 +72,7 @@ def test_poplib_with_stls_reads_and_deletes_at_quit(server):
     assert "STLS" in capabilities and "USER" not in capabilities
     with pytest.raises(poplib.error_proto, match="TLS required"):
         client.user(ALICE)
-    client.stls(tls_context(server))
+    client.stls(server.tls_context())
     assert "USER" in client.capa() and "STLS" not in client.capa()
     login(client)
     count, size = client.stat()
@@ -140,7 +114,7 @@ def test_commands_sent_with_stls_are_discarded(server):
         assert reader.readline().startswith(b"+OK")
         raw.sendall(f"STLS\r\nUSER {ALICE}\r\nPASS {ALICE_PW}\r\n".encode())
         assert reader.readline() == b"+OK Begin TLS negotiation\r\n"
-        tls = tls_context(server).wrap_socket(raw, server_hostname=HOSTNAME)
+        tls = server.tls_context().wrap_socket(raw, server_hostname=HOSTNAME)
         tls_reader = tls.makefile("rb")
         tls.sendall(b"STAT\r\n")
         assert tls_reader.readline() == b"-ERR STAT is not valid in this state\r\n"
@@ -159,7 +133,7 @@ def test_pop3s_uidl_is_stable_across_sessions_and_a_restart(server):
     client = login(pop3s(server))
     first = client.uidl()[1]
     client.quit()
-    send_through_mx(server, "third", "while nobody reads\n")
+    server.send_through_mx("third", "while nobody reads\n", ALICE)
     server.wait_for_messages(ALICE, 3)
     server.restart()
     client = login(pop3s(server))
@@ -187,7 +161,7 @@ def test_the_maildrop_is_locked_against_a_second_session(server):
 def test_new_mail_waits_for_the_next_session(server):
     fill(server, 1)
     client = login(pop3s(server))
-    send_through_mx(server, "late", "arrived during the session\n")
+    server.send_through_mx("late", "arrived during the session\n", ALICE)
     server.wait_for_messages(ALICE, 2)
     assert client.stat()[0] == 1
     client.quit()
@@ -221,7 +195,7 @@ def curl(server, url_path, *extra):
     port = server.port("pop3s")
     result = subprocess.run(
         ["curl", "--silent", "--show-error", "--max-time", str(TIMEOUT),
-         "--cacert", cert_file(server),
+         "--cacert", server.cert_file(),
          "--connect-to", f"{HOSTNAME}:{port}:{server.host}:{port}",
          "--user", f"{ALICE}:{ALICE_PW}", *extra,
          f"pop3s://{HOSTNAME}:{port}/{url_path}"],
@@ -247,7 +221,7 @@ def test_curl_deletes_with_dele_and_stls(server):
     port = server.port("pop3")
     result = subprocess.run(
         ["curl", "--silent", "--show-error", "--max-time", str(TIMEOUT), "--ssl-reqd",
-         "--cacert", cert_file(server),
+         "--cacert", server.cert_file(),
          "--connect-to", f"{HOSTNAME}:{port}:{server.host}:{port}",
          "--user", f"{ALICE}:{ALICE_PW}", "--request", "DELE", "--list-only",
          f"pop3://{HOSTNAME}:{port}/1"],

@@ -6,7 +6,6 @@ another domain, so it is accepted and queued whatever the outbound side does.
 """
 
 import smtplib
-import ssl
 import sys
 import uuid
 from email import policy
@@ -37,13 +36,6 @@ def server(mailserver_factory, slapd):
                               overrides={"auth": slapd.auth_section("starttls")}, users=())
 
 
-def tls_context(server):
-    """Trust the server's self-signed certificate (made in data_dir at start)."""
-    context = ssl.create_default_context(cafile=str(server.data_dir / "tls" / "cert.pem"))
-    context.check_hostname = False      # we connect to 127.0.0.1, it names the host
-    return context
-
-
 def message(sender):
     msg = EmailMessage()
     msg["From"] = sender
@@ -57,7 +49,7 @@ def message(sender):
 def submission(server):
     client = smtplib.SMTP(server.host, server.port("submission"), timeout=30)
     client.ehlo("client.example.test")
-    client.starttls(context=tls_context(server))
+    client.starttls(context=server.tls_context())
     client.ehlo("client.example.test")
     return client
 
@@ -85,7 +77,7 @@ def test_auth_plain_on_587_with_ldap_and_send(server):
 
 def test_smtps_on_465_with_ldap(server):
     with smtplib.SMTP_SSL(server.host, server.port("submissions"), timeout=30,
-                          context=tls_context(server)) as client:
+                          context=server.tls_context()) as client:
         client.ehlo("client.example.test")
         code, _ = auth_plain(client, ALICE, ALICE_PASSWORD)
         assert code == 235
