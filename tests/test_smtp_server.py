@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 
 from appliance.events import EVENTS
 from appliance.receive import replies
-from appliance.receive import smtp as smtp_module
+from appliance.receive.session import PAUSE_INPUT
 from appliance.receive.smtp import SMTPFactory
 from appliance.testing import (
     FakeDirectory, FakeSpool, SMTPHarness, capture_events, make_config)
@@ -428,14 +428,14 @@ def test_input_piling_up_behind_a_pending_answer_pauses_the_socket():
     transaction(h)
     h.send("NOOP\r\n" * 10)
     assert h.transport.producerState == "producing"
-    h.send("NOOP\r\n" * (smtp_module.PAUSE_INPUT // 6))
+    h.send("NOOP\r\n" * (PAUSE_INPUT // 6))
     assert h.transport.producerState == "paused"
     assert h.replies()[-1] == "354 End data with <CR><LF>.<CR><LF>"
     spool.release()
     assert h.transport.producerState == "producing"
     lines = h.replies()
     assert lines[0].startswith("250 2.0.0 Ok: queued as ")
-    assert lines[1:] == ["250 2.0.0 Ok"] * (10 + smtp_module.PAUSE_INPUT // 6)
+    assert lines[1:] == ["250 2.0.0 Ok"] * (10 + PAUSE_INPUT // 6)
 
 
 @pytest.mark.parametrize("hold", [False, True])

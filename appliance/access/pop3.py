@@ -48,7 +48,7 @@ from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, 
 from appliance.envelope import new_session_id
 from appliance.receive.policy import DENIED, ConnectionGate, GatedFactory
 from appliance.receive.received import header_safe
-from appliance.receive.session import MAX_PENDING_INPUT, LineSession  # noqa: F401  (the limit)
+from appliance.receive.session import LineSession
 from appliance.tls import TLSError, connection_info
 
 COMMAND_LINE_LIMIT = 512        # octets with CRLF; RFC 2449 asks for 255, passwords run longer

@@ -29,7 +29,7 @@ from appliance.policy.keys import KeyStoreError
 from appliance.receive import replies
 from appliance.receive.policy import peer_in
 from appliance.receive.received import header_safe
-from appliance.receive.submission import AmbiguousFrom, from_addresses
+from appliance.receive.submission import AmbiguousFrom, from_addresses, header_block
 
 events.register("dkim.signed", "an outgoing message was DKIM-signed before it was queued",
                 ("session", "peer_ip", "queue_id", "domain", "selector", "algorithm"))
@@ -63,8 +63,7 @@ class SigningFailed(Exception):
 
 def header_section(message):
     """The header lines of ``message`` (bytes, CRLF), without the blank line."""
-    end = message.find(b"\r\n\r\n")
-    head = message if end < 0 else message[:end + 2]
+    head = header_block(message)
     return head.split(b"\r\n")[:-1] if head.endswith(b"\r\n") else head.split(b"\r\n")
 
 
@@ -92,10 +91,8 @@ def cannot_be_local(message, local_forms):
     appears at all, says True; anything else (non-ASCII, ``=?``, a domain
     seen) is left to ``signing_domain``'s full parse.
     """
-    end = message.find(b"\r\n\r\n")
-    head = message if end < 0 else message[:end + 2]
     found = False
-    for match in _FROM_FIELD.finditer(head):
+    for match in _FROM_FIELD.finditer(header_block(message)):
         value = match.group(1).lower()
         if not value.isascii() or b"=?" in value:
             return False

@@ -37,7 +37,6 @@ from appliance.receive.framing import DataBody, Line
 from appliance.receive.policy import DENIED, ConnectionGate, GatedFactory, MXPolicy
 from appliance.receive.received import header_safe, protocol_name, received_header
 from appliance.receive.session import LineSession
-from appliance.receive.session import MAX_PENDING_INPUT, PAUSE_INPUT  # noqa: F401  (the limits)
 from appliance.tls import TLSError, connection_info
 
 COMMAND_LINE_LIMIT = 512        # octets with CRLF, RFC 5321 §4.5.3.1.4

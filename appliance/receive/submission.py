@@ -60,14 +60,19 @@ class AmbiguousFrom(ValueError):
 _UNTRUSTED = (email.errors.InvalidHeaderDefect, email.errors.HeaderMissingRequiredValue)
 
 
+def header_block(message):
+    """The header section of ``message`` (bytes, CRLF), its last CRLF kept."""
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[:end + 2]
+
+
 def from_addresses(body):
     """The addresses in the From: headers of ``body`` (bytes, CRLF lines),
     as ``local@domain`` strings ([] when there is none); AmbiguousFrom when
     a From: header is malformed."""
     if body.startswith(b"\r\n"):
         return []                   # no header section at all
-    end = body.find(b"\r\n\r\n")
-    head = body if end < 0 else body[:end + 2]
+    head = header_block(body)
     try:
         message = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(head)
         found = []
