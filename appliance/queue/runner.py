@@ -40,8 +40,8 @@ from appliance import events
 from appliance.deliver.local import REMOTE_NOT_AVAILABLE, LocalDelivery
 from appliance.queue.bounce import DELAYED, FAILED as DSN_FAILED, one_line, reports
 from appliance.queue.manager import RETRY_SCHEDULE, Dispatcher, QueueSettings, WakeupSchedule
-from appliance.queue.store import (DEFERRED, DELIVERED, FAILED, PENDING, QUEUE_ID,
-                                   StorageError)
+from appliance.queue.admin import QueueAdmin, QueueError
+from appliance.queue.store import DEFERRED, DELIVERED, FAILED, PENDING, StorageError
 
 _log = Logger(namespace="mailappliance.queue")
 
@@ -52,23 +52,13 @@ events.register("queue.expired", "a deferred recipient ran out of [queue] max_ag
                 ("queue_id", "recipient", "age"))
 events.register("delivery.failed", "a recipient failed permanently",
                 ("queue_id", "recipient", "status", "reason"))
-events.register("queue.held", "an admin put a message on hold", ("queue_id",))
-events.register("queue.released", "an admin released a held message", ("queue_id",))
-events.register("queue.deleted", "an admin deleted a message from the queue", ("queue_id",))
-events.register("queue.retried", "an admin asked for delivery attempts now",
-                ("queue_id", "count"))
 
 _FAILED = object()    # a pass that raised: retry after a pause, not at once
 
 MAX_RCPTS_PER_TRANSACTION = 100    # RFC 5321 4.5.3.1.8: servers must take at least 100
 EXPIRED = "4.4.7"
-HEADERS_SHOWN = 64 * 1024          # of a message's header block in `queue show`
 
 __all__ = ["QueueRunner", "QueueError", "RETRY_SCHEDULE"]
-
-
-class QueueError(Exception):
-    """An admin request that cannot be done (unknown id ...); the text is one line."""
 
 
 def _domain(address):
@@ -121,6 +111,7 @@ class QueueRunner(service.Service):
         self._inflight = {}      # queue id -> set of recipients handed to the dispatcher
         self._recovery_retry = None
         self.ready = None        # fires when the first recovery attempt is over
+        self.admin = QueueAdmin(spool, clock, self)     # list/show/hold/... (the admin shell)
         spool.add_listener(self.process)      # ignored until the service runs
         spool.set_router(self._route)         # local delivery in the commit's batch
 
@@ -508,91 +499,40 @@ class QueueRunner(service.Service):
         if self.running:
             self.wakeups.at(qid, when)
 
-    # -- the admin shell's commands (postqueue -p / postsuper -h -H -d / postqueue -f)
+    # -- the admin shell's commands: appliance.queue.admin (QueueAdmin) does the
+    # work; these three hooks are its way back into the scheduling.
 
-    def _entry(self, qid):
-        entry = self.spool.get(qid) if isinstance(qid, str) and QUEUE_ID.fullmatch(qid) \
-            else None
-        if entry is None:
-            raise QueueError(f"no message {qid!r} in the queue")
-        return entry
-
-    def list(self):
-        """Every queued message, oldest first: id, sender, recipients and their
-        states, size, age, last error, held."""
-        return self.spool.entries()
-
-    def show(self, qid):
-        """Deferred[dict]: the listing's fields, the envelope, each recipient's
-        full state and the message's header block (text)."""
-        try:
-            entry = self._entry(qid)
-        except QueueError as e:
-            return defer.fail(e)
-        info = entry.summary(self.clock.seconds())
-        info["envelope"] = entry.envelope.to_json()
-        info["states"] = {r: dict(st) for r, st in entry.recipients.items()}
-        d = self.spool.read(qid)
-
-        def headers(message):
-            end = message.find(b"\r\n\r\n")
-            block = message[:end if end >= 0 else HEADERS_SHOWN][:HEADERS_SHOWN]
-            info["headers"] = block.decode("utf-8", "replace")
-            return info
-        d.addCallback(headers)
-        return d
-
-    def hold(self, qid):
-        """Stop delivering ``qid`` until ``release`` (deliveries under way finish)."""
-        return self._set_held(qid, True, "queue.held")
-
-    def release(self, qid):
-        return self._set_held(qid, False, "queue.released")
-
-    def _set_held(self, qid, held, event):
-        try:
-            self._entry(qid)
-        except QueueError as e:
-            return defer.fail(e)
-        d = self.spool.update(qid, {}, flags={"held": held})
-
-        def done(_):
-            events.emit(event, queue_id=qid)
-            if held:
-                self.wakeups.cancel(qid)
-            else:
-                self._schedule(qid)
-            return qid
-        d.addCallback(done)
-        return d
-
-    def retry(self, qid=None):
-        """Attempt the deferred recipients of ``qid`` (or of every message not
-        held) now; returns how many messages were asked."""
-        if qid is not None:
-            qids = [self._entry(qid).queue_id]
+    def held_changed(self, qid, held):
+        if held:
+            self.wakeups.cancel(qid)
         else:
-            qids = [q for q in self.spool.queue_ids() if not self.spool.get(q).held]
+            self._schedule(qid)
+
+    def deleting(self, qid):
+        self.wakeups.cancel(qid)
+
+    def retry_now(self, qids):
         for one in qids:
             self._forced.add(one)
             self.process(one)
-        events.emit("queue.retried", queue_id=qid or "", count=len(qids))
-        return len(qids)
+
+    def list(self):
+        return self.admin.list()
+
+    def show(self, qid):
+        return self.admin.show(qid)
+
+    def hold(self, qid):
+        return self.admin.hold(qid)
+
+    def release(self, qid):
+        return self.admin.release(qid)
+
+    def retry(self, qid=None):
+        return self.admin.retry(qid)
 
     def delete(self, qid):
-        """Remove ``qid`` from the queue without any notification (postsuper -d)."""
-        try:
-            self._entry(qid)
-        except QueueError as e:
-            return defer.fail(e)
-        self.wakeups.cancel(qid)
-        d = self.spool.remove(qid)
-
-        def done(_):
-            events.emit("queue.deleted", queue_id=qid)
-            return qid
-        d.addCallback(done)
-        return d
+        return self.admin.delete(qid)
 
 
 class _Attempt:
