@@ -421,6 +421,10 @@ SCHEMA = {
     ),
     "admin": _keys(
         Key("authorized_keys", "./var/admin_authorized_keys", required_path, True),
+        Key("readonly_keys", "", path, True),
+        Key("host_key", "", path, True),          # empty: <data_dir>/ssh_host_ed25519_key
+        Key("idle_timeout", "15m", positive_duration),
+        Key("control_socket", "", path, True),    # empty: <data_dir>/control.sock
     ),
     "log": _keys(
         Key("events", "./var/log/events.json", required_path, True),
@@ -600,6 +604,9 @@ def parse(text, base_dir=None, path=None):
               for section in SCHEMA}
     if values["dkim"]["key_dir"] is None and values["server"]["data_dir"]:
         values["dkim"]["key_dir"] = os.path.join(values["server"]["data_dir"], "dkim")
+    for key, name in (("host_key", "ssh_host_ed25519_key"), ("control_socket", "control.sock")):
+        if values["admin"][key] is None and values["server"]["data_dir"]:
+            values["admin"][key] = os.path.join(values["server"]["data_dir"], name)
     problems.extend(_cross_problems(values))
     if problems:
         raise ConfigError(problems)

@@ -97,10 +97,10 @@ def cli_main(*argv):
 # -- usage ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, fragment", [
-    ([], "the following arguments are required: COMMAND"),
-    (["frob"], "invalid choice: 'frob'"),
-    (["user"], "the following arguments are required: ACTION"),
-    (["user", "add"], "the following arguments are required: address"),
+    ([], "a command is required"),
+    (["frob"], "unknown command 'frob'"),
+    (["user"], "user: which one? add, del"),
+    (["user", "add"], "the following arguments are required: ADDRESS"),
     (["alias", "add", "x@example.test"], "the following arguments are required: TARGET"),
     (["dns-records", "extra"], "unrecognized arguments: extra"),
     (["check-config", "--bogus"], "unrecognized arguments: --bogus"),
@@ -193,9 +193,10 @@ def test_operational_os_error_is_one_line(run, data):
 
 
 def test_unexpected_errors_are_one_line(run, monkeypatch):
-    def explode(args, streams):
+    def explode(*args):
         raise RuntimeError("boom")
-    monkeypatch.setattr(cli, "cmd_check_config", explode)
+    monkeypatch.setattr(cli.commands, "offline_context", explode, raising=False)
+    monkeypatch.setattr(cli, "offline_context", explode)
     assert run("check-config") == (1, "", "mailappliance: internal error: "
                                           "RuntimeError: boom\n")
 
