@@ -20,6 +20,7 @@ writer pool is added first and outlives the services that use it)::
       listener submissions                  implicit TLS + AUTH
       listener pop3 (STLS), pop3s (implicit TLS)   POP3 over the Maildirs
       listener imap (STARTTLS), imaps (implicit TLS)   IMAP4rev1 over the Maildirs
+      admin              control socket; listener admin_ssh (appliance.admin)
 """
 
 import gc
@@ -39,6 +40,8 @@ from appliance import events
 from appliance.access.imap import IMAPFactory
 from appliance.access.maildir import MaildirStore
 from appliance.access.pop3 import POP3Factory
+from appliance.admin.service import admin_services
+from appliance.admin.suspend import Suspensions, SuspendableAccounts, suspensions_path
 from appliance.auth.ldap import LdapConfigError, accounts_from_config
 from appliance.auth.oauth2 import JWKSError, TokenVerifier
 from appliance.auth.sasl import Mechanisms
@@ -263,7 +266,7 @@ def _submission_listeners(cfg, reactor, top, parts, directory, spool, users):
         fail(str(exc))
     if ldap_service is not None:
         ldap_service.setServiceParent(top)     # before the listeners: stops after them
-    parts["accounts"] = accounts
+    parts["accounts"] = SuspendableAccounts(accounts, parts["suspensions"])
     parts["oauth2"] = TokenVerifier.from_config(cfg)
     mechanisms = Mechanisms(accounts, parts["oauth2"])
     for name in ("submission", "submissions", "submission_alt"):
@@ -357,7 +360,8 @@ def build(cfg, reactor):
     runner = _queue_manager(cfg, reactor, spool, directory, deliverer, resolver)
 
     parts = dict(writer=writer, spool=spool, users=users, aliases=aliases,
-                 directory=directory, runner=runner)
+                 directory=directory, runner=runner,
+                 suspensions=Suspensions(suspensions_path(cfg)))
     top = ApplianceService(cfg, parts)
     EventLogService(cfg.log.events, reactor).setServiceParent(top)
     ThreadPoolService(writer_pool, drain=writer.drain, helpers=files).setServiceParent(top)
@@ -385,6 +389,8 @@ def build(cfg, reactor):
     _submission_listeners(cfg, reactor, top, parts, directory, spool, users)
     _pop3_listeners(cfg, reactor, top, parts)
     _imap_listeners(cfg, reactor, top, parts)
+    for admin in admin_services(cfg, reactor, parts, Listener, server_endpoint, fail):
+        admin.setServiceParent(top)     # SSH shell and control socket (appliance.admin)
     return top
 
 
