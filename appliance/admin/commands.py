@@ -423,7 +423,7 @@ def cmd_help(ctx, args):
             matches = [c for c in ORDER if c.words[0] == args.words[0] and not c.hidden]
             if not matches:
                 raise Failed(f"no command {' '.join(args.words)!r} (try help)")
-            ctx.table(("command", "does"), [(c.usage(), c.summary) for c in matches])
+            ctx.table(("command", "does"), [(c.name, c.summary) for c in matches])
             return EXIT_OK
         ctx.out(f"usage: {cmd.usage()}")
         ctx.out(cmd.summary + ("" if cmd.readonly else "  (changes things: admin keys only)"))
@@ -434,10 +434,11 @@ def cmd_help(ctx, args):
         if cmd.aliases:
             ctx.out("also: " + ", ".join(" ".join(a) for a in cmd.aliases))
         return EXIT_OK
-    rows = [(c.usage(), c.summary + (f" (also: {', '.join(' '.join(a) for a in c.aliases)})"
-                                      if c.aliases else ""))
+    rows = [(c.name, c.summary + (f" (also: {', '.join(' '.join(a) for a in c.aliases)})"
+                                   if c.aliases else ""))
             for c in ORDER if not c.hidden]
     ctx.table(("command", "does"), rows)
+    ctx.out("help COMMAND shows its arguments.")
     if ctx.identity.role != ADMIN:
         ctx.out("(read-only key: only commands that change nothing will run)")
     return EXIT_OK

@@ -223,10 +223,8 @@ class PtyShell(recvline.HistoricRecvLine):
             self._out(f"    {cmd.summary}")
         else:
             shown = commands.complete(ctx, words, partial)
-            entries = {" ".join(c.words): c for c in commands.ORDER}
             for word in shown:
-                key = " ".join(words + [word]) if words else word
-                found = entries.get(key)
+                found = commands.COMMANDS.get(tuple(words + [word]))
                 if found is None:
                     found = next((c for c in commands.ORDER if c.words[0] == word
                                   and not words), None)

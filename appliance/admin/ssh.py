@@ -22,7 +22,7 @@ commands that exit 255. Here:
 import os
 import shlex
 
-from twisted.conch import avatar, interfaces as conch_interfaces
+from twisted.conch import avatar, error as conch_error, interfaces as conch_interfaces
 from twisted.conch.ssh import common, connection, factory, keys, session, transport, userauth
 from twisted.cred import portal
 from twisted.internet import defer, error as net_error, protocol
@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from appliance import events
 from appliance.admin import keys as keymod
+from appliance.receive.policy import peer_in
 from appliance.admin.commands import EXIT_OK, EXIT_USAGE, Identity, Sink, dispatch
 
 _log = Logger(namespace="mailappliance.admin")
@@ -58,6 +59,8 @@ KEY_EXCHANGES = [k for k in (b"mlkem768x25519-sha256", b"curve25519-sha256",
                  if k in _base.supportedKeyExchanges]
 CIPHERS = [c for c in (b"aes256-ctr", b"aes192-ctr", b"aes128-ctr")
            if c in _base.supportedCiphers]
+USER_SIGNATURES = [b"ssh-ed25519", b"ecdsa-sha2-nistp256", b"ecdsa-sha2-nistp384",
+                   b"ecdsa-sha2-nistp521", b"rsa-sha2-512", b"rsa-sha2-256"]
 MACS = [m for m in (b"hmac-sha2-512", b"hmac-sha2-256") if m in _base.supportedMACs]
 
 
@@ -113,6 +116,20 @@ class AdminTransport(transport.SSHServerTransport):
         self._deadline = self.factory.clock.callLater(PRE_AUTH_DEADLINE, self._too_slow)
         super().connectionMade()
 
+    def sendExtInfo(self, extensions):
+        # Conch announces its host key types as server-sig-algs; clients read
+        # it as the user-key signatures we take (RFC 8308 3.1): without
+        # rsa-sha2-* there, OpenSSH finds "no mutual signature algorithm"
+        # for an RSA key (and would fall back to SHA-1 elsewhere).
+        extensions = [(name, b",".join(USER_SIGNATURES) if name == b"server-sig-algs"
+                       else value) for name, value in extensions]
+        return super().sendExtInfo(extensions)
+
+    def receiveError(self, reasonCode, description):
+        # A client's DISCONNECT (every `exit`): Conch logs it as an error.
+        self._log.debug("client disconnected: {code} {why!r}", code=reasonCode,
+                        why=description)
+
     def _too_slow(self):
         self._deadline = None
         if self.logged_in is None:
@@ -141,12 +158,13 @@ class AdminTransport(transport.SSHServerTransport):
                             key_fingerprint=self.logged_in.key.fingerprint,
                             seconds=round(self.factory.clock.seconds() - self.started, 1))
             elif self.refusals:
-                why, fp, user = self.refusals[-1]
+                why, fp, user = next((r for r in reversed(self.refusals) if r[1]),
+                                     self.refusals[-1])
                 offered = next((f for _, f, _ in reversed(self.refusals) if f), fp)
                 named = next((u for _, _, u in reversed(self.refusals) if u), user)
                 events.emit("admin.login_failed", peer_ip=self.peer_ip, user=named,
                             key_fingerprint=offered, reason=why,
-                            attempts=sum(1 for r in self.refusals if r[1] or r[2]))
+                            attempts=sum(1 for r in self.refusals if r[1]))
 
 
 class AdminUserAuth(userauth.SSHUserAuthServer):
@@ -162,14 +180,15 @@ class AdminUserAuth(userauth.SSHUserAuthServer):
             admin.key_files, self.transport.peer_ip, admin.read_keys, admin.clock)])
 
     def _ebBadAuth(self, reason):
+        user = self.user.decode("utf-8", "replace") if isinstance(self.user, bytes) \
+            else str(self.user or "")
         if reason.check(keymod.Refused):
-            user = self.user.decode("utf-8", "replace") if isinstance(self.user, bytes) \
-                else str(self.user or "")
             self.transport.refusals.append((reason.value.reason, reason.value.fingerprint,
                                             user))
-        elif self.method not in (b"none", None) and not reason.check(
-                userauth.error.IgnoreAuthentication):
-            self.transport.refusals.append((f"method {self.method!r}", "", ""))
+        elif not reason.check(conch_error.IgnoreAuthentication):
+            why = "no key offered" if self.method == b"none" else \
+                f"method {self.method.decode('ascii', 'replace')} refused"
+            self.transport.refusals.append((why, "", user))
         return super()._ebBadAuth(reason)
 
     def _cbFinishedAuth(self, result):
@@ -444,6 +463,9 @@ class AdminFactory(factory.SSHFactory):
         return t
 
     def _refusal(self, ip):
+        if self.gate is not None and peer_in(self.gate.limits.allow, ip) and \
+                not peer_in(self.gate.limits.deny, ip):
+            return self._admitted(ip, None)       # [limits] allow: never limited
         now = self.clock.seconds()
         recent = [t for t in self._recent.get(ip, ()) if now - t < RATE_WINDOW]
         if len(recent) >= RATE_MAX:
@@ -457,8 +479,11 @@ class AdminFactory(factory.SSHFactory):
                 return str(verdict)
         recent.append(now)
         self._recent[ip] = recent
+        return self._admitted(ip, None)
+
+    def _admitted(self, ip, verdict):
         self._pending[ip] = self._pending.get(ip, 0) + 1
-        return None
+        return verdict
 
     def logged_in(self, t):
         self._unpend(t.peer_ip)
