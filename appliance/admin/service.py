@@ -20,7 +20,7 @@ from appliance import events
 from appliance.admin import control, keys as keymod, ssh
 from appliance.admin.commands import Context
 from appliance.admin.suspend import Suspensions, suspensions_path
-from appliance.receive.policy import ConnectionGate
+from appliance.net.gate import Gate
 
 events.register("admin.reloaded", "an admin reloaded users, aliases, certificate and keys",
                 ("what",))
@@ -96,8 +96,6 @@ class AdminState:
                 queue["oldest_age"] = max(queue["oldest_age"],
                                           seconds - entry.envelope.received_at)
         listeners = self.listeners()
-        gates = {id(getattr(self.parts.get(lst["name"]), "gate", None)): lst["connections"]
-                 for lst in listeners if lst["connections"] is not None}
         warnings = []
         admin = self.cfg.listen.admin_ssh
         if admin is not None and not _loopback(admin.host):
@@ -107,7 +105,7 @@ class AdminState:
         return {
             "version": appliance.__version__, "hostname": self.cfg.server.hostname,
             "uptime": round(now - self.started, 1), "listeners": listeners,
-            "connections": sum(c for c in gates.values() if c),
+            "connections": sum(lst["connections"] or 0 for lst in listeners),
             "queue": queue, "today": dict(self.today), "warnings": warnings,
         }
 
@@ -215,12 +213,15 @@ def _read_keys(files):
 
 
 def admin_services(cfg, reactor, parts, listener, endpoint, fail, gate=None):
+    # ``gate``: the appliance's one Gate (appliance.net.gate), else parts["gate"],
+    # else one of the admin listener's own.
     """The admin services for ``cfg``: the state observer, the control
     socket and (when ``[listen] admin_ssh`` is set) the SSH listener, made
     with tap's ``listener(name, address_text, endpoint, factory)`` and
     ``endpoint(reactor, HostPort)``; ``fail(message)`` ends start-up."""
     state = AdminState(cfg, reactor, parts)
     parts["admin"] = state
+    gate = gate if gate is not None else parts.get("gate")
     services = [_Observing(state),
                 ControlSocketService(reactor, control.default_path(cfg),
                                      control.ControlFactory(state.make_context), fail)]
@@ -233,7 +234,7 @@ def admin_services(cfg, reactor, parts, listener, endpoint, fail, gate=None):
                  f"{getattr(exc, 'strerror', None) or exc}")
         factory = ssh.AdminFactory(host_key, keymod.key_files(cfg), state.make_context,
                                    reactor, _read_keys,
-                                   gate=gate if gate is not None else ConnectionGate(cfg.limits),
+                                   gate=gate if gate is not None else Gate(cfg.limits),
                                    idle_timeout=cfg.admin.idle_timeout)
         parts["admin_ssh"] = factory
         host = f"[{address.host}]" if ":" in address.host else address.host

@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from appliance import events
 from appliance.admin import keys as keymod
-from appliance.receive.policy import peer_in
+from appliance.net.peer import peer_in
 from appliance.admin.commands import EXIT_OK, EXIT_USAGE, Identity, Sink, dispatch
 
 _log = Logger(namespace="mailappliance.admin")
@@ -420,7 +420,7 @@ components.registerAdapter(AdminSession, AdminAvatar, conch_interfaces.ISession)
 
 class AdminFactory(factory.SSHFactory):
     """``make_context(sink, identity, read_secret, confirm, interactive)``
-    builds a command Context; ``gate`` is the listeners' ConnectionGate (or
+    builds a command Context; ``gate`` is the listeners' Gate (or
     None); ``read_keys(files) -> Deferred[list]`` reads the key files."""
 
     protocol = AdminTransport
