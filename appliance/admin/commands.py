@@ -23,7 +23,7 @@ import dataclasses
 import os
 import time
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 
 from appliance import config as configmod
 from appliance import dnsrecords, events
@@ -111,7 +111,7 @@ class Context:
     def __init__(self, cfg, sink, *, users=None, aliases=None, directory=None, dkim=None,
                  suspensions=None, queue=None, state=None, blocking=None,
                  identity=Identity(), read_secret=None, confirm=None, interactive=False,
-                 audit=False, clock=None):
+                 audit=False, clock=None, cooperate=None):
         self.cfg = cfg
         self.sink = sink
         self.users = users
@@ -128,6 +128,7 @@ class Context:
         self.interactive = interactive
         self.audit = audit
         self.clock = clock
+        self._cooperate = cooperate
         self.cancelled = defer.Deferred()
 
     @property
@@ -160,6 +161,16 @@ class Context:
     def table(self, columns, rows):
         for line in table(columns, rows, self.sink.width):
             self.sink.out(line)
+
+    def stream(self, steps):
+        """Run the generator ``steps`` (it yields between chunks of output):
+        in the server a few rows per reactor turn (a long listing never
+        holds the reactor), elsewhere at once. Deferred[None]."""
+        if self._cooperate is None:
+            for _ in steps:
+                pass
+            return defer.succeed(None)
+        return self._cooperate(steps).whenDone()
 
     def seconds(self):
         return self.clock.seconds() if self.clock is not None else time.time()
@@ -320,10 +331,11 @@ def dispatch(argv, ctx):
     shown = _redacted(argv, None)
     try:
         cmd, rest = resolve(argv)
+        if ctx.identity.role != ADMIN and not cmd.readonly:
+            shown = list(cmd.words) + (["…"] if rest else [])
+            raise Denied(f"{cmd.name}: not allowed for a read-only key")
         shown = _redacted(argv, cmd)
         args = cmd.parser().parse_args(rest)
-        if ctx.identity.role != ADMIN and not cmd.readonly:
-            raise Denied(f"{cmd.name}: not allowed for a read-only key")
         if cmd.online and not ctx.online:
             raise NeedsServer(f"{cmd.name}: needs the running server")
         d = defer.maybeDeferred(cmd.run, ctx, args)
@@ -337,6 +349,9 @@ def dispatch(argv, ctx):
         ctx.err(f"error: {exc}")
         d = defer.succeed(EXIT_USAGE)
         shown = shown[:2] + (["…"] if len(argv) > 2 else [])
+    except Denied as exc:
+        ctx.err(f"error: {exc}")
+        d = defer.succeed(EXIT_DENIED)
     except Exception as exc:  # noqa: BLE001 - one line, a code
         d = defer.fail(exc)
     d.addErrback(_failed, ctx)
@@ -719,7 +734,7 @@ def cmd_queue_list(ctx, args):
         else:
             ctx.out(f"-- {state['n']} messages")
         return EXIT_OK
-    return task.cooperate(lines()).whenDone().addCallback(done)
+    return ctx.stream(lines()).addCallback(done)
 
 
 @command("queue show", "one message: envelope, each recipient's state, its headers",

@@ -13,7 +13,7 @@ import time
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer, endpoints, threads
+from twisted.internet import defer, endpoints, task, threads
 
 import appliance
 from appliance import events
@@ -139,7 +139,7 @@ class AdminState:
                        suspensions=self.suspensions, queue=self.queue, state=self,
                        blocking=self.blocking, identity=identity, read_secret=read_secret,
                        confirm=confirm, interactive=interactive, audit=audit,
-                       clock=self.reactor)
+                       clock=self.reactor, cooperate=task.cooperate)
 
 
 def _loopback(host):
