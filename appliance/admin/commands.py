@@ -1035,6 +1035,28 @@ def cmd_log_tail(ctx, args):
     return EXIT_OK
 
 
+@command("server hostkey", "the SSH host key's fingerprint (check ssh's first-connect "
+         "prompt against it)", readonly=True, offline=True, lists=True)
+@defer.inlineCallbacks
+def cmd_server_hostkey(ctx, args):
+    from twisted.conch.ssh import keys
+    path = ctx.cfg.admin.host_key
+
+    def read():
+        with open(path, "rb") as handle:
+            return keys.Key.fromString(handle.read()).public()
+    try:
+        key = yield ctx.blocking(read)
+    except FileNotFoundError:
+        raise Failed(f"no host key yet at {path} (the server makes it at its first start)")
+    fingerprint = "SHA256:" + key.fingerprint(keys.FingerprintFormats.SHA256_BASE64).rstrip("=")
+    if args.json:
+        ctx.json({"type": key.sshType().decode(), "fingerprint": fingerprint, "path": path})
+    else:
+        ctx.out(f"{key.sshType().decode()} {fingerprint} ({path})")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------
 # Tab completion of live values
 

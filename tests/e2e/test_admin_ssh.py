@@ -110,6 +110,11 @@ def test_one_shot_commands_exit_codes_and_json(admin_server):
     assert missing.returncode == 1 and "no message" in missing.stderr
     assert json.loads(admin.run("user", "list", "--json").stdout) == [
         {"address": "alice@example.test", "suspended": False}]
+    hostkey = admin.run("server", "hostkey").stdout.split()[1]
+    listed = subprocess.run(["ssh-keygen", "-lf", str(admin_server.data_dir /
+                                                      "ssh_host_ed25519_key")],
+                            capture_output=True, text=True, timeout=30).stdout
+    assert hostkey.startswith("SHA256:") and hostkey in listed
     audited = wait_until(lambda: admin_server.events("admin.command"), 5,
                          what="admin.command events")
     first = audited[0]
