@@ -29,16 +29,18 @@ DAY = 86400
 
 
 class AdminState:
-    """The running appliance for the admin commands: its parts, the time it
-    started, today's message counts (from the event stream)."""
+    """The running appliance for the admin commands: its parts (``app``, tap's
+    ``Appliance`` record), the time it started, today's message counts (from
+    the event stream)."""
 
-    def __init__(self, cfg, reactor, parts, blocking=None):
-        self.cfg = cfg
+    def __init__(self, app, reactor, blocking=None):
+        self.app = app
+        self.cfg = app.config
         self.reactor = reactor
-        self.parts = parts
         self.blocking = blocking or threads.deferToThread
         self.started = time.time()
-        self.suspensions = parts.get("suspensions") or Suspensions(suspensions_path(cfg))
+        self.suspensions = getattr(app, "suspensions", None) or \
+            Suspensions(suspensions_path(self.cfg))
         self._day = None
         self.today = {"in": 0, "out": 0}
 
@@ -63,15 +65,18 @@ class AdminState:
 
     # -- what the commands ask
 
+    def part(self, name):
+        return getattr(self.app, name, None)
+
     @property
     def queue(self):
-        runner = self.parts.get("runner")
+        runner = self.part("runner")
         return runner.admin if runner is not None else None
 
     def listeners(self):
         found = []
         for name, address in self.cfg.listeners().items():
-            factory = self.parts.get(name)
+            factory = (self.part("listeners") or {}).get(name)
             connections = getattr(factory, "connections", None) if factory is not None \
                 else None
             host = f"[{address.host}]" if ":" in address.host else address.host
@@ -82,7 +87,7 @@ class AdminState:
     def status(self):
         now = time.time()
         queue = {"messages": 0, "held": 0, "deferred": 0, "oldest_age": 0.0}
-        spool = self.parts.get("spool")
+        spool = self.part("spool")
         if spool is not None:
             held = deferred = 0
             oldest = None
@@ -120,29 +125,29 @@ class AdminState:
         """Re-read what can change while running; lines saying what was done."""
         done = []
         for name, label in (("users", "users"), ("aliases", "aliases")):
-            watched = self.parts.get(name)
+            watched = self.part(name)
             if watched is not None and hasattr(watched, "_entries_now"):
                 watched._checked_at = None
                 done.append(f"{label}: {len(watched._entries_now())} entries")
         self.suspensions._checked_at = None
         done.append(f"suspended users: {len(self.suspensions.list())}")
-        tls = self.parts.get("tls")
+        tls = self.part("tls")
         if tls is not None:
             try:
                 changed = tls.reload()
                 done.append("certificate: " + ("reloaded" if changed else "unchanged"))
             except Exception as exc:  # noqa: BLE001 - the old one stays in use
                 done.append(f"certificate: kept the old one ({exc})")
-        store = self.parts.get("dkim")
+        store = self.part("dkim")
         if store is not None:
             done.append(f"dkim keys: {len(store.keys())}")
         events.emit("admin.reloaded", what=[line.split(":")[0] for line in done])
         return done
 
     def make_context(self, sink, identity, read_secret, confirm, interactive, audit=True):
-        return Context(self.cfg, sink, users=self.parts.get("users"),
-                       aliases=self.parts.get("aliases"),
-                       directory=self.parts.get("directory"), dkim=self.parts.get("dkim"),
+        return Context(self.cfg, sink, users=self.part("users"),
+                       aliases=self.part("aliases"),
+                       directory=self.part("directory"), dkim=self.part("dkim"),
                        suspensions=self.suspensions, queue=self.queue, state=self,
                        blocking=self.blocking, identity=identity, read_secret=read_secret,
                        confirm=confirm, interactive=interactive, audit=audit,
@@ -215,20 +220,18 @@ class ControlSocketService(StreamServerEndpointService):
         return d.addBoth(unlink)
 
 
-def _read_keys(files):
-    return threads.deferToThread(keymod.read_keys, files)
-
-
-def admin_services(cfg, reactor, parts, listener, endpoint, fail, gate=None):
-    # ``gate``: the appliance's one Gate (appliance.net.gate), else parts["gate"],
-    # else one of the admin listener's own.
-    """The admin services for ``cfg``: the state observer, the control
-    socket and (when ``[listen] admin_ssh`` is set) the SSH listener, made
-    with tap's ``listener(name, address_text, endpoint, factory)`` and
-    ``endpoint(reactor, HostPort)``; ``fail(message)`` ends start-up."""
-    state = AdminState(cfg, reactor, parts)
-    parts["admin"] = state
-    gate = gate if gate is not None else parts.get("gate")
+def admin_services(app, reactor, blocking, listener, endpoint, fail):
+    """The admin services for ``app`` (tap's Appliance record): the state
+    observer, the control socket and (when ``[listen] admin_ssh`` is set) the
+    SSH listener behind the appliance's one gate, made with tap's
+    ``listener(name, address_text, endpoint, factory)`` and
+    ``endpoint(reactor, HostPort)``; ``blocking(f, *args)`` runs the
+    commands' file, key and hash work on a pool; ``fail(message)`` ends
+    start-up."""
+    cfg = app.config
+    state = AdminState(app, reactor, blocking)
+    app.admin = state
+    gate = getattr(app, "gate", None)
     services = [_Observing(state),
                 ControlSocketService(reactor, control.default_path(cfg),
                                      control.ControlFactory(state.make_context), fail)]
@@ -240,10 +243,10 @@ def admin_services(cfg, reactor, parts, listener, endpoint, fail, gate=None):
             fail(f"[admin] host_key: cannot use {cfg.admin.host_key}: "
                  f"{getattr(exc, 'strerror', None) or exc}")
         factory = ssh.AdminFactory(host_key, keymod.key_files(cfg), state.make_context,
-                                   reactor, _read_keys,
+                                   reactor, lambda files: blocking(keymod.read_keys, files),
                                    gate=gate if gate is not None else Gate(cfg.limits),
                                    idle_timeout=cfg.admin.idle_timeout)
-        parts["admin_ssh"] = factory
+        app.listeners["admin_ssh"] = factory
         host = f"[{address.host}]" if ":" in address.host else address.host
         services.append(listener("admin_ssh", f"{host}:{address.port}",
                                  endpoint(reactor, address), factory))
