@@ -356,3 +356,17 @@ def test_mailappliance_status_through_the_control_socket(admin_server):
     gone = admin_server.cli("status")
     assert gone.returncode == 1 and "not running" in gone.stderr
     assert gone.stderr.count("\n") == 1
+
+
+def test_three_refused_keys_end_the_connection(admin_server):
+    keys = [make_key(admin_server.keys, f"wrong{n}") for n in range(4)]
+    identities = [arg for key in keys for arg in ("-i", str(key))]
+    result = subprocess.run(
+        ["ssh", *admin_server.admin.options("-v", "-o", "LogLevel=DEBUG", *identities),
+         "admin@127.0.0.1", "status"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 255
+    assert result.stderr.count("Offering public key") == 3
+    assert "too many bad auths" in result.stderr
+    [failed] = wait_until(lambda: admin_server.events("admin.login_failed"), 5,
+                          what="the failed login")
+    assert failed["attempts"] == 3 and failed["reason"] == "unknown key"
