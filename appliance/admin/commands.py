@@ -229,11 +229,7 @@ class Command:
                     kwargs["type"] = arg.type
                 if arg.choices:
                     kwargs["choices"] = arg.choices
-            if arg.name.startswith("-"):
-                parser.add_argument(arg.name, **kwargs)
-            else:
-                kwargs.pop("metavar", None) if arg.metavar is None else None
-                parser.add_argument(arg.name, **kwargs)
+            parser.add_argument(arg.name, **kwargs)
         if self.lists:
             parser.add_argument("--json", action="store_true",
                                 help="one JSON document (for scripts)")
@@ -308,8 +304,7 @@ def resolve(argv):
     if verb is None:
         raise UsageError(f"{noun}: unknown {argv[1]!r} (one of {', '.join(verbs)})")
     cmd = COMMANDS[(noun, verb)]
-    if verb != argv[1] and not cmd.readonly and (verb in DESTRUCTIVE or noun == "queue"
-                                                 and verb == "delete"):
+    if verb != argv[1] and verb in DESTRUCTIVE:
         raise UsageError(f"{noun} {verb}: spell out {verb!r} (destructive)")
     return cmd, list(argv[2:])
 
