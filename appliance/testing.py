@@ -270,6 +270,21 @@ class SMTPHarness:
         self.protocol.connectionLost(failure.Failure(ConnectionDone()))
 
 
+def make_jwks(path, kid="k1"):
+    """A new P-256 signing key, its public half written to ``path`` as a JWKS
+    (the ``[auth] oauth2_jwks_file``); returns the private key."""
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
+    jwk["kid"] = kid
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"keys": [jwk]}, handle)
+    return key
+
+
 class HandRunner:
     """A ``run_in_thread`` the test runs by hand (the test is the thread pool).
 
