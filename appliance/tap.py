@@ -20,6 +20,8 @@ writer pool is added first and outlives the services that use it)::
       listener submissions                  implicit TLS + AUTH
       listener pop3 (STLS), pop3s (implicit TLS)   POP3 over the Maildirs
       listener imap (STARTTLS), imaps (implicit TLS)   IMAP4rev1 over the Maildirs
+      acme               ACME client (acme = on): certificates into the tls service
+      listener http, https   MTA-STS policy, client autoconfig, ACME challenges (appliance.web)
 """
 
 import gc
@@ -61,6 +63,7 @@ from appliance.queue.writer_process import ChildProcessFileSystem
 from appliance.receive.smtp import SMTPFactory
 from appliance.receive.submission import SubmissionFactory
 from appliance.tls import ServerTLS, TLSError
+from appliance.web import services as web_services
 
 FSYNC_THREADS = 4       # fsyncs of one group-commit batch in flight together (in the writer child)
 SWITCH_INTERVAL = 0.0005    # seconds; see makeService
@@ -385,6 +388,12 @@ def build(cfg, reactor):
     _submission_listeners(cfg, reactor, top, parts, directory, spool, users)
     _pop3_listeners(cfg, reactor, top, parts)
     _imap_listeners(cfg, reactor, top, parts)
+
+    def listener(name, address, factory):
+        return Listener(name, format_address(address), server_endpoint(reactor, address),
+                        factory)
+    for web_service in web_services(cfg, reactor, parts, listener):   # SPEC §8
+        web_service.setServiceParent(top)
     return top
 
 
