@@ -20,9 +20,11 @@ def services(cfg, reactor, parts, listener):
     challenges = parts["challenges"] = Challenges()
     found = []
     if cfg.tls.acme:
-        from appliance.web.acme import AcmeService
-        acme = parts["acme"] = AcmeService.from_config(cfg, reactor, parts["tls"], challenges)
-        found.append(acme)
+        from appliance.web.acme_client import AcmePool, AcmeService
+        pool = AcmePool(reactor)            # first: outlives the service that uses it
+        acme = parts["acme"] = AcmeService.from_config(cfg, reactor, parts["tls"], challenges,
+                                                       pool.run)
+        found += [pool, acme]
     if cfg.listen.http is not None:
         site = parts["http"] = WebSite(HttpRoot(cfg, challenges), "http", cfg.limits,
                                        reactor=reactor)
