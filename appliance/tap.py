@@ -47,6 +47,7 @@ from appliance.auth.sasl import Mechanisms
 from appliance.auth.users import UsersFile
 from appliance.config import ConfigError, load
 from appliance.deliver.maildir import MaildirDeliverer
+from appliance.deliver.mtasts import MTASTSPolicies
 from appliance.deliver.mx import ROUTE_CACHE_SECONDS, MXResolver, build_resolver
 from appliance.deliver.remote import RemoteDelivery
 from appliance.directory import AliasesFile, directory_from_config
@@ -329,6 +330,7 @@ def _queue_manager(cfg, reactor, spool, directory, deliverer, resolver):
     """The queue runner with remote delivery (MX routing + SMTP client) and DSNs."""
     routes = MXResolver(cfg, resolver=resolver, clock=reactor, cache_seconds=ROUTE_CACHE_SECONDS)
     remote = RemoteDelivery(cfg, routes, reactor)
+    remote.mta_sts = MTASTSPolicies(resolver, threads.deferToThread, reactor)   # RFC 8461
     return QueueRunner(spool, directory, deliverer, reactor,
                        settings=QueueSettings.from_config(cfg), remote=remote,
                        bouncer=Bouncer.from_config(cfg, spool, reactor))
