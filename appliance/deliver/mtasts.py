@@ -177,6 +177,10 @@ class _BoundedBody(protocol.Protocol):
             self.finished.errback(PolicyError(f"policy body lost: {reason.getErrorMessage()}"))
 
 
+class _QuietHTTP11ClientFactory(client._HTTP11ClientFactory):
+    noisy = False           # no "Starting factory" line per policy fetch
+
+
 def _default_creator(hostname):
     return ssl.optionsForClientTLS(hostname, trustRoot=ssl.platformTrust())
 
@@ -293,9 +297,11 @@ class MTASTSPolicies:
         """The policy text (bytes) of ``domain`` over verified HTTPS, bounded."""
         host = f"mta-sts.{domain}"
         ip = yield self._run(self._lookup_address, host)
+        pool = client.HTTPConnectionPool(self.reactor, persistent=False)
+        pool._factory = _QuietHTTP11ClientFactory
         agent = client.Agent.usingEndpointFactory(
             self.reactor, _PinnedEndpoint(self.reactor, ip, self.port,
-                                          self._tls_creator(host)))
+                                          self._tls_creator(host)), pool=pool)
         url = f"https://{host}/.well-known/mta-sts.txt".encode("ascii")
         started = self.reactor.seconds()
         request = agent.request(b"GET", url, client.Headers({b"user-agent": [b"mailappliance"]}))
