@@ -10,6 +10,7 @@ the same as for the mail listeners.
 
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from appliance.web.acme_client import AcmePool, AcmeService
 from appliance.web.challenges import Challenges, WebTLS
 from appliance.web.site import HttpRoot, HttpsRoot, WebSite
 
@@ -20,7 +21,6 @@ def services(cfg, reactor, parts, listener):
     challenges = parts["challenges"] = Challenges()
     found = []
     if cfg.tls.acme:
-        from appliance.web.acme_client import AcmePool, AcmeService
         pool = AcmePool(reactor)            # first: outlives the service that uses it
         acme = parts["acme"] = AcmeService.from_config(cfg, reactor, parts["tls"], challenges,
                                                        pool.run)

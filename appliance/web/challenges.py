@@ -10,9 +10,13 @@ by the listeners (on the reactor thread), hence the lock:
 
 ``WebTLS`` is the https listener's connection creator: the server's normal
 certificate (``ServerTLS``'s files, followed when they change) and ALPN
-(``http/1.1``); a handshake that offers ``acme-tls/1`` for a name with a
-pending challenge is switched to that challenge's context inside the ALPN
-callback, and one that offers ``acme-tls/1`` for any other name fails.
+(``http/1.1``). A handshake naming (SNI) a name with a pending challenge is
+switched to that challenge's context in the servername callback, as
+certbot's standalone server does: OpenSSL asks for the certificate before
+it asks about ALPN, and pyOpenSSL cannot read the ALPN offer earlier. So
+for the seconds a validation of a name lasts, an ordinary https client of
+that very name (mta-sts./autoconfig./autodiscover.) is refused; mail
+listeners are never affected.
 """
 
 import datetime
@@ -96,8 +100,14 @@ def alpn_challenge_context(name, key_authorization):
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     context.use_certificate(crypto.X509.from_cryptography(cert))
     context.use_privatekey(crypto.PKey.from_cryptography_key(key))
-    context.set_alpn_select_callback(lambda connection, offered: ACME_TLS_1)
+    context.set_alpn_select_callback(_select_acme)
     return context
+
+
+def _select_acme(connection, offered):
+    # RFC 8737 §3: only acme-tls/1; anything else is refused (a normal client
+    # asking for this name during the seconds of a validation).
+    return ACME_TLS_1 if ACME_TLS_1 in offered else NO_OVERLAP
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -115,23 +125,22 @@ class WebTLS:
         base = self._server_tls.context         # follows renewals (and SIGHUP)
         if base is not self._base:
             context = make_context(self._server_tls.cert_path, self._server_tls.key_path)
-            context.set_alpn_select_callback(self._select)
+            context.set_alpn_select_callback(_select_http)
+            context.set_tlsext_servername_callback(self._servername)
             self._context, self._base = context, base
         return self._context
 
     def serverConnectionForTLS(self, tlsProtocol):
         return SSL.Connection(self.context, None)
 
-    def _select(self, connection, offered):
-        if ACME_TLS_1 in offered:
-            name = connection.get_servername()
-            challenge = (self._challenges.tls_alpn01(name.decode("ascii", "replace"))
-                         if name else None)
-            if challenge is None:
-                return NO_OVERLAP
-            # RFC 8737 §3: answer with the challenge certificate and acme-tls/1.
+    def _servername(self, connection):
+        """A name with a pending tls-alpn-01 challenge gets the challenge context
+        (the ALPN offer is not known yet; see alpn_challenge_context)."""
+        name = connection.get_servername()
+        challenge = self._challenges.tls_alpn01(name.decode("ascii", "replace")) if name else None
+        if challenge is not None:
             connection.set_context(challenge)
-            return ACME_TLS_1
-        if HTTP_1_1 in offered:
-            return HTTP_1_1
-        return NO_OVERLAP
+
+
+def _select_http(connection, offered):
+    return HTTP_1_1 if HTTP_1_1 in offered else NO_OVERLAP
