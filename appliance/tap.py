@@ -19,6 +19,8 @@ thread pool is added before the services that use it and outlives them)::
       listener submission, submission_alt   STARTTLS + AUTH
       listener submissions                  implicit TLS + AUTH
       listener pop3 (STLS), pop3s, imap (STARTTLS), imaps   over the Maildirs
+      acme-pool, acme         ACME client (acme = on): certificates into the tls service
+      listener http, https    MTA-STS policy, client autoconfig, ACME challenges (appliance.web)
 
 Every listener's factory gets the one ``Gate`` (appliance.net.gate): a client's
 connections are counted, and refused, across all of them.
@@ -48,6 +50,7 @@ from appliance.auth.sasl import Mechanisms
 from appliance.auth.users import UsersFile
 from appliance.config import ConfigError, load
 from appliance.deliver.maildir import MaildirDeliverer
+from appliance.deliver.mtasts import MTASTSPolicies
 from appliance.deliver.mx import ROUTE_CACHE_SECONDS, MXResolver, build_resolver
 from appliance.deliver.remote import RemoteDelivery
 from appliance.directory import AliasesFile, directory_from_config
@@ -66,6 +69,7 @@ from appliance.receive.smtp import SMTPFactory
 from appliance.receive.submission import SubmissionFactory
 from appliance.net.gate import Gate
 from appliance.net.tls import ServerTLS, TLSError
+from appliance.web import services as web_services
 
 FSYNC_THREADS = 4       # fsyncs of one group-commit batch in flight together (in the writer child)
 SWITCH_INTERVAL = 0.0005    # seconds; see makeService
@@ -270,6 +274,7 @@ POOLS = {
     "password-hash": 4,         # bcrypt / argon2 of the users file
     "dkim-sign": 2,             # RSA / Ed25519 signatures of our users' mail
     "dns": 8,                   # MX lookups (dnspython blocks)
+    "mta-sts": 2,               # recipients' MTA-STS policies: DNS, then an HTTPS fetch
     "inbound-checks": WORKER_THREADS,   # SPF / DKIM / DMARC of MX mail
     "ldap": LDAP_POOL_SIZE,             # logins (backend = ldap)
     "ldap-directory": LDAP_POOL_SIZE,   # recipient lookups (backend = ldap)
@@ -319,7 +324,9 @@ class Appliance:
     checks: InboundChecks = None
     accounts: object = None
     mailstore: MaildirStore = None
-    listeners: dict = field(default_factory=dict)     # name -> protocol factory
+    listeners: dict = field(default_factory=dict)     # name -> protocol factory (or web site)
+    acme: object = None                               # the ACME client (acme = on)
+    challenges: object = None                         # ACME challenges being answered
 
 
 def _listen(top, reactor, name, address, factory, tls=None):
@@ -379,6 +386,7 @@ def _queue_manager(cfg, reactor, spool, directory, deliverer, resolver, pools):
     routes = MXResolver(cfg, run_in_thread=pools.run("dns"), resolver=resolver, clock=reactor,
                         cache_seconds=ROUTE_CACHE_SECONDS)
     remote = RemoteDelivery(cfg, routes, reactor)
+    remote.mta_sts = MTASTSPolicies(resolver, pools.run("mta-sts"), reactor)     # RFC 8461
     runner = QueueRunner(spool, directory, deliverer, reactor,
                          settings=QueueSettings.from_config(cfg), remote=remote)
     runner.bouncer = Bouncer.from_config(cfg, runner, reactor)     # DSNs queue like any mail
@@ -437,6 +445,12 @@ def build(cfg, reactor):
     mechanisms = Mechanisms(app.accounts, app.oauth2)
     _smtp_listeners(app, reactor, top, mechanisms)
     _access_listeners(app, reactor, top, mechanisms, pools)
+
+    def listener(name, address, factory):
+        return Listener(name, format_address(address), server_endpoint(reactor, address),
+                        factory)
+    for web_service in web_services(cfg, reactor, app, listener):     # SPEC §8
+        web_service.setServiceParent(top)
     return top
 
 
