@@ -11,6 +11,7 @@ writer pool is added first and outlives the services that use it)::
       writer pool        the group-commit thread (spool and Maildir fsyncs)
       ldap-directory-pool  LDAP threads for recipient lookups (backend = ldap only)
       queue runner       local and remote delivery, retries, DSNs; recovery at start
+      auditor, queue-watch   the live IDS over the event stream ([audit] enabled)
       ldap-pool          LDAP threads (backend = ldap only)
       tls                certificate and JWKS loaded; SIGHUP reloads the certificate
       dkim-keys          DKIM keys made if missing, loaded (mail from our users is signed)
@@ -39,6 +40,7 @@ from appliance import events
 from appliance.access.imap import IMAPFactory
 from appliance.access.maildir import MaildirStore
 from appliance.access.pop3 import POP3Factory
+from appliance.audit.service import AuditService, QueueWatch
 from appliance.auth.ldap import LdapConfigError, accounts_from_config
 from appliance.auth.oauth2 import JWKSError, TokenVerifier
 from appliance.auth.sasl import Mechanisms
@@ -331,6 +333,20 @@ def _queue_manager(cfg, reactor, spool, directory, deliverer, resolver):
                        bouncer=Bouncer.from_config(cfg, spool, reactor))
 
 
+def _auditor(cfg, reactor, top, parts):
+    """The live auditor ([audit] enabled): before the listeners, so it sees
+    their first events and stops after them. Bans go to ``parts["bans"]``
+    (the defences' ban service) when there is one; without it each ban is an
+    ``audit.action_skipped`` event and the alert still goes out."""
+    if not cfg.audit.enabled:
+        return
+    auditor = AuditService.from_config(cfg, reactor, spool=parts["spool"],
+                                       runner=parts["runner"], bans=parts.get("bans"))
+    parts["auditor"] = auditor
+    auditor.setServiceParent(top)
+    QueueWatch(parts["spool"], cfg.queue.delay_warning, reactor).setServiceParent(top)
+
+
 def build(cfg, reactor):
     """The service tree for ``cfg``; nothing is bound or started yet."""
     data_dir = cfg.server.data_dir
@@ -364,6 +380,7 @@ def build(cfg, reactor):
     if directory_service is not None:   # LDAP lookups: stops after the runner and listeners
         directory_service.setServiceParent(top)
     runner.setServiceParent(top)
+    _auditor(cfg, reactor, top, parts)
     parts["tls"] = ServerTLS.from_config(cfg)
     TLSService(reactor, parts).setServiceParent(top)
     parts["dkim"] = KeyStore.from_config(cfg)

@@ -71,6 +71,9 @@ events.register("spool.orphans_removed", "recovery deleted files of uncommitted 
                 ("count",))
 events.register("queue.removed", "an entry left the spool (all recipients done)",
                 ("queue_id",))
+events.register("spool.space_low", "the spool's file system is nearly full: new mail gets "
+                "452 4.3.1 until space is free again (once per episode)",
+                ("free_bytes", "free_inodes"))
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False)
 
@@ -252,6 +255,8 @@ class Spool:
         self._temp_names = itertools.count()
         self._dir_ready = False
         self._router = None
+        self._hold_check = None
+        self._space_low = False
         self._statvfs_cache = None      # (when, statvfs result)
         # Messages just accepted, as received, for their first remote attempt
         # (which then needs no read): oldest first, HOT_BYTES in all.
@@ -318,6 +323,11 @@ class Spool:
         accept; None (or a failure) commits the entry without deliveries."""
         self._router = router
 
+    def set_hold_check(self, check):
+        """``check(envelope) -> bool``, asked at each accept: True commits the
+        new entry on hold (no delivery, not even local, until released)."""
+        self._hold_check = check
+
     def _notify(self, qid):
         for callback in list(self._listeners):
             try:
@@ -347,7 +357,13 @@ class Spool:
             self._statvfs_cache = (now, st)
         free = st.f_bavail * st.f_frsize
         inodes_ok = st.f_files == 0 or st.f_favail >= RESERVE_INODES
-        return inodes_ok and free >= 2 * max(0, size) + self.reserve
+        ok = inodes_ok and free >= 2 * max(0, size) + self.reserve
+        if ok:
+            self._space_low = False
+        elif not self._space_low:
+            self._space_low = True
+            events.emit("spool.space_low", free_bytes=free, free_inodes=st.f_favail)
+        return ok
 
     def _statvfs(self):
         try:
@@ -373,9 +389,11 @@ class Spool:
             form, stored = MAILDIR_FORM, maildir_bytes(envelope.sender, message)
         else:
             form, stored = WIRE_FORM, message
+        held = self._hold_check is not None and self._hold_check(envelope)
         entry = SpoolEntry(envelope, len(message), self.clock.seconds(),
-                           message_form=form, stored_size=len(stored))
-        route = self._route(entry)
+                           message_form=form, stored_size=len(stored),
+                           flags={"held": True} if held else None)
+        route = None if held else self._route(entry)
         if isinstance(route, defer.Deferred):
             route.addErrback(self._route_failed)
             return route.addCallback(lambda found: self._commit(entry, stored, found, message))
