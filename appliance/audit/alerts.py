@@ -14,6 +14,7 @@
 """
 
 import collections
+import io
 import email.policy
 import email.utils
 import json
@@ -363,12 +364,13 @@ def _check_status(code):
 
 def _agent_post(reactor):
     """``post(url, body)`` with twisted.web's Agent, bounded by WEBHOOK_TIMEOUT."""
-    from twisted.web.client import Agent, HTTPConnectionPool, readBody
+    from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
     from twisted.web.http_headers import Headers
-    from twisted.web.client import FileBodyProducer
-    import io
 
     pool = HTTPConnectionPool(reactor, persistent=False)
+    factory = getattr(pool, "_factory", None)
+    if factory is not None:     # one "Starting factory" text line per POST otherwise
+        pool._factory = type("QuietHTTPClientFactory", (factory,), {"noisy": False})
     agent = Agent(reactor, connectTimeout=WEBHOOK_TIMEOUT, pool=pool)
     headers = Headers({b"Content-Type": [b"application/json"],
                        b"User-Agent": [b"mailappliance-auditor"]})
