@@ -17,7 +17,8 @@ from appliance.audit.alerts import AlertStore, Digest, Webhook
 from appliance.audit.rules import Settings
 from appliance.audit.service import AuditService, QueueWatch
 from appliance.envelope import Envelope
-from appliance.queue.commit import GroupCommitWriter, synchronous_runner
+from appliance.durable.commit import GroupCommitWriter
+from appliance.threads import synchronous_runner
 from appliance.queue.runner import QueueRunner
 from appliance.queue.store import Spool
 from appliance.deliver.maildir import MaildirDeliverer
