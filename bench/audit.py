@@ -18,8 +18,13 @@
    ``postfix-sasl`` filter (``postfix[mode=auth]``, Debian package fail2ban) on
    it: lines/s and matched lines (it only matches SASL failures, so its job is
    a small part of ours).
+4. With ``--live``: the live cost. MX acceptance (Postfix's smtp-source, one
+   message per connection, as bench/accept.py) of two real servers, one with
+   ``[audit] enabled = off``, one with it on, interleaved rep by rep; the
+   figure is the median of the per-rep ratios on / off.
 
 Run:  .venv/bin/python bench/audit.py [--events 1000000] [--reps 3] [--no-fail2ban]
+                                      [--live [--live-messages 1000] [--live-concurrency 10]]
 It prints figures; it is not a test. The machine may be shared: say so with them.
 """
 
@@ -39,6 +44,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import appliance.tap  # noqa: E402,F401  (registers every event)
 from appliance import events  # noqa: E402
@@ -317,6 +324,104 @@ def run_fail2ban(path):
     return seconds, matched, result
 
 
+def detection_latency(findings=2000):
+    """Seconds from the emit of the event that crosses brute force's threshold
+    to the ban call (median, and whether it ran inside that emit)."""
+    from appliance.audit.actions import Actions
+    from appliance.audit.service import AuditService
+
+    class Bans:
+        def __init__(self):
+            self.at = None
+
+        def ban(self, network, reason="", rule=None):
+            self.at = time.perf_counter()
+
+    bans = Bans()
+    settings = Settings(auth_failures=5)
+    auditor = AuditService(settings, Actions(bans=bans))
+    auditor.startService()
+    delays, inside = [], 0
+    try:
+        for n in range(findings):
+            ip = f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+            for k in range(5):
+                bans.at = None
+                before = time.perf_counter()
+                events.emit("auth.failure", session="s", peer_ip=ip, listener="submission",
+                            mechanism="PLAIN", account="a@example.test", reason="bad")
+                after = time.perf_counter()
+            if bans.at is not None:
+                delays.append(bans.at - before)
+                inside += before <= bans.at <= after
+    finally:
+        auditor.stopService()
+    return statistics.median(delays), inside, findings
+
+
+def observer_cost(rounds=200_000):
+    """CPU seconds the live auditor adds to one emit, for the events of one MX
+    message (connect, helo, mail, rcpt, accepted, disconnect): with / without."""
+    from appliance.audit.actions import Actions
+    from appliance.audit.service import AuditService
+
+    def message(n):
+        ip = "100.64.0.1"
+        events.emit("smtp.connect", session="s", peer_ip=ip, peer_port=1, listener="mx")
+        events.emit("smtp.helo", session="s", peer_ip=ip, helo="x", esmtp=True)
+        events.emit("smtp.mail", session="s", peer_ip=ip, sender="a@b.test", size=0)
+        events.emit("smtp.rcpt.accepted", session="s", peer_ip=ip, recipient="c@d.test")
+        events.emit("smtp.message.accepted", session="s", peer_ip=ip, queue_id="q",
+                    sender="a@b.test", recipients=["c@d.test"], size=10, account="")
+        events.emit("smtp.disconnect", session="s", peer_ip=ip, duration=0.1, messages=1)
+
+    def timed():
+        t0 = time.process_time()
+        for n in range(rounds // 6):
+            message(n)
+        return (time.process_time() - t0) / (rounds // 6)
+
+    without = min(timed() for _ in range(3))
+    auditor = AuditService(Settings(), Actions())
+    auditor.startService()
+    try:
+        with_ = min(timed() for _ in range(3))
+    finally:
+        auditor.stopService()
+    return without, with_
+
+
+def live_cost(workdir, reps, messages, concurrency):
+    """Median of the per-rep ratios of MX acceptance msgs/s, auditor on / off."""
+    import accept as accept_bench
+    from harness import MailServer
+    servers = {}
+    try:
+        for label, enabled in (("off", "off"), ("on", "on")):
+            overrides = {k: dict(v) for k, v in accept_bench.BENCH_OVERRIDES.items()}
+            overrides["audit"] = {"enabled": enabled}
+            server = MailServer(workdir / f"audit-{label}", listeners=("mx",),
+                                overrides=overrides, fd_limit=8192)
+            server.add_user(accept_bench.ADDRESS, "bench password")
+            servers[label] = server.start()
+        targets = {label: accept_bench.Target(label, s.mx_port, s.maildir(accept_bench.ADDRESS))
+                   for label, s in servers.items()}
+        for target in targets.values():
+            accept_bench.run_once(target, concurrency, 100, 4096, 600)      # warm-up
+        ratios = []
+        for rep in range(1, reps + 1):
+            rates = {}
+            for label, target in targets.items():
+                rates[label] = accept_bench.run_once(target, concurrency, messages, 4096, 600)[0]
+            ratios.append(rates["on"] / rates["off"])
+            print(f"  live rep {rep}: accept auditor off {rates['off']:7.1f} msg/s, "
+                  f"on {rates['on']:7.1f} msg/s, ratio {ratios[-1]:.3f}", flush=True)
+        return statistics.median(ratios)
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
@@ -324,6 +429,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--no-fail2ban", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
+    parser.add_argument("--live", action="store_true",
+                        help="also measure MX acceptance with the auditor on vs off")
+    parser.add_argument("--live-messages", type=int, default=1000)
+    parser.add_argument("--live-concurrency", type=int, default=10)
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-audit-"))
@@ -364,6 +473,10 @@ def main(argv=None):
                   f"{statistics.median(rates):>9,.0f} median of {args.reps}; findings exactly "
                   f"the {sum(expected.values())} planted ones")
         ours = statistics.median(rates)
+        latency, inside, count = detection_latency()
+        print(f"detection latency (threshold-crossing emit -> ban call): median "
+              f"{latency * 1e6:.0f} us; {inside} of {count} bans inside that emit's call, "
+              "i.e. the same reactor turn")
 
         if not args.no_fail2ban:
             done = run_fail2ban(syslog)
@@ -379,6 +492,15 @@ def main(argv=None):
                           f"{total / seconds:,.0f} lines/s; {matched} lines matched "
                           f"(the log has {auth_failures} SASL failures)")
                     print(f"ratio: ours gzip median / fail2ban = {ours * seconds / total:.1f}x")
+        without, with_ = observer_cost()
+        print(f"live observer cost: the 6 events of one MX message take {without * 1e6:.1f} us "
+              f"of CPU to emit without the auditor, {with_ * 1e6:.1f} us with it "
+              f"(+{(with_ - without) * 1e6:.1f} us per message)")
+        if args.live:
+            print(f"live cost: {args.reps} reps of {args.live_messages} messages at "
+                  f"concurrency {args.live_concurrency}")
+            ratio = live_cost(workdir, args.reps, args.live_messages, args.live_concurrency)
+            print(f"MX acceptance, auditor on / off: {ratio:.3f} (median of per-rep ratios)")
         return 0
     finally:
         if args.keep:

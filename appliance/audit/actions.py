@@ -2,7 +2,9 @@
 
 ``IActions`` is the seam between the rules and the rest of the server. The
 live ``Actions`` bans through an injected ban service (the defences' ban API:
-any object with ``ban(network, rule, reason)``) and holds through ``Holds``
+any object with ``ban(network, reason=..., rule=...)``, called with keywords,
+as ``appliance.defence.bans.Bans.ban`` takes them; a ban of a network already
+banned is not a new offence there) and holds through ``Holds``
 (the queue). With no ban service configured, a ban is an ``audit.action_skipped``
 event naming the network and the rule: the alert still goes out.
 
@@ -54,7 +56,7 @@ class IActions(Interface):
 
 @implementer(IActions)
 class Actions:
-    """``bans``: the ban service (``ban(network, rule, reason)``) or None;
+    """``bans``: the ban service (``ban(network, reason=, rule=)``) or None;
     ``holds``: a ``Holds`` or None (then a hold is skipped with an event)."""
 
     def __init__(self, bans=None, holds=None):
@@ -67,7 +69,7 @@ class Actions:
                         reason="no ban service configured")
             return None
         try:
-            return self.bans.ban(network, rule, reason)
+            return self.bans.ban(network, reason=reason, rule=rule)
         except Exception as exc:  # noqa: BLE001 - a ban that fails must not stop the auditor
             _log.failure("ban of {network} failed", network=str(network))
             events.emit("audit.action_skipped", action="ban", target=str(network), rule=rule,

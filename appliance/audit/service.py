@@ -96,6 +96,8 @@ class AuditService(service.Service):
             if name == "queue.released" and self.holds is not None:
                 self.holds.message_released(event.get("queue_id"))
             return
+        if name == "smtp.message.accepted" and not event.get("account"):
+            return      # unauthenticated: no account to count (the cheap, common case)
         record = events.as_record(event)
         if record is None:
             return
