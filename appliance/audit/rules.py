@@ -63,7 +63,7 @@ PIPELINED_AFTER_TLS = ("smtp.starttls.discarded", "imap.starttls.discarded",
                        "pop3.stls.discarded")
 TROUBLE = ("spool.error", "spool.corrupt", "spool.space_low", "spool.writer.lost",
            "ldap.unavailable", "dkim.sign_failed", "queue.stale")
-MAX_KEYS = 200_000      # per rule; beyond it the least recently hit keys are dropped
+MAX_KEYS = 200_000      # per rule; beyond it the oldest keys are dropped (at a purge)
 
 
 @dataclasses.dataclass(frozen=True)
