@@ -22,9 +22,7 @@ from appliance.threads import synchronous_runner
 from appliance.queue.runner import QueueRunner
 from appliance.queue.store import Spool
 from appliance.deliver.maildir import MaildirDeliverer
-from appliance.testing import FakeSpool, capture_events, make_config, value_of
-
-from test_runner import FakeDirectory
+from appliance.testing import FakeDirectory, FakeSpool, capture_events, make_config, value_of
 
 
 def now_writer(f, *args):
@@ -110,7 +108,7 @@ def queue(tmp_path):
     writer = GroupCommitWriter(synchronous_runner, None)
     spool = Spool(str(tmp_path / "queue"), writer, synchronous_runner, clock)
     maildir = MaildirDeliverer(str(tmp_path / "mail"), writer, "mx.example.test")
-    runner = QueueRunner(spool, FakeDirectory(users=("carol@example.test",)), maildir, clock)
+    runner = QueueRunner(spool, FakeDirectory(["carol@example.test"]), maildir, clock)
     runner.startService()
     holds = Holds(runner, spool, str(tmp_path / "audit"), clock, write=now_writer)
     return clock, spool, runner, holds
