@@ -11,7 +11,7 @@ event naming the network and the rule: the alert still goes out.
 ``Holds``: accounts whose outbound mail is held (a send spike: a stolen
 password). Holding an account holds its messages already queued
 (``QueueRunner.hold``) and makes the spool commit each new message of it on
-hold (``Spool.set_hold_check``: not even local delivery happens). The held
+hold (``Spool.add_hold_check``: not even local delivery happens). The held
 accounts are kept in ``<data_dir>/audit/holds.json`` (written off the reactor
 thread, fsynced, renamed into place), so a restart keeps them held. An admin
 ends the hold by releasing one of the account's held messages (``queue
@@ -102,7 +102,7 @@ class Holds:
         self._saving = None             # Deferred of the write in flight
         self._dirty = False
         self._releasing = set()         # queue ids we release ourselves
-        spool.set_hold_check(self._holds_new)
+        spool.add_hold_check(self._holds_new)
         spool.add_listener(self._committed)
 
     def load(self):

@@ -241,7 +241,7 @@ class Spool:
         self._temp_names = itertools.count()
         self._dir_ready = False
         self._router = None
-        self._hold_check = None
+        self._hold_checks = []
         self._space_low = False
         self._statvfs_cache = None      # (when, statvfs result)
         # Messages just accepted, as received, for their first remote attempt
@@ -309,10 +309,11 @@ class Spool:
         accept; None (or a failure) commits the entry without deliveries."""
         self._router = router
 
-    def set_hold_check(self, check):
-        """``check(envelope) -> bool``, asked at each accept: True commits the
-        new entry on hold (no delivery, not even local, until released)."""
-        self._hold_check = check
+    def add_hold_check(self, check):
+        """``check(envelope) -> bool``, asked at each accept: True from any
+        check commits the new entry on hold (no delivery, not even local,
+        until released). The auditor's held accounts use it."""
+        self._hold_checks.append(check)
 
     def _notify(self, qid):
         for callback in list(self._listeners):
@@ -375,7 +376,7 @@ class Spool:
             form, stored = MAILDIR_FORM, maildir_bytes(envelope.sender, message)
         else:
             form, stored = WIRE_FORM, message
-        held = self._hold_check is not None and self._hold_check(envelope)
+        held = any(check(envelope) for check in self._hold_checks)
         entry = SpoolEntry(envelope, len(message), self.clock.seconds(),
                            message_form=form, stored_size=len(stored),
                            flags={"held": True} if held else None)
