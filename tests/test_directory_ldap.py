@@ -28,6 +28,7 @@ from appliance.envelope import DEFERRED, DELIVERED, FAILED
 from appliance.queue.store import Spool
 from appliance import replies
 from appliance.policy.relay import MXPolicy
+from appliance.threads import new_pool
 from appliance.testing import FakeSpool, SMTPHarness, error_of, make_config, value_of
 
 ALICE = "alice@example.test"
@@ -255,7 +256,7 @@ def test_queue_delivers_alternates_to_the_primary_maildir(slapd, tmp_path):
     envelope = Envelope(queue_id="0005f1e2d3c4b5a6deadbee1", sender="x@remote.example",
                         recipients=["postmaster@example.test", "alice+tag@example.test",
                                     "dave@example.test"], received_at=990.0)
-    spool.accept(envelope, MESSAGE)
+    runner.accept(envelope, MESSAGE)
     assert len(_mail_files(tmp_path, "alice")) == 1        # one copy for both
     state = json.loads((tmp_path / "queue" / "0005f1e2d3c4b5a6deadbee1.json").read_text())
     states = {r: s["state"] for r, s in state["recipients"].items()}
@@ -271,8 +272,8 @@ def test_ldap_down_at_delivery_defers_and_retries_never_bounces(own_slapd, tmp_p
     own_slapd.stop()
     runner.startService()
     qid = "0005f1e2d3c4b5a6deadbee2"
-    spool.accept(Envelope(queue_id=qid, sender="x@remote.example",
-                          recipients=["postmaster@example.test"], received_at=990.0), MESSAGE)
+    runner.accept(Envelope(queue_id=qid, sender="x@remote.example",
+                           recipients=["postmaster@example.test"], received_at=990.0), MESSAGE)
     [state] = spool.get(qid).recipients.values()
     assert state["state"] == DEFERRED and state["next_attempt"] is not None
     assert "directory lookup failed" in state["last_error"]
@@ -388,12 +389,13 @@ def test_directory_from_config_picks_the_backend(slapd, tmp_path):
     assert type(directory) is Directory and service is None
 
     directory, service = directory_from_config(config_for(slapd, tmp_path), None, aliases,
-                                               task.Clock())
+                                               task.Clock(), pool=new_pool("ldap-directory", 4))
     assert isinstance(directory, LdapDirectory) and directory.aliases is aliases
-    assert service.name == "ldap-directory-pool"
+    assert service.name == "pool-ldap-directory"
 
 
 def test_directory_from_config_reports_unusable_ldap_settings(slapd, tmp_path):
     cfg = config_for(slapd, tmp_path, ldap_bind_password_file=str(tmp_path / "missing"))
     with pytest.raises(LdapConfigError, match="ldap_bind_password_file"):
-        directory_from_config(cfg, None, AliasesFile(str(tmp_path / "aliases")), task.Clock())
+        directory_from_config(cfg, None, AliasesFile(str(tmp_path / "aliases")), task.Clock(),
+                              pool=new_pool("ldap-directory", 4))

@@ -36,7 +36,8 @@ events.register("audit.action_skipped", "the auditor could not take an action (n
 events.register("audit.hold", "an account's outbound mail is held after a finding "
                 "(its queued messages held, new ones held at acceptance)",
                 ("account", "rule", "messages"))
-events.register("audit.held", "a new message of a held account was queued on hold",
+events.register("audit.held", "a new message of a held account is being queued on hold "
+                "(if its commit fails, the client gets 451 as for any message)",
                 ("queue_id", "account"))
 events.register("audit.released", "an admin ended an account's hold",
                 ("account", "queue_id"))
@@ -103,7 +104,6 @@ class Holds:
         self._dirty = False
         self._releasing = set()         # queue ids we release ourselves
         spool.add_hold_check(self._holds_new)
-        spool.add_listener(self._committed)
 
     def load(self):
         """Read the held accounts (at start; a missing file is no holds)."""
@@ -123,12 +123,11 @@ class Holds:
         return account in self.accounts
 
     def _holds_new(self, envelope):
-        return bool(envelope.auth_user) and envelope.auth_user in self.accounts
-
-    def _committed(self, qid):
-        entry = self.spool.get(qid)
-        if entry is not None and entry.held and self._holds_new(entry.envelope):
-            events.emit("audit.held", queue_id=qid, account=entry.envelope.auth_user)
+        """The spool's hold check: a new message of a held account is held."""
+        if envelope.auth_user and envelope.auth_user in self.accounts:
+            events.emit("audit.held", queue_id=envelope.queue_id, account=envelope.auth_user)
+            return True
+        return False
 
     def hold(self, account, rule):
         """Hold ``account``: its queued messages now, its new ones at acceptance."""

@@ -4,8 +4,8 @@
   (JSON lines, appended and fsynced off the reactor thread in batches,
   compacted to the last ``KEEP`` when it grows past twice that). ``latest(n)``
   and ``ack(alert_id)`` serve the admin shell's ``alerts``.
-- ``Digest``: new alerts mailed to ``[audit] alert_to`` through our own spool
-  (a null-sender message injected like a DSN: durable, delivered or retried
+- ``Digest``: new alerts mailed to ``[audit] alert_to`` through our own queue
+  (``QueueRunner.accept``: a null-sender message, like a DSN: durable, delivered or retried
   like any mail, never bounced), at most once per ``alert_interval``. Nothing
   is mailed when there is no alert.
 - ``Webhook``: each alert POSTed as JSON to ``[audit] webhook`` with bounded
@@ -206,10 +206,10 @@ def _duration(seconds):
 
 class Digest:
     """Mails new alerts to ``to`` at most once per ``interval`` (see the module
-    docstring). ``spool``: the Spool (``accept``); ``clock``: IReactorTime."""
+    docstring). ``queue``: the QueueRunner (``accept``); ``clock``: IReactorTime."""
 
-    def __init__(self, spool, clock, hostname, to, interval, gather=DIGEST_GATHER):
-        self.spool = spool
+    def __init__(self, queue, clock, hostname, to, interval, gather=DIGEST_GATHER):
+        self.queue = queue
         self.clock = clock
         self.hostname = hostname
         self.to = to
@@ -245,7 +245,7 @@ class Digest:
         envelope = Envelope(queue_id=qid, sender="", recipients=[self.to], received_at=now,
                             helo=self.hostname, listener=DIGEST_LISTENER, size=len(body),
                             params={} if body.isascii() else {"BODY": "8BITMIME"})
-        d = defer.maybeDeferred(self.spool.accept, envelope, body)
+        d = defer.maybeDeferred(self.queue.accept, envelope, body)
         d.addCallbacks(self._queued, self._failed, callbackArgs=(len(alerts),),
                        errbackArgs=(alerts,))
         return d

@@ -58,18 +58,19 @@ class AuditService(service.Service):
 
     @classmethod
     def from_config(cls, cfg, reactor, spool=None, runner=None, bans=None):
-        """The auditor for ``cfg``: alerts in ``<data_dir>/audit``, digests and
-        holds through ``spool`` / ``runner``, bans through ``bans`` (None: no
+        """The auditor for ``cfg``: alerts in ``<data_dir>/audit``, digests
+        through ``runner`` (the queue), holds through ``runner`` and ``spool``,
+        bans through ``bans`` (None: no
         ban service, each ban is an ``audit.action_skipped`` event)."""
         from appliance.audit.actions import Holds
         directory = os.path.join(cfg.server.data_dir, AUDIT_DIR)
         holds = Holds(runner, spool, directory, reactor) if runner is not None else None
         digest = None
-        if cfg.audit.alert_to and spool is not None:
+        if cfg.audit.alert_to and runner is not None:
             to = cfg.audit.alert_to
             if "@" not in to:
                 to = f"{to}@{cfg.server.domains[0]}"
-            digest = Digest(spool, reactor, cfg.server.hostname, to, cfg.audit.alert_interval)
+            digest = Digest(runner, reactor, cfg.server.hostname, to, cfg.audit.alert_interval)
         webhook = Webhook(cfg.audit.webhook, reactor) if cfg.audit.webhook else None
         return cls(Settings.from_config(cfg), Actions(bans, holds), AlertStore(directory),
                    digest, webhook, holds)

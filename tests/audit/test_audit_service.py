@@ -114,11 +114,11 @@ def queue(tmp_path):
     return clock, spool, runner, holds
 
 
-def submit(spool, qid, account="bob@example.test"):
+def submit(runner, qid, account="bob@example.test"):
     envelope = Envelope(queue_id=qid, sender=account, recipients=["carol@example.test"],
-                        received_at=spool.clock.seconds(), auth_user=account,
+                        received_at=runner.clock.seconds(), auth_user=account,
                         listener="submission")
-    return value_of(spool.accept(envelope, b"Subject: hi\r\n\r\nspam\r\n"))
+    return value_of(runner.accept(envelope, b"Subject: hi\r\n\r\nspam\r\n"))
 
 
 def delivered(tmp_path):
@@ -128,12 +128,12 @@ def delivered(tmp_path):
 
 def test_a_held_account_s_mail_stays_in_the_queue_until_an_admin_releases_it(tmp_path):
     clock, spool, runner, holds = queue(tmp_path)
-    submit(spool, "00000000000000000000000a")
+    submit(runner, "00000000000000000000000a")
     assert len(delivered(tmp_path)) == 1
     with capture_events() as seen:
         holds.hold("bob@example.test", "send_spike")
-        submit(spool, "00000000000000000000000b")
-        submit(spool, "00000000000000000000000c", account="dave@example.test")
+        submit(runner, "00000000000000000000000b")
+        submit(runner, "00000000000000000000000c", account="dave@example.test")
     assert len(delivered(tmp_path)) == 2                 # dave's, not bob's
     assert spool.get("00000000000000000000000b").held
     assert [e["queue_id"] for e in seen.named("audit.held")] == ["00000000000000000000000b"]
@@ -155,7 +155,7 @@ def test_a_held_account_s_mail_stays_in_the_queue_until_an_admin_releases_it(tmp
         service.stopService()
     assert [e["account"] for e in seen.named("audit.released")] == ["bob@example.test"]
     assert len(delivered(tmp_path)) == 3
-    submit(spool, "00000000000000000000000d")
+    submit(runner, "00000000000000000000000d")
     assert len(delivered(tmp_path)) == 4
     assert json.loads((tmp_path / "audit" / "holds.json").read_text()) == {}
 
@@ -163,8 +163,8 @@ def test_a_held_account_s_mail_stays_in_the_queue_until_an_admin_releases_it(tmp
 def test_holding_an_account_holds_its_queued_messages_and_release_frees_them(tmp_path):
     clock, spool, runner, holds = queue(tmp_path)
     runner.stopService()                 # nothing is delivered: the messages wait
-    submit(spool, "00000000000000000000001a")
-    submit(spool, "00000000000000000000001b", account="dave@example.test")
+    submit(runner, "00000000000000000000001a")
+    submit(runner, "00000000000000000000001b", account="dave@example.test")
     held = holds.hold("bob@example.test", "send_spike")
     assert held == ["00000000000000000000001a"]
     assert spool.get("00000000000000000000001a").held
@@ -250,7 +250,7 @@ def test_queue_watch_reports_a_stale_queue_once_per_episode(tmp_path):
     runner.stopService()
     watch = QueueWatch(spool, 3600, clock, interval=60)
     watch.startService()
-    submit(spool, "00000000000000000000002a")
+    submit(runner, "00000000000000000000002a")
     with capture_events() as seen:
         clock.advance(3600)
         assert seen.named("queue.stale") == []

@@ -26,6 +26,7 @@ from appliance.policy.dkim_sign import (
 from appliance.policy.keys import KeyService, KeyStore, KeyStoreError, check_rsa_size
 from appliance.receive.smtp import SMTPFactory
 from appliance.receive.submission import SubmissionFactory
+from appliance.policy.pipeline import OURS, OUTSIDE, origin
 from appliance.testing import (
     FakeAccounts, FakeDirectory, FakeSpool, SMTPHarness, TLSStringTransport, capture_events,
     make_config)
@@ -399,10 +400,10 @@ def test_a_trusted_peers_message_is_signed_in_a_thread_before_it_is_spooled(key_
     with capture_events() as seen:
         send_message(h)
         assert h.codes()[-1] == 354                 # no answer while signing
-        assert factory.spool.accepted == [] and len(threads.calls) == 1
+        assert factory.queue.accepted == [] and len(threads.calls) == 1
         threads.run_all()
     assert h.codes() == [250]
-    [(envelope, stored)] = factory.spool.accepted
+    [(envelope, stored)] = factory.queue.accepted
     assert stored.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed;")
     assert envelope.size == len(stored)
     [event] = seen.named("dkim.signed")
@@ -419,7 +420,7 @@ def test_an_untrusted_mx_peer_is_never_signed_for(key_dir):
     h = SMTPHarness(factory, peer="198.51.100.7")
     send_message(h, rcpt="alice@example.test")
     assert h.codes()[-1] == 250 and threads.calls == []
-    [(_, stored)] = factory.spool.accepted
+    [(_, stored)] = factory.queue.accepted
     assert b"DKIM-Signature" not in stored
 
 
@@ -431,7 +432,7 @@ def test_a_foreign_from_domain_is_relayed_unsigned(key_dir):
         send_message(h, body=MESSAGE.replace(b"alice@example.test", b"alice@remote.test"))
         threads.run_all()
     assert h.codes()[-1] == 250
-    [(_, stored)] = factory.spool.accepted
+    [(_, stored)] = factory.queue.accepted
     assert b"DKIM-Signature" not in stored and seen.named("dkim.signed") == []
 
 
@@ -445,7 +446,7 @@ def test_a_message_that_cannot_be_signed_is_refused_for_now_and_not_queued(key_d
         send_message(h)
         threads.run_all()
     assert h.replies()[-1].startswith("451 4.3.0")
-    assert factory.spool.accepted == []
+    assert factory.queue.accepted == []
     [failed] = seen.named("dkim.sign_failed")
     assert failed["domain"] == "example.test" and "cannot read" in failed["reason"]
     [rejected] = seen.named("smtp.message.rejected")
@@ -459,7 +460,7 @@ def test_a_header_section_dkimpy_cannot_parse_is_refused_for_good(key_dir):
     send_message(h, body=b"From: alice@example.test\r\nno colon here\r\n\r\nbody\r\n")
     threads.run_all()
     assert h.replies()[-1].startswith("550 5.6.0 Malformed header section")
-    assert factory.spool.accepted == []
+    assert factory.queue.accepted == []
 
 
 def test_other_sessions_are_answered_while_a_signature_is_pending_t24(key_dir):
@@ -496,18 +497,17 @@ def test_an_authenticated_submission_is_signed(key_dir):
     send_message(h)
     threads.run_all()
     assert h.codes()[-1] == 250
-    [(envelope, stored)] = factory.spool.accepted
+    [(envelope, stored)] = factory.queue.accepted
     assert envelope.auth_user == "alice@example.test"
     assert dkimpy_results(stored, dnsfunc_from(store.keys())) == {
         ("mail", "rsa-sha256"): True, ("mail-ed25519", "ed25519-sha256"): True}
 
 
-def test_the_signer_signs_for_users_and_trusted_networks_only(key_dir):
-    cfg = make_config(relay={"trusted_networks": "10.0.0.0/8"}, dkim={"key_dir": key_dir})
-    signer = Signer(cfg, store_in(key_dir), HeldThreads())
-    assert signer.wants(Session(peer_ip="203.0.113.5", auth_user="alice@example.test"))
-    assert signer.wants(Session(peer_ip="10.1.2.3"))
-    assert not signer.wants(Session(peer_ip="203.0.113.5"))
+def test_the_pipeline_signs_for_users_and_trusted_networks_only():
+    trusted = make_config(relay={"trusted_networks": "10.0.0.0/8"}).relay.trusted_networks
+    assert origin(Session(peer_ip="203.0.113.5", auth_user="alice@example.test"), trusted) == OURS
+    assert origin(Session(peer_ip="10.1.2.3"), trusted) == OURS
+    assert origin(Session(peer_ip="203.0.113.5"), trusted) == OUTSIDE
 
 
 def test_signing_failed_carries_a_temporary_reply_by_default():
