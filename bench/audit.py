@@ -56,7 +56,7 @@ from appliance.testing import make_config  # noqa: E402
 START = 1_790_000_000.0
 SPAN = 2 * 86400.0                # the log covers about two days
 INSTANCES = 5                     # of each planted attack
-ADMIN_FIELDS = ("peer_ip", "user", "key_fingerprint")    # the admin shell's event (planned)
+ADMIN_FIELDS = ("peer_ip", "user", "key_fingerprint")    # the admin shell's event, if not registered
 USERS = [f"user{n}@example.test" for n in range(2000)]
 FAIL2BAN_FILTER = "postfix[mode=auth]"     # jail.conf [postfix-sasl]
 
@@ -236,7 +236,10 @@ def plant(log, traffic, rng):
         expected["protocol_abuse", ip] += 1
 
         ts, ip = next(when), f"198.51.102.{i + 1}"
-        add(ts, ADMIN_LOGIN_FAILED, peer_ip=ip, user="root", key_fingerprint="SHA256:x")
+        admin = dict(peer_ip=ip, user="root", key_fingerprint="SHA256:x", reason="unknown key",
+                     attempts=1)
+        add(ts, ADMIN_LOGIN_FAILED, **{k: v for k, v in admin.items()
+                                       if k in schema(ADMIN_LOGIN_FAILED)})
         expected["admin_ssh", ip] += 1
 
         ts, user = next(when), f"spammer{i}@example.test"
