@@ -14,6 +14,7 @@ import pytest
 from twisted.internet import defer, task
 
 import ldap_server
+from appliance.testing import CountingRunner
 from appliance.auth.accounts import Account, BackendUnavailable
 from appliance.auth.ldap import LdapConfigError
 from appliance.deliver.maildir import MaildirDeliverer
@@ -51,17 +52,6 @@ def own_slapd(tmp_path):
     """A slapd of the test's own (it gets stopped)."""
     with ldap_server.SlapdServer(tmp_path / "slapd") as server:
         yield server
-
-
-class CountingRunner:
-    """A synchronous run_in_thread that counts the LDAP operations."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, f, *args):
-        self.calls += 1
-        return synchronous_runner(f, *args)
 
 
 def config_for(server, tmp_path, **auth):
@@ -178,7 +168,7 @@ def test_a_flood_of_rcpts_asks_ldap_once(slapd, tmp_path):
     harness.send("".join("RCPT TO:<nobody@example.test>\r\n" for _ in range(20)))
     codes = harness.codes()
     assert codes[2:] == [250] * 20 + [550] * 20
-    assert runner.calls == 2        # one search each; the rest came from the cache
+    assert runner.count == 2        # one search each; the rest came from the cache
 
 
 # ---------------------------------------------------------------------------

@@ -13,10 +13,10 @@ import stat
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
-from twisted.internet import defer
 from twisted.internet.task import Clock
 
 import dns_server
+from appliance.testing import HandRunner as HeldThreads
 from appliance.auth.sasl import Mechanisms
 from appliance.envelope import Session
 from appliance.policy import keys as keysmod
@@ -355,28 +355,6 @@ def test_a_foreign_from_is_told_apart_without_a_thread(from_header, decided):
 
 
 # -- the step between end of DATA and the spool ---------------------------------------------
-
-class HeldThreads:
-    """run_in_thread that keeps each call until ``run_all``: the test is the thread pool."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, f, *args):
-        d = defer.Deferred()
-        self.calls.append((f, args, d))
-        return d
-
-    def run_all(self):
-        calls, self.calls = self.calls, []
-        for f, args, d in calls:
-            try:
-                result = f(*args)
-            except Exception:
-                d.errback()
-            else:
-                d.callback(result)
-
 
 def mx_factory(key_dir, threads, trusted="192.0.2.0/24", spool=None):
     cfg = make_config(relay={"trusted_networks": trusted}, dkim={"key_dir": key_dir})
