@@ -263,6 +263,35 @@ def address_list(raw):
     return tuple(addresses)
 
 
+def http_url(raw):
+    """An http:// or https:// URL with a host; empty means 'not set'."""
+    value = _single(raw).strip()
+    if not value:
+        return ""
+    parts = urlsplit(value)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{_show(raw)} is not an http:// or https:// URL")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"{_show(raw)} has no valid port") from None
+    return value
+
+
+_MAIL_LOCAL = re.compile(r"^[^\s@<>()\[\],;:\"\\]+$")
+
+
+def mail_target(raw):
+    """A local part (of the first local domain) or an address; empty: nobody."""
+    value = _single(raw).strip()
+    if not value:
+        return ""
+    local, at, domain = value.rpartition("@") if "@" in value else (value, "", "")
+    if not _MAIL_LOCAL.match(local) or not value.isprintable():
+        raise ValueError(f"{_show(raw)} is not a local part or an address")
+    return f"{local}@{unicode_domain(domain)}" if at else local
+
+
 def path(raw):
     """A path (resolved against base_dir later); empty means 'not set'."""
     return _single(raw).strip()
@@ -456,12 +485,26 @@ SCHEMA = {
         Key("max_errors", "20", integer(1)),
         Key("imap_idle_timeout", "30m", positive_duration),
         Key("pop3_timeout", "10m", positive_duration),
+        Key("ipv6_prefix", "64", integer(1, 128)),
     ),
     "admin": _keys(
         Key("authorized_keys", "./var/admin_authorized_keys", required_path, True),
     ),
     "log": _keys(
         Key("events", "./var/log/events.json", required_path, True),
+    ),
+    "audit": _keys(
+        Key("enabled", "on", boolean),
+        Key("window", "15m", positive_duration),
+        Key("harvest_threshold", "20", integer(1)),
+        Key("relay_probe_threshold", "3", integer(1)),
+        Key("protocol_error_threshold", "30", integer(1)),
+        Key("spray_threshold", "10", integer(1)),
+        Key("account_attack_threshold", "20", integer(1)),
+        Key("send_spike", "200", integer(1)),
+        Key("alert_to", "postmaster", mail_target),
+        Key("alert_interval", "15m", positive_duration),
+        Key("webhook", "", http_url),
     ),
 }
 
@@ -493,6 +536,7 @@ class Config:
     limits: object
     admin: object
     log: object
+    audit: object
     path: str = None            # the file it came from, None for parse()
 
     @property

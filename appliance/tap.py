@@ -12,6 +12,7 @@ thread pool is added before the services that use it and outlives them)::
       pool-spool-read, pool-password-hash, pool-dns   (appliance.threads; POOLS below)
       pool-ldap-directory     LDAP recipient lookups (backend = ldap only)
       queue runner            local and remote delivery, retries, DSNs; recovery at start
+      auditor, queue-watch    the live IDS over the event stream ([audit] enabled)
       tls                     certificate and JWKS loaded; SIGHUP reloads the certificate
       dkim-keys               DKIM keys made if missing, loaded
       pool-dkim-sign, pool-inbound-checks, pool-ldap, pool-maildir
@@ -44,6 +45,7 @@ from appliance import events
 from appliance.access.imap.server import IMAPFactory
 from appliance.access.folders import MaildirStore
 from appliance.access.pop3 import POP3Factory
+from appliance.audit.service import AuditService, QueueWatch
 from appliance.auth.ldap import POOL_SIZE as LDAP_POOL_SIZE, LdapConfigError, accounts_from_config
 from appliance.auth.oauth2 import JWKSError, TokenVerifier
 from appliance.auth.sasl import Mechanisms
@@ -275,6 +277,7 @@ POOLS = {
     "dkim-sign": 2,             # RSA / Ed25519 signatures of our users' mail
     "dns": 8,                   # MX lookups (dnspython blocks)
     "mta-sts": 2,               # recipients' MTA-STS policies: DNS, then an HTTPS fetch
+    "audit": 1,                 # the auditor's alerts and holds, written durably
     "inbound-checks": WORKER_THREADS,   # SPF / DKIM / DMARC of MX mail
     "ldap": LDAP_POOL_SIZE,             # logins (backend = ldap)
     "ldap-directory": LDAP_POOL_SIZE,   # recipient lookups (backend = ldap)
@@ -327,6 +330,8 @@ class Appliance:
     listeners: dict = field(default_factory=dict)     # name -> protocol factory (or web site)
     acme: object = None                               # the ACME client (acme = on)
     challenges: object = None                         # ACME challenges being answered
+    bans: object = None         # the defences' ban service (ban(network, reason=, rule=))
+    auditor: AuditService = None
 
 
 def _listen(top, reactor, name, address, factory, tls=None):
@@ -398,6 +403,20 @@ def _ldap_pool(cfg, name):
     return new_pool(name, POOLS[name]) if cfg.auth.backend == "ldap" else None
 
 
+def _auditor(app, reactor, top, pools):
+    """The live auditor ([audit] enabled): before the listeners, so it sees
+    their first events and stops after them. Bans go to ``app.bans`` (the
+    defences' ban service) when there is one; without it each ban is an
+    ``audit.action_skipped`` event and the alert still goes out."""
+    cfg = app.config
+    if not cfg.audit.enabled:
+        return
+    app.auditor = AuditService.from_config(cfg, reactor, spool=app.spool, runner=app.runner,
+                                           bans=app.bans, write=pools.run("audit"))
+    app.auditor.setServiceParent(top)
+    QueueWatch(app.spool, cfg.queue.delay_warning, reactor).setServiceParent(top)
+
+
 def build(cfg, reactor):
     """The service tree for ``cfg``; nothing is bound or started yet."""
     data_dir = cfg.server.data_dir
@@ -428,6 +447,7 @@ def build(cfg, reactor):
     app = top.appliance = Appliance(cfg, Gate(cfg.limits), writer, spool, users, aliases,
                                     directory, runner)
     runner.setServiceParent(top)
+    _auditor(app, reactor, top, pools)
     app.tls = ServerTLS.from_config(cfg)
     app.oauth2 = TokenVerifier.from_config(cfg)
     TLSService(reactor, app).setServiceParent(top)
