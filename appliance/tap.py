@@ -61,6 +61,7 @@ from appliance.queue.writer_process import ChildProcessFileSystem
 from appliance.receive.smtp import SMTPFactory
 from appliance.receive.submission import SubmissionFactory
 from appliance.tls import ServerTLS, TLSError
+from appliance.watchdog import ReactorWatchdog
 
 FSYNC_THREADS = 4       # fsyncs of one group-commit batch in flight together (in the writer child)
 SWITCH_INTERVAL = 0.0005    # seconds; see makeService
@@ -360,6 +361,7 @@ def build(cfg, reactor):
                  directory=directory, runner=runner)
     top = ApplianceService(cfg, parts)
     EventLogService(cfg.log.events, reactor).setServiceParent(top)
+    ReactorWatchdog(reactor).setServiceParent(top)
     ThreadPoolService(writer_pool, drain=writer.drain, helpers=files).setServiceParent(top)
     if directory_service is not None:   # LDAP lookups: stops after the runner and listeners
         directory_service.setServiceParent(top)

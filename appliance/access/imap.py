@@ -55,6 +55,7 @@ from appliance.envelope import new_session_id
 from appliance.receive.policy import DENIED, ConnectionGate, GatedFactory
 from appliance.receive.received import header_safe
 from appliance.tls import TLSError, connection_info
+from appliance.watchdog import timed
 
 _log = Logger()
 
@@ -303,6 +304,10 @@ class IMAPServer(imap4.IMAP4Server):
         return self.capability_list()
 
     # -- reading commands --------------------------------------------------------
+
+    @timed
+    def dataReceived(self, data):
+        return super().dataReceived(data)
 
     def lineReceived(self, line):
         self.resetTimeout()
