@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from appliance import events
 from appliance.address import canonical_domain
+from appliance.policy.dkim_body import dkim_object
 from appliance.policy.keys import KeyStoreError
 from appliance.receive import replies
 from appliance.receive.policy import peer_in
@@ -138,15 +139,16 @@ def signing_domain(message, local_domains):
 
 def sign_message(message, signing_keys):
     """``message`` with one DKIM-Signature per key on top; dkim.DKIMException
-    if dkimpy refuses the message or a key."""
+    if dkimpy refuses the message or a key. The body is canonicalised in
+    linear time, in slices (``appliance.policy.dkim_body``)."""
     include = headers_to_sign(message)
     signatures = []
     for signing_key in signing_keys:
         key = signing_key.key
-        signatures.append(dkim.sign(
-            message, key.selector.encode("ascii"), key.domain.encode("ascii"),
+        signer = dkim_object(message, signature_algorithm=key.algorithm.encode("ascii"))
+        signatures.append(signer.sign(
+            key.selector.encode("ascii"), key.domain.encode("ascii"),
             signing_key.private, canonicalize=CANONICALIZE,
-            signature_algorithm=key.algorithm.encode("ascii"),
             include_headers=include, length=False))
     return b"".join(signatures) + message
 

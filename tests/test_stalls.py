@@ -1,0 +1,65 @@
+"""Issue 17's stalls: no client input delays another client's reply by over 100 ms.
+
+Each test runs one bad input of the kind that froze the server on 092f303
+and measures, with ``stall_probe``, how long another client would have
+waited meanwhile; the inputs are big enough to take the old code seconds.
+Only APIs that were there before the fixes are used, so each test also
+runs (and fails) on the old code.
+"""
+
+import pytest
+
+from appliance.policy.dkim_sign import sign_message
+from appliance.policy.dkim_verify import verify_signatures
+from appliance.policy.keys import KeyStore
+from dkim_tools import dnsfunc_from
+from stall_probe import LIMIT, worst_wait_while
+
+HEAD = (b"From: Alice <alice@example.test>\r\nTo: bob@remote.test\r\n"
+        b"Subject: spaces\r\nDate: Thu, 15 Jan 2026 12:00:00 +0000\r\n"
+        b"Message-ID: <s@example.test>\r\n\r\n")
+# dkimpy's [\t ]+\r\n tries every start in a run of spaces not followed by
+# CRLF: 30,000 spaces took it seconds, in one call holding the GIL.
+SPACES = b" " * 30000 + b"x\r\n"
+
+
+# -- DKIM body canonicalisation (a worker thread holding the GIL) -------------------
+
+@pytest.fixture(scope="module")
+def rsa_keys(tmp_path_factory):
+    store = KeyStore(str(tmp_path_factory.mktemp("dkim") / "keys"), "rsa-sha256", "mail")
+    store.ensure(["example.test"])
+    return store
+
+
+class KeyLookups:
+    """The ``Lookups`` a verifier asks: the keys, no DNS, no budget spent."""
+
+    def __init__(self, keys):
+        self.dnsfunc = dnsfunc_from(keys)
+
+    def txt(self, name):
+        record = self.dnsfunc(name)
+        return [record] if record else []
+
+    def remaining(self):
+        return 60.0
+
+
+def test_signing_a_line_of_spaces_does_not_stall_others(rsa_keys):
+    message = HEAD + SPACES * 2
+    keys = rsa_keys.signing_keys("example.test")
+    worst, took, signed = worst_wait_while(lambda: sign_message(message, keys))
+    assert worst < LIMIT, f"another client waited {worst:.3f} s while signing ({took:.3f} s)"
+    results, _ = verify_signatures(signed, KeyLookups(rsa_keys.keys()))
+    assert [r.result for r in results] == ["pass"]
+
+
+def test_verifying_a_line_of_spaces_does_not_stall_others(rsa_keys):
+    signed = sign_message(HEAD + SPACES * 2, rsa_keys.signing_keys("example.test"))
+    lookups = KeyLookups(rsa_keys.keys())
+    worst, took, (results, _) = worst_wait_while(lambda: verify_signatures(signed, lookups))
+    assert worst < LIMIT, f"another client waited {worst:.3f} s while verifying ({took:.3f} s)"
+    assert [r.result for r in results] == ["pass"]
+
+
