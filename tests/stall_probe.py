@@ -64,3 +64,19 @@ def worst_wait_while(work, interval=0.002, limit=LIMIT, tries=3):
         if best[0] <= limit or outcome[0] >= STALL:
             break
     return best
+
+
+def reactor_wait(work, limit=LIMIT, tries=3):
+    """``(seconds, result)`` of ``work()`` run here, as the reactor runs a
+    command: every other client waits for all of it. Repeated while over
+    ``limit`` (and under ``STALL``); the best time is returned."""
+    best = None
+    for _ in range(tries):
+        started = time.monotonic()
+        result = work()
+        took = time.monotonic() - started
+        if best is None or took < best[0]:
+            best = (took, result)
+        if best[0] <= limit or took >= STALL:
+            break
+    return best

@@ -9,11 +9,12 @@ runs (and fails) on the old code.
 
 import pytest
 
+from appliance.access.imapmailbox import matching_folders
 from appliance.policy.dkim_sign import sign_message
 from appliance.policy.dkim_verify import verify_signatures
 from appliance.policy.keys import KeyStore
 from dkim_tools import dnsfunc_from
-from stall_probe import LIMIT, worst_wait_while
+from stall_probe import LIMIT, reactor_wait, worst_wait_while
 
 HEAD = (b"From: Alice <alice@example.test>\r\nTo: bob@remote.test\r\n"
         b"Subject: spaces\r\nDate: Thu, 15 Jan 2026 12:00:00 +0000\r\n"
@@ -63,3 +64,29 @@ def test_verifying_a_line_of_spaces_does_not_stall_others(rsa_keys):
     assert [r.result for r in results] == ["pass"]
 
 
+
+
+def test_a_dkim_signature_of_whitespace_is_not_checked_at_length():
+    # dkimpy checks b= with [\s0-9A-Za-z+/]+[\s=]*$: quadratic on a run of
+    # whitespace before a character it refuses.
+    signature = (b"DKIM-Signature: v=1; a=rsa-sha256; d=example.test; s=mail;"
+                 b" h=from; bh=AAAA; b=A" + b" " * 20000 + b"!\r\n")
+    lookups = KeyLookups([])
+    worst, took, (results, _) = worst_wait_while(
+        lambda: verify_signatures(signature + HEAD + b"body\r\n", lookups))
+    assert worst < LIMIT, f"another client waited {worst:.3f} s ({took:.3f} s)"
+    assert [r.result for r in results] == ["permerror"]
+
+
+# -- IMAP LIST / LSUB patterns (on the reactor) ------------------------------------
+
+def test_list_wildcards_do_not_backtrack():
+    # '*a*a*a*a*b' as a regex backtracks on a long name of a's: 5.6 s at 200.
+    names = ["INBOX", "a" * 150, "Archive." + "a" * 150]
+    took, found = reactor_wait(lambda: list(matching_folders(names, "", "*a*a*a*a*b")))
+    assert took < LIMIT, f"LIST took {took:.3f} s on the reactor"
+    assert found == []
+    took, found = reactor_wait(lambda: list(matching_folders(
+        names, "", "%" + "*a%" * 2000 + "b")))
+    assert took < LIMIT, f"LIST took {took:.3f} s on the reactor"
+    assert found == []
