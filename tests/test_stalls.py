@@ -9,7 +9,7 @@ runs (and fails) on the old code.
 
 import pytest
 
-from appliance.access.imapmailbox import matching_folders
+from appliance.access.imap.mailbox import matching_folders
 from appliance.policy.dkim_sign import sign_message
 from appliance.policy.dkim_verify import verify_signatures
 from appliance.policy.keys import KeyStore
