@@ -29,7 +29,8 @@ from appliance.policy.dkim_body import dkim_object
 from appliance.policy.keys import KeyStoreError
 from appliance import replies
 from appliance.net.peer import peer_in
-from appliance.message import AmbiguousFrom, from_addresses, header_block, header_safe
+from appliance.message import (MAX_FROM_FIELDS, AmbiguousFrom, from_addresses, header_block,
+                               header_safe)
 
 events.register("dkim.signed", "an outgoing message was DKIM-signed before it was queued",
                 ("session", "peer_ip", "queue_id", "domain", "selector", "algorithm"))
@@ -92,7 +93,9 @@ def cannot_be_local(message, local_forms):
     seen) is left to ``signing_domain``'s full parse.
     """
     found = False
-    for match in _FROM_FIELD.finditer(header_block(message)):
+    for count, match in enumerate(_FROM_FIELD.finditer(header_block(message))):
+        if count >= MAX_FROM_FIELDS:
+            return False        # more than the parse reads: it refuses them (bounded)
         value = match.group(1).lower()
         if not value.isascii() or b"=?" in value:
             return False
