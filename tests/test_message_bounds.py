@@ -36,7 +36,7 @@ def test_over_the_limit_is_ambiguous(fields):
     b"g:" * 600 + b"a@example.test",
 ])
 def test_hostile_nesting_is_ambiguous_not_an_exception(value):
-    # Found by the fuzz harness's From: target: the email package's parser
-    # recurses per nesting level and raised RecursionError out of the check.
+    # Found while timing the bounded parse: the email package recurses per
+    # nesting level and raised RecursionError out of the submission check.
     with pytest.raises(AmbiguousFrom):
         from_addresses(message(b"From: " + value))
