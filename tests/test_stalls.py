@@ -7,11 +7,20 @@ Only APIs that were there before the fixes are used, so each test also
 runs (and fails) on the old code.
 """
 
+import os
 import time
 
 import pytest
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 
+from appliance.access.folders import MaildirStore
 from appliance.access.imap.mailbox import matching_folders
+from appliance.access.imap.server import IMAPFactory
+from appliance.auth.sasl import Mechanisms
+from appliance.testing import FakeAccounts, TLSStringTransport, make_config
+from appliance.threads import synchronous_runner
 from appliance.message import AmbiguousFrom, from_addresses, header_fields
 from appliance.policy.checks import from_domains
 from appliance.policy.dkim_sign import sign_message
@@ -131,3 +140,98 @@ def test_from_domains_of_a_megabyte_of_from_lines_is_bounded_work():
     took = time.monotonic() - started
     assert took < 1.0, f"the DMARC From: parse took {took:.3f} s"
     assert domains == ["example.test"]
+
+
+# -- IMAP SEARCH and FETCH over a big mailbox (keys x messages on the reactor) -------------
+
+MESSAGES = 2000
+
+
+class HeldWork:
+    """The IMAP server's ``run_in_thread``: keeps each call for the test to run."""
+
+    def __init__(self):
+        self.held = []
+
+    def __call__(self, f, *args):
+        d = defer.Deferred()
+        self.held.append((f, args, d))
+        return d
+
+    def run_all(self):
+        """Run what was handed over, as a worker thread would, while measuring
+        the waits of another client: (worst wait, seconds)."""
+        worst_all, took_all = 0.0, 0.0
+        while self.held:
+            f, args, d = self.held.pop(0)
+            worst, took, result = worst_wait_while(lambda: f(*args))
+            worst_all, took_all = max(worst_all, worst), took_all + took
+            d.callback(result)
+        return worst_all, took_all
+
+
+@pytest.fixture(scope="module")
+def big_mailbox(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imap")
+    new = root / "mail" / "example.test" / "alice" / "new"
+    os.makedirs(new)
+    for n in range(MESSAGES):
+        (new / f"{1000 + n}.Q{n:08x}.mx").write_bytes(
+            b"From: bob@example.org\nSubject: m%d\n\nbody %d\n" % (n, n))
+    return root
+
+
+@pytest.fixture
+def imap(big_mailbox):
+    held = HeldWork()
+    config = make_config(str(big_mailbox))
+    store = MaildirStore(str(big_mailbox / "mail"), synchronous_runner)
+    accounts = FakeAccounts({"alice@example.test": "pw"})
+
+    class TLS:
+        context = object()
+
+    factory = IMAPFactory(config, store, accounts, Mechanisms(accounts), TLS(), Clock(),
+                          implicit_tls=True, run_in_thread=held)
+    factory.startFactory()
+    transport = TLSStringTransport(peerAddress=IPv4Address("TCP", "192.0.2.10", 40000))
+    session = factory.buildProtocol(None)
+    session.makeConnection(transport)
+    session.dataReceived(b"a LOGIN alice@example.test pw\r\nb SELECT INBOX\r\n")
+    assert b"b OK" in transport.value(), transport.value()[-300:]
+    transport.clear()
+    yield session, transport, held
+    factory.stopFactory()
+
+
+def reactor_part(session, command):
+    """Seconds the reactor spends on ``command`` before it can serve others."""
+    started = time.monotonic()
+    session.dataReceived(command)
+    return time.monotonic() - started
+
+
+def test_search_with_thousands_of_keys_leaves_the_reactor_free(imap):
+    session, transport, held = imap
+    # Lines are at most 16 KiB: a literal (an UNKEYWORD argument) continues the command.
+    keys = b"1:* " * 1500 + b"UNKEYWORD {1}\r\nx " + b"ALL " * 1500
+    took = reactor_part(session, b"s SEARCH " + keys.strip() + b"\r\n")
+    assert took < LIMIT, f"SEARCH kept the reactor {took:.3f} s"
+    worst, _ = held.run_all()
+    assert worst < LIMIT, f"another client waited {worst:.3f} s"
+    lines = transport.value().split(b"\r\n")
+    assert lines[0] == b"+ Ready for literal data"
+    assert lines[1] == b"* SEARCH " + b" ".join(b"%d" % n for n in range(1, MESSAGES + 1))
+    assert lines[2].startswith(b"s OK")
+
+
+def test_fetch_of_many_items_leaves_the_reactor_free(imap):
+    session, transport, held = imap
+    items = b"FLAGS UID " * 800
+    took = reactor_part(session, b"f FETCH 1:* (" + items.strip() + b")\r\n")
+    assert took < LIMIT, f"FETCH kept the reactor {took:.3f} s"
+    worst, _ = held.run_all()
+    assert worst < LIMIT, f"another client waited {worst:.3f} s"
+    lines = transport.value().split(b"\r\n")
+    assert len(lines) == MESSAGES + 2 and lines[-2].startswith(b"f OK")
+    assert lines[0].startswith(b"* 1 FETCH (FLAGS (")
