@@ -98,7 +98,9 @@ IDLE_POLL = 5.0                 # seconds between two stat() checks while IDLE
 FETCH_BATCH = 200               # messages rendered per thread hop
 FETCH_BATCH_OCTETS = 4 * 1024 * 1024
 
-_TAG = re.compile(rb"[\x21\x23-\x27\x2a\x2c-\x5b\x5d-\x7a\x7c\x7e]{1,64}\Z")
+# RFC 3501 tag: ASTRING-CHARs but "+"; not "%" or "*" (list-wildcards): a "*" tag
+# made "* OK completed" look like an untagged response (found by tests/fuzz).
+_TAG = re.compile(rb"[\x21\x23\x24\x26\x27\x2c-\x5b\x5d-\x7a\x7c\x7e]{1,64}\Z")
 _LITERAL = re.compile(rb"\{(\d{1,20})(\+?)\}\Z")
 _KEYWORD = re.compile(rb"[!#$&'+\-.0-9:;<=>?@A-Z^_`a-z|~]{1,64}\Z")
 _MECHANISM = re.compile(rb"[A-Za-z0-9_-]{1,20}\Z")
