@@ -130,6 +130,8 @@ class Query:
     def _key(self, rest, depth):
         if depth > MAX_DEPTH:
             raise SyntaxError_("Search keys nested too deep")
+        if not rest:                # OR / NOT without their operands
+            raise SyntaxError_("Missing search key")
         token = rest.pop()
         self.cost += 1
         if isinstance(token, list):
