@@ -256,7 +256,7 @@ def test_queue_delivers_alternates_to_the_primary_maildir(slapd, tmp_path):
     envelope = Envelope(queue_id="0005f1e2d3c4b5a6deadbee1", sender="x@remote.example",
                         recipients=["postmaster@example.test", "alice+tag@example.test",
                                     "dave@example.test"], received_at=990.0)
-    spool.accept(envelope, MESSAGE)
+    runner.accept(envelope, MESSAGE)
     assert len(_mail_files(tmp_path, "alice")) == 1        # one copy for both
     state = json.loads((tmp_path / "queue" / "0005f1e2d3c4b5a6deadbee1.json").read_text())
     states = {r: s["state"] for r, s in state["recipients"].items()}
@@ -272,8 +272,8 @@ def test_ldap_down_at_delivery_defers_and_retries_never_bounces(own_slapd, tmp_p
     own_slapd.stop()
     runner.startService()
     qid = "0005f1e2d3c4b5a6deadbee2"
-    spool.accept(Envelope(queue_id=qid, sender="x@remote.example",
-                          recipients=["postmaster@example.test"], received_at=990.0), MESSAGE)
+    runner.accept(Envelope(queue_id=qid, sender="x@remote.example",
+                           recipients=["postmaster@example.test"], received_at=990.0), MESSAGE)
     [state] = spool.get(qid).recipients.values()
     assert state["state"] == DEFERRED and state["next_attempt"] is not None
     assert "directory lookup failed" in state["last_error"]

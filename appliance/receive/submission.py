@@ -159,9 +159,9 @@ class SubmissionFactory(SMTPFactory):
 
     protocol = SubmissionSMTP
 
-    def __init__(self, config, directory, spool, clock, listener, mechanisms, tls,
+    def __init__(self, config, directory, queue, clock, listener, mechanisms, tls,
                  implicit_tls=False, policy=None, gate=None):
-        super().__init__(config, directory, spool, clock, listener,
+        super().__init__(config, directory, queue, clock, listener,
                          policy if policy is not None else SubmissionPolicy(config, directory),
                          tls=tls, implicit_tls=implicit_tls, gate=gate)
         self.mechanisms = mechanisms

@@ -400,10 +400,10 @@ def test_a_trusted_peers_message_is_signed_in_a_thread_before_it_is_spooled(key_
     with capture_events() as seen:
         send_message(h)
         assert h.codes()[-1] == 354                 # no answer while signing
-        assert factory.spool.accepted == [] and len(threads.calls) == 1
+        assert factory.queue.accepted == [] and len(threads.calls) == 1
         threads.run_all()
     assert h.codes() == [250]
-    [(envelope, stored)] = factory.spool.accepted
+    [(envelope, stored)] = factory.queue.accepted
     assert stored.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed;")
     assert envelope.size == len(stored)
     [event] = seen.named("dkim.signed")
@@ -420,7 +420,7 @@ def test_an_untrusted_mx_peer_is_never_signed_for(key_dir):
     h = SMTPHarness(factory, peer="198.51.100.7")
     send_message(h, rcpt="alice@example.test")
     assert h.codes()[-1] == 250 and threads.calls == []
-    [(_, stored)] = factory.spool.accepted
+    [(_, stored)] = factory.queue.accepted
     assert b"DKIM-Signature" not in stored
 
 
@@ -432,7 +432,7 @@ def test_a_foreign_from_domain_is_relayed_unsigned(key_dir):
         send_message(h, body=MESSAGE.replace(b"alice@example.test", b"alice@remote.test"))
         threads.run_all()
     assert h.codes()[-1] == 250
-    [(_, stored)] = factory.spool.accepted
+    [(_, stored)] = factory.queue.accepted
     assert b"DKIM-Signature" not in stored and seen.named("dkim.signed") == []
 
 
@@ -446,7 +446,7 @@ def test_a_message_that_cannot_be_signed_is_refused_for_now_and_not_queued(key_d
         send_message(h)
         threads.run_all()
     assert h.replies()[-1].startswith("451 4.3.0")
-    assert factory.spool.accepted == []
+    assert factory.queue.accepted == []
     [failed] = seen.named("dkim.sign_failed")
     assert failed["domain"] == "example.test" and "cannot read" in failed["reason"]
     [rejected] = seen.named("smtp.message.rejected")
@@ -460,7 +460,7 @@ def test_a_header_section_dkimpy_cannot_parse_is_refused_for_good(key_dir):
     send_message(h, body=b"From: alice@example.test\r\nno colon here\r\n\r\nbody\r\n")
     threads.run_all()
     assert h.replies()[-1].startswith("550 5.6.0 Malformed header section")
-    assert factory.spool.accepted == []
+    assert factory.queue.accepted == []
 
 
 def test_other_sessions_are_answered_while_a_signature_is_pending_t24(key_dir):
@@ -497,7 +497,7 @@ def test_an_authenticated_submission_is_signed(key_dir):
     send_message(h)
     threads.run_all()
     assert h.codes()[-1] == 250
-    [(envelope, stored)] = factory.spool.accepted
+    [(envelope, stored)] = factory.queue.accepted
     assert envelope.auth_user == "alice@example.test"
     assert dkimpy_results(stored, dnsfunc_from(store.keys())) == {
         ("mail", "rsa-sha256"): True, ("mail-ed25519", "ed25519-sha256"): True}

@@ -116,7 +116,7 @@ def accept(env, recipients, qid="0005f1e2d3c4b5a6deadbeef"):
     envelope = Envelope(queue_id=qid, sender="alice@example.org", recipients=list(recipients),
                         received_at=990.0)
     out = []
-    env.spool.accept(envelope, MESSAGE).addBoth(out.append)
+    env.runner.accept(envelope, MESSAGE).addBoth(out.append)
     return out[0]
 
 
@@ -274,7 +274,7 @@ def test_stop_waits_for_the_pass_in_flight_and_cancels_retries(tmp_path):
     env = build(tmp_path, runner=hold)
     envelope = Envelope(queue_id="0005f1e2d3c4b5a6deadbeef", sender="alice@example.org",
                         recipients=["bob@example.test"], received_at=990.0)
-    env.spool.accept(envelope, MESSAGE)          # before the runner runs: no commit links
+    env.runner.accept(envelope, MESSAGE)          # before the runner runs: no commit links
     run_held()                                   # committed
     env.runner.startService()
     run_held()                                   # recovery; the pass's delivery is queued
@@ -300,7 +300,7 @@ def test_a_delivery_made_at_commit_leaves_nothing_for_stop_to_wait_for(tmp_path)
     d.callback(f(*args))                         # recovery
     envelope = Envelope(queue_id="0005f1e2d3c4b5a6deadbeef", sender="alice@example.org",
                         recipients=["bob@example.test"], received_at=990.0)
-    accepted = env.spool.accept(envelope, MESSAGE)
+    accepted = env.runner.accept(envelope, MESSAGE)
     f, args, d = held.pop(0)
     d.callback(f(*args))                # committed, linked AND removed: one batch
     assert accepted.called and len(mail_files(tmp_path, "bob")) == 1
