@@ -71,6 +71,7 @@ from appliance.receive.smtp import SMTPFactory
 from appliance.receive.submission import SubmissionFactory
 from appliance.net.gate import Gate
 from appliance.net.tls import ServerTLS, TLSError
+from appliance.watchdog import ReactorWatchdog
 from appliance.web import services as web_services
 
 FSYNC_THREADS = 4       # fsyncs of one group-commit batch in flight together (in the writer child)
@@ -422,6 +423,7 @@ def build(cfg, reactor):
     data_dir = cfg.server.data_dir
     top = ApplianceService(cfg)
     EventLogService(cfg.log.events, reactor).setServiceParent(top)
+    ReactorWatchdog(reactor).setServiceParent(top)
     pools = Pools(reactor, top)
     # The writes and fsyncs of each batch run in a child process (its own GIL):
     # see appliance.durable.writer_process. Its pool is the first one made, so
