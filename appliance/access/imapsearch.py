@@ -129,6 +129,8 @@ class Query:
     def _key(self, rest, depth):
         if depth > MAX_DEPTH:
             raise SyntaxError_("Search keys nested too deep")
+        if not rest:                # OR / NOT without their operands
+            raise SyntaxError_("Missing search key")
         token = rest.pop(0)
         if isinstance(token, list):
             if not token:
