@@ -171,8 +171,9 @@ class Directory:
 
     def may_send_as(self, user, address):
         """May the account ``user`` use ``address`` as its sender? Its own
-        address (with any ``+tag``), or an explicit alias that reaches it
-        (a catch-all does not count: it would grant the whole domain)."""
+        address, or an explicit alias that reaches it (a catch-all does not
+        count: it would grant the whole domain); a ``+tag`` form of either
+        when the tagged address is not another account or alias."""
         return self._run(self._may_send_as(user, address))
 
     # -- the users file's lookups -----------------------------------------
@@ -223,8 +224,10 @@ class Directory:
             user, start = canonical_address(user), canonical_address(address)
         except UsersError:
             return False
-        if base_address(start) == user or start == user:
+        if start == user:
             return True
+        # A +tag form is the user's only when it is no one else's: the
+        # expansion looks at the tagged address before its base (issue 17).
         found = []
         yield from self._expand(start, 0, (), found, catch_all=False)
         return user in found

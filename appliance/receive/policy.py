@@ -12,6 +12,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from appliance.auth.accounts import BackendUnavailable
+from appliance.auth.ownership import may_send_as
 from appliance.receive import replies
 
 _log = Logger()
@@ -148,18 +149,23 @@ class SubmissionPolicy(MXPolicy):
     """The submission ports: nothing before AUTH, then the account's own
     addresses as sender and any recipient domain.
 
-    ``session.account`` is the authenticated ``Account``; its
-    ``may_send_as`` decides the sender (own address, ``+tag`` forms and the
-    aliases that reach it). The null sender stays allowed: it is what a
+    ``session.account`` is the authenticated ``Account``;
+    ``appliance.auth.ownership.may_send_as`` decides the sender (own
+    address, the aliases that reach it, ``+tag`` forms that are no one
+    else's). The null sender stays allowed: it is what a
     user's own vacation replies and delivery reports use.
     """
 
     def check_sender(self, session, sender):
         if session.account is None:
             return replies.AUTH_REQUIRED
-        if sender.is_null or session.account.may_send_as(sender.canonical()):
+        if sender.is_null:
             return replies.SENDER_OK
-        return replies.SENDER_NOT_OWNED
+        address = sender.canonical()
+        d = may_send_as(self.directory, session.account, address)
+        d.addCallbacks(lambda ok: replies.SENDER_OK if ok else replies.SENDER_NOT_OWNED,
+                       self._lookup_failed, errbackArgs=(address,))
+        return d
 
     def check_recipient(self, session, recipient):
         if session.account is None:

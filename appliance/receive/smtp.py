@@ -562,6 +562,14 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
             return self._refuse_message(fault)
         body = txn.body.message()
         refusal = self.check_content(txn, body)
+        if isinstance(refusal, defer.Deferred):
+            refusal.addCallback(self._content_checked, txn, body)
+            return refusal
+        return self._content_checked(refusal, txn, body)
+
+    def _content_checked(self, refusal, txn, body):
+        if self._closing:
+            return None     # the client left without a 250: it will send again
         if refusal is not None:
             self.emit("smtp.message.rejected", code=refusal.code, reason=refusal.text)
             self.reply(refusal)
@@ -617,8 +625,9 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         return self.factory.spool.accept(envelope, message)
 
     def check_content(self, txn, body):
-        """A Reply refusing the message ``body`` (bytes), or None to store it.
-        The submission profile checks the From: header here."""
+        """A Reply refusing the message ``body`` (bytes), or None to store it
+        (or a Deferred firing with either). The submission profile checks
+        the From: header here."""
         return None
 
     def _received(self, txn, envelope):

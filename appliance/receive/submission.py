@@ -16,9 +16,6 @@ After AUTH, ``SubmissionPolicy`` holds MAIL FROM to the account's addresses
 and ``check_content`` holds the From: header to them.
 """
 
-import email.errors
-import email.parser
-import email.policy
 import re
 
 from twisted.internet import defer
@@ -26,7 +23,9 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 
 from appliance import events
+from appliance import headers as mailheaders
 from appliance.auth.accounts import BackendUnavailable, BadCredentials
+from appliance.auth.ownership import may_send_as_all
 from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
 from appliance.receive import replies
 from appliance.receive.policy import SubmissionPolicy
@@ -55,34 +54,34 @@ class AmbiguousFrom(ValueError):
     """A From: header that parsers could read differently."""
 
 
-# An invalid part of an address list is dropped by the email package, but a
-# mail reader may show it: a header with such a defect is never trusted.
-_UNTRUSTED = (email.errors.InvalidHeaderDefect, email.errors.HeaderMissingRequiredValue)
-
-
 def header_block(message):
     """The header section of ``message`` (bytes, CRLF), its last CRLF kept."""
     end = message.find(b"\r\n\r\n")
     return message if end < 0 else message[:end + 2]
 
 
+def from_mailboxes(body):
+    """The mailboxes of every From: field of ``body`` (bytes, CRLF lines),
+    read as IMAP ENVELOPE and mail readers read them (``appliance.headers``),
+    also the fields only a lenient reader takes for From: (``From :``,
+    leading white space); AmbiguousFrom when any of them has a defect (an
+    address a reader could take another way)."""
+    if body.startswith(b"\r\n"):
+        return []                   # no header section at all
+    found = []
+    for value in mailheaders.values_of(header_block(body), b"from", loose=True):
+        parsed = mailheaders.parse_addresses(value)
+        if parsed.defects:
+            raise AmbiguousFrom(parsed.defects[0])
+        found.extend(parsed.mailboxes())
+    return found
+
+
 def from_addresses(body):
     """The addresses in the From: headers of ``body`` (bytes, CRLF lines),
     as ``local@domain`` strings ([] when there is none); AmbiguousFrom when
     a From: header is malformed."""
-    if body.startswith(b"\r\n"):
-        return []                   # no header section at all
-    head = header_block(body)
-    try:
-        message = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(head)
-        found = []
-        for header in message.get_all("From") or ():
-            if any(isinstance(defect, _UNTRUSTED) for defect in header.defects):
-                raise AmbiguousFrom("malformed From: header")
-            found.extend(f"{a.username}@{a.domain}" for a in header.addresses)
-        return found
-    except (TypeError, IndexError, AttributeError, ValueError) as exc:
-        raise AmbiguousFrom(str(exc)) from None
+    return [mailbox.address for mailbox in from_mailboxes(body)]
 
 
 class SubmissionSMTP(ApplianceSMTP):
@@ -216,17 +215,30 @@ class SubmissionSMTP(ApplianceSMTP):
     # -- the message ------------------------------------------------------------
 
     def check_content(self, txn, body):
-        """Every From: address must be the account's (550 5.7.1 otherwise)."""
+        """Every From: address must be the account's (550 5.7.1 otherwise),
+        and so must any address a display name spells out (``"bob@example.test"
+        <alice@...>`` reads as bob in a mail client)."""
         try:
-            addresses = from_addresses(body)
+            mailboxes = from_mailboxes(body)
         except AmbiguousFrom:
             return replies.FROM_NOT_OWNED
         account = self.session.account
-        if not addresses:
+        if not mailboxes:
             return replies.FROM_MISSING
-        if account is None or not all(account.may_send_as(a) for a in addresses):
+        if account is None:
             return replies.FROM_NOT_OWNED
-        return None
+        addresses = [m.address for m in mailboxes]
+        for mailbox in mailboxes:
+            addresses.extend(mailheaders.addresses_in_name(mailbox.name))
+        d = may_send_as_all(self.factory.directory, account, addresses)
+        d.addCallbacks(lambda ok: None if ok else replies.FROM_NOT_OWNED, _lookup_failed)
+        return d
+
+
+def _lookup_failed(failure):
+    if not failure.check(BackendUnavailable):
+        _log.failure("From: ownership lookup failed", failure)
+    return replies.LOOKUP_FAILED
 
 
 def _reason(failure):
