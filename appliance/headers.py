@@ -2,8 +2,8 @@
 
 One parser for every place that must agree on who a message is from: the
 submission check of the From: header and the DKIM signer
-(``appliance.receive.submission.from_addresses``), and IMAP's ENVELOPE
-(``appliance.access.imapmime``), which is what mail clients show. If the
+(``appliance.message.from_mailboxes``), and IMAP's ENVELOPE
+(``appliance.access.imap.mime``), which is what mail clients show. If the
 check read a header one way and ENVELOPE another, a user could send as
 someone else (``From : bob@...`` was skipped by the email package and shown
 as bob by IMAP).

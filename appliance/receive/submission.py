@@ -27,9 +27,9 @@ from appliance import headers as mailheaders
 from appliance.auth.accounts import BackendUnavailable, BadCredentials
 from appliance.auth.ownership import may_send_as_all
 from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
-from appliance.receive import replies
-from appliance.receive.policy import SubmissionPolicy
-from appliance.receive.received import header_safe
+from appliance import replies
+from appliance.policy.relay import SubmissionPolicy
+from appliance.message import AmbiguousFrom, from_addresses, from_mailboxes, header_safe  # noqa: F401
 from appliance.receive.smtp import ApplianceSMTP, ProtocolError, SMTPFactory
 
 AUTH = "AUTH"                   # the protocol mode while a SASL exchange runs
@@ -48,40 +48,6 @@ for _name, _description, _fields in (
      ("session", "peer_ip", "listener", "mechanism", "account", "reason")),
 ):
     events.register(_name, _description, _fields)
-
-
-class AmbiguousFrom(ValueError):
-    """A From: header that parsers could read differently."""
-
-
-def header_block(message):
-    """The header section of ``message`` (bytes, CRLF), its last CRLF kept."""
-    end = message.find(b"\r\n\r\n")
-    return message if end < 0 else message[:end + 2]
-
-
-def from_mailboxes(body):
-    """The mailboxes of every From: field of ``body`` (bytes, CRLF lines),
-    read as IMAP ENVELOPE and mail readers read them (``appliance.headers``),
-    also the fields only a lenient reader takes for From: (``From :``,
-    leading white space); AmbiguousFrom when any of them has a defect (an
-    address a reader could take another way)."""
-    if body.startswith(b"\r\n"):
-        return []                   # no header section at all
-    found = []
-    for value in mailheaders.values_of(header_block(body), b"from", loose=True):
-        parsed = mailheaders.parse_addresses(value)
-        if parsed.defects:
-            raise AmbiguousFrom(parsed.defects[0])
-        found.extend(parsed.mailboxes())
-    return found
-
-
-def from_addresses(body):
-    """The addresses in the From: headers of ``body`` (bytes, CRLF lines),
-    as ``local@domain`` strings ([] when there is none); AmbiguousFrom when
-    a From: header is malformed."""
-    return [mailbox.address for mailbox in from_mailboxes(body)]
 
 
 class SubmissionSMTP(ApplianceSMTP):
@@ -256,8 +222,8 @@ class SubmissionFactory(SMTPFactory):
     protocol = SubmissionSMTP
 
     def __init__(self, config, directory, spool, clock, listener, mechanisms, tls,
-                 implicit_tls=False, policy=None):
+                 implicit_tls=False, policy=None, gate=None):
         super().__init__(config, directory, spool, clock, listener,
                          policy if policy is not None else SubmissionPolicy(config, directory),
-                         tls=tls, implicit_tls=implicit_tls)
+                         tls=tls, implicit_tls=implicit_tls, gate=gate)
         self.mechanisms = mechanisms
