@@ -598,6 +598,9 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
             return None
         if verdict.folder is not None:
             envelope.params["folder"] = verdict.folder
+        mailfrom = [r.result for r in verdict.spf if r.identity == "mailfrom"]
+        if mailfrom:        # the bouncer asks: is the sender who it says? (backscatter)
+            envelope.params["spf"] = mailfrom[0]
         return self._store(txn, envelope, verdict.message)
 
     def _store(self, txn, envelope, body):

@@ -124,3 +124,69 @@ def test_duplicate_recipients_count_towards_max_recipients(tmp_path):
     assert h.replies() == ["250 2.1.5 Recipient ok"] * 3 + [
         "452 4.5.3 Too many recipients", "452 4.5.3 Too many recipients",
         "250 2.0.0 Ok", "250 2.1.0 Sender ok", "250 2.1.5 Recipient ok"]
+
+
+# -- forwarding aliases: no backscatter, no private address in a DSN ------------------------
+
+def forwarded(tmp_path, spf=None):
+    """A message from outside to fwd@ (-> bob and x@remote.example) whose
+    forward to x@remote.example then fails with 550."""
+    env = Env(tmp_path).start()
+    envelope_params = {} if spf is None else {"spf": spf}
+    from appliance.envelope import Envelope
+    from test_queue_manager import MESSAGE
+    out = []
+    env.spool.accept(Envelope(queue_id="", sender="carol@far.example",
+                              recipients=["fwd@example.test"], received_at=env.clock.seconds(),
+                              listener="mx", size=len(MESSAGE), params=envelope_params),
+                     MESSAGE).addBoth(out.append)
+    [call] = env.remote.pending()
+    assert call.recipients == ["x@remote.example"]
+    return env, out[0], call
+
+
+def test_a_failed_forward_is_not_bounced_to_a_sender_spf_did_not_confirm(tmp_path):
+    """092f303 bounced it to the (likely forged) MAIL FROM: backscatter."""
+    with capture_events() as seen:
+        env, qid, call = forwarded(tmp_path, spf="softfail")
+        call.answer(550, "5.1.1 <x@remote.example>: no such user")
+    assert env.remote.pending() == []                # no DSN to carol@far.example
+    [dropped] = seen.named("bounce.dropped")
+    assert dropped["queue_id"] == qid and dropped["recipients"] == ["x@remote.example"]
+    assert "SPF" in dropped["reason"]
+    assert seen.named("bounce.sent") == [] and env.spool.queue_ids() == []
+
+
+def test_a_failed_forward_bounces_to_a_confirmed_sender_without_the_private_address(tmp_path):
+    """092f303's DSN named x@remote.example and quoted its server's reply."""
+    env, qid, call = forwarded(tmp_path, spf="pass")
+    call.answer(550, "5.1.1 <x@remote.example>: no such user")
+    [dsn] = env.remote.pending()
+    assert dsn.recipients == ["carol@far.example"] and dsn.envelope.sender == ""
+    assert b"x@remote.example" not in dsn.message and b"mx.remote.example" not in dsn.message
+    assert b"Final-Recipient: rfc822; fwd@example.test" in dsn.message
+    assert b"5.1.1 delivery to a forwarding address failed" in dsn.message
+
+
+def test_spf_result_of_mx_mail_is_kept_in_the_envelope():
+    from appliance.policy.checks import Verdict
+    from appliance.policy.spf_check import SPFResult
+
+    class Checks:
+        def applies(self, session):
+            return True
+
+        def check(self, facts, body, context):
+            from twisted.internet import defer
+            return defer.succeed(Verdict(body, spf=[SPFResult("helo", "c.test", "none"),
+                                                    SPFResult("mailfrom", "far.example",
+                                                              "fail")]))
+    from appliance.testing import FakeDirectory
+    h = SMTPHarness(config=make_config(), directory=FakeDirectory(["bob@example.test"]),
+                    spool=FakeSpool())
+    h.factory.checks = Checks()
+    h.send("EHLO c.test\r\nMAIL FROM:<carol@far.example>\r\nRCPT TO:<bob@example.test>\r\n"
+           "DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+    assert h.codes()[-1] == 250
+    [(envelope, _)] = h.factory.spool.accepted
+    assert envelope.params["spf"] == "fail"
