@@ -9,8 +9,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from appliance.auth.accounts import BackendUnavailable
-from appliance.auth.ownership import may_send_as
+from appliance.auth.ownership import may_send_as, may_send_as_all
 from appliance import replies
+from appliance.headers import addresses_in_name
+from appliance.message import AmbiguousFrom, from_mailboxes
 from appliance.net.peer import peer_in
 
 _log = Logger()
@@ -49,6 +51,12 @@ class MXPolicy:
         d.addCallback(lambda targets: replies.RECIPIENT_OK if targets
                       else replies.USER_UNKNOWN)
         return d
+
+    def check_message(self, session, body):
+        """A Reply refusing the message ``body`` (bytes, CRLF) after DATA, or
+        None (or a Deferred of either): the MX listener takes any content
+        (the checks judge it)."""
+        return None
 
     def _lookup_failed(self, failure, address):
         if failure.check(BackendUnavailable):
@@ -92,3 +100,25 @@ class SubmissionPolicy(MXPolicy):
         if not is_local:
             return replies.RECIPIENT_OK         # authenticated: any domain
         return super()._local_or_relay(is_local, session, address)
+
+    def check_message(self, session, body):
+        """Every From: address must be the account's (550 5.7.1 otherwise),
+        and so must any address a display name spells out (``"bob@example.test"
+        <alice@...>`` reads as bob in a mail client). A Reply, None, or a
+        Deferred of either (a ``+tag`` form asks the directory)."""
+        try:
+            mailboxes = from_mailboxes(body)
+        except AmbiguousFrom:
+            return replies.FROM_NOT_OWNED
+        account = session.account
+        if not mailboxes:
+            return replies.FROM_MISSING
+        if account is None:
+            return replies.FROM_NOT_OWNED
+        addresses = [m.address for m in mailboxes]
+        for mailbox in mailboxes:
+            addresses.extend(addresses_in_name(mailbox.name))
+        d = may_send_as_all(self.directory, account, addresses)
+        d.addCallbacks(lambda ok: None if ok else replies.FROM_NOT_OWNED,
+                       self._lookup_failed, errbackArgs=("From:",))
+        return d
