@@ -6,6 +6,7 @@ import os
 
 from appliance.deliver.maildir import MaildirDeliverer
 from appliance.directory import Directory
+from appliance.queue.bounce import Bouncer
 from appliance.queue.runner import QueueRunner
 from appliance.testing import FakeSpool, SMTPHarness, capture_events, make_config
 from test_queue_manager import HOST, Env, dsn_fields
@@ -54,7 +55,7 @@ def test_rcpt_postmaster_is_accepted_without_an_account(tmp_path):
            "RCPT TO:<postmaster@example.org>\r\nRCPT TO:<nobody@example.test>\r\n"
            "DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
     assert h.codes() == [220, 250, 250, 250, 250, 550, 354, 250]
-    envelope, _ = h.factory.spool.accepted[0]
+    envelope, _ = h.factory.queue.accepted[0]
     assert envelope.recipients == ["postmaster@example.test", "postmaster@example.org"]
 
 
@@ -65,7 +66,9 @@ def test_a_double_bounce_reaches_the_postmaster_mailbox(tmp_path):
     _, directory = real_directory(tmp_path)
     maildir = MaildirDeliverer(str(tmp_path / "mail"), env.writer, HOST)
     env.runner = QueueRunner(env.spool, directory, maildir, env.clock, settings=env.settings,
-                             remote=env.remote, bouncer=env.bouncer)
+                             remote=env.remote)
+    env.bouncer = env.runner.bouncer = Bouncer(env.runner, env.clock, HOST,
+                                               "postmaster@example.test")
     env.start()
     with capture_events() as seen:
         env.accept(["a@remote.example"], sender="carol@far.example")
@@ -136,7 +139,7 @@ def forwarded(tmp_path, spf=None):
     from appliance.envelope import Envelope
     from test_queue_manager import MESSAGE
     out = []
-    env.spool.accept(Envelope(queue_id="", sender="carol@far.example",
+    env.runner.accept(Envelope(queue_id="", sender="carol@far.example",
                               recipients=["fwd@example.test"], received_at=env.clock.seconds(),
                               listener="mx", size=len(MESSAGE), params=envelope_params),
                      MESSAGE).addBoth(out.append)
@@ -188,5 +191,5 @@ def test_spf_result_of_mx_mail_is_kept_in_the_envelope():
     h.send("EHLO c.test\r\nMAIL FROM:<carol@far.example>\r\nRCPT TO:<bob@example.test>\r\n"
            "DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
     assert h.codes()[-1] == 250
-    [(envelope, _)] = h.factory.spool.accepted
+    [(envelope, _)] = h.factory.queue.accepted
     assert envelope.params["spf"] == "fail"

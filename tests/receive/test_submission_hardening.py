@@ -19,7 +19,7 @@ def test_forged_authentication_results_are_removed_from_submitted_mail():
     h = authenticated()
     replies = send_message(h, f"From: {ALICE}\r\n" + FORGED, rcpt="bob@example.test")
     assert replies[0].startswith("250 ")
-    [(_, message)] = h.factory.spool.accepted
+    [(_, message)] = h.factory.queue.accepted
     head = message.split(b"\r\n\r\n", 1)[0]
     assert b"mx.example.test;" not in head.lower()
     assert b"dmarc=pass" not in head
@@ -34,7 +34,7 @@ def test_forged_authentication_results_are_removed_from_trusted_network_mail():
     h.send("EHLO app.test\r\nMAIL FROM:<app@example.test>\r\nRCPT TO:<bob@example.test>\r\n"
            "DATA\r\n" + "From: app@example.test\r\n" + FORGED + "\r\nhi\r\n.\r\n")
     assert h.codes() == [220, 250, 250, 250, 354, 250]
-    [(_, message)] = h.factory.spool.accepted
+    [(_, message)] = h.factory.queue.accepted
     assert b"mx.example.test;" not in message.lower()
     assert message.count(b"Authentication-Results:") == 1
 
