@@ -2,8 +2,8 @@
 
 import pytest
 
-from appliance.message import (MAX_FROM_FIELDS, MAX_FROM_OCTETS, AmbiguousFrom, from_addresses,
-                               from_fields)
+from appliance.headers import values_of
+from appliance.message import MAX_FROM_FIELDS, MAX_FROM_OCTETS, AmbiguousFrom, from_addresses
 
 
 def message(*fields):
@@ -12,7 +12,7 @@ def message(*fields):
 
 def test_from_fields_are_found_with_their_folding():
     head = b"To: x@y.z\r\nFROM : a@b.c\r\n (comment)\r\nSubject: s\r\nfrom:d@e.f\r\n"
-    assert from_fields(head) == [b"FROM : a@b.c\r\n (comment)\r\n", b"from:d@e.f\r\n"]
+    assert values_of(head, b"from", loose=True) == [b"a@b.c (comment)", b"d@e.f"]
 
 
 def test_up_to_the_limit_every_from_is_read():
@@ -35,8 +35,12 @@ def test_over_the_limit_is_ambiguous(fields):
     b"<" * 1500 + b"a@example.test",
     b"g:" * 600 + b"a@example.test",
 ])
-def test_hostile_nesting_is_ambiguous_not_an_exception(value):
+def test_hostile_nesting_is_ambiguous_or_read_never_an_exception(value):
     # Found while timing the bounded parse: the email package recurses per
     # nesting level and raised RecursionError out of the submission check.
-    with pytest.raises(AmbiguousFrom):
-        from_addresses(message(b"From: " + value))
+    # The address parser (appliance.headers) reads comments without
+    # recursion: the answer is the address or AmbiguousFrom, nothing else.
+    try:
+        assert from_addresses(message(b"From: " + value)) == ["a@example.test"]
+    except AmbiguousFrom:
+        pass

@@ -279,7 +279,7 @@ def xoauth2(user, token):
 
 def token(key, **claims):
     payload = {"iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 600,
-               "email": ALICE}
+               "email": ALICE, "email_verified": True}
     payload.update(claims)
     return jwt.encode(payload, key, algorithm="ES256", headers={"kid": "test-1"})
 

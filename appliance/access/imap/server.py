@@ -307,8 +307,15 @@ class IMAPServer(imap4.IMAP4Server):
     def dataReceived(self, data):
         return super().dataReceived(data)
 
+    def _client_spoke(self):
+        """After login, each line (or literal chunk) restarts the idle timer.
+        Before it, nothing does: PREAUTH_TIMEOUT is a deadline for the whole
+        pre-login phase (a client trickling bytes or NOOPs is not held)."""
+        if self.state != "unauth":
+            self.resetTimeout()
+
     def lineReceived(self, line):
-        self.resetTimeout()
+        self._client_spoke()
         if self._closing:
             return
         if self._continuation is not None:
@@ -350,6 +357,9 @@ class IMAPServer(imap4.IMAP4Server):
             problem = bad(b"Unknown command")
         elif not self._allowed(verb):
             problem = bad(b"Command not valid in this state")
+        elif verb in (b"LOGIN", b"AUTHENTICATE") and not self.tls:
+            # No password in the clear, not even invited: refused before the +.
+            problem = no(b"Log in over TLS (STARTTLS) first", b"PRIVACYREQUIRED")
         elif size > limit:
             self.emit("imap.limit", kind="literal_size")
             problem = no(b"Literal too big", b"TOOBIG") if is_append else bad(b"Literal too big")
@@ -375,7 +385,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.setRawMode()
 
     def rawDataReceived(self, data):
-        self.resetTimeout()
+        self._client_spoke()
         rest = self._literal.write(data)
         if rest is None:
             return
