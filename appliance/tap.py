@@ -12,6 +12,7 @@ thread pool is added before the services that use it and outlives them)::
       pool-spool-read, pool-password-hash, pool-dns   (appliance.threads; POOLS below)
       pool-ldap-directory     LDAP recipient lookups (backend = ldap only)
       queue runner            local and remote delivery, retries, DSNs; recovery at start
+      auditor, queue-watch    the live IDS over the event stream ([audit] enabled)
       tls                     certificate and JWKS loaded; SIGHUP reloads the certificate
       dkim-keys               DKIM keys made if missing, loaded
       pool-dkim-sign, pool-inbound-checks, pool-ldap, pool-maildir
@@ -19,7 +20,9 @@ thread pool is added before the services that use it and outlives them)::
       listener submission, submission_alt   STARTTLS + AUTH
       listener submissions                  implicit TLS + AUTH
       listener pop3 (STLS), pop3s, imap (STARTTLS), imaps   over the Maildirs
-      admin-state, admin-control-socket, listener admin_ssh   (appliance.admin)
+      acme-pool, acme         ACME client (acme = on): certificates into the tls service
+      listener http, https    MTA-STS policy, client autoconfig, ACME challenges (appliance.web)
+      admin-state, admin-control-socket, listener admin_ssh   the admin shell (appliance.admin)
 
 Every listener's factory gets the one ``Gate`` (appliance.net.gate): a client's
 connections are counted, and refused, across all of them.
@@ -45,12 +48,14 @@ from appliance.access.folders import MaildirStore
 from appliance.access.pop3 import POP3Factory
 from appliance.admin.service import admin_services
 from appliance.admin.suspend import SuspendableAccounts, Suspensions, suspensions_path
+from appliance.audit.service import AuditService, QueueWatch
 from appliance.auth.ldap import POOL_SIZE as LDAP_POOL_SIZE, LdapConfigError, accounts_from_config
 from appliance.auth.oauth2 import JWKSError, TokenVerifier
 from appliance.auth.sasl import Mechanisms
 from appliance.auth.users import UsersFile
 from appliance.config import ConfigError, load
 from appliance.deliver.maildir import MaildirDeliverer
+from appliance.deliver.mtasts import MTASTSPolicies
 from appliance.deliver.mx import ROUTE_CACHE_SECONDS, MXResolver, build_resolver
 from appliance.deliver.remote import RemoteDelivery
 from appliance.directory import AliasesFile, directory_from_config
@@ -69,6 +74,8 @@ from appliance.receive.smtp import SMTPFactory
 from appliance.receive.submission import SubmissionFactory
 from appliance.net.gate import Gate
 from appliance.net.tls import ServerTLS, TLSError
+from appliance.watchdog import ReactorWatchdog
+from appliance.web import services as web_services
 
 FSYNC_THREADS = 4       # fsyncs of one group-commit batch in flight together (in the writer child)
 SWITCH_INTERVAL = 0.0005    # seconds; see makeService
@@ -273,10 +280,12 @@ POOLS = {
     "password-hash": 4,         # bcrypt / argon2 of the users file
     "dkim-sign": 2,             # RSA / Ed25519 signatures of our users' mail
     "dns": 8,                   # MX lookups (dnspython blocks)
+    "mta-sts": 2,               # recipients' MTA-STS policies: DNS, then an HTTPS fetch
+    "admin": 2,                 # admin commands' file, key and hash work
+    "audit": 1,                 # the auditor's alerts and holds, written durably
     "inbound-checks": WORKER_THREADS,   # SPF / DKIM / DMARC of MX mail
     "ldap": LDAP_POOL_SIZE,             # logins (backend = ldap)
     "ldap-directory": LDAP_POOL_SIZE,   # recipient lookups (backend = ldap)
-    "admin": 2,                 # admin commands' file, key and hash work
 }
 
 
@@ -323,7 +332,11 @@ class Appliance:
     checks: InboundChecks = None
     accounts: object = None
     mailstore: MaildirStore = None
-    listeners: dict = field(default_factory=dict)     # name -> protocol factory
+    listeners: dict = field(default_factory=dict)     # name -> protocol factory (or web site)
+    acme: object = None                               # the ACME client (acme = on)
+    challenges: object = None                         # ACME challenges being answered
+    bans: object = None         # the defences' ban service (ban(network, reason=, rule=))
+    auditor: AuditService = None
     suspensions: Suspensions = None     # suspended users (appliance.admin.suspend)
     admin: object = None                # appliance.admin.service.AdminState
 
@@ -385,6 +398,7 @@ def _queue_manager(cfg, reactor, spool, directory, deliverer, resolver, pools):
     routes = MXResolver(cfg, run_in_thread=pools.run("dns"), resolver=resolver, clock=reactor,
                         cache_seconds=ROUTE_CACHE_SECONDS)
     remote = RemoteDelivery(cfg, routes, reactor)
+    remote.mta_sts = MTASTSPolicies(resolver, pools.run("mta-sts"), reactor)     # RFC 8461
     runner = QueueRunner(spool, directory, deliverer, reactor,
                          settings=QueueSettings.from_config(cfg), remote=remote)
     runner.bouncer = Bouncer.from_config(cfg, runner, reactor)     # DSNs queue like any mail
@@ -396,11 +410,26 @@ def _ldap_pool(cfg, name):
     return new_pool(name, POOLS[name]) if cfg.auth.backend == "ldap" else None
 
 
+def _auditor(app, reactor, top, pools):
+    """The live auditor ([audit] enabled): before the listeners, so it sees
+    their first events and stops after them. Bans go to ``app.bans`` (the
+    defences' ban service) when there is one; without it each ban is an
+    ``audit.action_skipped`` event and the alert still goes out."""
+    cfg = app.config
+    if not cfg.audit.enabled:
+        return
+    app.auditor = AuditService.from_config(cfg, reactor, spool=app.spool, runner=app.runner,
+                                           bans=app.bans, write=pools.run("audit"))
+    app.auditor.setServiceParent(top)
+    QueueWatch(app.spool, cfg.queue.delay_warning, reactor).setServiceParent(top)
+
+
 def build(cfg, reactor):
     """The service tree for ``cfg``; nothing is bound or started yet."""
     data_dir = cfg.server.data_dir
     top = ApplianceService(cfg)
     EventLogService(cfg.log.events, reactor).setServiceParent(top)
+    ReactorWatchdog(reactor).setServiceParent(top)
     pools = Pools(reactor, top)
     # The writes and fsyncs of each batch run in a child process (its own GIL):
     # see appliance.durable.writer_process. Its pool is the first one made, so
@@ -426,6 +455,7 @@ def build(cfg, reactor):
     app = top.appliance = Appliance(cfg, Gate(cfg.limits), writer, spool, users, aliases,
                                     directory, runner)
     runner.setServiceParent(top)
+    _auditor(app, reactor, top, pools)
     app.tls = ServerTLS.from_config(cfg)
     app.oauth2 = TokenVerifier.from_config(cfg)
     TLSService(reactor, app).setServiceParent(top)
@@ -445,9 +475,14 @@ def build(cfg, reactor):
     mechanisms = Mechanisms(app.accounts, app.oauth2)
     _smtp_listeners(app, reactor, top, mechanisms)
     _access_listeners(app, reactor, top, mechanisms, pools)
-    for admin in admin_services(app, reactor, pools.run("admin"), Listener, server_endpoint,
-                                fail):
-        admin.setServiceParent(top)     # control socket, SSH shell (appliance.admin)
+
+    def listener(name, address, factory):
+        return Listener(name, format_address(address), server_endpoint(reactor, address),
+                        factory)
+    for web_service in web_services(cfg, reactor, app, listener):     # SPEC §8
+        web_service.setServiceParent(top)
+    for admin in admin_services(app, reactor, pools.run("admin"), listener, fail):
+        admin.setServiceParent(top)     # control socket, SSH shell (SPEC §5)
     return top
 
 

@@ -75,7 +75,14 @@ class FakeDirectory:
         return bool(self.answer(address))
 
     def answer(self, address):
-        return list(self.users.get(canonical(address), []))
+        """Like the real resolver: the address itself, else its ``+tag``-less form."""
+        key = canonical(address)
+        found = self.users.get(key)
+        if found is None:
+            local, at, domain = key.rpartition("@")
+            if "+" in local[1:]:
+                found = self.users.get(f"{local[:local.index('+', 1)]}@{domain}")
+        return list(found or [])
 
     def release(self):
         """Fire every held lookup with its real answer, oldest first."""
@@ -268,6 +275,21 @@ class SMTPHarness:
     def lose(self):
         """The connection ends (as the reactor would report it)."""
         self.protocol.connectionLost(failure.Failure(ConnectionDone()))
+
+
+def make_jwks(path, kid="k1"):
+    """A new P-256 signing key, its public half written to ``path`` as a JWKS
+    (the ``[auth] oauth2_jwks_file``); returns the private key."""
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
+    jwk["kid"] = kid
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"keys": [jwk]}, handle)
+    return key
 
 
 class HandRunner:

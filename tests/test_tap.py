@@ -6,7 +6,7 @@ from appliance import tap
 from appliance.testing import make_config
 
 LISTENERS = ("mx", "submission", "submissions", "submission_alt", "imap", "imaps", "pop3",
-             "pop3s", "admin_ssh")
+             "pop3s", "http", "https", "admin_ssh")
 
 
 def tree(tmp_path, **sections):

@@ -476,7 +476,7 @@ def cmd_status(ctx, args):
                 "" if lst["connections"] is None else lst["connections"])
                for lst in info["listeners"]])
     for alert in info.get("alerts", ()):
-        ctx.out(f"alert: {alert}")
+        ctx.out(f"alert #{alert['alert_id']}: {alert['text']}")
     for warning in info["warnings"]:
         ctx.out(f"warning: {warning}")
     return EXIT_OK
@@ -1049,6 +1049,62 @@ def cmd_server_hostkey(ctx, args):
         ctx.json({"type": key.sshType().decode(), "fingerprint": fingerprint, "path": path})
     else:
         ctx.out(f"{key.sshType().decode()} {fingerprint} ({path})")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# the auditor
+
+@command("audit", "replay JSON event logs (plain or .gz) through the auditor's rules and "
+         "print the findings (on this machine: mailappliance audit)",
+         args=(Arg("logfiles", "event log files", nargs="+", metavar="LOGFILE"),),
+         readonly=True, offline=True, lists=True)
+def cmd_audit(ctx, args):
+    if ctx.online:
+        raise Failed("audit replays log files on this machine: run `mailappliance audit` "
+                     "there")
+    from appliance.audit.replay import ReplayError, run
+    try:
+        run(ctx.cfg, args.logfiles, args.json, ctx.raw if args.json else ctx.out)
+    except ReplayError as exc:
+        raise Failed(str(exc)) from None
+    return EXIT_OK
+
+
+def _auditor(ctx):
+    auditor = ctx.state.part("auditor") if hasattr(ctx.state, "part") else None
+    if auditor is None or getattr(auditor, "store", None) is None:
+        raise Failed("the auditor is off ([audit] enabled = off)")
+    return auditor.store
+
+
+@command("alerts", "the auditor's latest findings, newest first (default 20)",
+         args=(Arg("count", "how many", nargs="?", type=int, metavar="N"),),
+         readonly=True, online=True, lists=True, aliases=("audit alerts",))
+def cmd_alerts(ctx, args):
+    from appliance.audit.alerts import describe
+    count = 20 if args.count is None else args.count
+    if count < 0:
+        raise UsageError("alerts: N is 0 or more")
+    found = _auditor(ctx).latest(count)
+    if args.json:
+        ctx.json(found)
+        return EXIT_OK
+    for alert in found:
+        ctx.out(f"#{alert['alert_id']} {'   ' if alert.get('acked') else 'new'} "
+                f"{describe(alert)}")
+    if not found:
+        ctx.out("no alerts")
+    return EXIT_OK
+
+
+@command("alerts ack", "mark an alert as seen",
+         args=(Arg("alert_id", "its number (alerts shows it)", type=int, metavar="ID"),),
+         online=True)
+def cmd_alerts_ack(ctx, args):
+    if not _auditor(ctx).ack(args.alert_id):
+        raise Failed(f"no alert #{args.alert_id}")
+    ctx.out(f"acknowledged: #{args.alert_id}")
     return EXIT_OK
 
 

@@ -114,7 +114,14 @@ class AdminState:
             warnings.append(f"the admin shell listens on {admin.host}, not on loopback")
         if self.suspensions.list():
             warnings.append(f"{len(self.suspensions.list())} users suspended")
+        alerts = []
+        auditor = self.part("auditor")
+        if auditor is not None and getattr(auditor, "store", None) is not None:
+            from appliance.audit.alerts import describe
+            alerts = [{"alert_id": a["alert_id"], "text": describe(a), "acked": a["acked"]}
+                      for a in auditor.store.latest(3)]
         return {
+            "alerts": alerts,
             "version": appliance.__version__, "hostname": self.cfg.server.hostname,
             "uptime": round(now - self.started, 1), "listeners": listeners,
             "connections": sum(lst["connections"] or 0 for lst in listeners),
@@ -220,12 +227,11 @@ class ControlSocketService(StreamServerEndpointService):
         return d.addBoth(unlink)
 
 
-def admin_services(app, reactor, blocking, listener, endpoint, fail):
+def admin_services(app, reactor, blocking, listener, fail):
     """The admin services for ``app`` (tap's Appliance record): the state
     observer, the control socket and (when ``[listen] admin_ssh`` is set) the
     SSH listener behind the appliance's one gate, made with tap's
-    ``listener(name, address_text, endpoint, factory)`` and
-    ``endpoint(reactor, HostPort)``; ``blocking(f, *args)`` runs the
+    ``listener(name, HostPort, factory)``; ``blocking(f, *args)`` runs the
     commands' file, key and hash work on a pool; ``fail(message)`` ends
     start-up."""
     cfg = app.config
@@ -247,7 +253,5 @@ def admin_services(app, reactor, blocking, listener, endpoint, fail):
                                    gate=gate if gate is not None else Gate(cfg.limits),
                                    idle_timeout=cfg.admin.idle_timeout)
         app.listeners["admin_ssh"] = factory
-        host = f"[{address.host}]" if ":" in address.host else address.host
-        services.append(listener("admin_ssh", f"{host}:{address.port}",
-                                 endpoint(reactor, address), factory))
+        services.append(listener("admin_ssh", address, factory))
     return services

@@ -44,6 +44,9 @@ from appliance.net.tls import TLSError, connection_info
 COMMAND_LINE_LIMIT = 512        # octets with CRLF, RFC 5321 §4.5.3.1.4
 TEXT_LINE_LIMIT = 1000          # octets with CRLF, RFC 5321 §4.5.3.1.6
 DATA_END = Line(b".", 1, False, False)      # the final dot, found by LineFramer.take_body
+# RCPT refusals that count towards [limits] max_errors (SPEC §4, Defences):
+# a client guessing names or probing for a relay is dropped with 421.
+COUNTED_REFUSALS = frozenset({replies.USER_UNKNOWN, replies.RELAY_DENIED})
 
 _VERB = re.compile(rb"[A-Za-z]{1,16}\Z")
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
@@ -59,10 +62,12 @@ for _name, _description, _fields in (
     ("smtp.helo", "EHLO or HELO accepted", ("session", "peer_ip", "helo", "esmtp")),
     ("smtp.mail", "MAIL FROM accepted", ("session", "peer_ip", "sender", "size")),
     ("smtp.rcpt.accepted", "RCPT TO accepted", ("session", "peer_ip", "recipient")),
-    ("smtp.rcpt.rejected", "RCPT TO refused by policy or a limit",
-     ("session", "peer_ip", "recipient", "code", "reason")),
-    ("smtp.message.accepted", "a message is in the spool, fsynced (250 after DATA)",
-     ("session", "peer_ip", "queue_id", "sender", "recipients", "size")),
+    ("smtp.rcpt.rejected", "RCPT TO refused by policy or a limit; status is the enhanced "
+     "code (5.1.1 unknown user, 5.7.1 relay denied ...)",
+     ("session", "peer_ip", "recipient", "code", "reason", "status")),
+    ("smtp.message.accepted", "a message is in the spool, fsynced (250 after DATA); "
+     "account is the authenticated sender, empty if none",
+     ("session", "peer_ip", "queue_id", "sender", "recipients", "size", "account")),
     ("smtp.message.rejected", "a message was refused after DATA, nothing stored",
      ("session", "peer_ip", "code", "reason")),
     ("smtp.protocol_error", "bad command, syntax or sequence, long line, bare CR or LF",
@@ -98,6 +103,7 @@ class Transaction:
         self.sender = sender        # a Path
         self.params = params        # kept in the envelope: BODY, SMTPUTF8
         self.recipients = []        # canonical addresses, no duplicates
+        self.accepted = 0           # RCPTs answered 250, duplicates included (SPEC §4)
         self.body = None            # a DataBody once DATA is under way
 
     @property
@@ -265,6 +271,10 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
     def _protocol_error(self, reply, kind, detail):
         self.emit("smtp.protocol_error", kind=kind, detail=detail)
         self.reply(reply)
+        self._count_error()
+
+    def _count_error(self):
+        """One more error towards [limits] max_errors: at the limit, 421 and close."""
         self._errors += 1
         if self._errors >= self.config.limits.max_errors and not self._closing:
             self.emit("smtp.limit", kind="max_errors")
@@ -438,11 +448,12 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         if not recipient.domain:        # <postmaster> is ours (RFC 5321 §4.5.1)
             recipient = Path(recipient.local, self.config.server.domains[0])
         address = recipient.canonical()
-        if address in self._txn.recipients:
-            self.reply(replies.RECIPIENT_OK)
-            return None
-        if len(self._txn.recipients) >= self.config.server.max_recipients:
+        if self._txn.accepted >= self.config.server.max_recipients:
             self._recipient_checked(replies.TOO_MANY_RECIPIENTS, address)
+            return None
+        if address in self._txn.recipients:
+            self._txn.accepted += 1
+            self.reply(replies.RECIPIENT_OK)
             return None
         d = self.factory.pipeline.at_rcpt(self.session, recipient)
         d.addCallback(self._recipient_checked, address)
@@ -451,11 +462,14 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
     def _recipient_checked(self, reply, address):
         if reply.positive:
             self._txn.recipients.append(address)
+            self._txn.accepted += 1
             self.emit("smtp.rcpt.accepted", recipient=address)
         else:
             self.emit("smtp.rcpt.rejected", recipient=address, code=reply.code,
-                      reason=reply.text)
+                      reason=reply.text, status=reply.status or "")
         self.reply(reply)
+        if reply in COUNTED_REFUSALS and not self._closing:
+            self._count_error()     # harvesting and relay probing end the session
 
     def do_DATA(self, rest):
         if rest:
@@ -589,7 +603,8 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         queue_id = result if isinstance(result, str) and result else envelope.queue_id
         self.messages += 1
         self.emit("smtp.message.accepted", queue_id=queue_id, sender=envelope.sender,
-                  recipients=list(envelope.recipients), size=envelope.size)
+                  recipients=list(envelope.recipients), size=envelope.size,
+                  account=envelope.auth_user)
         self.reply(replies.queued(queue_id))
 
     def _not_queued(self, failure, envelope):

@@ -13,14 +13,12 @@ import time
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
-from jwt.algorithms import ECAlgorithm
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python import failure
 
+from appliance.testing import make_jwks
 from appliance.testing import HandRunner
 from appliance.access.folders import MaildirStore
 from appliance.access.pop3 import (
@@ -438,14 +436,12 @@ def test_a_long_sasl_line_ends_the_exchange(world):
 
 @pytest.fixture
 def oauth(tmp_path):
-    key = ec.generate_private_key(ec.SECP256R1())
-    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
-    jwk["kid"] = "k1"
     path = tmp_path / "jwks.json"
-    path.write_text(json.dumps({"keys": [jwk]}))
+    key = make_jwks(path, "k1")
     verifier = TokenVerifier(ISSUER, AUDIENCE, str(path))
     verifier.load()
     payload = {"iss": ISSUER, "aud": AUDIENCE, "exp": time.time() + 600, "email": ALICE,
+               "email_verified": True,
                "scope": "x" * 600}
     return verifier, jwt.encode(payload, key, algorithm="ES256", headers={"kid": "k1"})
 

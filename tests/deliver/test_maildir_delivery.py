@@ -5,7 +5,6 @@ import os
 import stat
 
 import pytest
-from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from appliance.testing import HandRunner as ManualRunner

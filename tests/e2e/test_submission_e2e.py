@@ -24,10 +24,10 @@ from pathlib import Path
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from jwt.algorithms import ECAlgorithm
 
 
 import ldap_server
+from appliance.testing import make_jwks
 from harness import HOSTNAME, header_values, wait_until  # noqa: E402
 
 ALICE, ALICE_PW = "alice@example.test", "alice password"
@@ -52,11 +52,8 @@ def pki(tmp_path):
 
 @pytest.fixture
 def oauth_key(tmp_path):
-    key = ec.generate_private_key(ec.SECP256R1())
-    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
-    jwk["kid"] = "test-1"
     path = tmp_path / "jwks.json"
-    path.write_text(json.dumps({"keys": [jwk]}))
+    key = make_jwks(path, "test-1")
     return key, path
 
 
@@ -282,7 +279,7 @@ def xoauth2(user, token):
 
 def token(key, **claims):
     payload = {"iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 600,
-               "email": ALICE}
+               "email": ALICE, "email_verified": True}
     payload.update(claims)
     return jwt.encode(payload, key, algorithm="ES256", headers={"kid": "test-1"})
 

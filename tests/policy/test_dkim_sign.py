@@ -13,7 +13,6 @@ import stat
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
-from twisted.internet import defer
 from twisted.internet.task import Clock
 
 import dns_server

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 from twisted.internet import defer, task
 
-from appliance import events
 from appliance.deliver.local import REMOTE_NOT_AVAILABLE, USER_UNKNOWN
 from appliance.deliver.maildir import MaildirDeliverer
 from appliance.maildir import maildir_bytes
@@ -128,14 +127,6 @@ def mail_files(root, user):
 
 def state_file(root, qid="0005f1e2d3c4b5a6deadbeef"):
     return json.loads((root / "queue" / (qid + ".json")).read_text())
-
-
-@pytest.fixture
-def collected():
-    collector = events.EventCollector()
-    events.add_observer(collector)
-    yield collector
-    events.remove_observer(collector)
 
 
 def test_an_accepted_message_is_delivered_then_removed(tmp_path, collected):

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 from twisted.internet import defer, task
 
-from appliance import events
 from appliance.deliver.maildir import MaildirDeliverer
 from appliance.maildir import maildir_bytes
 from appliance.envelope import Envelope
@@ -72,14 +71,6 @@ def make_spool(directory, fs=None, clock=None, runner=synchronous_runner, statvf
     return Spool(str(directory), writer, synchronous_runner, clock or task.Clock(),
                  statvfs=statvfs, spare=None if spare is None else str(spare),
                  max_spares=max_spares)
-
-
-@pytest.fixture
-def collected():
-    collector = events.EventCollector()
-    events.add_observer(collector)
-    yield collector
-    events.remove_observer(collector)
 
 
 def test_accept_commits_message_and_readable_state(tmp_path):

@@ -11,9 +11,9 @@ import time
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from jwt.algorithms import ECAlgorithm
 from twisted.internet.task import Clock
 
+from appliance.testing import make_jwks
 from appliance.auth.accounts import BackendUnavailable
 from appliance.auth.oauth2 import TokenVerifier
 from appliance.auth.sasl import Mechanisms
@@ -480,17 +480,14 @@ ISSUER, AUDIENCE = "https://id.example.test", "mail.example.test"
 
 @pytest.fixture
 def oauth(tmp_path):
-    key = ec.generate_private_key(ec.SECP256R1())
-    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
-    jwk["kid"] = "k1"
     path = tmp_path / "jwks.json"
-    path.write_text(json.dumps({"keys": [jwk]}))
+    key = make_jwks(path, "k1")
     verifier = TokenVerifier(ISSUER, AUDIENCE, str(path))
     verifier.load()
 
     def token(signing_key=key, **claims):
         payload = {"iss": ISSUER, "aud": AUDIENCE, "exp": time.time() + 600,
-                   "email": ALICE, "scope": "x" * 600}     # long: past 512 octets
+                   "email": ALICE, "email_verified": True, "scope": "x" * 600}     # long: past 512 octets
         payload.update(claims)
         return jwt.encode(payload, signing_key, algorithm="ES256", headers={"kid": "k1"})
     return verifier, token
