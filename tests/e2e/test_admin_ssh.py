@@ -244,6 +244,14 @@ def test_unknown_key_and_from_restriction_are_failed_logins(admin_server):
     assert {e["reason"] for e in failed} >= {"unknown key", "from= refused"}
     assert all(e["peer_ip"] == "127.0.0.1" and e["user"] == "admin" for e in failed)
     assert all(e["key_fingerprint"].startswith("SHA256:") for e in failed)
+    # The auditor's admin_ssh rule: one failed login is an alert, shown by `alerts`.
+    alerts = wait_until(lambda: [a for a in json.loads(
+        admin_server.admin.run("alerts", "--json").stdout) if a["rule"] == "admin_ssh"], 10,
+        interval=0.3, what="an admin_ssh alert")
+    assert alerts[0]["peer_ip"] == "127.0.0.1" and not alerts[0]["acked"]
+    acked = admin_server.admin.run("alerts", "ack", str(alerts[0]["alert_id"]))
+    assert acked.returncode == 0
+    assert "alert #" in admin_server.admin.run("status").stdout
 
 
 def test_forwarding_and_subsystems_are_refused(admin_server):
