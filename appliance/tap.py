@@ -154,6 +154,26 @@ class Listener(StreamServerEndpointService):
         return port
 
 
+events.register("admin.unavailable", "[listen] admin_ssh is set but this version has no admin "
+                "shell yet: nothing listens on that address", ("address",))
+
+
+class AdminShellUnavailable(service.Service):
+    """Says at start, once, that ``[listen] admin_ssh`` gets no listener (until
+    the admin shell exists): one event and one warning in the text log."""
+
+    name = "admin-shell-unavailable"
+
+    def __init__(self, address):
+        self.address = address
+
+    def startService(self):
+        super().startService()
+        events.emit("admin.unavailable", address=self.address)
+        _log.warn("the admin shell is not available in this version: nothing listens on "
+                  "[listen] admin_ssh = {address}", address=self.address)
+
+
 def _reason(exc):
     """The human part of a socket or OS error."""
     inner = getattr(exc, "socketError", None) or exc
@@ -385,6 +405,8 @@ def build(cfg, reactor):
     _submission_listeners(cfg, reactor, top, parts, directory, spool, users)
     _pop3_listeners(cfg, reactor, top, parts)
     _imap_listeners(cfg, reactor, top, parts)
+    if cfg.listen.admin_ssh is not None:
+        AdminShellUnavailable(format_address(cfg.listen.admin_ssh)).setServiceParent(top)
     return top
 
 

@@ -159,6 +159,24 @@ def test_user_add_refusals(run, data):
     assert users(data).list() == ["alice@example.test"]
 
 
+def test_user_add_if_missing_leaves_an_existing_user_alone(run, data):
+    assert run("user", "add", "alice@example.test", "--if-missing", "--password-stdin",
+               stdin="first\n") == (0, "user added: alice@example.test\n", "")
+    # Again (the README's set-up line, rerun): no prompt, the password stays.
+    assert run("user", "add", "Alice@example.test", "--if-missing",
+               passwords=[]) == (0, "user exists, unchanged: alice@example.test\n", "")
+    assert run("user", "add", "alice@example.test", "--if-missing", "--password-stdin",
+               stdin="second\n")[0] == 0
+    assert run.prompts == []
+    assert verify_password("first", users(data).lookup("alice@example.test"))
+    assert users(data).list() == ["alice@example.test"]
+    # Everything else is checked as without it.
+    assert run("user", "add", "eve@elsewhere.test", "--if-missing", "--password-stdin",
+               stdin="x\n")[0] == 1
+    assert run("user", "add", "bob@example.test", "--if-missing", "--password-stdin",
+               stdin="\n") == (1, "", "mailappliance: empty password refused\n")
+
+
 def test_user_passwd_and_del(run, data):
     run("user", "add", "alice@example.test", "--password-stdin", stdin="old\n")
     assert run("user", "passwd", "alice@example.test", "--password-stdin",

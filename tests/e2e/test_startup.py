@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from harness import REPO_ROOT, MailServer
+from harness import REPO_ROOT, MailServer, wait_until
 
 
 def run_twistd(server, timeout=30):
@@ -64,5 +64,26 @@ def test_listener_is_logged(tmp_path, listener):
     try:
         assert f"listening for {listener} on 127.0.0.1:{server.port(listener)}" in server.output()
         assert server.events("listener.started")
+        wait_until(lambda: server.events("server.started"), 10, what="server.started")
+        assert server.events("admin.unavailable") == []     # [listen] admin_ssh is empty
+        assert "admin shell" not in server.output()
+    finally:
+        server.stop()
+
+
+def test_admin_ssh_without_the_admin_shell_is_said_once(tmp_path):
+    """Until the admin shell exists, a configured [listen] admin_ssh is not silent."""
+    server = MailServer(tmp_path, listeners=("mx", "admin_ssh"))
+    address = f"127.0.0.1:{server.port('admin_ssh')}"
+    server.start()
+    try:
+        [event] = wait_until(lambda: server.events("admin.unavailable"), 10,
+                             what="admin.unavailable")
+        assert event["address"] == address
+        lines = [line for line in server.output().splitlines() if "admin shell" in line]
+        assert len(lines) == 1 and address in lines[0], server.output()
+        assert "not available" in lines[0]
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", server.port("admin_ssh")), timeout=5)
     finally:
         server.stop()
