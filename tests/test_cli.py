@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import bcrypt
 import pytest
 
 from appliance import cli
@@ -46,6 +47,15 @@ class Run:
 @pytest.fixture
 def data(tmp_path):
     return tmp_path / "data"
+
+
+@pytest.fixture(autouse=True)
+def cheap_bcrypt(monkeypatch):
+    """``user add`` / ``passwd`` hash at bcrypt cost 4 here: these tests check the
+    command line, tests/test_users.py the hashing (test_subprocess_round_trip, in
+    its own process, still pays the full cost)."""
+    gensalt = bcrypt.gensalt
+    monkeypatch.setattr(bcrypt, "gensalt", lambda rounds=4, prefix=b"2b": gensalt(4, prefix))
 
 
 @pytest.fixture
