@@ -166,6 +166,26 @@ class Listener(StreamServerEndpointService):
         return port
 
 
+events.register("admin.unavailable", "[listen] admin_ssh is set but this version has no admin "
+                "shell yet: nothing listens on that address", ("address",))
+
+
+class AdminShellUnavailable(service.Service):
+    """Says at start, once, that ``[listen] admin_ssh`` gets no listener (until
+    the admin shell exists): one event and one warning in the text log."""
+
+    name = "admin-shell-unavailable"
+
+    def __init__(self, address):
+        self.address = address
+
+    def startService(self):
+        super().startService()
+        events.emit("admin.unavailable", address=self.address)
+        _log.warn("the admin shell is not available in this version: nothing listens on "
+                  "[listen] admin_ssh = {address}", address=self.address)
+
+
 def _reason(exc):
     """The human part of a socket or OS error."""
     inner = getattr(exc, "socketError", None) or exc
@@ -473,6 +493,8 @@ def build(cfg, reactor):
                         factory)
     for web_service in web_services(cfg, reactor, app, listener):     # SPEC §8
         web_service.setServiceParent(top)
+    if cfg.listen.admin_ssh is not None:
+        AdminShellUnavailable(format_address(cfg.listen.admin_ssh)).setServiceParent(top)
     return top
 
 
