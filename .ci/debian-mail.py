@@ -80,7 +80,7 @@ def main():
         ["/usr/bin/twistd3", "--nodaemon", "--pidfile=", "mailappliance",
          "--config", TEST_CONF],
         user="mailappliance", group="mailappliance", extra_groups=[],
-        cwd="/", stdout=log, stderr=subprocess.STDOUT)
+        cwd="/var/lib/mailappliance", stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_port(ports["25"], server)
         wait_for_port(ports["993"], server)
