@@ -22,6 +22,8 @@ import re
 from collections import namedtuple
 from urllib.parse import urlsplit
 
+from appliance.address import is_ip
+
 HostPort = namedtuple("HostPort", "host port")
 
 LISTENERS = ("mx", "submission", "submissions", "submission_alt",
@@ -665,7 +667,7 @@ def _acme_problems(server, tls, listen):
         if tls["certificate"]:
             problems.append("[tls] acme: acme = on and a certificate file exclude each "
                             "other (leave certificate and private_key empty)")
-        if server["hostname"] and _is_ip(server["hostname"]):
+        if server["hostname"] and is_ip(server["hostname"]):
             problems.append("[tls] acme: the hostname must be a DNS name for ACME, "
                             f"not the address {server['hostname']}")
         needed = "https" if tls["acme_challenge"] == "tls-alpn-01" else "http"
@@ -673,14 +675,6 @@ def _acme_problems(server, tls, listen):
             problems.append(f"[tls] acme_challenge: {tls['acme_challenge']} is answered "
                             f"on [listen] {needed}, which is empty")
     return problems
-
-
-def _is_ip(text):
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _listener_clashes(listen):
