@@ -268,11 +268,14 @@ def address_list(raw):
 def http_url(raw):
     """An http:// or https:// URL with a host; empty means 'not set'."""
     value = _single(raw).strip()
-    if not value:
-        return ""
+    return _url(raw, value, ("http", "https")) if value else ""
+
+
+def _url(raw, value, schemes):
+    """``value`` when it is a URL of one of ``schemes`` with a host and a valid port."""
     parts = urlsplit(value)
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{_show(raw)} is not an http:// or https:// URL")
+    if parts.scheme.lower() not in schemes or not parts.hostname:
+        raise ValueError(f"{_show(raw)} is not an {' or '.join(s + '://' for s in schemes)} URL")
     try:
         parts.port
     except ValueError:
@@ -321,15 +324,7 @@ def ldap_url(raw):
 
 def https_url(raw):
     """An https:// URL with a host (the ACME directory)."""
-    value = _single(raw).strip()
-    parts = urlsplit(value)
-    if parts.scheme.lower() != "https" or not parts.hostname:
-        raise ValueError(f"{_show(raw)} is not an https:// URL")
-    try:
-        parts.port
-    except ValueError:
-        raise ValueError(f"{_show(raw)} has no valid port") from None
-    return value
+    return _url(raw, _single(raw).strip(), ("https",))
 
 
 _EMAIL = re.compile(r"^[^@\s,;<>\"]+@[^@\s,;<>\"]+$")
