@@ -530,13 +530,18 @@ def cmd_user_list(ctx, args):
 @command("user add", "add a user; the password comes from stdin or a prompt, never argv",
          args=(Arg("address", "user@local.domain", metavar="ADDRESS"),
                Arg("--password-stdin", "read the password from the first line of stdin",
-                   flag=True)),
+                   flag=True),
+               Arg("--if-missing", "if the user exists, leave it as it is and exit 0 (no "
+                   "password is asked for)", flag=True)),
          offline=True)
 @defer.inlineCallbacks
 def cmd_user_add(ctx, args):
     users = _file_users(ctx)
     address = _local_address(ctx, canonical_address(args.address))
     if users.lookup(address) is not None:
+        if args.if_missing:
+            ctx.out(f"user exists, unchanged: {address}")
+            return EXIT_OK
         raise Failed(f"{address} already exists")
     password = yield _password(ctx)
     hashed = yield ctx.blocking(hash_password, password)
