@@ -274,7 +274,7 @@ def web_records(cfg, store):
 
 
 def test_with_https_the_web_names_mta_sts_and_tls_rpt_are_listed(tmp_path):
-    cfg, store = setup(tmp_path, https="127.0.0.1:8443")
+    cfg, store = configured(tmp_path, https="127.0.0.1:8443")
     found = web_records(cfg, store)
     assert found[:3] == [
         ("mta-sts.example.test.", "CNAME", "mail.example.test."),
@@ -292,7 +292,7 @@ def test_with_https_the_web_names_mta_sts_and_tls_rpt_are_listed(tmp_path):
 
 def test_the_policy_id_changes_with_the_policy_only(tmp_path):
     def sts(**kwargs):
-        cfg, store = setup(tmp_path, https="127.0.0.1:8443", **kwargs)
+        cfg, store = configured(tmp_path, https="127.0.0.1:8443", **kwargs)
         return dict((n, v) for n, _, v in web_records(cfg, store))["_mta-sts.example.test."]
     testing = sts()
     assert sts() == testing
@@ -301,14 +301,14 @@ def test_the_policy_id_changes_with_the_policy_only(tmp_path):
 
 
 def test_without_a_published_policy_no_mta_sts_records(tmp_path):
-    cfg, store = setup(tmp_path, https="127.0.0.1:8443", mta_sts="none")
+    cfg, store = configured(tmp_path, https="127.0.0.1:8443", mta_sts="none")
     assert [kind for _, kind, _ in web_records(cfg, store)] == ["CNAME"] * 3
-    cfg, store = setup(tmp_path)
+    cfg, store = configured(tmp_path)
     assert web_records(cfg, store) == []
 
 
 def test_check_finds_the_mta_sts_records(tmp_path):
-    cfg, store = setup(tmp_path, https="127.0.0.1:8443")
+    cfg, store = configured(tmp_path, https="127.0.0.1:8443")
     found = dnsrecords.records(cfg, store)
     zones = published(found, skip=("web",))
     for record in found:
@@ -318,7 +318,7 @@ def test_check_finds_the_mta_sts_records(tmp_path):
         txt_rdata("x", "v=TLSRPTv1; rua=mailto:postmaster@example.test")]
     zones["_mta-sts.example.test"]["TXT"] = [txt_rdata("x", "v=STSv1; id=old")]
     with dns_server.DNSServer(zones) as server:
-        cfg, store = setup(tmp_path, https="127.0.0.1:8443", nameservers=server.address)
+        cfg, store = configured(tmp_path, https="127.0.0.1:8443", nameservers=server.address)
         findings = dnsrecords.check(dnsrecords.records(cfg, store), build_resolver(cfg))
     status = {f.record.kind: f.status for f in findings}
     assert status["tls-rpt"] == dnsrecords.PRESENT
