@@ -410,7 +410,7 @@ def directory_from_config(cfg, users, aliases, reactor):
     from twisted.python import threadpool
 
     from appliance.auth.ldap import POOL_SIZE
-    from appliance.queue.commit import ThreadPoolService, pool_runner
+    from appliance.threads import ThreadPoolService, pool_runner
     pool = threadpool.ThreadPool(minthreads=0, maxthreads=POOL_SIZE, name="ldap-directory")
     accounts = recipient_accounts(cfg, pool_runner(reactor, pool), clock=reactor)
     service = ThreadPoolService(pool, drain=lambda: _closed_quietly(accounts))

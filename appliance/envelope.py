@@ -1,5 +1,7 @@
-"""Value objects of a message's journey: the session, the envelope, queue ids."""
+"""Value objects of a message's journey: the session, the envelope, queue ids,
+the state of each recipient and a new entry's route."""
 
+import collections
 import os
 import random
 import time
@@ -73,3 +75,21 @@ class Envelope:
         return cls(**{k: data[k] for k in (
             "queue_id", "sender", "recipients", "received_at", "helo", "peer_ip",
             "listener", "auth_user", "size", "params") if k in data})
+
+
+# -- each recipient's delivery state, as the queue keeps it --------------------
+
+PENDING, DELIVERED, DEFERRED, FAILED = "pending", "delivered", "deferred", "failed"
+STATES = (PENDING, DELIVERED, DEFERRED, FAILED)
+
+
+Route = collections.namedtuple("Route", "resolved links complete", defaults=(False,))
+Route.__doc__ = """What a router found for a new entry: ``resolved`` ``{recipient:
+targets}`` for the first delivery pass, ``links`` the CommitLinks to make in
+the commit's batch (or None), ``complete`` when those links deliver every
+recipient (then the entry is retired in the same batch once they are durable)."""
+
+
+def new_recipient_state(now):
+    return {"state": PENDING, "attempts": 0, "next_attempt": None, "last_error": "",
+            "delivered_to": [], "remote": [], "updated_at": now}

@@ -164,7 +164,7 @@ def catalogue_markdown():
         "admin shell's `log tail` and the tests read this stream. Names and fields are",
         "stable: add, never rename. Passwords and tokens never appear in any field.",
         "",
-        "This page is generated: `python -m appliance.events > docs/events.md`",
+        "This page is generated: `python -m appliance.eventsdoc > docs/events.md`",
         "(a test fails when it is out of date).",
         "",
         "| event | what happened | fields |",
@@ -193,10 +193,3 @@ class EventCollector:
     def named(self, name):
         return [r for r in self.records if r["event"] == name]
 
-
-if __name__ == "__main__":
-    # Importing the service tree imports every module that registers events.
-    # Run as __main__, this file is a second copy: use the registered one.
-    import appliance.tap  # noqa: F401
-    from appliance import events as registered
-    print(registered.catalogue_markdown(), end="")

@@ -36,8 +36,8 @@ from twisted.python import threadpool, usage
 
 import appliance
 from appliance import events
-from appliance.access.imap import IMAPFactory
-from appliance.access.maildir import MaildirStore
+from appliance.access.imap.server import IMAPFactory
+from appliance.access.folders import MaildirStore
 from appliance.access.pop3 import POP3Factory
 from appliance.auth.ldap import LdapConfigError, accounts_from_config
 from appliance.auth.oauth2 import JWKSError, TokenVerifier
@@ -51,16 +51,16 @@ from appliance.directory import AliasesFile, directory_from_config
 from appliance.policy.checks import WORKER_THREADS, InboundChecks
 from appliance.policy.dkim_sign import Signer
 from appliance.policy.keys import KeyService, KeyStore
-from appliance.queue.commit import (GroupCommitWriter, ThreadPoolService,
-                                    pool_runner)
+from appliance.durable.commit import GroupCommitWriter
+from appliance.threads import ThreadPoolService, pool_runner
 from appliance.queue.bounce import Bouncer
 from appliance.queue.manager import QueueSettings
 from appliance.queue.runner import QueueRunner
 from appliance.queue.store import Spool
-from appliance.queue.writer_process import ChildProcessFileSystem
+from appliance.durable.writer_process import ChildProcessFileSystem
 from appliance.receive.smtp import SMTPFactory
 from appliance.receive.submission import SubmissionFactory
-from appliance.tls import ServerTLS, TLSError
+from appliance.net.tls import ServerTLS, TLSError
 
 FSYNC_THREADS = 4       # fsyncs of one group-commit batch in flight together (in the writer child)
 SWITCH_INTERVAL = 0.0005    # seconds; see makeService
@@ -336,7 +336,7 @@ def build(cfg, reactor):
     data_dir = cfg.server.data_dir
     writer_pool = threadpool.ThreadPool(minthreads=1, maxthreads=1, name="group-commit")
     # The writes and fsyncs of each batch run in a child process (its own GIL):
-    # see appliance.queue.writer_process.
+    # see appliance.durable.writer_process.
     files = ChildProcessFileSystem(os.path.join(data_dir, "queue.lock"), FSYNC_THREADS,
                                    reactor=reactor)
     writer = GroupCommitWriter(pool_runner(reactor, writer_pool), files)

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
 from appliance.deliver.mx import build_resolver  # noqa: E402
 from appliance.policy.checks import Facts, InboundChecks  # noqa: E402
-from appliance.queue.commit import synchronous_runner  # noqa: E402
+from appliance.threads import synchronous_runner  # noqa: E402
 from appliance.testing import make_config  # noqa: E402
 from dns_server import DNSServer  # noqa: E402
 from harness import MailServer, ServerError, raise_fd_limit  # noqa: E402

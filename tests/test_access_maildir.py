@@ -1,13 +1,15 @@
-"""The Maildir access layer shared by IMAP and POP3 (appliance.access.maildir)."""
+"""The Maildir access layer shared by IMAP and POP3 (appliance.access.folders)."""
 
 import os
 
 import pytest
 
-from appliance.access import maildir as md
-from appliance.deliver.maildir import MaildirDeliverer, already_in_cur, message_name
+from appliance.access import folders as md
+from appliance.deliver.maildir import MaildirDeliverer
+from appliance.maildir import already_in_cur, message_name
 from appliance.envelope import Envelope
-from appliance.queue.commit import FileSystem, GroupCommitWriter, synchronous_runner
+from appliance.durable.commit import FileSystem, GroupCommitWriter
+from appliance.threads import synchronous_runner
 from appliance.testing import value_of as result_of
 
 ADDRESS = "alice@example.test"

@@ -24,11 +24,11 @@ from appliance.deliver.maildir import MaildirDeliverer
 from appliance.deliver.mx import build_resolver
 from appliance.envelope import Envelope
 from appliance.policy import dmarc
-from appliance.policy.checks import (Facts, InboundChecks, authentication_results,
-                                     claims_authserv_id, from_domains, header_fields,
-                                     strip_forged)
+from appliance.message import claims_authserv_id, header_fields, strip_forged
+from appliance.policy.checks import Facts, InboundChecks, authentication_results, from_domains
 from appliance.policy.dkim_verify import MAX_SIGNATURES, key_refusal
-from appliance.queue.commit import GroupCommitWriter, synchronous_runner
+from appliance.durable.commit import GroupCommitWriter
+from appliance.threads import synchronous_runner
 from appliance.testing import FakeDirectory, FakeSpool, SMTPHarness, capture_events, \
     make_config
 from appliance.receive.smtp import SMTPFactory

@@ -21,11 +21,13 @@ from appliance.directory import (NEGATIVE_TTL, POSITIVE_TTL, AliasesFile, Direct
                                  LdapDirectory, LookupCache, directory_from_config,
                                  recipient_accounts, recipient_filter)
 from appliance.envelope import Envelope
-from appliance.queue.commit import GroupCommitWriter, synchronous_runner
+from appliance.durable.commit import GroupCommitWriter
+from appliance.threads import synchronous_runner
 from appliance.queue.runner import QueueRunner
-from appliance.queue.store import DEFERRED, DELIVERED, FAILED, Spool
-from appliance.receive import replies
-from appliance.receive.policy import MXPolicy
+from appliance.envelope import DEFERRED, DELIVERED, FAILED
+from appliance.queue.store import Spool
+from appliance import replies
+from appliance.policy.relay import MXPolicy
 from appliance.testing import FakeSpool, SMTPHarness, error_of, make_config, value_of
 
 ALICE = "alice@example.test"

@@ -15,7 +15,7 @@ def test_docs_page_lists_every_registered_event():
     with open(os.path.join(ROOT, "docs", "events.md"), encoding="utf-8") as handle:
         page = handle.read()
     assert page == events.catalogue_markdown(), (
-        "docs/events.md is stale: run `python -m appliance.events > docs/events.md`")
+        "docs/events.md is stale: run `python -m appliance.eventsdoc > docs/events.md`")
 
 
 def test_unregistered_name_is_refused():

@@ -12,9 +12,8 @@ from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest as trial
 
-from appliance.queue.commit import (Durable, FileSystem, GroupCommitWriter,
-                                    ParallelFileSystem, StorageError, ThreadPoolService,
-                                    makedirs, pool_runner, run_batch, synchronous_runner)
+from appliance.durable.commit import Durable, FileSystem, GroupCommitWriter, ParallelFileSystem, StorageError, makedirs, run_batch
+from appliance.threads import ThreadPoolService, pool_runner, synchronous_runner
 
 
 class ManualRunner:
@@ -484,6 +483,8 @@ def test_thread_pool_service_shuts_the_helpers_down_after_the_pool(tmp_path):
             self.shut = wait
 
     class Pool:
+        name = "test"
+
         def start(self):
             pass
 

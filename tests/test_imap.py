@@ -1,4 +1,4 @@
-"""IMAP4rev1 server (appliance.access.imap) driven over a StringTransport.
+"""IMAP4rev1 server (appliance.access.imap.server) driven over a StringTransport.
 
 Each test of a TWISTED-TRAPS item says in its docstring what stock
 ``twisted.mail.imap4.IMAP4Server`` did.
@@ -16,12 +16,12 @@ from twisted.python.failure import Failure
 
 from appliance import events
 import appliance.deliver.local  # noqa: F401  (registers delivery.local)
-from appliance.access import imap as imap_module
-from appliance.access.imap import IMAPFactory
-from appliance.access.maildir import MaildirStore
+from appliance.access.imap import server as imap_module
+from appliance.access.imap.server import IMAPFactory
+from appliance.access.folders import MaildirStore
 from appliance.auth.accounts import BackendUnavailable
 from appliance.auth.sasl import Mechanisms
-from appliance.queue.commit import synchronous_runner
+from appliance.threads import synchronous_runner
 from appliance.testing import (FakeAccounts, StringTransport, TLSStringTransport, capture_events,
                                make_config)
 
@@ -803,7 +803,7 @@ def test_flag_changes_by_another_session_show_on_noop(env, selected):
 
 
 def test_a_long_flag_history_falls_back_to_comparing_everything(env, selected, monkeypatch):
-    from appliance.access import maildir
+    from appliance.access import folders as maildir
     monkeypatch.setattr(maildir, "FLAG_LOG_LIMIT", 4)
     other = env.session()
     other.login()
@@ -815,7 +815,7 @@ def test_a_long_flag_history_falls_back_to_comparing_everything(env, selected, m
     assert selected.ok("NOOP")[:-1] == [b"* 1 FETCH (FLAGS (\\Answered \\Recent))"]
 
 
-# -- what FETCH says about message structure (appliance.access.imapmime) -----------------
+# -- what FETCH says about message structure (appliance.access.imap.mime) -----------------
 
 NESTED = (b"Subject: outer\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n"
           b"--b1\r\nContent-Type: text/plain\r\n\r\nfirst\r\n"
@@ -828,7 +828,7 @@ NESTED = (b"Subject: outer\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n
 
 
 def test_sections_of_an_encapsulated_message():
-    from appliance.access import imapmime
+    from appliance.access.imap import mime as imapmime
     root = imapmime.Part(NESTED)
     assert imapmime.section(root, [1], "") == b"first"
     assert imapmime.section(root, [2], "HEADER").startswith(b"Subject: inner\r\n")
@@ -848,7 +848,7 @@ def test_sections_of_an_encapsulated_message():
 
 
 def test_envelope_addresses_and_eight_bit_values():
-    from appliance.access import imapmime
+    from appliance.access.imap import mime as imapmime
     headers = imapmime.Headers(
         "Subject: caf\u00e9\r\nFrom: \"Doe, J\" <j@x.org>, k@y.org (Kay)\r\n"
         "To: undisclosed-recipients:;\r\nCc: Team <team@x.org>\r\n\r\n".encode())
@@ -859,14 +859,14 @@ def test_envelope_addresses_and_eight_bit_values():
 
 
 def test_digest_parts_default_to_message_rfc822():
-    from appliance.access import imapmime
+    from appliance.access.imap import mime as imapmime
     root = imapmime.Part(b"Content-Type: multipart/digest; boundary=d\r\n\r\n--d\r\n\r\n"
                          b"Subject: one\r\n\r\nx\r\n--d--\r\n")
     assert root.children[0].main == b"MESSAGE" and root.children[0].message is not None
 
 
 def test_deep_mime_nesting_stops_at_the_cap():
-    from appliance.access import imapmime
+    from appliance.access.imap import mime as imapmime
     raw = b"x"
     for level in range(60):
         raw = (b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (level, level)
@@ -876,7 +876,7 @@ def test_deep_mime_nesting_stops_at_the_cap():
 
 
 def test_sequence_sets_are_resolved_without_iterating():
-    from appliance.access.imapsyntax import (Atom, SyntaxError_, parse_set, resolve_seqs,
+    from appliance.access.imap.syntax import (Atom, SyntaxError_, parse_set, resolve_seqs,
                                              resolve_uids)
     uids = list(range(1, 10001, 2))
     assert resolve_uids(parse_set(Atom(b"1:4294967295")), uids) == list(range(len(uids)))
@@ -895,7 +895,7 @@ def test_account_and_mailbox_provide_twisted_interfaces(env):
     IMessage providers (usable by other code written against those)."""
     from twisted.mail import imap4
     from zope.interface.verify import verifyObject
-    from appliance.access.imapmailbox import MaildirAccount
+    from appliance.access.imap.mailbox import MaildirAccount
     env.deliver()
     user = env.store.user(USER)
     user.ensure()

@@ -21,7 +21,7 @@ from appliance.auth.accounts import (Account, BackendUnavailable, BadCredentials
 from appliance.auth.ldap import (LdapAccounts, LdapClient, LdapConfigError, LdapSettings,
                                  accounts_from_config, account_from_entry,
                                  read_bind_password, user_filter)
-from appliance.queue.commit import synchronous_runner
+from appliance.threads import synchronous_runner
 from appliance.testing import capture_events, error_of, make_config, outcome
 from appliance.testing import value_of as account_of
 

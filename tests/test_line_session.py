@@ -1,8 +1,8 @@
-"""appliance.receive.session: one line at a time, held behind a pending answer (T9)."""
+"""appliance.net.session: one line at a time, held behind a pending answer (T9)."""
 
 from twisted.internet import defer, protocol
 
-from appliance.receive.session import (MAX_LINE_DISCARD, MAX_PENDING_INPUT, PAUSE_INPUT,
+from appliance.net.session import (MAX_LINE_DISCARD, MAX_PENDING_INPUT, PAUSE_INPUT,
                                        LineSession)
 from appliance.testing import StringTransport
 

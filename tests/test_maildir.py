@@ -8,12 +8,12 @@ import pytest
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from appliance.deliver.maildir import (Delivered, MaildirDeliverer, SpoolFile,
-                                       maildir_bytes, maildir_path, message_name,
-                                       path_component, round_trips, wire_bytes)
+from appliance.deliver.maildir import Delivered, MaildirDeliverer
+from appliance.maildir import (SpoolFile, maildir_bytes, maildir_path, message_name,
+                               path_component, round_trips, wire_bytes)
 from appliance.envelope import Envelope
-from appliance.queue.commit import FileSystem, GroupCommitWriter, StorageError, \
-    synchronous_runner
+from appliance.durable.commit import FileSystem, GroupCommitWriter, StorageError
+from appliance.threads import synchronous_runner
 from appliance.testing import outcome as result_of
 
 MESSAGE = b"Received: from a\r\nSubject: hi\r\n\r\nline one\r\nline two\r\n"

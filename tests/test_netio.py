@@ -9,7 +9,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from appliance.netio import write_now
+from appliance.net.write import write_now
 
 
 class Keep(protocol.Protocol):

@@ -2,7 +2,7 @@
 
 The T21 items of TWISTED-TRAPS.md each have a test whose docstring says what
 stock ``twisted.mail.pop3.POP3`` did. The maildrop is a real Maildir in a
-temp dir, read through ``appliance.access.maildir`` with a synchronous
+temp dir, read through ``appliance.access.folders`` with a synchronous
 runner, so what the tests see on disk is what the server would leave there.
 """
 
@@ -21,14 +21,14 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python import failure
 
-from appliance.access.maildir import MaildirStore
+from appliance.access.folders import MaildirStore
 from appliance.access.pop3 import (
     MAX_AUTH_FAILURES, POP3Factory, dot_stuffed, top_of)
 from appliance.auth.accounts import BackendUnavailable
 from appliance.auth.oauth2 import TokenVerifier
 from appliance.auth.sasl import Mechanisms
-from appliance.deliver.maildir import SUBDIRS, maildir_path
-from appliance.queue.commit import synchronous_runner
+from appliance.maildir import SUBDIRS, maildir_path
+from appliance.threads import synchronous_runner
 from appliance.testing import FakeAccounts, TLSStringTransport, capture_events, make_config
 
 ALICE, PASSWORD = "alice@example.test", "correct horse"

@@ -18,10 +18,12 @@ from appliance.deliver.mx import RoutingError
 from appliance.deliver.remote import RecipientResult
 from appliance.envelope import Envelope
 from appliance.queue.bounce import BOUNCE_LISTENER, Bouncer
-from appliance.queue.commit import GroupCommitWriter, synchronous_runner
+from appliance.durable.commit import GroupCommitWriter
+from appliance.threads import synchronous_runner
 from appliance.queue.manager import Dispatcher, QueueSettings, WakeupSchedule
 from appliance.queue.runner import QueueError, QueueRunner
-from appliance.queue.store import DEFERRED, DELIVERED, PENDING, Spool
+from appliance.envelope import DEFERRED, DELIVERED, PENDING
+from appliance.queue.store import Spool
 from appliance.testing import FakeDirectory, capture_events, make_config
 
 HOST = "mx.example.test"

@@ -32,7 +32,7 @@ from appliance.deliver.remote import (BLOCK, RemoteDelivery, Timeouts, default_t
                                       wire_body)
 from appliance.envelope import Envelope
 from appliance.testing import StringTransport, capture_events, make_config
-from appliance.tls import make_context, make_self_signed
+from appliance.net.tls import make_context, make_self_signed
 from dns_server import DNSServer
 
 sys.path.append(str(Path(__file__).resolve().parent / "e2e"))

@@ -10,11 +10,14 @@ from twisted.internet import defer, task
 
 from appliance import events
 from appliance.deliver.local import REMOTE_NOT_AVAILABLE, USER_UNKNOWN
-from appliance.deliver.maildir import MaildirDeliverer, maildir_bytes
+from appliance.deliver.maildir import MaildirDeliverer
+from appliance.maildir import maildir_bytes
 from appliance.envelope import Envelope
-from appliance.queue.commit import FileSystem, GroupCommitWriter, synchronous_runner
+from appliance.durable.commit import FileSystem, GroupCommitWriter
+from appliance.threads import synchronous_runner
 from appliance.queue.runner import QueueRunner
-from appliance.queue.store import DEFERRED, DELIVERED, FAILED, Spool
+from appliance.envelope import DEFERRED, DELIVERED, FAILED
+from appliance.queue.store import Spool
 
 MESSAGE = b"Received: from a\r\nSubject: hi\r\n\r\nbody\r\n"
 STORED = maildir_bytes("alice@example.org", MESSAGE)

@@ -1,6 +1,6 @@
-"""appliance.receive.framing: CRLF-only lines with bounded memory, DATA assembly."""
+"""appliance.net.framing: CRLF-only lines with bounded memory, DATA assembly."""
 
-from appliance.receive.framing import DataBody, Line, LineFramer
+from appliance.net.framing import DataBody, Line, LineFramer
 
 
 def lines(framer, limit=512):

@@ -11,8 +11,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from appliance.events import EVENTS
-from appliance.receive import replies
-from appliance.receive.session import PAUSE_INPUT
+from appliance import replies
+from appliance.net.session import PAUSE_INPUT
 from appliance.receive.smtp import SMTPFactory
 from appliance.testing import (
     FakeDirectory, FakeSpool, SMTPHarness, capture_events, make_config)

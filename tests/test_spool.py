@@ -9,11 +9,13 @@ import pytest
 from twisted.internet import defer, task
 
 from appliance import events
-from appliance.deliver.maildir import MaildirDeliverer, maildir_bytes
+from appliance.deliver.maildir import MaildirDeliverer
+from appliance.maildir import maildir_bytes
 from appliance.envelope import Envelope
-from appliance.queue.commit import FileSystem, GroupCommitWriter, synchronous_runner
-from appliance.queue.store import (DEFERRED, DELIVERED, PENDING, Route, Spool,
-                                   StorageError)
+from appliance.durable.commit import FileSystem, GroupCommitWriter
+from appliance.threads import synchronous_runner
+from appliance.envelope import DEFERRED, DELIVERED, PENDING, Route
+from appliance.queue.store import Spool, StorageError
 from appliance.testing import outcome as result_of
 
 QID = "0005f1e2d3c4b5a6deadbeef"

@@ -20,7 +20,7 @@ from appliance.auth.sasl import Mechanisms
 from appliance.receive.smtp import SMTPFactory
 from appliance.receive.submission import SubmissionFactory
 from appliance.testing import FakeAccounts, FakeDirectory, FakeSpool, capture_events, make_config
-from appliance.tls import (
+from appliance.net.tls import (
     ServerTLS, TLSError, connection_info, ensure_self_signed, make_context, make_self_signed)
 
 HOST = "mail.example.test"

@@ -1,4 +1,4 @@
-"""The group commit's file work in a child process (appliance.queue.writer_process).
+"""The group commit's file work in a child process (appliance.durable.writer_process).
 
 Real child processes, real files in a temp dir: the same run_batch contract
 as in-process (tests/test_group_commit.py), across the pipe.
@@ -15,9 +15,9 @@ import pytest
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from appliance.queue import writer_process
-from appliance.queue.commit import Durable, GroupCommitWriter, run_batch
-from appliance.queue.writer_process import ChildProcessFileSystem, WriterDied
+from appliance.durable import writer_process
+from appliance.durable.commit import Durable, GroupCommitWriter, run_batch
+from appliance.durable.writer_process import ChildProcessFileSystem, WriterDied
 from appliance.testing import capture_events
 
 
@@ -160,8 +160,8 @@ def test_the_lock_outlives_the_server_while_its_child_lives(tmp_path, monkeypatc
     lock = str(tmp_path / "queue.lock")
     script = (
         "import sys, os, time\n"
-        "from appliance.queue.writer_process import ChildProcessFileSystem\n"
-        "from appliance.queue.commit import Durable, GroupCommitWriter, run_batch\n"
+        "from appliance.durable.writer_process import ChildProcessFileSystem\n"
+        "from appliance.durable.commit import Durable, GroupCommitWriter, run_batch\n"
         f"fs = ChildProcessFileSystem({lock!r})\n"
         f"run_batch(fs, [lambda fs: Durable(writes=[({str(tmp_path / 'f')!r}, b'x')])])\n"
         "print(fs._child.pid, flush=True)\n"

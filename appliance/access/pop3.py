@@ -24,12 +24,11 @@ named where it is closed:
 A session sees its INBOX as it was at login (``Maildrop``): mail delivered
 later appears in the next session, and DELE only marks. The marked messages
 are removed at QUIT; a connection that drops without QUIT deletes nothing.
-UIDL values come from the shared UID list of ``appliance.access.maildir``
+UIDL values come from the shared UID list of ``appliance.access.folders``
 (UID and UIDVALIDITY, like Dovecot's default), the same in every session
 and across restarts.
 """
 
-import ipaddress
 import re
 from io import BytesIO
 
@@ -42,14 +41,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from appliance import events
-from appliance.access.maildir import FolderMissing, MessageGone
+from appliance.access.folders import FolderMissing, MessageGone
 from appliance.auth.accounts import BackendUnavailable, BadCredentials
 from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
 from appliance.envelope import new_session_id
-from appliance.receive.policy import DENIED, ConnectionGate, GatedFactory
-from appliance.receive.received import header_safe
-from appliance.receive.session import LineSession
-from appliance.tls import TLSError, connection_info
+from appliance.net.gate import DENIED, GatedFactory
+from appliance.net.peer import peer_ip
+from appliance.message import header_safe
+from appliance.net.session import LineSession
+from appliance.net.tls import TLSError, connection_info
 
 COMMAND_LINE_LIMIT = 512        # octets with CRLF; RFC 2449 asks for 255, passwords run longer
 AUTH_LINE_LIMIT = 12288         # a SASL line (RFC 5034 §4 exempts it; OAuth tokens are long)
@@ -232,14 +232,6 @@ class _Sender(basic.FileSender):
         basic.FileSender.resumeProducing(self)
 
 
-def _peer_ip(peer):
-    """The peer's IP as a string; IPv4-mapped IPv6 as plain IPv4."""
-    host = getattr(peer, "host", None) or str(peer)
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
 def _number(arg, what="message number"):
@@ -293,7 +285,7 @@ class POP3Session(LineSession, pop3.POP3):
 
     def connectionMade(self):
         peer = self.transport.getPeer()
-        self.peer_ip = _peer_ip(peer)
+        self.peer_ip = peer_ip(peer)
         self.started = self.clock.seconds()
         self.emit("pop3.connect", peer_port=getattr(peer, "port", 0),
                   listener=self.factory.listener)
@@ -362,7 +354,7 @@ class POP3Session(LineSession, pop3.POP3):
             sender.file = None
             sender.stopProducing()
 
-    # -- input: the hooks of LineSession (appliance.receive.session) --------------
+    # -- input: the hooks of LineSession (appliance.net.session) --------------
 
     def _line_limit(self):
         if self.state == "AUTH" or (self.tls and self.mbox is None):
@@ -810,7 +802,7 @@ def _reason(failure):
 class POP3Factory(GatedFactory):
     """Builds POP3 sessions for one listener ("pop3" or "pop3s").
 
-    ``store`` is the shared ``appliance.access.maildir.MaildirStore`` (the
+    ``store`` is the shared ``appliance.access.folders.MaildirStore`` (the
     maildrop lock lives on its folders, so it holds across listeners and
     against IMAP's folder objects); ``mechanisms`` an
     ``appliance.auth.sasl.Mechanisms``; ``clock`` the reactor or a
@@ -822,7 +814,7 @@ class POP3Factory(GatedFactory):
     noisy = False
 
     def __init__(self, config, store, mechanisms, clock, listener="pop3", tls=None,
-                 implicit_tls=False):
+                 implicit_tls=False, gate=None):
         self.config = config
         self.store = store
         self.mechanisms = mechanisms
@@ -830,7 +822,7 @@ class POP3Factory(GatedFactory):
         self.listener = listener
         self.tls = tls
         self.implicit_tls = implicit_tls
-        self.gate = ConnectionGate(config.limits)
+        self.use_gate(gate, config.limits)
 
     def refusal(self, session, verdict):
         """The text to close a refused connection with."""

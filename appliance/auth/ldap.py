@@ -598,7 +598,7 @@ def accounts_from_config(cfg, users, directory, reactor, pool_size=POOL_SIZE):
     """
     if cfg.auth.backend != "ldap":
         return FileAccounts(users, directory), None
-    from appliance.queue.commit import ThreadPoolService, pool_runner
+    from appliance.threads import ThreadPoolService, pool_runner
     pool = threadpool.ThreadPool(minthreads=0, maxthreads=pool_size, name="ldap")
     accounts = LdapAccounts.from_config(cfg, pool_runner(reactor, pool), clock=reactor,
                                         pool_size=pool_size)

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from appliance import events
 from appliance.deliver.maildir import Delivered
-from appliance.queue.store import DEFERRED, DELIVERED, FAILED, Route
+from appliance.envelope import DEFERRED, DELIVERED, FAILED, Route
 
 events.register("delivery.local", "a message was stored in a local Maildir",
                 ("queue_id", "recipient", "mailbox", "size", "delay"))

@@ -31,13 +31,11 @@ from collections import namedtuple
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from appliance.queue.commit import Durable, makedirs
+from appliance.durable.commit import Durable, makedirs
+from appliance.maildir import (FOLDER_MARKER, SUBDIRS, SpoolFile, already_in_cur, maildir_bytes,
+                               maildir_path, message_name)
 
-SUBDIRS = ("tmp", "new", "cur")
-FOLDER_MARKER = "maildirfolder"     # Maildir++: marks <inbox>/.<name> as a folder
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\%]")
-_HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f<>]")
 
 # A link that cannot be made for these reasons is done as a copy instead.
 _COPY_INSTEAD = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP,
@@ -45,73 +43,6 @@ _COPY_INSTEAD = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP
 
 Delivered = namedtuple("Delivered", "address path name size existed")
 Delivered.__doc__ = """One mailbox's copy: its path, size, and whether it was there already."""
-
-SpoolFile = namedtuple("SpoolFile", "path maildir_form size")
-SpoolFile.__doc__ = """A committed spool message file that deliveries link (or copy) from:
-``maildir_form`` True when it already holds the stored form (``maildir_bytes``),
-False for the wire form; ``size`` in bytes as stored."""
-
-
-def path_component(text):
-    """``text`` as one safe directory name: no ``/``, no control bytes, no leading dot.
-
-    Addresses come from the directory, but a quoted local part may hold
-    anything; percent-encoding keeps every mailbox inside the mail root and
-    keeps distinct addresses in distinct directories.
-    """
-    if not text:
-        raise ValueError("empty mailbox name")
-    encoded = _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), text)
-    if encoded.startswith("."):
-        encoded = "%2E" + encoded[1:]
-    return encoded
-
-
-def maildir_path(root, address):
-    """The Maildir of a canonical local address under ``root`` (``<data_dir>/mail``)."""
-    local, at, domain = address.rpartition("@")
-    if not at:
-        raise ValueError(f"{address!r} is not an address")
-    return os.path.join(root, path_component(domain), path_component(local))
-
-
-def message_name(queue_id, received_at, hostname):
-    """``<seconds>.Q<queue_id>.<host>``: unique per message, the same on every redo.
-
-    The Maildir spec's escapes for ``/`` and ``:`` in the host part keep the
-    name one path component and keep ``:`` for the flags suffix of ``cur/``.
-    """
-    host = (hostname or "localhost").replace("/", "\\057").replace(":", "\\072")
-    return f"{int(received_at)}.Q{queue_id}.{host}"
-
-
-def maildir_bytes(sender, message):
-    """The stored form: ``Return-Path:`` first, LF line endings."""
-    path = _HEADER_UNSAFE.sub("", sender)
-    return f"Return-Path: <{path}>\n".encode("utf-8") + message.replace(b"\r\n", b"\n")
-
-
-def round_trips(message):
-    """True when ``wire_bytes(maildir_bytes(s, message)) == message``: every LF
-    in it ends a CRLF (SMTP's framing refuses bare LF, so that is every message
-    received; a bare LF would come back as CRLF)."""
-    return message.count(b"\n") == message.count(b"\r\n")
-
-
-def wire_bytes(stored):
-    """The message as received, from its stored form: without the
-    ``Return-Path:`` line, CRLF line endings (for relaying, bounces)."""
-    end = stored.find(b"\n")
-    return stored[end + 1:].replace(b"\n", b"\r\n") if end >= 0 else b""
-
-
-def already_in_cur(fs, maildir, name):
-    """True if ``cur/`` holds ``name`` with any flags (``name:2,S``) or size info (``name,S=``)."""
-    for entry in fs.listdir(os.path.join(maildir, "cur")):
-        if entry == name or entry.startswith(name + ":") or entry.startswith(name + ","):
-            return True
-    return False
-
 
 class _Content:
     """The stored form of the message, made once on the writer thread for all

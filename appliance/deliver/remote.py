@@ -41,7 +41,7 @@ from zope.interface import implementer
 from appliance import events
 from appliance.address import quote_local
 from appliance.deliver.mx import RoutingError
-from appliance.netio import write_now
+from appliance.net.write import write_now
 
 _log = Logger(namespace="mailappliance.deliver.remote")
 

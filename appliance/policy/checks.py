@@ -49,9 +49,9 @@ from appliance.policy import dmarc as dmarc_module
 from appliance.policy.dkim_verify import verify_signatures
 from appliance.policy.lookup import Lookups
 from appliance.policy.spf_check import check_helo, check_mailfrom
-from appliance.receive import replies
-from appliance.receive.policy import peer_in
-from appliance.receive.received import header_safe
+from appliance import replies
+from appliance.net.peer import peer_in
+from appliance.message import field_value, header_fields, header_safe, strip_forged
 
 for _name, _description, _fields in (
     ("check.spf", "an SPF check of an inbound message (identity mailfrom or helo)",
@@ -105,77 +105,6 @@ class Verdict:
         self.action = action
 
 
-# -- the header block -----------------------------------------------------------
-
-def header_fields(message):
-    """``[(name, start, end)]``: each header field of ``message`` (bytes, CRLF
-    lines) with its continuation lines; ``name`` lower-case bytes, or None for
-    a line that is not a field. Offsets are into ``message``."""
-    if message.startswith(b"\r\n"):
-        return []
-    end = message.find(b"\r\n\r\n")
-    end = len(message) if end < 0 else end + 2
-    fields, pos = [], 0
-    while pos < end:
-        newline = message.find(b"\r\n", pos, end)
-        line_end = end if newline < 0 else newline + 2
-        if message[pos:pos + 1] in (b" ", b"\t") and fields:
-            fields[-1][2] = line_end
-        else:
-            line = message[pos:line_end]
-            name = line.split(b":", 1)[0].strip().lower() if b":" in line else None
-            fields.append([name, pos, line_end])
-        pos = line_end
-    return [tuple(field) for field in fields]
-
-
-def _value(message, start, end):
-    """A field's value, unfolded, as text."""
-    raw = message[start:end].split(b":", 1)[1]
-    return raw.replace(b"\r\n", b"").decode("utf-8", "replace")
-
-
-def _without_comments(text):
-    """``text`` with RFC 5322 comments (nested, with quoted pairs) removed."""
-    out, depth, escaped = [], 0, False
-    for char in text:
-        if escaped:
-            escaped = False
-        elif char == "\\" and depth:
-            escaped = True
-        elif char == "(":
-            depth += 1
-        elif char == ")" and depth:
-            depth -= 1
-        elif not depth:
-            out.append(char)
-    return "".join(out)
-
-
-def claims_authserv_id(value, hostname):
-    """True when an Authentication-Results value names ``hostname`` as its
-    authserv-id (comments, quotes, case and a trailing dot not counting)."""
-    head = _without_comments(value).split(";", 1)[0]
-    ours = hostname.rstrip(".").lower()
-    return any(token.strip('"').rstrip(".").lower() == ours for token in head.split())
-
-
-def strip_forged(message, hostname, fields=None):
-    """``(message without our-hostname Authentication-Results fields, count removed)``."""
-    fields = header_fields(message) if fields is None else fields
-    forged = [(start, end) for name, start, end in fields
-              if name == b"authentication-results"
-              and claims_authserv_id(_value(message, start, end), hostname)]
-    if not forged:
-        return message, 0
-    parts, pos = [], 0
-    for start, end in forged:
-        parts.append(message[pos:start])
-        pos = end
-    parts.append(message[pos:])
-    return b"".join(parts), len(forged)
-
-
 def from_domains(message, fields):
     """The distinct domains of the From: fields, A-label form, in order.
 
@@ -187,7 +116,7 @@ def from_domains(message, fields):
     for name, start, end in fields:
         if name != b"from":
             continue
-        text = _value(message, start, end)
+        text = field_value(message, start, end)
         try:
             header = HeaderRegistry()("from", text)
             domains = [address.domain for address in header.addresses if address.domain]

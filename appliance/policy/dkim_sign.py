@@ -26,10 +26,9 @@ from twisted.logger import Logger
 from appliance import events
 from appliance.address import canonical_domain
 from appliance.policy.keys import KeyStoreError
-from appliance.receive import replies
-from appliance.receive.policy import peer_in
-from appliance.receive.received import header_safe
-from appliance.receive.submission import AmbiguousFrom, from_addresses, header_block
+from appliance import replies
+from appliance.net.peer import peer_in
+from appliance.message import AmbiguousFrom, from_addresses, header_block, header_safe
 
 events.register("dkim.signed", "an outgoing message was DKIM-signed before it was queued",
                 ("session", "peer_ip", "queue_id", "domain", "selector", "algorithm"))

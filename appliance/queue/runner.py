@@ -40,8 +40,9 @@ from appliance import events
 from appliance.deliver.local import REMOTE_NOT_AVAILABLE, LocalDelivery
 from appliance.queue.bounce import DELAYED, FAILED as DSN_FAILED, one_line, reports
 from appliance.queue.manager import RETRY_SCHEDULE, Dispatcher, QueueSettings, WakeupSchedule
-from appliance.queue.store import (DEFERRED, DELIVERED, FAILED, PENDING, QUEUE_ID,
-                                   StorageError)
+from appliance.durable.commit import StorageError
+from appliance.envelope import DEFERRED, DELIVERED, FAILED, PENDING
+from appliance.queue.store import QUEUE_ID
 
 _log = Logger(namespace="mailappliance.queue")
 

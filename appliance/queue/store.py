@@ -54,12 +54,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from appliance import events
-from appliance.deliver.maildir import SpoolFile, maildir_bytes, round_trips, wire_bytes
-from appliance.envelope import Envelope, new_queue_id
-from appliance.queue.commit import Durable, StorageError, makedirs
+from appliance.maildir import SpoolFile, maildir_bytes, round_trips, wire_bytes
+from appliance.envelope import (DELIVERED, FAILED, STATES, Envelope, new_queue_id,
+                                new_recipient_state)
+from appliance.durable.commit import Durable, StorageError, makedirs
 
-__all__ = ["Spool", "SpoolEntry", "Route", "StorageError", "PENDING", "DELIVERED",
-           "DEFERRED", "FAILED"]
+__all__ = ["Spool", "SpoolEntry"]
 
 _log = Logger(namespace="mailappliance.queue")
 
@@ -74,8 +74,6 @@ events.register("queue.removed", "an entry left the spool (all recipients done)"
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False)
 
-PENDING, DELIVERED, DEFERRED, FAILED = "pending", "delivered", "deferred", "failed"
-STATES = (PENDING, DELIVERED, DEFERRED, FAILED)
 MAILDIR_FORM, WIRE_FORM = "maildir", "wire"     # how <id>.msg holds the message
 
 FORMAT = 1
@@ -91,18 +89,6 @@ HOT_MESSAGE = 256 * 1024    # a message up to this size is kept in memory for it
 HOT_BYTES = 32 * 1024 * 1024
 MAX_SPARES = 1024
 STATVFS_TTL = 0.5       # seconds a free-space answer is reused
-
-
-Route = collections.namedtuple("Route", "resolved links complete", defaults=(False,))
-Route.__doc__ = """What a router found for a new entry: ``resolved`` ``{recipient:
-targets}`` for the first delivery pass, ``links`` the CommitLinks to make in
-the commit's batch (or None), ``complete`` when those links deliver every
-recipient (then the entry is retired in the same batch once they are durable)."""
-
-
-def new_recipient_state(now):
-    return {"state": PENDING, "attempts": 0, "next_attempt": None, "last_error": "",
-            "delivered_to": [], "remote": [], "updated_at": now}
 
 
 class SpoolEntry:

@@ -1,7 +1,7 @@
 """Our ``Received:`` trace header (RFC 5321 §4.4), safe from the client's bytes.
 
 Everything the client chose (HELO name, addresses) goes through
-``header_safe`` first: a CR, LF, NUL or any other control character would let
+``appliance.message.header_safe`` first: a CR, LF, NUL or any other control character would let
 a client write headers of its own into ours (TWISTED-TRAPS T17).
 """
 
@@ -10,17 +10,7 @@ import email.utils
 import functools
 
 from appliance.address import smtp_path
-
-
-def header_safe(text, allow_utf8=False):
-    """``text`` with every control character (and, unless allowed, non-ASCII) as ``?``."""
-    if text.isascii() and text.isprintable():
-        return text                 # the usual case, checked in C
-    def keep(char):
-        if char.isascii():
-            return 0x20 <= ord(char) < 0x7f
-        return allow_utf8 and char.isprintable()
-    return "".join(char if keep(char) else "?" for char in text)
+from appliance.message import header_safe
 
 
 def protocol_name(esmtp, tls=False, auth=False, utf8=False):

@@ -2,11 +2,11 @@
 
 Three layers, kept apart:
 
-- framing (``appliance.receive.framing``): CRLF-only lines, bounded memory;
-- dispatch (``appliance.receive.session``, its hooks here): one command at a
+- framing (``appliance.net.framing``): CRLF-only lines, bounded memory;
+- dispatch (``appliance.net.session``, its hooks here): one command at a
   time, replies in command order, later lines held while a policy answer or
   the spool is pending;
-- policy (``appliance.receive.policy``): who may send what to whom.
+- policy (``appliance.policy.relay``): who may send what to whom.
 
 The class stays an ``smtp.ESMTP`` and keeps its mode names, but every command
 handler and the line handling are our own: the stock ones carry the holes
@@ -17,7 +17,6 @@ AUTH (stock: T4-T6) is refused here and added by the submission profile
 ``ehlo_keywords``.
 """
 
-import ipaddress
 import re
 
 from OpenSSL import SSL
@@ -30,14 +29,17 @@ from zope.interface import implementer
 from appliance import events
 from appliance.address import AddressError, Path, parse_path, split_path
 from appliance.envelope import Envelope, Session, new_queue_id, new_session_id
-from appliance.netio import write_now
+from appliance.net.write import write_now
 from appliance.policy.checks import Facts
-from appliance.receive import replies
-from appliance.receive.framing import DataBody, Line
-from appliance.receive.policy import DENIED, ConnectionGate, GatedFactory, MXPolicy
-from appliance.receive.received import header_safe, protocol_name, received_header
-from appliance.receive.session import LineSession
-from appliance.tls import TLSError, connection_info
+from appliance import replies
+from appliance.net.framing import DataBody, Line
+from appliance.net.gate import DENIED, GatedFactory
+from appliance.net.peer import peer_ip
+from appliance.policy.relay import MXPolicy
+from appliance.message import header_safe
+from appliance.receive.received import protocol_name, received_header
+from appliance.net.session import LineSession
+from appliance.net.tls import TLSError, connection_info
 
 COMMAND_LINE_LIMIT = 512        # octets with CRLF, RFC 5321 §4.5.3.1.4
 TEXT_LINE_LIMIT = 1000          # octets with CRLF, RFC 5321 §4.5.3.1.6
@@ -103,15 +105,6 @@ class Transaction:
         return bool(self.params.get("SMTPUTF8"))
 
 
-def _peer_ip(peer):
-    """The peer's IP as a string; IPv4-mapped IPv6 as plain IPv4."""
-    host = getattr(peer, "host", None) or str(peer)
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return str(mapped or ip)
 
 
 def _verb_name(verb):
@@ -169,7 +162,7 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
 
     def connectionMade(self):
         peer = self.transport.getPeer()
-        self.session = Session(peer_ip=_peer_ip(peer), peer_port=getattr(peer, "port", 0),
+        self.session = Session(peer_ip=peer_ip(peer), peer_port=getattr(peer, "port", 0),
                                listener=self.factory.listener,
                                tls=self.factory.implicit_tls)
         self.started = self.clock.seconds()
@@ -212,7 +205,7 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         self._cancel_timer()
         self._close_transport()
 
-    # -- input: the hooks of LineSession (appliance.receive.session) --------------
+    # -- input: the hooks of LineSession (appliance.net.session) --------------
 
     def _next_line(self):
         if self.mode != smtp.DATA:
@@ -649,7 +642,7 @@ class SMTPFactory(GatedFactory):
 
     ``clock`` is the reactor (callLater, seconds) or a ``task.Clock`` in
     tests; ``policy`` defaults to the MX rules. ``tls`` (an
-    ``appliance.tls.ServerTLS``) enables STARTTLS; with ``implicit_tls`` the
+    ``appliance.net.tls.ServerTLS``) enables STARTTLS; with ``implicit_tls`` the
     listener wraps every connection in TLS itself and STARTTLS is not offered.
     """
 
@@ -659,7 +652,7 @@ class SMTPFactory(GatedFactory):
     checks = None               # an appliance.policy.checks.InboundChecks: SPF/DKIM/DMARC in
 
     def __init__(self, config, directory, spool, clock, listener="mx", policy=None,
-                 tls=None, implicit_tls=False):
+                 tls=None, implicit_tls=False, gate=None):
         self.config = config
         self.directory = directory
         self.spool = spool
@@ -668,7 +661,7 @@ class SMTPFactory(GatedFactory):
         self.policy = policy if policy is not None else MXPolicy(config, directory)
         self.tls = tls
         self.implicit_tls = implicit_tls
-        self.gate = ConnectionGate(config.limits)
+        self.use_gate(gate, config.limits)
 
     def refusal(self, session_protocol, verdict):
         """The Reply to close a refused connection with. Deny networks are

@@ -16,9 +16,6 @@ After AUTH, ``SubmissionPolicy`` holds MAIL FROM to the account's addresses
 and ``check_content`` holds the From: header to them.
 """
 
-import email.errors
-import email.parser
-import email.policy
 import re
 
 from twisted.internet import defer
@@ -28,9 +25,9 @@ from twisted.mail import smtp
 from appliance import events
 from appliance.auth.accounts import BackendUnavailable, BadCredentials
 from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
-from appliance.receive import replies
-from appliance.receive.policy import SubmissionPolicy
-from appliance.receive.received import header_safe
+from appliance import replies
+from appliance.policy.relay import SubmissionPolicy
+from appliance.message import AmbiguousFrom, from_addresses, header_safe
 from appliance.receive.smtp import ApplianceSMTP, ProtocolError, SMTPFactory
 
 AUTH = "AUTH"                   # the protocol mode while a SASL exchange runs
@@ -49,40 +46,6 @@ for _name, _description, _fields in (
      ("session", "peer_ip", "listener", "mechanism", "account", "reason")),
 ):
     events.register(_name, _description, _fields)
-
-
-class AmbiguousFrom(ValueError):
-    """A From: header that parsers could read differently."""
-
-
-# An invalid part of an address list is dropped by the email package, but a
-# mail reader may show it: a header with such a defect is never trusted.
-_UNTRUSTED = (email.errors.InvalidHeaderDefect, email.errors.HeaderMissingRequiredValue)
-
-
-def header_block(message):
-    """The header section of ``message`` (bytes, CRLF), its last CRLF kept."""
-    end = message.find(b"\r\n\r\n")
-    return message if end < 0 else message[:end + 2]
-
-
-def from_addresses(body):
-    """The addresses in the From: headers of ``body`` (bytes, CRLF lines),
-    as ``local@domain`` strings ([] when there is none); AmbiguousFrom when
-    a From: header is malformed."""
-    if body.startswith(b"\r\n"):
-        return []                   # no header section at all
-    head = header_block(body)
-    try:
-        message = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(head)
-        found = []
-        for header in message.get_all("From") or ():
-            if any(isinstance(defect, _UNTRUSTED) for defect in header.defects):
-                raise AmbiguousFrom("malformed From: header")
-            found.extend(f"{a.username}@{a.domain}" for a in header.addresses)
-        return found
-    except (TypeError, IndexError, AttributeError, ValueError) as exc:
-        raise AmbiguousFrom(str(exc)) from None
 
 
 class SubmissionSMTP(ApplianceSMTP):
@@ -244,8 +207,8 @@ class SubmissionFactory(SMTPFactory):
     protocol = SubmissionSMTP
 
     def __init__(self, config, directory, spool, clock, listener, mechanisms, tls,
-                 implicit_tls=False, policy=None):
+                 implicit_tls=False, policy=None, gate=None):
         super().__init__(config, directory, spool, clock, listener,
                          policy if policy is not None else SubmissionPolicy(config, directory),
-                         tls=tls, implicit_tls=implicit_tls)
+                         tls=tls, implicit_tls=implicit_tls, gate=gate)
         self.mechanisms = mechanisms

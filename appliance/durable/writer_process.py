@@ -41,7 +41,7 @@ from twisted.internet.interfaces import IReadDescriptor
 from zope.interface import implementer
 
 from appliance import events
-from appliance.queue.commit import Durable, FileSystem, _Item, execute_items, plan_items
+from appliance.durable.commit import Durable, FileSystem, _Item, execute_items, plan_items
 
 events.register("spool.writer.started", "the writer child (the spool's fsyncs) started",
                 ("pid",))
@@ -60,7 +60,7 @@ class WriterDied(OSError):
 
 
 class ChildProcessFileSystem(FileSystem):
-    """A FileSystem whose batches run in a child (``python -m appliance.queue.writer_process``).
+    """A FileSystem whose batches run in a child (``python -m appliance.durable.writer_process``).
 
     Plans get this object's own (local) system calls; ``run_batch`` then
     hands the planned items to ``execute``. Used from the writer thread only.
@@ -96,7 +96,7 @@ class ChildProcessFileSystem(FileSystem):
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (package_root, env.get("PYTHONPATH")) if p)
         child = subprocess.Popen(
-            [self.python, "-m", "appliance.queue.writer_process", str(self.threads)],
+            [self.python, "-m", "appliance.durable.writer_process", str(self.threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self._lock_fd,),
             env=env, bufsize=0)
         try:        # room for a batch while the child works on the one before
@@ -384,7 +384,7 @@ def serve(fs, infd=0, outfd=1):
 def main(argv):
     from concurrent import futures
 
-    from appliance.queue.commit import ParallelFileSystem
+    from appliance.durable.commit import ParallelFileSystem
     _die_with_parent()
     threads = int(argv[0]) if argv else 16
     with futures.ThreadPoolExecutor(threads, thread_name_prefix="fsync") as executor:

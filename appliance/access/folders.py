@@ -46,7 +46,7 @@ from collections import namedtuple
 from twisted.internet import defer
 from twisted.mail import imap4  # noqa: F401  (registers the imap4-utf-7 codec)
 
-from appliance.deliver.maildir import SUBDIRS, maildir_path
+from appliance.maildir import SUBDIRS, crlf, crlf_size, maildir_path, split_name, to_stored, unique_name
 
 UIDLIST = "mailappliance-uidlist"
 SUBSCRIPTIONS = "subscriptions"
@@ -138,40 +138,6 @@ def decode_name(dirname):
         return check_folder_name(name)
     except (UnicodeError, FolderNameError, ValueError):
         return None
-
-
-def split_name(filename):
-    """``(base, info letters)`` of a file in cur/ or new/; no info is ``""``."""
-    base, sep, info = filename.partition(":")
-    if sep and info.startswith("2,"):
-        return base, "".join(sorted(set(info[2:])))
-    return base, ""
-
-
-def crlf(data):
-    """Stored bytes (LF, maybe some CRLF) as CRLF lines."""
-    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-
-
-def crlf_size(data):
-    """``len(crlf(data))`` without building the copy."""
-    if b"\r" not in data:             # the usual stored form: LF only
-        return len(data) + data.count(b"\n")
-    return len(data) - data.count(b"\r\n") + data.count(b"\n")
-
-
-def to_stored(data):
-    """Client bytes (CRLF) as the LF form kept on disk."""
-    return data.replace(b"\r\n", b"\n")
-
-
-def _unique_base(clock, hostname, counter=[0]):
-    """A new Maildir base name: ``<secs>.M<usecs>P<pid>Q<n>R<random>.<host>``."""
-    counter[0] += 1
-    now = clock()
-    host = (hostname or "localhost").replace("/", "\\057").replace(":", "\\072")
-    return (f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}Q{counter[0]}"
-            f"R{os.urandom(4).hex()}.{host}")
 
 
 # -- small file helpers (run on threads) ----------------------------------------------
@@ -901,7 +867,7 @@ class Folder:
             data.seek(0)
             data = data.read()
         stored = to_stored(data)
-        base = _unique_base(self.clock, self.hostname)
+        base = unique_name(self.clock, self.hostname)
         info = "".join(sorted(self._letters_for(flags, create=True)))
         tmp = os.path.join(self.path, "tmp", base)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -941,7 +907,7 @@ class Folder:
             flags = self.flags_of(message)
             info = "".join(sorted(dest._letters_for(flags, create=True)))
             base = message.base if move and dest is not self else \
-                _unique_base(self.clock, self.hostname)
+                unique_name(self.clock, self.hostname)
             copy = Message(0, base, info, message.size, message.mtime)
             if not self._transfer(message, dest, copy.filename, move and dest is not self):
                 continue
@@ -1130,7 +1096,7 @@ class MaildirStore:
     Folder objects are shared while anyone holds them (a weak registry), so
     all sessions on one folder use one lock, one UID list and one set of
     listeners. ``run_in_thread(f, *args) -> Deferred`` runs the file work
-    (``appliance.queue.commit.synchronous_runner`` in tests).
+    (``appliance.threads.synchronous_runner`` in tests).
     """
 
     def __init__(self, root, run_in_thread, clock=time.time, hostname="localhost"):

@@ -13,9 +13,9 @@ import email.errors
 import email.header
 import email.utils
 
-from appliance.access import imapmime
+from appliance.access.imap import mime as imapmime
 
-from appliance.access.imapsyntax import (SyntaxError_, is_set, is_string, parse_date, parse_set,
+from appliance.access.imap.syntax import (SyntaxError_, is_set, is_string, parse_date, parse_set,
                                          resolve_uids)
 
 MAX_DEPTH = 64

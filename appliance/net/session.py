@@ -35,7 +35,7 @@ The session sets ``_closing`` when it closes: no line is handled after that.
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from appliance.receive.framing import LineFramer
+from appliance.net.framing import LineFramer
 
 MAX_PENDING_INPUT = 1024 * 1024  # buffered while a reply is pending: not pipelining any more
 PAUSE_INPUT = 64 * 1024         # buffered while a reply is pending: stop reading the socket

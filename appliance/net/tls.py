@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from appliance import events
 
-_log = Logger(namespace="mailappliance.tls")
+_log = Logger(namespace="mailappliance.net.tls")
 
 events.register("tls.loaded", "the TLS certificate was (re)loaded",
                 ("certificate", "subject", "not_after", "reason"), text_log=True)

@@ -1,102 +1,18 @@
-"""Who may send what to whom: the MX listener's rules, apart from the protocol.
+"""Who may send what to whom: the relay rules of the MX and submission listeners.
 
 A policy answers with a ``Reply`` (or a Deferred firing with one); the
 protocol only relays the answer. ``SubmissionPolicy`` is the submission
 ports' (AUTH required, sender ownership, any recipient domain).
 """
 
-import functools
-import ipaddress
-
-from twisted.internet import defer, protocol
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from appliance.auth.accounts import BackendUnavailable
-from appliance.receive import replies
+from appliance import replies
+from appliance.net.peer import peer_in
 
 _log = Logger()
-
-
-def peer_in(networks, peer_ip):
-    """True when ``peer_ip`` (a string) lies in one of ``networks``."""
-    if not networks:
-        return False
-    ip = _ip(peer_ip)
-    return ip is not None and any(ip in network for network in networks)
-
-
-@functools.lru_cache(maxsize=4096)
-def _ip(text):
-    """The parsed address (asked several times per connection), or None."""
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:          # not an IP peer (a UNIX socket in tests)
-        return None
-
-
-DENIED = "denied"
-BUSY = "busy"
-
-
-class ConnectionGate:
-    """The deny/allow lists and per-IP connection counts, shared by every listener.
-
-    ``admit(ip)`` answers None (let in and counted), DENIED or BUSY; each
-    protocol turns that into its own reply (T23: stock LimitConnectionsByPeer
-    drops the connection without a word). Deny wins over allow; allowed
-    networks are never limited.
-    """
-
-    def __init__(self, limits):
-        self.limits = limits
-        self._per_ip = {}
-
-    @property
-    def connections(self):
-        return sum(self._per_ip.values())
-
-    def admit(self, ip):
-        if peer_in(self.limits.deny, ip):
-            return DENIED
-        if (not peer_in(self.limits.allow, ip)
-                and self._per_ip.get(ip, 0) >= self.limits.connections_per_ip):
-            return BUSY
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-        return None
-
-    def release(self, ip):
-        remaining = self._per_ip.get(ip, 0) - 1
-        if remaining > 0:
-            self._per_ip[ip] = remaining
-        else:
-            self._per_ip.pop(ip, None)
-
-
-class GatedFactory(protocol.ServerFactory):
-    """What every listener's factory shares: one session per connection, let
-    in or refused by ``self.gate`` (a ConnectionGate; sessions have
-    ``peer_ip``). The protocol's own words for a refusal, and its event,
-    come from ``refusal(session, verdict)`` (verdict DENIED or BUSY).
-    """
-
-    def buildProtocol(self, addr):
-        return self.protocol(self)
-
-    @property
-    def connections(self):
-        """Open sessions on this listener."""
-        return self.gate.connections
-
-    def admit(self, session):
-        """None to let the connection in, or what to close it with."""
-        verdict = self.gate.admit(session.peer_ip)
-        return None if verdict is None else self.refusal(session, verdict)
-
-    def release(self, session):
-        self.gate.release(session.peer_ip)
-
-    def refusal(self, session, verdict):
-        raise NotImplementedError
 
 
 class MXPolicy:

@@ -9,7 +9,7 @@ name and MessageSet items):
   ``{n}``, checked against a cap *before* the ``+`` (APPENDLIMIT =
   ``[server] max_message_size`` for APPEND, 64 KiB for anything else; ``{-1}``
   is a syntax error), then tokenized once with a nesting cap
-  (``appliance.access.imapsyntax``).
+  (``appliance.access.imap.syntax``).
 - Commands run one at a time, in order: while one waits for the disk, the
   connection stops reading. Replies never interleave.
 - STARTTLS discards whatever was pipelined behind it (T3, session fixation);
@@ -17,7 +17,7 @@ name and MessageSet items):
 - Errors never carry exception texts (T20); a backend outage at login is
   ``NO [UNAVAILABLE]``, a storage error ``NO [UNAVAILABLE]``, a bug
   ``NO [SERVERBUG]``.
-- Mailbox names are checked by ``appliance.access.maildir.check_folder_name``
+- Mailbox names are checked by ``appliance.access.folders.check_folder_name``
   (no ``/``, ``..``, NUL...), and sequence sets are resolved against the
   mailbox (bisection), never iterated.
 
@@ -27,7 +27,6 @@ folder's listeners and by deliveries (the ``delivery.local`` event), and
 polling the disk (two ``stat`` calls) every few seconds only while IDLE.
 """
 
-import ipaddress
 import re
 import tempfile
 
@@ -39,22 +38,22 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from appliance import events
-from appliance.access.imapmailbox import (NEEDS_ALL, NEEDS_NOTHING, MaildirAccount, fetch_needs,
+from appliance.access.imap.mailbox import (NEEDS_ALL, NEEDS_NOTHING, MaildirAccount, fetch_needs,
                                           render_batch, search_batch, sets_seen)
-from appliance.access.imapmime import astring_out
-from appliance.access.imapsearch import HEADER, Query, UnknownCharset
-from appliance.access.imapsyntax import (Atom, BigLiteral, String, SyntaxError_, is_string,
+from appliance.access.imap.mime import astring_out
+from appliance.access.imap.search import HEADER, Query, UnknownCharset
+from appliance.access.imap.syntax import (Atom, BigLiteral, String, SyntaxError_, is_string,
                                          parse_date_time, parse_fetch_items, parse_set,
                                          resolve_seqs, resolve_uids, tokenize)
-from appliance.access.maildir import (DELIMITER, SYSTEM_FLAGS, FolderError,
-                                      FolderExists, FolderMissing, FolderNameError, MessageGone,
-                                      check_folder_name, maildir_path)
+from appliance.access.folders import DELIMITER, SYSTEM_FLAGS, FolderError, FolderExists, FolderMissing, FolderNameError, MessageGone, check_folder_name
+from appliance.maildir import maildir_path
 from appliance.auth.accounts import BackendUnavailable, BadCredentials
 from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
 from appliance.envelope import new_session_id
-from appliance.receive.policy import DENIED, ConnectionGate, GatedFactory
-from appliance.receive.received import header_safe
-from appliance.tls import TLSError, connection_info
+from appliance.net.gate import DENIED, GatedFactory
+from appliance.net.peer import peer_ip
+from appliance.message import header_safe
+from appliance.net.tls import TLSError, connection_info
 
 _log = Logger()
 
@@ -230,7 +229,7 @@ class IMAPServer(imap4.IMAP4Server):
 
     def connectionMade(self):
         peer = self.transport.getPeer()
-        self.peer_ip = _peer_ip(peer)
+        self.peer_ip = peer_ip(peer)
         self._started = self.clock.seconds()
         self.emit("imap.connect", listener=self.factory.listener)
         refusal = self.factory.admit(self)
@@ -1113,14 +1112,6 @@ def _reason(failure):
     return header_safe(str(failure.value))[:200] or type(failure.value).__name__
 
 
-def _peer_ip(peer):
-    """The peer's IP as a string; IPv4-mapped IPv6 as plain IPv4."""
-    host = getattr(peer, "host", None) or str(peer)
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
 def _no_args(args):
@@ -1221,7 +1212,7 @@ class IMAPFactory(GatedFactory):
     noisy = False
 
     def __init__(self, config, store, accounts, mechanisms, tls, clock, listener="imap",
-                 implicit_tls=False, run_in_thread=None, idle_poll=IDLE_POLL):
+                 implicit_tls=False, run_in_thread=None, idle_poll=IDLE_POLL, gate=None):
         self.config = config
         self.store = store
         self.accounts = accounts
@@ -1233,7 +1224,7 @@ class IMAPFactory(GatedFactory):
         self.run_in_thread = run_in_thread or store.run_in_thread
         self.idle_poll = idle_poll
         self.hostname = config.server.hostname
-        self.gate = ConnectionGate(config.limits)
+        self.use_gate(gate, config.limits)
         self._rescans = {}          # folder path -> another scan wanted after this one
 
     def startFactory(self):

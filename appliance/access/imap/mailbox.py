@@ -1,5 +1,5 @@
 """The mailbox side of IMAP: twisted.mail's IAccount / IMailbox / IMessage
-over ``appliance.access.maildir``, and FETCH and SEARCH over messages.
+over ``appliance.access.folders``, and FETCH and SEARCH over messages.
 
 ``MaildirAccount`` is a logged-in user's folders; ``MailboxView`` one
 session's view of a shared Folder (its own sequence numbers and \\Recent
@@ -17,11 +17,11 @@ from twisted.internet import defer
 from twisted.mail import imap4
 from zope.interface import implementer
 
-from appliance.access import imapmime
-from appliance.access.imapsearch import Candidate, search_fields
-from appliance.access.imapsyntax import (format_internaldate, resolve_seqs, resolve_uids,
+from appliance.access.imap import mime as imapmime
+from appliance.access.imap.search import Candidate, search_fields
+from appliance.access.imap.syntax import (format_internaldate, resolve_seqs, resolve_uids,
                                          section_name)
-from appliance.access.maildir import (DELIMITER, SPECIAL_USE, SYSTEM_FLAGS, MessageGone,
+from appliance.access.folders import (DELIMITER, SPECIAL_USE, SYSTEM_FLAGS, MessageGone,
                                       check_folder_name)
 
 
@@ -31,12 +31,12 @@ from appliance.access.maildir import (DELIMITER, SPECIAL_USE, SYSTEM_FLAGS, Mess
 class MaildirAccount:
     """A logged-in user's folders, as twisted.mail's IAccount.
 
-    Every method returns a Deferred; errors are ``appliance.access.maildir``
+    Every method returns a Deferred; errors are ``appliance.access.folders``
     FolderErrors, which the server turns into NO responses.
     """
 
     def __init__(self, user):
-        self.user = user            # an appliance.access.maildir.UserMaildir
+        self.user = user            # an appliance.access.folders.UserMaildir
         self.address = user.address
 
     def addMailbox(self, name, mbox=None):

@@ -32,8 +32,7 @@ by whoever asked for it.
 
 import os
 
-from twisted.application import service
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.python.failure import Failure
 
 
@@ -567,43 +566,3 @@ def makedirs(fs, path, mode=0o700):
         fs.mkdir(path, mode)
         return created + [path]
     return [path]
-
-
-def pool_runner(reactor, pool):
-    """``run_in_thread`` over a Twisted ThreadPool (results come back on the reactor)."""
-    def run(f, *args):
-        return threads.deferToThreadPool(reactor, pool, f, *args)
-    return run
-
-
-def synchronous_runner(f, *args):
-    """``run_in_thread`` that runs in the caller (tests, offline CLI commands)."""
-    return defer.maybeDeferred(f, *args)
-
-
-class ThreadPoolService(service.Service):
-    """Starts a ThreadPool with the service tree; on stop, drains work then stops it.
-
-    Add it BEFORE the services that use the pool: a MultiService stops its
-    children in reverse order, so the pool outlives them.
-    """
-
-    def __init__(self, pool, drain=None, helpers=None):
-        self.pool = pool
-        self._drain = drain
-        self._helpers = helpers     # a concurrent.futures executor the pool's work uses
-
-    def startService(self):
-        super().startService()
-        self.pool.start()
-
-    def stopService(self):
-        super().stopService()
-        d = self._drain() if self._drain is not None else defer.succeed(None)
-        d.addCallback(lambda _: self._stop())
-        return d
-
-    def _stop(self):
-        self.pool.stop()
-        if self._helpers is not None:
-            self._helpers.shutdown(wait=True)

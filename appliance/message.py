@@ -1,0 +1,126 @@
+"""The message as bytes: its header section, the fields we read and the text
+we write into headers.
+
+Every reader of a header field goes through here, so the From: that the
+submission check, the DKIM signer and the inbound checks see is one parse;
+and everything taken from a client into a header we add passes
+``header_safe`` first (TWISTED-TRAPS T17).
+"""
+
+import email.errors
+import email.parser
+import email.policy
+
+
+def header_safe(text, allow_utf8=False):
+    """``text`` with every control character (and, unless allowed, non-ASCII) as ``?``."""
+    if text.isascii() and text.isprintable():
+        return text                 # the usual case, checked in C
+    def keep(char):
+        if char.isascii():
+            return 0x20 <= ord(char) < 0x7f
+        return allow_utf8 and char.isprintable()
+    return "".join(char if keep(char) else "?" for char in text)
+
+
+class AmbiguousFrom(ValueError):
+    """A From: header that parsers could read differently."""
+
+
+# An invalid part of an address list is dropped by the email package, but a
+# mail reader may show it: a header with such a defect is never trusted.
+_UNTRUSTED = (email.errors.InvalidHeaderDefect, email.errors.HeaderMissingRequiredValue)
+
+
+def header_block(message):
+    """The header section of ``message`` (bytes, CRLF), its last CRLF kept."""
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[:end + 2]
+
+
+def from_addresses(body):
+    """The addresses in the From: headers of ``body`` (bytes, CRLF lines),
+    as ``local@domain`` strings ([] when there is none); AmbiguousFrom when
+    a From: header is malformed."""
+    if body.startswith(b"\r\n"):
+        return []                   # no header section at all
+    head = header_block(body)
+    try:
+        message = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(head)
+        found = []
+        for header in message.get_all("From") or ():
+            if any(isinstance(defect, _UNTRUSTED) for defect in header.defects):
+                raise AmbiguousFrom("malformed From: header")
+            found.extend(f"{a.username}@{a.domain}" for a in header.addresses)
+        return found
+    except (TypeError, IndexError, AttributeError, ValueError) as exc:
+        raise AmbiguousFrom(str(exc)) from None
+
+
+def header_fields(message):
+    """``[(name, start, end)]``: each header field of ``message`` (bytes, CRLF
+    lines) with its continuation lines; ``name`` lower-case bytes, or None for
+    a line that is not a field. Offsets are into ``message``."""
+    if message.startswith(b"\r\n"):
+        return []
+    end = message.find(b"\r\n\r\n")
+    end = len(message) if end < 0 else end + 2
+    fields, pos = [], 0
+    while pos < end:
+        newline = message.find(b"\r\n", pos, end)
+        line_end = end if newline < 0 else newline + 2
+        if message[pos:pos + 1] in (b" ", b"\t") and fields:
+            fields[-1][2] = line_end
+        else:
+            line = message[pos:line_end]
+            name = line.split(b":", 1)[0].strip().lower() if b":" in line else None
+            fields.append([name, pos, line_end])
+        pos = line_end
+    return [tuple(field) for field in fields]
+
+
+def field_value(message, start, end):
+    """A field's value, unfolded, as text."""
+    raw = message[start:end].split(b":", 1)[1]
+    return raw.replace(b"\r\n", b"").decode("utf-8", "replace")
+
+
+def _without_comments(text):
+    """``text`` with RFC 5322 comments (nested, with quoted pairs) removed."""
+    out, depth, escaped = [], 0, False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\" and depth:
+            escaped = True
+        elif char == "(":
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif not depth:
+            out.append(char)
+    return "".join(out)
+
+
+def claims_authserv_id(value, hostname):
+    """True when an Authentication-Results value names ``hostname`` as its
+    authserv-id (comments, quotes, case and a trailing dot not counting)."""
+    head = _without_comments(value).split(";", 1)[0]
+    ours = hostname.rstrip(".").lower()
+    return any(token.strip('"').rstrip(".").lower() == ours for token in head.split())
+
+
+def strip_forged(message, hostname, fields=None):
+    """``(message without our-hostname Authentication-Results fields, count removed)``."""
+    fields = header_fields(message) if fields is None else fields
+    forged = [(start, end) for name, start, end in fields
+              if name == b"authentication-results"
+              and claims_authserv_id(field_value(message, start, end), hostname)]
+    if not forged:
+        return message, 0
+    parts, pos = [], 0
+    for start, end in forged:
+        parts.append(message[pos:start])
+        pos = end
+    parts.append(message[pos:])
+    return b"".join(parts), len(forged)

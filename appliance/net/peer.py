@@ -1,0 +1,31 @@
+"""Client addresses: the one normal form every listener, limit and check uses."""
+
+import functools
+import ipaddress
+
+
+def peer_ip(peer):
+    """The peer's IP as a string (a Twisted address or a string); IPv4-mapped
+    IPv6 as plain IPv4, so ``::ffff:192.0.2.1`` and ``192.0.2.1`` are one client."""
+    host = getattr(peer, "host", None) or str(peer)
+    ip = parse_ip(host)
+    if ip is None:
+        return host                 # not an IP peer (a UNIX socket in tests)
+    return str(getattr(ip, "ipv4_mapped", None) or ip)
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_ip(text):
+    """The parsed address (asked several times per connection), or None."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def peer_in(networks, ip):
+    """True when ``ip`` (a string) lies in one of ``networks``."""
+    if not networks:
+        return False
+    parsed = parse_ip(ip)
+    return parsed is not None and any(parsed in network for network in networks)
