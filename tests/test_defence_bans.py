@@ -185,3 +185,13 @@ def test_refusal_events_are_one_per_network_and_minute_with_a_count(collected):
     clock.advance(admission_module.REFUSAL_EVENT_INTERVAL)
     defences.admission.admit("192.0.2.8")
     assert [e["count"] for e in collected.named("defence.refused")] == [1, 50]
+
+
+def test_the_session_whose_failure_bans_answers_first_and_closes_itself():
+    defences, _ = make("auth_failures_before_ban = 1")
+    closed = []
+    _, mine = defences.admission.admit("192.0.2.8", closer=lambda: closed.append("mine"))
+    defences.admission.admit("192.0.2.8", closer=lambda: closed.append("other"))
+    ban = defences.auth_failed("192.0.2.8", "a@example.test", "f", ticket=mine)
+    assert ban is not None and closed == ["other"]
+    assert defences.admission.sparing is None

@@ -62,6 +62,9 @@ class Admission:
         self._open = {}             # client key -> {Ticket}
         self._refusals = {}         # (key, verdict) -> [time of last event, count since]
         self.connections = 0
+        #: The ticket of the session whose failure is placing a ban right
+        #: now: it answers that failure first and then closes itself.
+        self.sparing = None
         bans.on_ban.append(self.close_network)
 
     def check(self, ip):
@@ -110,7 +113,8 @@ class Admission:
     def close_network(self, network, ban=None):
         """End every open session inside ``network`` (an ip_network); -> how many."""
         doomed = [ticket for key, tickets in list(self._open.items())
-                  for ticket in list(tickets) if self._inside(ticket.ip, network)]
+                  for ticket in list(tickets)
+                  if ticket is not self.sparing and self._inside(ticket.ip, network)]
         closed = 0
         for ticket in doomed:
             self.release(ticket)

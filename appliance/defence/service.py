@@ -80,10 +80,19 @@ class Defences:
             return self.rates.message_from_user(user, ip)
         return self.rates.message_from_ip(ip)
 
-    def auth_failed(self, ip, account="", fingerprint=None):
+    def auth_failed(self, ip, account="", fingerprint=None, ticket=None):
         """A failed AUTH/LOGIN/USER+PASS; -> the Ban it caused, or None.
-        Call it before answering the failure."""
-        return self.auth.failure(ip, account, fingerprint)
+
+        Call it before answering the failure. A ban closes the network's
+        other open sessions at once; the session of ``ticket`` (the caller's,
+        from ``admission.admit``) is spared: it answers the failure, then
+        closes itself with its protocol's words when a Ban came back.
+        """
+        self.admission.sparing = ticket
+        try:
+            return self.auth.failure(ip, account, fingerprint)
+        finally:
+            self.admission.sparing = None
 
     def auth_succeeded(self, ip, account):
         self.auth.success(ip, account)
