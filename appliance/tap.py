@@ -15,6 +15,7 @@ writer pool is added first and outlives the services that use it)::
       tls                certificate and JWKS loaded; SIGHUP reloads the certificate
       dkim-keys          DKIM keys made if missing, loaded (mail from our users is signed)
       inbound-checks     threads for SPF / DKIM / DMARC of MX mail (DNS, RSA block)
+      defences           bans, limits, greylist state loaded (before any listener binds)
       listener mx        ESMTP on [listen] mx, STARTTLS
       listener submission, submission_alt   STARTTLS + AUTH
       listener submissions                  implicit TLS + AUTH
@@ -44,6 +45,9 @@ from appliance.auth.oauth2 import JWKSError, TokenVerifier
 from appliance.auth.sasl import Mechanisms
 from appliance.auth.users import UsersFile
 from appliance.config import ConfigError, load
+from appliance.defence.greylist import spf_checker
+from appliance.defence.service import Defences, DefenceService
+from appliance.defence.stages import DefencePolicy
 from appliance.deliver.maildir import MaildirDeliverer
 from appliance.deliver.mx import ROUTE_CACHE_SECONDS, MXResolver, build_resolver
 from appliance.deliver.remote import RemoteDelivery
@@ -60,7 +64,9 @@ from appliance.queue.store import Spool
 from appliance.durable.writer_process import ChildProcessFileSystem
 from appliance.receive.smtp import SMTPFactory
 from appliance.receive.submission import SubmissionFactory
+from appliance.net.gate import Gate, GateFront
 from appliance.net.tls import ServerTLS, TLSError
+from appliance.policy.relay import MXPolicy, SubmissionPolicy
 
 FSYNC_THREADS = 4       # fsyncs of one group-commit batch in flight together (in the writer child)
 SWITCH_INTERVAL = 0.0005    # seconds; see makeService
@@ -255,6 +261,13 @@ class TLSService(service.Service):
             _log.failure("reload on SIGHUP failed")
 
 
+def _implicit_tls(parts, name, factory):
+    """An implicit-TLS listener's factory: TLS around ``factory``, and the
+    gate in front of both, so a refused client costs no TLS state and no
+    handshake (it is closed at once)."""
+    return GateFront(parts["gate"], TLSMemoryBIOFactory(parts["tls"], False, factory), name)
+
+
 def _submission_listeners(cfg, reactor, top, parts, directory, spool, users):
     """submission and submission_alt (STARTTLS), submissions (implicit TLS)."""
     try:
@@ -271,11 +284,13 @@ def _submission_listeners(cfg, reactor, top, parts, directory, spool, users):
         if address is None:
             continue
         implicit = name == "submissions"
+        policy = DefencePolicy(SubmissionPolicy(cfg, directory), parts["defences"])
         factory = SubmissionFactory(cfg, directory, spool, reactor, name, mechanisms,
-                                    parts["tls"], implicit_tls=implicit)
+                                    parts["tls"], implicit_tls=implicit, policy=policy,
+                                    gate=parts["gate"])
         factory.signer = parts["signer"]
         parts[name] = factory
-        wrapped = TLSMemoryBIOFactory(parts["tls"], False, factory) if implicit else factory
+        wrapped = _implicit_tls(parts, name, factory) if implicit else factory
         Listener(name, format_address(address), server_endpoint(reactor, address),
                  wrapped).setServiceParent(top)
 
@@ -299,9 +314,9 @@ def _pop3_listeners(cfg, reactor, top, parts):
             continue
         implicit = name == "pop3s"
         factory = POP3Factory(cfg, _mail_store(cfg, parts), mechanisms, reactor, name,
-                              tls=parts["tls"], implicit_tls=implicit)
+                              tls=parts["tls"], implicit_tls=implicit, gate=parts["gate"])
         parts[name] = factory
-        wrapped = TLSMemoryBIOFactory(parts["tls"], False, factory) if implicit else factory
+        wrapped = _implicit_tls(parts, name, factory) if implicit else factory
         Listener(name, format_address(address), server_endpoint(reactor, address),
                  wrapped).setServiceParent(top)
 
@@ -315,9 +330,10 @@ def _imap_listeners(cfg, reactor, top, parts):
             continue
         implicit = name == "imaps"
         factory = IMAPFactory(cfg, _mail_store(cfg, parts), parts["accounts"], mechanisms,
-                              parts["tls"], reactor, name, implicit_tls=implicit)
+                              parts["tls"], reactor, name, implicit_tls=implicit,
+                              gate=parts["gate"])
         parts[name] = factory
-        wrapped = TLSMemoryBIOFactory(parts["tls"], False, factory) if implicit else factory
+        wrapped = _implicit_tls(parts, name, factory) if implicit else factory
         Listener(name, format_address(address), server_endpoint(reactor, address),
                  wrapped).setServiceParent(top)
 
@@ -373,10 +389,19 @@ def build(cfg, reactor):
                                         name="inbound-checks")
     ThreadPoolService(checks_pool).setServiceParent(top)    # before the MX: outlives it
     parts["checks"] = InboundChecks(cfg, resolver, pool_runner(reactor, checks_pool))
+    # Bans, limits, greylisting: loaded before the listeners open, one gate
+    # for all of them. Greylisting asks SPF (retries from a sender's pool)
+    # only when SPF checks are on.
+    spf = spf_checker(parts["checks"]) if cfg.checks.spf != "off" else None
+    parts["defences"] = Defences.from_config(cfg, reactor, threads.deferToThread, spf)
+    DefenceService(parts["defences"], reactor).setServiceParent(top)
+    parts["gate"] = Gate(cfg.limits, parts["defences"])
 
     if cfg.listen.mx is not None:
         factory = SMTPFactory(cfg, directory, spool, reactor, listener="mx",
-                              tls=parts["tls"])
+                              tls=parts["tls"], gate=parts["gate"],
+                              policy=DefencePolicy(MXPolicy(cfg, directory),
+                                                   parts["defences"]))
         factory.signer = parts["signer"]        # trusted networks' mail
         factory.checks = parts["checks"]        # everyone else's: SPF, DKIM, DMARC
         parts["mx"] = factory

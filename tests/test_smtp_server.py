@@ -320,8 +320,9 @@ def test_directory_failure_is_temporary(hold):
 
 
 def test_too_many_recipients():
-    """T16: stock has no recipient limit."""
-    h = greeted(server={"max_recipients": "2"})
+    """T16: stock has no recipient limit. SPEC §4: every accepted RCPT counts,
+    duplicates included."""
+    h = greeted(server={"max_recipients": "3"})
     h.send("MAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\n"
            "RCPT TO:<Alice@example.test>\r\nRCPT TO:<bob@example.org>\r\n"
            "RCPT TO:<team@example.test>\r\nDATA\r\nhi\r\n.\r\n")
@@ -715,7 +716,7 @@ def test_denied_networks_are_refused_at_connect():
     with capture_events() as events:
         refused = [SMTPHarness(factory, peer=ip) for ip in ("203.0.113.5", "2001:db8::1")]
     for h in refused:
-        assert h.replies() == ["554 5.7.1 Access denied"] and h.closed
+        assert h.replies() == ["421 4.7.0 Access denied"] and h.closed   # SPEC §4
     assert [e["peer_ip"] for e in events.named("smtp.denied")] == ["203.0.113.5", "2001:db8::1"]
 
 

@@ -45,6 +45,8 @@ from appliance.access.folders import FolderMissing, MessageGone
 from appliance.auth.accounts import BackendUnavailable, BadCredentials
 from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
 from appliance.envelope import new_session_id
+from appliance.defence.authfail import fingerprint
+from appliance.defence.stages import BANNED_TEXT, LIMIT_KIND, REFUSED_TEXT
 from appliance.net.gate import DENIED, GatedFactory
 from appliance.net.peer import peer_ip
 from appliance.message import header_safe
@@ -328,6 +330,11 @@ class POP3Session(LineSession, pop3.POP3):
         if not self._closing:
             super().failResponse(message)
 
+    def defence_close(self):
+        """A ban of this client's network ends the session (SPEC §4)."""
+        self.emit("pop3.limit", kind="banned")
+        self._close_with(BANNED_TEXT)
+
     def _close_with(self, text):
         self.failResponse(text)
         self._lose()
@@ -540,8 +547,9 @@ class POP3Session(LineSession, pop3.POP3):
         else:
             d = defer.maybeDeferred(self.factory.mechanisms.accounts.authenticate,
                                     user, password)
+        secret = fingerprint(user, password) if password else None
         d.addCallbacks(self._authenticated, self._auth_failed,
-                       callbackArgs=("USER",), errbackArgs=("USER", user))
+                       callbackArgs=("USER",), errbackArgs=("USER", user, secret))
         return d
 
     # -- AUTH (RFC 5034) ------------------------------------------------------------
@@ -587,7 +595,8 @@ class POP3Session(LineSession, pop3.POP3):
         if failure.check(Aborted):
             self.failResponse("Authentication cancelled")
             return None
-        return self._auth_failed(failure, mechanism.name, mechanism.identity)
+        return self._auth_failed(failure, mechanism.name, mechanism.identity,
+                                 mechanism.fingerprint)
 
     def _end_sasl(self):
         mechanism, self._sasl = self._sasl, None
@@ -600,7 +609,7 @@ class POP3Session(LineSession, pop3.POP3):
         return dict(listener=self.factory.listener, mechanism=mechanism,
                     account=header_safe(identity or "")[:256])
 
-    def _auth_failed(self, failure, mechanism, identity):
+    def _auth_failed(self, failure, mechanism, identity, fingerprint=None):
         fields = self._auth_fields(mechanism, identity)
         if failure.check(BackendUnavailable):
             self.emit("auth.unavailable", reason=_reason(failure), **fields)
@@ -616,6 +625,10 @@ class POP3Session(LineSession, pop3.POP3):
             self.failResponse("[SYS/TEMP] Authentication is unavailable, try again later")
             return None
         self.emit("auth.failure", reason=reason, **fields)
+        if self.factory.auth_failed(self, identity or "", fingerprint):
+            self.failResponse(text)             # the failure first, then the ban's words
+            self.defence_close()
+            return None
         self._auth_failures += 1
         if self._auth_failures >= MAX_AUTH_FAILURES:
             # Stock POP3 lets a client guess forever on one connection (T21).
@@ -627,6 +640,7 @@ class POP3Session(LineSession, pop3.POP3):
 
     def _authenticated(self, account, mechanism):
         self.emit("auth.success", **self._auth_fields(mechanism, account.address))
+        self.factory.auth_succeeded(self, account.address)
         folder = self.factory.store.user(account.address).folder("INBOX")
         if not folder.try_lock(self):
             # Stock POP3 has no maildrop lock (T21): two sessions would both
@@ -829,5 +843,5 @@ class POP3Factory(GatedFactory):
         if verdict == DENIED:
             session.emit("pop3.limit", kind="denied")
             return "Access denied"
-        session.emit("pop3.limit", kind="connections_per_ip")
-        return "[SYS/TEMP] Too many connections from your address"
+        session.emit("pop3.limit", kind=LIMIT_KIND.get(verdict, verdict))
+        return "[SYS/TEMP] " + REFUSED_TEXT[verdict]

@@ -80,6 +80,14 @@ class Admission:
             return BUSY
         return None
 
+    def screen(self, ip, listener=""):
+        """``check`` for a listener's front door: the verdict, counting
+        nothing, a refusal reported like one at ``admit``."""
+        verdict = self.check(ip)
+        if verdict is not None:
+            self._refused(ip, verdict, listener)
+        return verdict
+
     def admit(self, ip, closer=None, listener=""):
         """-> (verdict, ticket); see the module doc."""
         verdict = self.check(ip)

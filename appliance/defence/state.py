@@ -16,8 +16,10 @@ Semantics (the contract both backends keep):
   ``flush()`` (called by the implementation itself shortly after a change,
   coalesced; write temp + fsync + rename + fsync of the directory, in a
   thread, never on the reactor thread). ``flush()`` returns a Deferred that
-  fires when everything changed before the call is on disk. A kill -9 loses
-  at most the changes of the last ``FLUSH_DELAY`` plus one write.
+  fires when everything changed before the call is on disk. A change starts
+  a write at the next reactor turn; changes made while a write runs go into
+  the next one. A kill -9 loses at most what changed during the last write
+  (milliseconds).
 - Times are the injected clock's ``seconds()`` (wall-clock Unix time with the
   reactor; a ``task.Clock`` in tests). ``ttl`` is seconds from now; None
   means no expiry.
@@ -33,7 +35,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-FLUSH_DELAY = 0.05      # seconds: changes within this are written together
+FLUSH_DELAY = 0.0       # seconds: changes within this (and during a write) are written together
 RETRY_DELAY = 5.0       # seconds before a failed write is tried again
 WINDOW_SLOTS = 60       # slots per sliding window (see window_hit)
 FORMAT_VERSION = 1

@@ -33,6 +33,8 @@ from appliance.net.write import write_now
 from appliance.policy.checks import Facts
 from appliance import replies
 from appliance.net.framing import DataBody, Line
+from appliance.defence import stages
+from appliance.defence.junk import JUNK_VERBS
 from appliance.net.gate import DENIED, GatedFactory
 from appliance.net.peer import peer_ip
 from appliance.policy.relay import MXPolicy
@@ -98,6 +100,7 @@ class Transaction:
         self.sender = sender        # a Path
         self.params = params        # kept in the envelope: BODY, SMTPUTF8
         self.recipients = []        # canonical addresses, no duplicates
+        self.accepted = 0           # RCPTs accepted, duplicates included (max_recipients)
         self.body = None            # a DataBody once DATA is under way
 
     @property
@@ -154,6 +157,7 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         self._registered = False
         self._errors = 0
         self._timer = None
+        self._junk = None           # a JunkCounter once connected (None: no defences)
         if factory.tls is not None and not factory.implicit_tls:
             self.commands = self.commands | {"STARTTLS"}
             self.unimplemented = self.unimplemented - {"STARTTLS"}
@@ -173,6 +177,7 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
             self._close_with(refusal)
             return
         self._registered = True
+        self._junk = self.factory.junk_counter(self)
         self.reply(replies.greeting(self.config.server.hostname))
         self._arm_command_timer()
 
@@ -199,6 +204,19 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
     def reply(self, reply):
         if not self._closing:
             write_now(self.transport, reply.to_bytes())
+
+    def defence_close(self):
+        """A ban of this client's network ends the session (SPEC §4)."""
+        self.emit("smtp.limit", kind="banned")
+        self._close_with(stages.BANNED)
+
+    def _junk_command(self):
+        """Count a command that moves no mail; True when it closed the session."""
+        if self._junk is not None and self._junk.count() and not self._closing:
+            self.emit("smtp.limit", kind="junk_commands")
+            self._close_with(stages.TOO_MANY_JUNK)
+            return True
+        return False
 
     def _close_with(self, reply):
         self.reply(reply)
@@ -265,16 +283,15 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
     def _protocol_error(self, reply, kind, detail):
         self.emit("smtp.protocol_error", kind=kind, detail=detail)
         self.reply(reply)
-        self._errors += 1
-        if self._errors >= self.config.limits.max_errors and not self._closing:
-            self.emit("smtp.limit", kind="max_errors")
-            self._close_with(replies.TOO_MANY_ERRORS)
+        self._count_error()
 
     def state_COMMAND(self, line):
         verb, _, rest = line.strip(b" ").partition(b" ")
         name = _verb_name(verb)
         try:
             if name in self.commands:
+                if name in JUNK_VERBS and self._junk_command():
+                    return None
                 return getattr(self, "do_" + name)(rest.strip(b" "))
             if name in self.unimplemented:
                 raise ProtocolError(replies.NOT_IMPLEMENTED, "bad_command", name)
@@ -438,11 +455,13 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         if not recipient.domain:        # <postmaster> is ours (RFC 5321 §4.5.1)
             recipient = Path(recipient.local, self.config.server.domains[0])
         address = recipient.canonical()
-        if address in self._txn.recipients:
-            self.reply(replies.RECIPIENT_OK)
-            return None
-        if len(self._txn.recipients) >= self.config.server.max_recipients:
+        if self._txn.accepted >= self.config.server.max_recipients:
             self._recipient_checked(replies.TOO_MANY_RECIPIENTS, address)
+            return None
+        if address in self._txn.recipients:
+            if not self._junk_command():
+                self._txn.accepted += 1
+                self.reply(replies.RECIPIENT_OK)
             return None
         d = defer.maybeDeferred(self.policy.check_recipient, self.session, recipient)
         d.addCallback(self._recipient_checked, address)
@@ -451,11 +470,20 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
     def _recipient_checked(self, reply, address):
         if reply.positive:
             self._txn.recipients.append(address)
+            self._txn.accepted += 1
             self.emit("smtp.rcpt.accepted", recipient=address)
         else:
             self.emit("smtp.rcpt.rejected", recipient=address, code=reply.code,
                       reason=reply.text)
         self.reply(reply)
+        if reply in (replies.USER_UNKNOWN, replies.RELAY_DENIED):
+            self._count_error()     # SPEC §4: they count towards max_errors
+
+    def _count_error(self):
+        self._errors += 1
+        if self._errors >= self.config.limits.max_errors and not self._closing:
+            self.emit("smtp.limit", kind="max_errors")
+            self._close_with(replies.TOO_MANY_ERRORS)
 
     def do_DATA(self, rest):
         if rest:
@@ -669,6 +697,6 @@ class SMTPFactory(GatedFactory):
         stock LimitConnectionsByPeer drops the connection without a word."""
         if verdict == DENIED:
             session_protocol.emit("smtp.denied")
-            return replies.ACCESS_DENIED
-        session_protocol.emit("smtp.limit", kind="connections_per_ip")
-        return replies.TOO_MANY_CONNECTIONS
+        else:
+            session_protocol.emit("smtp.limit", kind=stages.LIMIT_KIND.get(verdict, verdict))
+        return stages.REFUSED[verdict]

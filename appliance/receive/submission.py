@@ -137,6 +137,7 @@ class SubmissionSMTP(ApplianceSMTP):
         self.session.auth_user = result.address
         self.emit("auth.success", listener=self.session.listener, mechanism=mechanism.name,
                   account=result.address)
+        self.factory.auth_succeeded(self, result.address)
         self.reply(replies.AUTH_OK)
 
     def _sasl_failed(self, failure):
@@ -160,8 +161,15 @@ class SubmissionSMTP(ApplianceSMTP):
             self.reply(replies.AUTH_UNAVAILABLE)
             return
         self.emit("auth.failure", reason=reason, **fields)
+        # The ban (if this failure is one too many) is in place before the
+        # answer: the client's next connection is refused, its other
+        # sessions are closed already, this one answers and then closes.
+        banned = self.factory.auth_failed(self, mechanism.identity, mechanism.fingerprint)
         self._auth_failures += 1
         self.reply(reply)
+        if banned:
+            self.defence_close()
+            return
         if self._auth_failures >= MAX_AUTH_FAILURES and not self._closing:
             self.emit("smtp.limit", kind="auth_failures")
             self._close_with(replies.TOO_MANY_AUTH_FAILURES)

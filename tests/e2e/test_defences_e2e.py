@@ -141,9 +141,13 @@ def test_submission_failures_ban_on_every_listener_end_open_sessions_and_survive
     assert idle.line().startswith(b"* BYE")         # and the other open session
     assert_refused_everywhere(server, source)
     assert greeting(server, "mx", "127.0.0.22").startswith(b"220 ")    # a neighbour is not
-    bans = server.events("defence.ban")
+    bans = wait_until(lambda: server.events("defence.ban"), 5, what="the ban event")
     assert [b["network"] for b in bans] == ["127.0.0.21/32"]
-    server.kill()                                   # kill -9: the ban is on disk
+    # Written in a thread within milliseconds of the ban (not before the
+    # reply: a kill -9 in that instant would lose it).
+    wait_until(lambda: (server.data_dir / "defence" / "bans.json").exists(), 5,
+               what="the ban on disk")
+    server.kill()
     server.start()
     assert greeting(server, "mx", source).startswith(b"421 4.7.0")
     assert greeting(server, "imap", source).startswith(b"* BYE")
@@ -236,9 +240,11 @@ def test_greylisting_after_recipient_validation_and_the_retry_passes(mailserver_
     wait_until(lambda: attempt()[1][0] == 250, 10, interval=0.5, what="the retry to pass")
     server.wait_for_messages(USER, 1)
     assert greeting(server, "mx", "127.0.0.1").startswith(b"220")
-    decisions = [e.get("how") or e.get("reason") for e in server.events()
+    def decisions():
+        found = [e.get("how") or e.get("reason") for e in server.events()
                  if e["event"].startswith("defence.greylist.")]
-    assert decisions[:2] == ["new", "early"] and "retry" in decisions
+        return found if "retry" in found else None
+    assert wait_until(decisions, 5, what="the greylist events")[:2] == ["new", "early"]
 
 
 def test_the_per_user_limit_on_submission(mailserver_factory):
@@ -255,9 +261,10 @@ def test_the_per_user_limit_on_submission(mailserver_factory):
             answers.append((code, text[:5]))
             client.rset()
     assert answers == [(250, answers[0][1]), (250, answers[1][1]), (451, b"4.7.1")]
-    limit = [e for e in server.events("defence.limit")
-             if e["kind"] == "messages_per_hour_per_user"]
-    assert limit and limit[0]["key"] == USER
+    limit = wait_until(lambda: [e for e in server.events("defence.limit")
+                                if e["kind"] == "messages_per_hour_per_user"], 5,
+                       what="the limit event")
+    assert limit[0]["key"] == USER
 
 
 def test_deny_and_connection_rate(mailserver_factory):

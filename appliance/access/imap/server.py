@@ -50,6 +50,8 @@ from appliance.maildir import maildir_path
 from appliance.auth.accounts import BackendUnavailable, BadCredentials
 from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
 from appliance.envelope import new_session_id
+from appliance.defence.authfail import fingerprint
+from appliance.defence.stages import BANNED_TEXT, LIMIT_KIND, REFUSED_TEXT
 from appliance.net.gate import DENIED, GatedFactory
 from appliance.net.peer import peer_ip
 from appliance.message import header_safe
@@ -264,6 +266,11 @@ class IMAPServer(imap4.IMAP4Server):
     def timeoutConnection(self):
         self.emit("imap.limit", kind="timeout")
         self._bye(b"Autologout; idle for too long")
+
+    def defence_close(self):
+        """A ban of this client's network ends the session (SPEC §4)."""
+        self.emit("imap.limit", kind="banned")
+        self._bye(BANNED_TEXT.encode("ascii"))
 
     def _bye(self, text):
         if self._closing:
@@ -550,7 +557,7 @@ class IMAPServer(imap4.IMAP4Server):
         user, password = (_utf8(a) for a in args)
         d = self.factory.accounts.authenticate(user, password)
         d.addCallbacks(self._logged_in, self._login_failed, callbackArgs=("LOGIN",),
-                       errbackArgs=("LOGIN", user))
+                       errbackArgs=("LOGIN", user, fingerprint(user, password)))
         return d
 
     def cmd_AUTHENTICATE(self, tag, args):
@@ -596,7 +603,8 @@ class IMAPServer(imap4.IMAP4Server):
                                 "malformed: " + _reason(failure))
             done.errback(Failure(bad(b"Malformed authentication exchange")))
             return
-        self._login_failed(failure, mechanism.name, mechanism.identity).addErrback(done.errback)
+        self._login_failed(failure, mechanism.name, mechanism.identity,
+                           mechanism.fingerprint).addErrback(done.errback)
 
     @defer.inlineCallbacks
     def _logged_in(self, account, mechanism):
@@ -611,6 +619,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.user = user
         self.account = MaildirAccount(user)
         self.login_address = account.address
+        self.factory.auth_succeeded(self, account.address)
         self.state = "auth"
         self.setTimeout(self.POSTAUTH_TIMEOUT)
         fields = dict(listener=self.factory.listener, mechanism=mechanism,
@@ -619,7 +628,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.emit("imap.login", **fields)
         return (b"Logged in", b"CAPABILITY " + b" ".join(self.capability_list()))
 
-    def _login_failed(self, failure, mechanism, identity):
+    def _login_failed(self, failure, mechanism, identity, fingerprint=None):
         fields = dict(listener=self.factory.listener, mechanism=mechanism,
                       account=header_safe(identity or "")[:256])
         if failure.check(BackendUnavailable):
@@ -633,12 +642,16 @@ class IMAPServer(imap4.IMAP4Server):
             self.emit("auth.unavailable", reason="internal error", **fields)
             return defer.fail(no(b"Authentication is not available now, try later",
                                  b"UNAVAILABLE"))
-        self._count_failure(mechanism, identity, _reason(failure))
+        self._count_failure(mechanism, identity, _reason(failure), fingerprint)
         return defer.fail(no(b"Authentication failed", b"AUTHENTICATIONFAILED"))
 
-    def _count_failure(self, mechanism, identity, reason):
+    def _count_failure(self, mechanism, identity, reason, fingerprint=None):
         self.emit("auth.failure", listener=self.factory.listener, mechanism=mechanism,
                   account=header_safe(identity or "")[:256], reason=reason)
+        if self.factory.auth_failed(self, identity or "", fingerprint):
+            self.emit("imap.limit", kind="banned")
+            self._bye_after = BANNED_TEXT.encode("ascii")       # after the tagged NO
+            return
         self._auth_failures += 1
         if self._auth_failures >= MAX_AUTH_FAILURES:
             self.emit("imap.limit", kind="auth_failures")
@@ -1267,7 +1280,7 @@ class IMAPFactory(GatedFactory):
         if verdict == DENIED:
             server.emit("imap.denied", listener=self.listener)
             return b"Access denied"
-        server.emit("imap.limit", kind="connections_per_ip")
-        return b"[UNAVAILABLE] Too many connections from your address"
+        server.emit("imap.limit", kind=LIMIT_KIND.get(verdict, verdict))
+        return b"[UNAVAILABLE] " + REFUSED_TEXT[verdict].encode("ascii")
 
 
