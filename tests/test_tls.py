@@ -378,8 +378,9 @@ def test_build_wires_tls_into_every_smtp_listener(tmp_path):
         assert parts[name].tls is parts["tls"] and not parts[name].implicit_tls
     assert parts["submissions"].implicit_tls
     listener = top.getServiceNamed("listener-submissions")
-    assert isinstance(listener.factory, TLSMemoryBIOFactory)
-    assert listener.factory.wrappedFactory is parts["submissions"]
+    assert listener.factory.gate is parts["gate"]       # refuses before any TLS state
+    assert isinstance(listener.factory.wrapped, TLSMemoryBIOFactory)
+    assert listener.factory.wrapped.wrappedFactory is parts["submissions"]
     assert top.getServiceNamed("listener-submission").factory is parts["submission"]
     assert parts["submission"].mechanisms.names() == ["PLAIN", "LOGIN"]
 
