@@ -9,14 +9,11 @@
 At teardown the server's output is printed: pytest shows it for failing tests only.
 """
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import MailServer  # noqa: E402  (needs the path above)
+from harness import MailServer
 
 USER = "alice@example.test"
 PASSWORD = "correct horse battery staple"

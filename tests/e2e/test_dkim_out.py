@@ -14,19 +14,16 @@ import email.utils
 import shutil
 import smtplib
 import ssl
-import sys
 import tempfile
 import uuid
 from email.message import EmailMessage
-from pathlib import Path
 
 import dns.rdatatype as rdatatype
 import dns.zone as dnszone
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: dns_server, dkim_tools
 
-import dns_server  # noqa: E402  (needs the path above)
+import dns_server
 from dkim_tools import (  # noqa: E402
     dkimpy_results, dnsfunc_server, mail_dkim_missing, mail_dkim_verify)
 from harness import free_ports, wait_until  # noqa: E402

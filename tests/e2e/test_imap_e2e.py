@@ -13,15 +13,12 @@ import imaplib
 import re
 import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: ldap_server
 
-import ldap_server  # noqa: E402  (needs the path above)
+import ldap_server
 from harness import HOSTNAME, wait_until  # noqa: E402
 
 ALICE, ALICE_PW = "alice@example.test", "alice imap password"

@@ -10,22 +10,19 @@ import base64
 import random
 import smtplib
 import socket
-import sys
 import threading
 import time
 import uuid
 from email import policy
 from email.message import EmailMessage
-from pathlib import Path
 
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: dns_server
 
-from dns_server import DNSServer  # noqa: E402  (needs the path above)
+from dns_server import DNSServer
 from harness import HOSTNAME, header_values, wait_until  # noqa: E402
 
 CLIENT_NAME = "client.good.test"

@@ -7,17 +7,14 @@ no entry holds is 550 5.1.1; an unreachable directory is 451 4.3.0 at RCPT.
 """
 
 import smtplib
-import sys
 import uuid
 from email import policy
 from email.message import EmailMessage
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: ldap_server
 
-import ldap_server  # noqa: E402  (needs the path above)
+import ldap_server
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"

@@ -21,18 +21,15 @@ import shutil
 import smtplib
 import socket
 import socketserver
-import sys
 import tempfile
 import threading
 import uuid
 from email.message import EmailMessage
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: dns_server
 
-import dns_server  # noqa: E402  (needs the path above)
+import dns_server
 from harness import free_ports, wait_until  # noqa: E402
 from postfix_mx import PostfixMX, postfix_available  # noqa: E402
 

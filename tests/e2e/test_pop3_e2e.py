@@ -12,16 +12,13 @@ the LDAP backend (a real slapd from tests/ldap_server.py).
 import poplib
 import socket
 import subprocess
-import sys
 from email import policy
 from email.parser import BytesParser
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: ldap_server
 
-import ldap_server  # noqa: E402  (needs the path above)
+import ldap_server
 from harness import HOSTNAME, wait_until  # noqa: E402
 
 ALICE, ALICE_PW = "alice@example.test", "alice pop password"

@@ -15,7 +15,6 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import sys
 import time
 import uuid
 from email import policy
@@ -27,9 +26,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: ldap_server
 
-import ldap_server  # noqa: E402  (needs the path above)
+import ldap_server
 from harness import HOSTNAME, header_values, wait_until  # noqa: E402
 
 ALICE, ALICE_PW = "alice@example.test", "alice password"

@@ -6,17 +6,14 @@ another domain, so it is accepted and queued whatever the outbound side does.
 """
 
 import smtplib
-import sys
 import uuid
 from email import policy
 from email.message import EmailMessage
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: ldap_server
 
-import ldap_server  # noqa: E402  (needs the path above)
+import ldap_server
 from harness import wait_until  # noqa: E402
 
 ALICE = "alice@example.test"

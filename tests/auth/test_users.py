@@ -16,7 +16,7 @@ from appliance.auth import users
 from appliance.auth.users import (AlreadyExists, NotFound, UsersError, UsersFile,
                                   hash_password, verify_password)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Cheap hashes for the file tests (the format is what matters there).
 BCRYPT = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()

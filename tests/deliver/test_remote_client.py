@@ -11,7 +11,6 @@ import functools
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -35,8 +34,7 @@ from appliance.testing import StringTransport, capture_events, make_config
 from appliance.net.tls import make_context, make_self_signed
 from dns_server import DNSServer
 
-sys.path.append(str(Path(__file__).resolve().parent / "e2e"))
-from postfix_mx import PostfixMX, postfix_available  # noqa: E402  (needs the path above)
+from postfix_mx import PostfixMX, postfix_available
 
 MESSAGE = b"From: alice@example.test\r\nSubject: hi\r\n\r\nbody\r\n"
 ROUTE = Route("remote.test", [("mx1.remote.test", ["127.0.0.2"]),
