@@ -47,7 +47,7 @@ from appliance.auth.users import UsersFile
 from appliance.config import ConfigError, load
 from appliance.defence.greylist import spf_checker
 from appliance.defence.service import Defences, DefenceService
-from appliance.defence.stages import DefencePolicy
+from appliance.defence.stages import DefencePolicy, imap_refusal, pop3_refusal, smtp_refusal
 from appliance.deliver.maildir import MaildirDeliverer
 from appliance.deliver.mx import ROUTE_CACHE_SECONDS, MXResolver, build_resolver
 from appliance.deliver.remote import RemoteDelivery
@@ -261,11 +261,13 @@ class TLSService(service.Service):
             _log.failure("reload on SIGHUP failed")
 
 
-def _implicit_tls(parts, name, factory):
-    """An implicit-TLS listener's factory: TLS around ``factory``, and the
-    gate in front of both, so a refused client costs no TLS state and no
-    handshake (it is closed at once)."""
-    return GateFront(parts["gate"], TLSMemoryBIOFactory(parts["tls"], False, factory), name)
+def _front(parts, name, factory, implicit, words):
+    """What a listener binds: the gate in front of ``factory`` (TLS around it
+    for ``implicit``), so a refused client costs no session and, on an
+    implicit-TLS port, no TLS state or handshake (it is closed at once)."""
+    if implicit:
+        factory = TLSMemoryBIOFactory(parts["tls"], False, factory)
+    return GateFront(parts["gate"], factory, name, None if implicit else words)
 
 
 def _submission_listeners(cfg, reactor, top, parts, directory, spool, users):
@@ -290,9 +292,8 @@ def _submission_listeners(cfg, reactor, top, parts, directory, spool, users):
                                     gate=parts["gate"])
         factory.signer = parts["signer"]
         parts[name] = factory
-        wrapped = _implicit_tls(parts, name, factory) if implicit else factory
         Listener(name, format_address(address), server_endpoint(reactor, address),
-                 wrapped).setServiceParent(top)
+                 _front(parts, name, factory, implicit, smtp_refusal)).setServiceParent(top)
 
 
 def _mail_store(cfg, parts):
@@ -316,9 +317,8 @@ def _pop3_listeners(cfg, reactor, top, parts):
         factory = POP3Factory(cfg, _mail_store(cfg, parts), mechanisms, reactor, name,
                               tls=parts["tls"], implicit_tls=implicit, gate=parts["gate"])
         parts[name] = factory
-        wrapped = _implicit_tls(parts, name, factory) if implicit else factory
         Listener(name, format_address(address), server_endpoint(reactor, address),
-                 wrapped).setServiceParent(top)
+                 _front(parts, name, factory, implicit, pop3_refusal)).setServiceParent(top)
 
 
 def _imap_listeners(cfg, reactor, top, parts):
@@ -333,9 +333,8 @@ def _imap_listeners(cfg, reactor, top, parts):
                               parts["tls"], reactor, name, implicit_tls=implicit,
                               gate=parts["gate"])
         parts[name] = factory
-        wrapped = _implicit_tls(parts, name, factory) if implicit else factory
         Listener(name, format_address(address), server_endpoint(reactor, address),
-                 wrapped).setServiceParent(top)
+                 _front(parts, name, factory, implicit, imap_refusal)).setServiceParent(top)
 
 
 def _queue_manager(cfg, reactor, spool, directory, deliverer, resolver):
@@ -405,8 +404,8 @@ def build(cfg, reactor):
         factory.signer = parts["signer"]        # trusted networks' mail
         factory.checks = parts["checks"]        # everyone else's: SPF, DKIM, DMARC
         parts["mx"] = factory
-        Listener("mx", format_address(cfg.listen.mx),
-                 server_endpoint(reactor, cfg.listen.mx), factory).setServiceParent(top)
+        Listener("mx", format_address(cfg.listen.mx), server_endpoint(reactor, cfg.listen.mx),
+                 _front(parts, "mx", factory, False, smtp_refusal)).setServiceParent(top)
     _submission_listeners(cfg, reactor, top, parts, directory, spool, users)
     _pop3_listeners(cfg, reactor, top, parts)
     _imap_listeners(cfg, reactor, top, parts)

@@ -42,6 +42,18 @@ LIMIT_KIND = {"busy": "connections_per_ip", "rate": "connections_per_minute_per_
               "banned": "banned", "denied": "denied"}
 
 
+def smtp_refusal(verdict):
+    return REFUSED[verdict].to_bytes()
+
+
+def imap_refusal(verdict):
+    return b"* BYE [UNAVAILABLE] " + REFUSED_TEXT[verdict].encode("ascii") + b"\r\n"
+
+
+def pop3_refusal(verdict):
+    return b"-ERR [SYS/TEMP] " + REFUSED_TEXT[verdict].encode("ascii") + b"\r\n"
+
+
 class DefencePolicy:
     """See the module doc; ``inner`` keeps every other rule."""
 

@@ -131,21 +131,40 @@ class GatedFactory(protocol.ServerFactory):
         """A per-session ``JunkCounter`` (``count()`` True: close with 421),
         or None without defences."""
         defences = self.defences
-        return None if defences is None else defences.junk_counter(session.peer_ip)
+        if defences is None or defences.exempt.contains(session.peer_ip):
+            return None         # allow and trusted networks are never limited
+        return defences.junk_counter(session.peer_ip)
+
+
+class _Refusal(protocol.Protocol):
+    """Writes the protocol's refusal and closes: no session, no events of
+    its own (the gate reports refusals, at most one a minute per network)."""
+
+    def __init__(self, words):
+        self.words = words
+
+    def connectionMade(self):
+        self.transport.write(self.words)
+        self.transport.loseConnection()
 
 
 class GateFront(protocol.ServerFactory):
-    """In front of an implicit-TLS listener's factory (TLSMemoryBIOFactory):
-    a client the gate refuses is closed before any protocol, TLS state or
-    handshake is built for it (SPEC §4: "or a plain close"). Plaintext
-    listeners do not need it: their protocols refuse before the banner."""
+    """In front of a listener's factory: a client the gate refuses (deny,
+    ban, too many open connections) costs no session object, no event per
+    connection, no TLS state. ``words(verdict)`` -> bytes: the protocol's
+    refusal (SMTP 421, IMAP * BYE, POP3 -ERR); None for implicit-TLS
+    listeners, closed at once without a handshake (SPEC §4: "or a plain
+    close"). What only counting can tell (the connection rate) is refused
+    by the session itself, before its banner.
+    """
 
     noisy = False
 
-    def __init__(self, gate, wrapped, listener=""):
+    def __init__(self, gate, wrapped, listener="", words=None):
         self.gate = gate
         self.wrapped = wrapped
         self.listener = listener
+        self.words = words
 
     def doStart(self):
         self.wrapped.doStart()
@@ -154,9 +173,9 @@ class GateFront(protocol.ServerFactory):
         self.wrapped.doStop()
 
     def buildProtocol(self, addr):
-        if self.gate.refuses(peer_ip(addr), self.listener) is not None:
+        verdict = self.gate.refuses(peer_ip(addr), self.listener)
+        if verdict is None:
+            return self.wrapped.buildProtocol(addr)
+        if self.words is None:
             return None         # the reactor closes the socket at once
-        return self.wrapped.buildProtocol(addr)
-
-    def refusal(self, session, verdict):
-        raise NotImplementedError
+        return _Refusal(self.words(verdict))

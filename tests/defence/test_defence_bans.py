@@ -195,3 +195,34 @@ def test_the_session_whose_failure_bans_answers_first_and_closes_itself():
     ban = defences.auth_failed("192.0.2.8", "a@example.test", "f", ticket=mine)
     assert ban is not None and closed == ["other"]
     assert defences.admission.sparing is None
+
+
+def test_the_front_door_refuses_before_any_session_is_built():
+    from twisted.internet import address, protocol
+    from twisted.internet.testing import StringTransport
+
+    from appliance.defence.stages import smtp_refusal
+    from appliance.net.gate import Gate, GateFront
+
+    defences, _ = make()
+    defences.bans.ban("192.0.2.8")
+    gate = Gate(defences.config.limits, defences)
+    built = []
+
+    class Wrapped(protocol.ServerFactory):
+        def buildProtocol(self, addr):
+            built.append(addr)
+            return protocol.Protocol()
+
+    plain = GateFront(gate, Wrapped(), "mx", smtp_refusal)
+    implicit = GateFront(gate, Wrapped(), "submissions")
+    banned = address.IPv4Address("TCP", "192.0.2.8", 4000)
+    refusal = plain.buildProtocol(banned)
+    transport = StringTransport()
+    refusal.makeConnection(transport)
+    assert transport.value() == b"421 4.7.0 Your address is blocked\r\n"
+    assert transport.disconnecting
+    assert implicit.buildProtocol(banned) is None
+    assert built == []
+    plain.buildProtocol(address.IPv4Address("TCP", "192.0.2.9", 4000))
+    assert len(built) == 1

@@ -381,7 +381,7 @@ def test_build_wires_tls_into_every_smtp_listener(tmp_path):
     assert listener.factory.gate is parts["gate"]       # refuses before any TLS state
     assert isinstance(listener.factory.wrapped, TLSMemoryBIOFactory)
     assert listener.factory.wrapped.wrappedFactory is parts["submissions"]
-    assert top.getServiceNamed("listener-submission").factory is parts["submission"]
+    assert top.getServiceNamed("listener-submission").factory.wrapped is parts["submission"]
     assert parts["submission"].mechanisms.names() == ["PLAIN", "LOGIN"]
 
 
