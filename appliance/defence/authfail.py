@@ -37,6 +37,7 @@ from appliance.defence.network import client_key, normalise
 
 KNOWN_LOGIN_DAYS = 7
 KNOWN_LOGIN_WEIGHT = 0.5
+LOGIN_REFRESH = 86400       # seconds: how often a known login's 7 days restart
 ACCOUNT_ATTACK_NETWORKS = 10
 LOGINS = "logins"           # state map: "network|account" -> last success time
 
@@ -112,8 +113,13 @@ class AuthGuard:
         key = client_key(ip, self.ipv6_prefix)
         if normalise(ip) is None:
             return
-        self.state.map_put(LOGINS, f"{key}|{account}", round(self.clock.seconds()),
-                           ttl=KNOWN_LOGIN_DAYS * 86400)
+        now = self.clock.seconds()
+        field = f"{key}|{account}"
+        last = self.state.map_get(LOGINS, field)
+        if last is None or now - last >= LOGIN_REFRESH:
+            # At most once a day per network and account: logins must not
+            # rewrite the persisted map each time.
+            self.state.map_put(LOGINS, field, round(now), ttl=KNOWN_LOGIN_DAYS * 86400)
         if self.state.set_members(f"auth.accounts:{key}") <= {account}:
             self._clear(key)
 

@@ -71,6 +71,7 @@ class Greylist:
         self.window = checks.greylist_window
         self.pass_after = checks.greylist_pass_after
         self.keep = checks.greylist_keep
+        self.refresh = min(86400.0, self.keep / 10)
         self.ipv6_prefix = limits.ipv6_prefix
         self.exempt = exempt
         self.spf = spf
@@ -91,14 +92,14 @@ class Greylist:
         fields = dict(peer_ip=str(ip), network=network, sender=sender, recipient=recipient)
         known = self.state.map_get(NETWORKS, network)
         if known is not None and known >= self.pass_after:
-            self.state.map_put(NETWORKS, network, known, ttl=self.keep)
+            self._touch(NETWORKS, network, known, now)
             events.emit("defence.greylist.passed", how="network", **fields)
             return PASS
         triplet = f"{network}|{sender}|{recipient}"
         entry = self.state.map_get(TRIPLETS, triplet)
         if entry is not None:
             if entry.get("passed"):
-                self.state.map_put(TRIPLETS, triplet, entry, ttl=self.keep)
+                self._touch(TRIPLETS, triplet, entry, now)
                 events.emit("defence.greylist.passed", how="known", **fields)
                 return PASS
             age = now - entry["first"]
@@ -114,6 +115,15 @@ class Greylist:
             d.addCallback(self._spf_answered, triplet, network, fields, now)
             return d
         return self._new(triplet, sender, recipient, fields, now)
+
+    def _touch(self, name, field, value, now):
+        """Keep a passed entry ``greylist_keep`` after its last use. Its
+        expiry moves at most once per ``refresh`` (a day, or a tenth of
+        greylist_keep): every message from a known sender must not rewrite
+        the persisted greylist."""
+        expires = self.state.map_expires(name, field)
+        if expires is None or expires - now < self.keep - self.refresh:
+            self.state.map_put(name, field, value, ttl=self.keep)
 
     def _spf_answered(self, result, triplet, network, fields, now):
         if result == "pass":
