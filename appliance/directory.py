@@ -25,6 +25,7 @@ from appliance import events
 from appliance.auth.users import (UsersError, UsersFile, WatchedFile,
                                   base_address, canonical_address)
 from appliance.config import unicode_domain
+from appliance.threads import ThreadPoolService, pool_runner
 
 _log = Logger(namespace="mailappliance.directory")
 
@@ -138,9 +139,9 @@ class Directory:
         self.aliases = aliases
 
     @classmethod
-    def from_config(cls, config, now=time.monotonic, defer_to_thread=None):
+    def from_config(cls, config, now=time.monotonic, run_in_thread=None):
         """The file-backed directory of ``config`` (users file + aliases)."""
-        extra = {} if defer_to_thread is None else {"defer_to_thread": defer_to_thread}
+        extra = {} if run_in_thread is None else {"run_in_thread": run_in_thread}
         users = UsersFile(config.auth.users_file, now=now, **extra)
         aliases = AliasesFile(config.aliases_file, now=now)
         return cls(config, users, aliases)
@@ -396,7 +397,7 @@ def recipient_accounts(cfg, run_in_thread, clock=None, timeout=None, pool_size=N
     return ldap.LdapAccounts(client, run_in_thread, clock, deadline=3 * timeout)
 
 
-def directory_from_config(cfg, users, aliases, reactor):
+def directory_from_config(cfg, users, aliases, reactor, pool=None):
     """``(directory, service)`` for ``[auth] backend``.
 
     The users file's ``Directory`` and None; or, for LDAP, an
@@ -407,14 +408,9 @@ def directory_from_config(cfg, users, aliases, reactor):
     """
     if cfg.auth.backend != "ldap":
         return Directory(cfg, users, aliases), None
-    from twisted.python import threadpool
-
-    from appliance.auth.ldap import POOL_SIZE
-    from appliance.threads import ThreadPoolService, pool_runner
-    pool = threadpool.ThreadPool(minthreads=0, maxthreads=POOL_SIZE, name="ldap-directory")
-    accounts = recipient_accounts(cfg, pool_runner(reactor, pool), clock=reactor)
+    accounts = recipient_accounts(cfg, pool_runner(reactor, pool), clock=reactor,
+                                  pool_size=pool.max)
     service = ThreadPoolService(pool, drain=lambda: _closed_quietly(accounts))
-    service.setName("ldap-directory-pool")
     return LdapDirectory(cfg, aliases, accounts, reactor), service
 
 

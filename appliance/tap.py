@@ -3,51 +3,53 @@
 This is the one place that picks the real reactor, clock and thread pools;
 everything below takes them as constructor arguments.
 
-Service tree (a MultiService stops its children in reverse order, so the
-writer pool is added first and outlives the services that use it)::
+Service tree (a MultiService stops its children in reverse order, so each
+thread pool is added before the services that use it and outlives them)::
 
-    ApplianceService
-      event log          JSON events to [log] events
-      writer pool        the group-commit thread (spool and Maildir fsyncs)
-      ldap-directory-pool  LDAP threads for recipient lookups (backend = ldap only)
-      queue runner       local and remote delivery, retries, DSNs; recovery at start
-      ldap-pool          LDAP threads (backend = ldap only)
-      tls                certificate and JWKS loaded; SIGHUP reloads the certificate
-      dkim-keys          DKIM keys made if missing, loaded (mail from our users is signed)
-      inbound-checks     threads for SPF / DKIM / DMARC of MX mail (DNS, RSA block)
-      defences           bans, limits, greylist state loaded (before any listener binds)
-      listener mx        ESMTP on [listen] mx, STARTTLS
+    ApplianceService          its ``appliance`` (an ``Appliance``) holds the parts
+      event log               JSON events to [log] events
+      pool-group-commit       the spool's batches (fsyncs in the writer child)
+      pool-spool-read, pool-password-hash, pool-dns   (appliance.threads; POOLS below)
+      pool-ldap-directory     LDAP recipient lookups (backend = ldap only)
+      queue runner            local and remote delivery, retries, DSNs; recovery at start
+      tls                     certificate and JWKS loaded; SIGHUP reloads the certificate
+      dkim-keys               DKIM keys made if missing, loaded
+      pool-dkim-sign, pool-inbound-checks, pool-defence-state
+      defences                bans, limits, greylist state loaded (before any listener binds)
+      pool-ldap, pool-maildir
+      listener mx             ESMTP on [listen] mx, STARTTLS
       listener submission, submission_alt   STARTTLS + AUTH
       listener submissions                  implicit TLS + AUTH
-      listener pop3 (STLS), pop3s (implicit TLS)   POP3 over the Maildirs
-      listener imap (STARTTLS), imaps (implicit TLS)   IMAP4rev1 over the Maildirs
+      listener pop3 (STLS), pop3s, imap (STARTTLS), imaps   over the Maildirs
+
+Every listener's factory gets the one ``Gate`` (appliance.net.gate), which asks the
+defences (appliance.defence): a client's connections are counted, and refused, across
+all of them; bans, rates and greylisting reach every listener at once.
 """
 
 import gc
 import os
 import signal
 import sys
+from dataclasses import dataclass, field
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints, threads
+from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python import threadpool, usage
+from twisted.python import usage
 
 import appliance
 from appliance import events
 from appliance.access.imap.server import IMAPFactory
 from appliance.access.folders import MaildirStore
 from appliance.access.pop3 import POP3Factory
-from appliance.auth.ldap import LdapConfigError, accounts_from_config
+from appliance.auth.ldap import POOL_SIZE as LDAP_POOL_SIZE, LdapConfigError, accounts_from_config
 from appliance.auth.oauth2 import JWKSError, TokenVerifier
 from appliance.auth.sasl import Mechanisms
 from appliance.auth.users import UsersFile
 from appliance.config import ConfigError, load
-from appliance.defence.greylist import spf_checker
-from appliance.defence.service import Defences, DefenceService
-from appliance.defence.stages import DefencePolicy, imap_refusal, pop3_refusal, smtp_refusal
 from appliance.deliver.maildir import MaildirDeliverer
 from appliance.deliver.mx import ROUTE_CACHE_SECONDS, MXResolver, build_resolver
 from appliance.deliver.remote import RemoteDelivery
@@ -55,8 +57,12 @@ from appliance.directory import AliasesFile, directory_from_config
 from appliance.policy.checks import WORKER_THREADS, InboundChecks
 from appliance.policy.dkim_sign import Signer
 from appliance.policy.keys import KeyService, KeyStore
+from appliance.policy.pipeline import Pipeline
+from appliance.defence.greylist import spf_checker
+from appliance.defence.service import Defences, DefenceService
+from appliance.defence.stages import DefenceStage, imap_refusal, pop3_refusal, smtp_refusal
 from appliance.durable.commit import GroupCommitWriter
-from appliance.threads import ThreadPoolService, pool_runner
+from appliance.threads import ThreadPoolService, new_pool, pool_runner
 from appliance.queue.bounce import Bouncer
 from appliance.queue.manager import QueueSettings
 from appliance.queue.runner import QueueRunner
@@ -66,7 +72,6 @@ from appliance.receive.smtp import SMTPFactory
 from appliance.receive.submission import SubmissionFactory
 from appliance.net.gate import Gate, GateFront
 from appliance.net.tls import ServerTLS, TLSError
-from appliance.policy.relay import MXPolicy, SubmissionPolicy
 
 FSYNC_THREADS = 4       # fsyncs of one group-commit batch in flight together (in the writer child)
 SWITCH_INTERVAL = 0.0005    # seconds; see makeService
@@ -179,12 +184,13 @@ def format_address(address):
 
 
 class ApplianceService(service.MultiService):
-    """The whole server; ``parts`` exposes the objects for the admin shell and tests."""
+    """The whole server; ``appliance`` (an ``Appliance``) holds its parts."""
 
-    def __init__(self, config, parts):
+    appliance = None
+
+    def __init__(self, config):
         super().__init__()
         self.config = config
-        self.parts = parts
 
     def privilegedStartService(self):
         _check_tls_files(self.config)
@@ -222,19 +228,19 @@ class TLSService(service.Service):
 
     name = "tls"
 
-    def __init__(self, reactor, parts):
+    def __init__(self, reactor, app):
         self._reactor = reactor
-        self._parts = parts
+        self._app = app
         self._previous = None
 
     def privilegedStartService(self):
         try:
-            self._parts["tls"].load()
+            self._app.tls.load()
         except TLSError as exc:
             fail(f"[tls] certificate: {exc}")
-        if self._parts.get("oauth2") is not None:
+        if self._app.oauth2 is not None:
             try:
-                self._parts["oauth2"].load()
+                self._app.oauth2.load()
             except JWKSError as exc:
                 fail(f"[auth] oauth2_jwks_file: {exc}")
         super().privilegedStartService()
@@ -256,159 +262,203 @@ class TLSService(service.Service):
     def _reload_logged(self):
         _log.info("SIGHUP: reloading the TLS certificate")
         try:
-            self._parts["tls"].reload()
+            self._app.tls.reload()
         except Exception:
             _log.failure("reload on SIGHUP failed")
 
 
-def _front(parts, name, factory, implicit, words):
-    """What a listener binds: the gate in front of ``factory`` (TLS around it
-    for ``implicit``), so a refused client costs no session and, on an
-    implicit-TLS port, no TLS state or handshake (it is closed at once)."""
-    if implicit:
-        factory = TLSMemoryBIOFactory(parts["tls"], False, factory)
-    return GateFront(parts["gate"], factory, name, None if implicit else words)
+# Threads for each kind of blocking work (appliance.threads): a pool each, so
+# one kind cannot starve another (a bcrypt storm, Maildir reads, DKIM RSA).
+POOLS = {
+    "group-commit": 1,          # the spool's batches (their fsyncs run in the writer child)
+    "spool-read": 4,            # spool entries read back for delivery
+    "maildir": 8,               # IMAP and POP3 folder work
+    "password-hash": 4,         # bcrypt / argon2 of the users file
+    "dkim-sign": 2,             # RSA / Ed25519 signatures of our users' mail
+    "dns": 8,                   # MX lookups (dnspython blocks)
+    "inbound-checks": WORKER_THREADS,   # SPF / DKIM / DMARC of MX mail
+    "ldap": LDAP_POOL_SIZE,             # logins (backend = ldap)
+    "ldap-directory": LDAP_POOL_SIZE,   # recipient lookups (backend = ldap)
+    "defence-state": 1,         # durable writes of bans and greylist (appliance.defence)
+}
 
 
-def _submission_listeners(cfg, reactor, top, parts, directory, spool, users):
-    """submission and submission_alt (STARTTLS), submissions (implicit TLS)."""
-    try:
-        accounts, ldap_service = accounts_from_config(cfg, users, directory, reactor)
-    except LdapConfigError as exc:
-        fail(str(exc))
-    if ldap_service is not None:
-        ldap_service.setServiceParent(top)     # before the listeners: stops after them
-    parts["accounts"] = accounts
-    parts["oauth2"] = TokenVerifier.from_config(cfg)
-    mechanisms = Mechanisms(accounts, parts["oauth2"])
+class Pools:
+    """The appliance's thread pools, made on first use: ``run(name)`` is the
+    ``run_in_thread`` over pool ``name``; each pool's service joins ``top``
+    when made (so it outlives the services added after it)."""
+
+    def __init__(self, reactor, top):
+        self._reactor = reactor
+        self._top = top
+        self.pools = {}
+
+    def pool(self, name, drain=None, helpers=None):
+        """The ThreadPool ``name``, made with its service on first use."""
+        if name not in self.pools:
+            threads = POOLS[name]
+            pool = new_pool(name, threads, minthreads=1 if threads == 1 else 0)
+            ThreadPoolService(pool, drain=drain, helpers=helpers).setServiceParent(self._top)
+            self.pools[name] = pool
+        return self.pools[name]
+
+    def run(self, name):
+        return pool_runner(self._reactor, self.pool(name))
+
+
+@dataclass
+class Appliance:
+    """The running appliance: each long-lived part by name, for the admin
+    commands and the tests (``ApplianceService.appliance``)."""
+
+    config: object
+    gate: Gate
+    writer: GroupCommitWriter
+    spool: Spool
+    users: UsersFile
+    aliases: AliasesFile
+    directory: object
+    runner: QueueRunner
+    tls: ServerTLS = None
+    oauth2: TokenVerifier = None
+    dkim: KeyStore = None
+    signer: Signer = None
+    checks: InboundChecks = None
+    accounts: object = None
+    mailstore: MaildirStore = None
+    defences: Defences = None   # bans, limits, greylisting (``gate.defences``)
+    listeners: dict = field(default_factory=dict)     # name -> protocol factory
+
+
+def _listen(top, reactor, name, address, factory, words, tls=None):
+    """A listener for ``factory`` on ``address``; with ``tls``, implicit TLS.
+    The gate stands in front (``GateFront``): a refused client costs no
+    session, and no TLS state or handshake; ``words(verdict)`` is the
+    protocol's refusal, an implicit-TLS port just closes."""
+    wrapped = TLSMemoryBIOFactory(tls, False, factory) if tls is not None else factory
+    front = GateFront(factory.gate, wrapped, name, None if tls is not None else words)
+    Listener(name, format_address(address), server_endpoint(reactor, address),
+             front).setServiceParent(top)
+
+
+def _smtp_listeners(app, reactor, top, mechanisms):
+    """mx; submission and submission_alt (STARTTLS), submissions (implicit TLS)."""
+    cfg = app.config
+    trusted = cfg.relay.trusted_networks
+    if cfg.listen.mx is not None:
+        factory = SMTPFactory(cfg, app.directory, app.spool, reactor, listener="mx",
+                              tls=app.tls, gate=app.gate)
+        # Trusted networks' mail is signed, everyone else's checked: one pipeline.
+        factory.pipeline = Pipeline(factory.policy, trusted, checks=app.checks,
+                                    signer=app.signer, stages=[DefenceStage(app.defences)])
+        app.listeners["mx"] = factory
+        _listen(top, reactor, "mx", cfg.listen.mx, factory, smtp_refusal)
     for name in ("submission", "submissions", "submission_alt"):
         address = getattr(cfg.listen, name)
         if address is None:
             continue
         implicit = name == "submissions"
-        policy = DefencePolicy(SubmissionPolicy(cfg, directory), parts["defences"])
-        factory = SubmissionFactory(cfg, directory, spool, reactor, name, mechanisms,
-                                    parts["tls"], implicit_tls=implicit, policy=policy,
-                                    gate=parts["gate"])
-        factory.signer = parts["signer"]
-        parts[name] = factory
-        Listener(name, format_address(address), server_endpoint(reactor, address),
-                 _front(parts, name, factory, implicit, smtp_refusal)).setServiceParent(top)
+        factory = SubmissionFactory(cfg, app.directory, app.spool, reactor, name, mechanisms,
+                                    app.tls, implicit_tls=implicit, gate=app.gate)
+        factory.pipeline = Pipeline(factory.policy, trusted, signer=app.signer,
+                                    stages=[DefenceStage(app.defences)])
+        app.listeners[name] = factory
+        _listen(top, reactor, name, address, factory, smtp_refusal,
+                app.tls if implicit else None)
 
 
-def _mail_store(cfg, parts):
-    """The one MaildirStore that IMAP and POP3 share (their folder objects,
-    UID lists and the POP3 maildrop lock live in it)."""
-    if "mailstore" not in parts:
-        parts["mailstore"] = MaildirStore(os.path.join(cfg.server.data_dir, "mail"),
-                                          threads.deferToThread,
-                                          hostname=cfg.server.hostname)
-    return parts["mailstore"]
-
-
-def _pop3_listeners(cfg, reactor, top, parts):
-    """pop3 (STLS) and pop3s (implicit TLS), after the accounts are built."""
-    mechanisms = Mechanisms(parts["accounts"], parts["oauth2"])
-    for name in ("pop3", "pop3s"):
+def _access_listeners(app, reactor, top, mechanisms, pools):
+    """pop3 (STLS), pop3s, imap (STARTTLS), imaps, over one MaildirStore
+    (its folder objects, UID lists and the POP3 maildrop lock are shared)."""
+    cfg = app.config
+    app.mailstore = MaildirStore(os.path.join(cfg.server.data_dir, "mail"), pools.run("maildir"),
+                                 hostname=cfg.server.hostname)
+    for name in ("pop3", "pop3s", "imap", "imaps"):
         address = getattr(cfg.listen, name)
         if address is None:
             continue
-        implicit = name == "pop3s"
-        factory = POP3Factory(cfg, _mail_store(cfg, parts), mechanisms, reactor, name,
-                              tls=parts["tls"], implicit_tls=implicit, gate=parts["gate"])
-        parts[name] = factory
-        Listener(name, format_address(address), server_endpoint(reactor, address),
-                 _front(parts, name, factory, implicit, pop3_refusal)).setServiceParent(top)
+        implicit = name.endswith("s")
+        if name.startswith("pop3"):
+            factory = POP3Factory(cfg, app.mailstore, mechanisms, reactor, name, tls=app.tls,
+                                  implicit_tls=implicit, gate=app.gate)
+            words = pop3_refusal
+        else:
+            factory = IMAPFactory(cfg, app.mailstore, app.accounts, mechanisms, app.tls,
+                                  reactor, name, implicit_tls=implicit, gate=app.gate)
+            words = imap_refusal
+        app.listeners[name] = factory
+        _listen(top, reactor, name, address, factory, words, app.tls if implicit else None)
 
 
-def _imap_listeners(cfg, reactor, top, parts):
-    """imap (STARTTLS) and imaps (implicit TLS), after the accounts are built."""
-    mechanisms = Mechanisms(parts["accounts"], parts["oauth2"])
-    for name in ("imap", "imaps"):
-        address = getattr(cfg.listen, name)
-        if address is None:
-            continue
-        implicit = name == "imaps"
-        factory = IMAPFactory(cfg, _mail_store(cfg, parts), parts["accounts"], mechanisms,
-                              parts["tls"], reactor, name, implicit_tls=implicit,
-                              gate=parts["gate"])
-        parts[name] = factory
-        Listener(name, format_address(address), server_endpoint(reactor, address),
-                 _front(parts, name, factory, implicit, imap_refusal)).setServiceParent(top)
-
-
-def _queue_manager(cfg, reactor, spool, directory, deliverer, resolver):
+def _queue_manager(cfg, reactor, spool, directory, deliverer, resolver, pools):
     """The queue runner with remote delivery (MX routing + SMTP client) and DSNs."""
-    routes = MXResolver(cfg, resolver=resolver, clock=reactor, cache_seconds=ROUTE_CACHE_SECONDS)
+    routes = MXResolver(cfg, run_in_thread=pools.run("dns"), resolver=resolver, clock=reactor,
+                        cache_seconds=ROUTE_CACHE_SECONDS)
     remote = RemoteDelivery(cfg, routes, reactor)
     return QueueRunner(spool, directory, deliverer, reactor,
                        settings=QueueSettings.from_config(cfg), remote=remote,
                        bouncer=Bouncer.from_config(cfg, spool, reactor))
 
 
+def _ldap_pool(cfg, name):
+    """The LDAP pool ``name`` when the backend is LDAP (closed by its owner), else None."""
+    return new_pool(name, POOLS[name]) if cfg.auth.backend == "ldap" else None
+
+
 def build(cfg, reactor):
     """The service tree for ``cfg``; nothing is bound or started yet."""
     data_dir = cfg.server.data_dir
-    writer_pool = threadpool.ThreadPool(minthreads=1, maxthreads=1, name="group-commit")
+    top = ApplianceService(cfg)
+    EventLogService(cfg.log.events, reactor).setServiceParent(top)
+    pools = Pools(reactor, top)
     # The writes and fsyncs of each batch run in a child process (its own GIL):
-    # see appliance.durable.writer_process.
+    # see appliance.durable.writer_process. Its pool is the first one made, so
+    # it stops last, after every service that commits through it.
     files = ChildProcessFileSystem(os.path.join(data_dir, "queue.lock"), FSYNC_THREADS,
                                    reactor=reactor)
-    writer = GroupCommitWriter(pool_runner(reactor, writer_pool), files)
-
-    def read_in_thread(f, *args):
-        return threads.deferToThread(f, *args)
-
-    spool = Spool(os.path.join(data_dir, "queue"), writer, read_in_thread, reactor,
+    commit_pool = pools.pool("group-commit", drain=lambda: writer.drain(), helpers=files)
+    writer = GroupCommitWriter(pool_runner(reactor, commit_pool), files)
+    spool = Spool(os.path.join(data_dir, "queue"), writer, pools.run("spool-read"), reactor,
                   spare=os.path.join(data_dir, "queue.spare"))
-    users = UsersFile(cfg.auth.users_file)
+    users = UsersFile(cfg.auth.users_file, run_in_thread=pools.run("password-hash"))
     aliases = AliasesFile(os.path.join(data_dir, "aliases"))
     try:
-        directory, directory_service = directory_from_config(cfg, users, aliases, reactor)
+        directory, directory_service = directory_from_config(
+            cfg, users, aliases, reactor, _ldap_pool(cfg, "ldap-directory"))
     except LdapConfigError as exc:
         fail(str(exc))
-    deliverer = MaildirDeliverer(os.path.join(data_dir, "mail"), writer, cfg.server.hostname)
-    resolver = build_resolver(cfg)      # one for MX routing and the inbound checks
-    runner = _queue_manager(cfg, reactor, spool, directory, deliverer, resolver)
-
-    parts = dict(writer=writer, spool=spool, users=users, aliases=aliases,
-                 directory=directory, runner=runner)
-    top = ApplianceService(cfg, parts)
-    EventLogService(cfg.log.events, reactor).setServiceParent(top)
-    ThreadPoolService(writer_pool, drain=writer.drain, helpers=files).setServiceParent(top)
     if directory_service is not None:   # LDAP lookups: stops after the runner and listeners
         directory_service.setServiceParent(top)
+    deliverer = MaildirDeliverer(os.path.join(data_dir, "mail"), writer, cfg.server.hostname)
+    resolver = build_resolver(cfg)      # one for MX routing and the inbound checks
+    runner = _queue_manager(cfg, reactor, spool, directory, deliverer, resolver, pools)
+    app = top.appliance = Appliance(cfg, Gate(cfg.limits), writer, spool, users, aliases,
+                                    directory, runner)
     runner.setServiceParent(top)
-    parts["tls"] = ServerTLS.from_config(cfg)
-    TLSService(reactor, parts).setServiceParent(top)
-    parts["dkim"] = KeyStore.from_config(cfg)
-    KeyService(parts["dkim"], cfg.server.domains, fail).setServiceParent(top)
-    parts["signer"] = Signer(cfg, parts["dkim"], threads.deferToThread)
-    checks_pool = threadpool.ThreadPool(minthreads=0, maxthreads=WORKER_THREADS,
-                                        name="inbound-checks")
-    ThreadPoolService(checks_pool).setServiceParent(top)    # before the MX: outlives it
-    parts["checks"] = InboundChecks(cfg, resolver, pool_runner(reactor, checks_pool))
-    # Bans, limits, greylisting: loaded before the listeners open, one gate
-    # for all of them. Greylisting asks SPF (retries from a sender's pool)
-    # only when SPF checks are on.
-    spf = spf_checker(parts["checks"]) if cfg.checks.spf != "off" else None
-    parts["defences"] = Defences.from_config(cfg, reactor, threads.deferToThread, spf)
-    DefenceService(parts["defences"], reactor).setServiceParent(top)
-    parts["gate"] = Gate(cfg.limits, parts["defences"])
-
-    if cfg.listen.mx is not None:
-        factory = SMTPFactory(cfg, directory, spool, reactor, listener="mx",
-                              tls=parts["tls"], gate=parts["gate"],
-                              policy=DefencePolicy(MXPolicy(cfg, directory),
-                                                   parts["defences"]))
-        factory.signer = parts["signer"]        # trusted networks' mail
-        factory.checks = parts["checks"]        # everyone else's: SPF, DKIM, DMARC
-        parts["mx"] = factory
-        Listener("mx", format_address(cfg.listen.mx), server_endpoint(reactor, cfg.listen.mx),
-                 _front(parts, "mx", factory, False, smtp_refusal)).setServiceParent(top)
-    _submission_listeners(cfg, reactor, top, parts, directory, spool, users)
-    _pop3_listeners(cfg, reactor, top, parts)
-    _imap_listeners(cfg, reactor, top, parts)
+    app.tls = ServerTLS.from_config(cfg)
+    app.oauth2 = TokenVerifier.from_config(cfg)
+    TLSService(reactor, app).setServiceParent(top)
+    app.dkim = KeyStore.from_config(cfg)
+    KeyService(app.dkim, cfg.server.domains, fail).setServiceParent(top)
+    app.signer = Signer(cfg, app.dkim, pools.run("dkim-sign"))
+    app.checks = InboundChecks(cfg, resolver, pools.run("inbound-checks"))
+    # Bans, limits, greylisting: their state is loaded before any listener
+    # binds, and the one gate asks them. Greylisting asks SPF (a retry from
+    # another host of the sender's pool) only when SPF checks are on.
+    spf = spf_checker(app.checks) if cfg.checks.spf != "off" else None
+    app.defences = Defences.from_config(cfg, reactor, pools.run("defence-state"), spf)
+    DefenceService(app.defences, reactor).setServiceParent(top)
+    app.gate.defences = app.defences
+    try:
+        app.accounts, ldap_service = accounts_from_config(cfg, users, directory, reactor,
+                                                          _ldap_pool(cfg, "ldap"))
+    except LdapConfigError as exc:
+        fail(str(exc))
+    if ldap_service is not None:
+        ldap_service.setServiceParent(top)     # before the listeners: stops after them
+    mechanisms = Mechanisms(app.accounts, app.oauth2)
+    _smtp_listeners(app, reactor, top, mechanisms)
+    _access_listeners(app, reactor, top, mechanisms, pools)
     return top
 
 

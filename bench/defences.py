@@ -23,7 +23,6 @@ the figures.
 import argparse
 import json
 import multiprocessing
-import os
 import smtplib
 import socket
 import statistics

@@ -28,6 +28,7 @@ from appliance.envelope import DEFERRED, DELIVERED, FAILED
 from appliance.queue.store import Spool
 from appliance import replies
 from appliance.policy.relay import MXPolicy
+from appliance.threads import new_pool
 from appliance.testing import FakeSpool, SMTPHarness, error_of, make_config, value_of
 
 ALICE = "alice@example.test"
@@ -389,12 +390,13 @@ def test_directory_from_config_picks_the_backend(slapd, tmp_path):
     assert type(directory) is Directory and service is None
 
     directory, service = directory_from_config(config_for(slapd, tmp_path), None, aliases,
-                                               task.Clock())
+                                               task.Clock(), pool=new_pool("ldap-directory", 4))
     assert isinstance(directory, LdapDirectory) and directory.aliases is aliases
-    assert service.name == "ldap-directory-pool"
+    assert service.name == "pool-ldap-directory"
 
 
 def test_directory_from_config_reports_unusable_ldap_settings(slapd, tmp_path):
     cfg = config_for(slapd, tmp_path, ldap_bind_password_file=str(tmp_path / "missing"))
     with pytest.raises(LdapConfigError, match="ldap_bind_password_file"):
-        directory_from_config(cfg, None, AliasesFile(str(tmp_path / "aliases")), task.Clock())
+        directory_from_config(cfg, None, AliasesFile(str(tmp_path / "aliases")), task.Clock(),
+                              pool=new_pool("ldap-directory", 4))

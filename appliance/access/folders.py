@@ -46,6 +46,7 @@ from collections import namedtuple
 from twisted.internet import defer
 from twisted.mail import imap4  # noqa: F401  (registers the imap4-utf-7 codec)
 
+from appliance.durable.files import fsync_dir, write_atomic
 from appliance.maildir import SUBDIRS, crlf, crlf_size, maildir_path, split_name, to_stored, unique_name
 
 UIDLIST = "mailappliance-uidlist"
@@ -141,29 +142,6 @@ def decode_name(dirname):
 
 
 # -- small file helpers (run on threads) ----------------------------------------------
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path, data):
-    """Write ``data`` to ``path`` via a temp file, fsync and rename."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    _fsync_dir(os.path.dirname(path))
-
 
 def _listdir(path):
     try:
@@ -566,7 +544,7 @@ class Folder:
 
     def _save_uidlist(self):
         path = os.path.join(self.path, UIDLIST)
-        _write_atomic(path, format_uidlist(self.uidvalidity, self.uidnext, self.keywords,
+        write_atomic(path, format_uidlist(self.uidvalidity, self.uidnext, self.keywords,
                                            self.messages))
         self._uidlist_stamp = _stamp(path)
 
@@ -882,7 +860,7 @@ class Folder:
         os.utime(tmp, (mtime, mtime))
         message = Message(self.uidnext, base, info, crlf_size(stored), float(mtime))
         os.rename(tmp, self._cur(message.filename))
-        _fsync_dir(self._cur())
+        fsync_dir(self._cur())
         return self._added([message])[0]
 
     def _added(self, messages):
@@ -915,7 +893,7 @@ class Folder:
             made.append(copy)
             if move:
                 moved.append(uid)
-        _fsync_dir(dest._cur())
+        fsync_dir(dest._cur())
         numbered = dest._added(made) if made else []
         if moved and dest is not self:
             self._update(removed=moved)
@@ -1012,7 +990,7 @@ class UserMaildir:
         if name == "INBOX" or os.path.isdir(os.path.join(path, "cur")):
             raise FolderExists(f"folder {name} exists")
         _make_maildir(path, subfolder=True)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     def delete(self, name):
         """Delete folder ``name`` and its messages (not INBOX, not its subfolders)."""
@@ -1028,7 +1006,7 @@ class UserMaildir:
         trash = os.path.join(self.path, "tmp", f"deleted-{os.urandom(6).hex()}")
         os.rename(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         self._write_subscriptions(self._read_subscriptions() - {name})
 
     def rename(self, old, new):
@@ -1052,7 +1030,7 @@ class UserMaildir:
             check_folder_name(target)
             os.rename(self.folder_path(name), self.folder_path(target))
             self.store.forget(self.folder_path(name))
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         subscribed = self._read_subscriptions()
         renamed = {new + n[len(old):] if n == old or n.startswith(old + DELIMITER) else n
                    for n in subscribed}
@@ -1087,7 +1065,7 @@ class UserMaildir:
 
     def _write_subscriptions(self, names):
         data = "".join(n + "\n" for n in sorted(names)).encode("utf-8")
-        _write_atomic(os.path.join(self.path, SUBSCRIPTIONS), data)
+        write_atomic(os.path.join(self.path, SUBSCRIPTIONS), data)
 
 
 class MaildirStore:

@@ -42,7 +42,8 @@ from zope.interface import implementer
 
 from appliance import events
 from appliance.access.folders import FolderMissing, MessageGone
-from appliance.auth.accounts import BackendUnavailable, BadCredentials
+from appliance.auth.accounts import BadCredentials
+from appliance.auth.outcome import UNAVAILABLE, LoginRecorder
 from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
 from appliance.envelope import new_session_id
 from appliance.defence.authfail import fingerprint
@@ -87,18 +88,6 @@ for _name, _description, _fields in (
 ):
     events.register(_name, _description, _fields)
 
-# The same login events as SMTP AUTH (appliance.receive.submission registers
-# them too, with the same text): the auditor counts failures across protocols.
-for _name, _description, _fields in (
-    ("auth.success", "a client authenticated",
-     ("session", "peer_ip", "listener", "mechanism", "account")),
-    ("auth.failure", "authentication failed: bad credentials or a malformed exchange",
-     ("session", "peer_ip", "listener", "mechanism", "account", "reason")),
-    ("auth.unavailable", "authentication could not be checked: the backend is down",
-     ("session", "peer_ip", "listener", "mechanism", "account", "reason")),
-):
-    if _name not in events.EVENTS:
-        events.register(_name, _description, _fields)
 
 
 class Refusal(Exception):
@@ -276,7 +265,7 @@ class POP3Session(LineSession, pop3.POP3):
         self._sasl = None
         self._sender = None
         self._registered = False
-        self._auth_failures = 0
+        self.logins = LoginRecorder(self)
         self._errors = 0
 
     # -- connection life ----------------------------------------------------
@@ -605,32 +594,17 @@ class POP3Session(LineSession, pop3.POP3):
 
     # -- the outcome of a login -------------------------------------------------------
 
-    def _auth_fields(self, mechanism, identity):
-        return dict(listener=self.factory.listener, mechanism=mechanism,
-                    account=header_safe(identity or "")[:256])
-
     def _auth_failed(self, failure, mechanism, identity, fingerprint=None):
-        fields = self._auth_fields(mechanism, identity)
-        if failure.check(BackendUnavailable):
-            self.emit("auth.unavailable", reason=_reason(failure), **fields)
+        if self.logins.failed(failure, mechanism, identity, fingerprint) == UNAVAILABLE:
             self.failResponse("[SYS/TEMP] Authentication is unavailable, try again later")
             return None
-        if failure.check(Malformed):
-            reason, text = "malformed: " + _reason(failure), "[AUTH] Malformed SASL response"
-        elif failure.check(BadCredentials):
-            reason, text = _reason(failure), "[AUTH] Authentication failed"
-        else:
-            _log.failure("POP3 authentication failed unexpectedly", failure)
-            self.emit("auth.unavailable", reason="internal error", **fields)
-            self.failResponse("[SYS/TEMP] Authentication is unavailable, try again later")
-            return None
-        self.emit("auth.failure", reason=reason, **fields)
-        if self.factory.auth_failed(self, identity or "", fingerprint):
+        text = ("[AUTH] Malformed SASL response" if failure.check(Malformed)
+                else "[AUTH] Authentication failed")
+        if self.logins.banned:
             self.failResponse(text)             # the failure first, then the ban's words
             self.defence_close()
             return None
-        self._auth_failures += 1
-        if self._auth_failures >= MAX_AUTH_FAILURES:
+        if self.logins.failures >= MAX_AUTH_FAILURES:
             # Stock POP3 lets a client guess forever on one connection (T21).
             self.emit("pop3.limit", kind="auth_failures")
             self._close_with(text + ", too many failures, closing")
@@ -639,8 +613,7 @@ class POP3Session(LineSession, pop3.POP3):
         return None
 
     def _authenticated(self, account, mechanism):
-        self.emit("auth.success", **self._auth_fields(mechanism, account.address))
-        self.factory.auth_succeeded(self, account.address)
+        self.logins.succeeded(mechanism, account.address)
         folder = self.factory.store.user(account.address).folder("INBOX")
         if not folder.try_lock(self):
             # Stock POP3 has no maildrop lock (T21): two sessions would both

@@ -88,7 +88,7 @@ class FileAccounts:
     def authenticate(self, address, password):
         if not password:
             return defer.fail(BadCredentials("empty password"))
-        name = _login_name(address)
+        name = login_name(address)
         if name is None:
             return defer.fail(BadCredentials("not an address"))
         d = self._users.check_password(name, password)
@@ -101,7 +101,7 @@ class FileAccounts:
         return self._make(name)
 
     def account(self, address):
-        name = _login_name(address)
+        name = login_name(address)
         if name is None or self._users.lookup(name) is None:
             return defer.succeed(None)
         return defer.succeed(self._make(name))
@@ -119,7 +119,7 @@ class FileAccounts:
                      and self._directory.may_send_as(name, key))
 
 
-def _login_name(address):
+def login_name(address):
     """The canonical form of a login name, or None if it is no address."""
     if not isinstance(address, str):
         return None

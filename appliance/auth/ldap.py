@@ -39,14 +39,13 @@ from ldap3.protocol.sasl.sasl import validate_simple_password
 from ldap3.utils.conv import escape_filter_chars
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python import threadpool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from appliance import events
+from appliance.threads import ThreadPoolService, pool_runner
 from appliance.auth.accounts import (Account, BackendUnavailable, BadCredentials,
-                                     FileAccounts, IAccounts)
-from appliance.auth.users import UsersError, canonical_address
+                                     FileAccounts, IAccounts, login_name)
 
 _log = Logger(namespace="mailappliance.ldap")
 
@@ -151,16 +150,6 @@ def user_filter(template, value):
 def presence_filter(template):
     """The template matching every account: ``(mail=*)`` for ``(mail={address})``."""
     return template.replace("{address}", "*")
-
-
-def login_name(address):
-    """The canonical address a login names, or None if it is no address."""
-    if not isinstance(address, str):
-        return None
-    try:
-        return canonical_address(address)
-    except UsersError:
-        return None
 
 
 def _text(value):
@@ -588,22 +577,20 @@ class LdapAccounts:
 # ---------------------------------------------------------------------------
 # Choosing the backend
 
-def accounts_from_config(cfg, users, directory, reactor, pool_size=POOL_SIZE):
+def accounts_from_config(cfg, users, directory, reactor, pool=None):
     """``(accounts, service)`` for ``cfg.auth.backend``.
 
-    ``service`` is None for the users file; for LDAP it owns the LDAP thread
-    pool and must join the service tree before the listeners that use the
-    accounts (a MultiService stops children in reverse order). Raises
-    ``LdapConfigError`` (one line) for unusable LDAP settings.
+    ``service`` is None for the users file; for LDAP it runs ``pool`` (a
+    ThreadPool of at most ``POOL_SIZE`` threads, built in ``tap.py``), closes
+    the connections at stop, and must join the service tree before the
+    listeners that use the accounts (a MultiService stops children in reverse
+    order). Raises ``LdapConfigError`` (one line) for unusable LDAP settings.
     """
     if cfg.auth.backend != "ldap":
         return FileAccounts(users, directory), None
-    from appliance.threads import ThreadPoolService, pool_runner
-    pool = threadpool.ThreadPool(minthreads=0, maxthreads=pool_size, name="ldap")
     accounts = LdapAccounts.from_config(cfg, pool_runner(reactor, pool), clock=reactor,
-                                        pool_size=pool_size)
+                                        pool_size=pool.max)
     service = ThreadPoolService(pool, drain=lambda: _closed_quietly(accounts))
-    service.setName("ldap-pool")
     return accounts, service
 
 

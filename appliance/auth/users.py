@@ -17,7 +17,6 @@ import hashlib
 import hmac
 import os
 import re
-import tempfile
 import time
 
 import argon2
@@ -28,6 +27,7 @@ from twisted.logger import Logger
 
 from appliance import events
 from appliance.address import canonical
+from appliance.durable.files import adopt_owner, write_atomic
 
 _log = Logger(namespace="mailappliance.users")
 
@@ -242,14 +242,15 @@ class WatchedFile:
         with self._locked():
             lines = self._read_lines()
             new_lines = edit(lines, self._parse(lines))
-            _atomic_write(self.path, "".join(line + "\n" for line in new_lines))
+            write_atomic(self.path, "".join(line + "\n" for line in new_lines),
+                         owner_like=self.path)
         self._checked_at = None         # the next read sees our own change
 
     @contextlib.contextmanager
     def _locked(self):
         fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            _same_owner(fd, self.path)
+            adopt_owner(fd, self.path)
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
@@ -290,44 +291,6 @@ class WatchedFile:
         self._update(edit)
 
 
-def _same_owner(fd, path):
-    """When root writes (the CLI under sudo), give the file the owner of the
-    file it replaces, or of its directory: the server, running as its own
-    user, must still read it."""
-    if os.geteuid() != 0:
-        return
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = os.stat(os.path.dirname(os.path.abspath(path)))
-    os.fchown(fd, st.st_uid, st.st_gid)
-
-
-def _atomic_write(path, text):
-    """Write ``text`` to ``path`` (mode 0600) so that it is all there or not
-    at all, even across a crash."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(dir=directory,
-                                     prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            _same_owner(handle.fileno(), path)
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 # A login verified against a hash is remembered this long (Dovecot's
 # auth_cache habit): a bcrypt check costs ~0.25 s of CPU, and clients that
 # log in for every message would otherwise be capped at a few per second.
@@ -341,17 +304,18 @@ CACHE_SIZE = 10_000
 class UsersFile(WatchedFile):
     """``address:hash`` lines; see the module docstring.
 
-    ``defer_to_thread(f, *args) -> Deferred`` runs the hash work off the
-    reactor thread (``deferToThread`` by default; tests inject a synchronous
-    one).
+    ``run_in_thread(f, *args) -> Deferred`` runs the hash work off the
+    reactor thread (the server's own ``password-hash`` pool, so a storm of
+    logins cannot delay Maildir or spool work; ``deferToThread`` by default,
+    for the offline commands; tests inject a synchronous one).
     """
 
     reloaded_event = "users.reloaded"
 
     def __init__(self, path, now=time.monotonic, check_interval=1.0,
-                 defer_to_thread=deferToThread, cache_ttl=CACHE_TTL):
+                 run_in_thread=deferToThread, cache_ttl=CACHE_TTL):
         super().__init__(path, now, check_interval)
-        self._defer_to_thread = defer_to_thread
+        self._run_in_thread = run_in_thread
         self._verified = VerifiedCache(now, cache_ttl)
 
     def _parse_line(self, line):
@@ -398,10 +362,10 @@ class UsersFile(WatchedFile):
             return defer.succeed(False)
         hashed = self.lookup(address)
         if hashed is None:
-            return self._defer_to_thread(_verify_unknown_user, password)
+            return self._run_in_thread(_verify_unknown_user, password)
         if self._verified.holds(address, password, hashed):
             return defer.succeed(True)
-        d = self._defer_to_thread(verify_password, password, hashed)
+        d = self._run_in_thread(verify_password, password, hashed)
         d.addCallback(self._remember, address, password, hashed)
         return d
 

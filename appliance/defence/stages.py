@@ -1,15 +1,14 @@
-"""The defences as SMTP policy stages, and their replies.
+"""The defences as SMTP policy stages, and the protocols' words for them.
 
-``DefencePolicy(inner, defences)`` wraps a listener's policy (``MXPolicy``,
-``SubmissionPolicy``: ``check_sender`` / ``check_recipient`` answering a
-``Reply`` or a Deferred of one):
+``DefenceStage(defences)`` is an extra stage of every SMTP listener's
+``Pipeline`` (``appliance.policy.pipeline``), asked after the relay rules:
 
-- MAIL: the inner policy first (AUTH required, sender ownership); then the
+- MAIL: the relay rules first (AUTH required, sender ownership); then the
   message rate: per authenticated user (``messages_per_hour_per_user``),
   else per client network on the MX port (``messages_per_hour_per_ip``);
   over it ``451 4.7.1``. Nothing accepted is ever dropped for a limit: the
   client hears it before sending a body.
-- RCPT: the inner policy first (unknown users stay ``550 5.1.1``, relay
+- RCPT: the relay rules first (unknown users stay ``550 5.1.1``, relay
   refusals ``554``); a recipient it accepts goes through greylisting
   (``451 4.7.1`` for a new triplet). Never for authenticated sessions.
 """
@@ -54,39 +53,25 @@ def pop3_refusal(verdict):
     return b"-ERR [SYS/TEMP] " + REFUSED_TEXT[verdict].encode("ascii") + b"\r\n"
 
 
-class DefencePolicy:
-    """See the module doc; ``inner`` keeps every other rule."""
+class DefenceStage:
+    """The defences as an extra stage of ``appliance.policy.pipeline.Pipeline``
+    (asked only after the relay rules accepted): see the module doc.
+    ``at_mail`` / ``at_rcpt`` answer a refusal ``Reply`` or None."""
 
-    def __init__(self, inner, defences):
-        self.inner = inner
+    def __init__(self, defences):
         self.defences = defences
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def check_sender(self, session, sender):
-        d = defer.maybeDeferred(self.inner.check_sender, session, sender)
-        d.addCallback(self._sender_rate, session, sender)
-        return d
-
-    def _sender_rate(self, reply, session, sender):
-        if not reply.positive:
-            return reply
+    def at_mail(self, session, sender):
         if not self.defences.mail_allowed(session.peer_ip, session.auth_user or None):
             return MESSAGE_RATE
         session.mail_from = "" if sender.is_null else sender.canonical()
-        return reply
+        return None
 
-    def check_recipient(self, session, recipient):
-        d = defer.maybeDeferred(self.inner.check_recipient, session, recipient)
-        d.addCallback(self._greylist, session, recipient)
-        return d
-
-    def _greylist(self, reply, session, recipient):
+    def at_rcpt(self, session, recipient):
         greylist = self.defences.greylist
-        if not reply.positive or not greylist.applies(session.peer_ip, bool(session.auth_user)):
-            return reply
+        if not greylist.applies(session.peer_ip, bool(session.auth_user)):
+            return None
         d = defer.maybeDeferred(greylist.check, session.peer_ip, session.mail_from,
                                 recipient.canonical())
-        d.addCallback(lambda passed: reply if passed else GREYLISTED)
+        d.addCallback(lambda passed: None if passed else GREYLISTED)
         return d

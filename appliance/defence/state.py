@@ -35,6 +35,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from appliance.durable.files import write_atomic
+
 FLUSH_DELAY = 0.0       # seconds: changes within this (and during a write) are written together
 RETRY_DELAY = 5.0       # seconds before a failed write is tried again
 WINDOW_SLOTS = 60       # slots per sliding window (see window_hit)
@@ -149,26 +151,6 @@ class _Window:
         return self.total
 
 
-def _write_durably(path, payload):
-    """``payload`` (bytes) to ``path``: temp file, fsync, rename, fsync dir."""
-    directory = os.path.dirname(path)
-    temp = f"{path}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _encode(entries):
     return json.dumps({"version": FORMAT_VERSION, "entries": entries},
                       separators=(",", ":")).encode("utf-8")
@@ -277,7 +259,7 @@ class LocalState:
 
     @staticmethod
     def _write_snapshot(path, snapshot):
-        _write_durably(path, _encode(snapshot))
+        write_atomic(path, _encode(snapshot))
 
     def _write_failed(self, failure, name):
         self.write_errors += 1
@@ -308,14 +290,6 @@ class LocalState:
                 self._flush_call.cancel()
             self._write_dirty()
         return d
-
-    def write_now(self):
-        """Write every persistent map synchronously (at shutdown)."""
-        for name in sorted(self.persistent):
-            if name in self._dirty or not os.path.exists(self.path(name)):
-                snapshot = {f: e[:] for f, e in self._maps.get(name, {}).items()}
-                _write_durably(self.path(name), _encode(snapshot))
-                self._dirty.discard(name)
 
     # -- keys -----------------------------------------------------------------
 

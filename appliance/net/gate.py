@@ -56,7 +56,7 @@ class Gate:
             closer = getattr(session, "defence_close", None)
             listener = getattr(getattr(session, "factory", None), "listener", "")
             verdict, ticket = self.defences.admission.admit(ip, closer, listener)
-            if session is not None:
+            if ticket is not None and session is not None:
                 session.defence_ticket = ticket
             return verdict
         if peer_in(self.limits.deny, ip):
@@ -70,6 +70,8 @@ class Gate:
     def release(self, ip, session=None):
         if self.defences is not None:
             self.defences.admission.release(getattr(session, "defence_ticket", None))
+            if session is not None:
+                session.defence_ticket = None
             return
         remaining = self._per_ip.get(ip, 0) - 1
         if remaining > 0:
@@ -134,6 +136,9 @@ class GatedFactory(protocol.ServerFactory):
         if defences is None or defences.exempt.contains(session.peer_ip):
             return None         # allow and trusted networks are never limited
         return defences.junk_counter(session.peer_ip)
+
+    def refusal(self, session, verdict):
+        raise NotImplementedError
 
 
 class _Refusal(protocol.Protocol):

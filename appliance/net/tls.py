@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from appliance import events
+from appliance.durable.files import write_atomic
 
 _log = Logger(namespace="mailappliance.net.tls")
 
@@ -64,8 +65,8 @@ def ensure_self_signed(data_dir, hostname, now=None):
         return cert_path, key_path
     os.makedirs(os.path.dirname(cert_path), mode=0o700, exist_ok=True)
     cert_pem, key_pem = make_self_signed(hostname, now)
-    _write_private(key_path, key_pem)
-    _write_private(cert_path, cert_pem, mode=0o644)
+    write_atomic(key_path, key_pem)
+    write_atomic(cert_path, cert_pem, mode=0o644)
     events.emit("tls.generated", certificate=cert_path, hostname=hostname)
     return cert_path, key_path
 
@@ -110,23 +111,6 @@ def _san(hostname):
         return [x509.IPAddress(ipaddress.ip_address(hostname))]
     except ValueError:
         return [x509.DNSName(hostname)]
-
-
-def _write_private(path, data, mode=0o600):
-    """Write ``data`` to a new file created with ``mode`` (never world-readable
-    in between), then rename it into place."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
 
 
 def make_context(cert_path, key_path):

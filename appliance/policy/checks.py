@@ -50,7 +50,6 @@ from appliance.policy.dkim_verify import verify_signatures
 from appliance.policy.lookup import Lookups
 from appliance.policy.spf_check import check_helo, check_mailfrom
 from appliance import replies
-from appliance.net.peer import peer_in
 from appliance.message import field_value, header_fields, header_safe, strip_forged
 
 for _name, _description, _fields in (
@@ -216,7 +215,6 @@ class InboundChecks:
     def __init__(self, config, resolver, run_in_thread, random=random_module.random,
                  monotonic=time.monotonic):
         self.hostname = config.server.hostname
-        self.trusted = config.relay.trusted_networks
         self.spf = config.checks.spf
         self.dkim = config.checks.dkim
         self.dmarc = config.checks.dmarc
@@ -230,10 +228,6 @@ class InboundChecks:
     @property
     def enabled(self):
         return self.spf != "off" or self.dkim or self.dmarc != "off"
-
-    def applies(self, session):
-        """Mail from outside: not authenticated, not from a trusted network."""
-        return not session.auth_user and not peer_in(self.trusted, session.peer_ip)
 
     def check(self, facts, message, context):
         """A Deferred firing with the Verdict for ``message`` (bytes, CRLF);

@@ -27,7 +27,6 @@ from appliance import events
 from appliance.address import canonical_domain
 from appliance.policy.keys import KeyStoreError
 from appliance import replies
-from appliance.net.peer import peer_in
 from appliance.message import AmbiguousFrom, from_addresses, header_block, header_safe
 
 events.register("dkim.signed", "an outgoing message was DKIM-signed before it was queued",
@@ -165,16 +164,12 @@ class Signer:
         self.local_domains = frozenset(config.server.domains)
         self._local_forms = ascii_forms(self.local_domains)
 
-    def wants(self, session):
-        """Mail from our users: authenticated, or from a trusted network."""
-        return bool(session.auth_user) or peer_in(self.config.relay.trusted_networks,
-                                                  session.peer_ip)
-
-    def sign(self, message, session, queue_id, session_id=""):
-        """A Deferred firing with the message to queue: signed, or unchanged
-        when it is not ours to sign; SigningFailed if it cannot be signed."""
-        context = dict(session=session_id, peer_ip=session.peer_ip, queue_id=queue_id)
-        if not self.wants(session) or cannot_be_local(message, self._local_forms):
+    def sign(self, message, context):
+        """A Deferred firing with the message to queue (mail from our users:
+        the policy pipeline decides that): signed, or unchanged when its From:
+        names no local domain; SigningFailed if it cannot be signed.
+        ``context`` (session, peer_ip, queue_id) goes into the events."""
+        if cannot_be_local(message, self._local_forms):
             return defer.succeed(message)
         d = self.run_in_thread(self.sign_blocking, message)
         d.addCallbacks(self._signed, self._failed, callbackArgs=(context,),

@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted.application import service
 
 from appliance import events
+from appliance.durable.files import adopt_owner, write_atomic
 
 events.register("dkim.key_created", "a DKIM key was made (first start, or a rotation)",
                 ("domain", "selector", "algorithm"))
@@ -408,7 +409,7 @@ class KeyStore:
         except OSError as exc:
             raise KeyStoreError(f"[dkim] key_dir: cannot create {self.key_dir}: "
                                 f"{exc.strerror or exc}") from None
-        _adopt_owner(self.key_dir, os.path.dirname(os.path.abspath(self.key_dir)))
+        adopt_owner(self.key_dir, os.path.dirname(os.path.abspath(self.key_dir)))
 
     @contextlib.contextmanager
     def _file_lock(self):
@@ -427,24 +428,9 @@ class KeyStore:
     def _write(self, name, data):
         """Replace ``name`` durably: temp file (0600), fsync, rename, fsync the dir."""
         path = self._path(name)
-        temp = self._path(f".{name}.{os.getpid()}.tmp")
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            _adopt_owner(temp, self.key_dir)
-            os.replace(temp, path)
-            dir_fd = os.open(self.key_dir, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_atomic(path, data, owner_like=self.key_dir)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
             raise KeyStoreError(f"[dkim] key_dir: cannot write {path}: "
                                 f"{exc.strerror or exc}") from None
 
@@ -456,15 +442,6 @@ def _replace_state(key, state):
 def _index_json(keys):
     data = {"version": 1, "keys": [k.to_json() for k in keys]}
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
-
-
-def _adopt_owner(path, like):
-    """As root, give ``path`` the owner and group of ``like``."""
-    if os.geteuid() != 0:
-        return
-    st = os.stat(like)
-    if (st.st_uid, st.st_gid) != (0, 0):
-        os.chown(path, st.st_uid, st.st_gid)
 
 
 # -- on the reactor thread -------------------------------------------------------------

@@ -10,6 +10,7 @@ from twisted.logger import Logger
 
 from appliance.auth.accounts import BackendUnavailable
 from appliance import replies
+from appliance.message import AmbiguousFrom, from_addresses
 from appliance.net.peer import peer_in
 
 _log = Logger()
@@ -49,6 +50,11 @@ class MXPolicy:
                       else replies.USER_UNKNOWN)
         return d
 
+    def check_message(self, session, body):
+        """A Reply refusing the message ``body`` (bytes, CRLF) after DATA, or
+        None: the MX listener takes any content (the checks judge it)."""
+        return None
+
     def _lookup_failed(self, failure, address):
         if failure.check(BackendUnavailable):
             # An outage, already reported once by the backend (ldap.unavailable):
@@ -86,3 +92,16 @@ class SubmissionPolicy(MXPolicy):
         if not is_local:
             return replies.RECIPIENT_OK         # authenticated: any domain
         return super()._local_or_relay(is_local, session, address)
+
+    def check_message(self, session, body):
+        """Every From: address must be the account's (550 5.7.1 otherwise)."""
+        try:
+            addresses = from_addresses(body)
+        except AmbiguousFrom:
+            return replies.FROM_NOT_OWNED
+        account = session.account
+        if not addresses:
+            return replies.FROM_MISSING
+        if account is None or not all(account.may_send_as(a) for a in addresses):
+            return replies.FROM_NOT_OWNED
+        return None

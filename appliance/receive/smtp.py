@@ -20,7 +20,7 @@ AUTH (stock: T4-T6) is refused here and added by the submission profile
 import re
 
 from OpenSSL import SSL
-from twisted.internet import defer, protocol
+from twisted.internet import protocol
 from twisted.internet.interfaces import IHandshakeListener, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -30,13 +30,13 @@ from appliance import events
 from appliance.address import AddressError, Path, parse_path, split_path
 from appliance.envelope import Envelope, Session, new_queue_id, new_session_id
 from appliance.net.write import write_now
-from appliance.policy.checks import Facts
 from appliance import replies
 from appliance.net.framing import DataBody, Line
 from appliance.defence import stages
 from appliance.defence.junk import JUNK_VERBS
 from appliance.net.gate import DENIED, GatedFactory
 from appliance.net.peer import peer_ip
+from appliance.policy.pipeline import Pipeline, Refused
 from appliance.policy.relay import MXPolicy
 from appliance.message import header_safe
 from appliance.receive.received import protocol_name, received_header
@@ -380,7 +380,7 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
             return None
         if not self._space_for(size):
             return None
-        d = defer.maybeDeferred(self.policy.check_sender, self.session, sender)
+        d = self.factory.pipeline.at_mail(self.session, sender)
         d.addCallback(self._sender_checked, sender, kept, size)
         return d
 
@@ -463,7 +463,7 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
                 self._txn.accepted += 1
                 self.reply(replies.RECIPIENT_OK)
             return None
-        d = defer.maybeDeferred(self.policy.check_recipient, self.session, recipient)
+        d = self.factory.pipeline.at_rcpt(self.session, recipient)
         d.addCallback(self._recipient_checked, address)
         return d
 
@@ -569,63 +569,28 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         fault = txn.body.fault
         if fault is not None:
             return self._refuse_message(fault)
-        body = txn.body.message()
-        refusal = self.check_content(txn, body)
-        if refusal is not None:
-            self.emit("smtp.message.rejected", code=refusal.code, reason=refusal.text)
-            self.reply(refusal)
-            return None
         now = self.clock.seconds()
         envelope = Envelope(
             queue_id=new_queue_id(now), sender=txn.sender.canonical(),
             recipients=list(txn.recipients), received_at=now, helo=self.session.helo,
             peer_ip=self.session.peer_ip, listener=self.session.listener,
             auth_user=self.session.auth_user, params=dict(txn.params))
-        checks = self.factory.checks
-        if checks is not None and checks.applies(self.session):
-            # Inbound SPF/DKIM/DMARC (MX mail from outside), off the reactor thread.
-            facts = Facts(self.session.peer_ip, self.session.helo, envelope.sender)
-            context = dict(session=self.session_id, peer_ip=self.session.peer_ip,
-                           queue_id=envelope.queue_id)
-            d = checks.check(facts, body, context)
-            d.addCallback(self._checked, txn, envelope)
-            return d
-        return self._store(txn, envelope, body)
-
-    def _checked(self, verdict, txn, envelope):
-        """Refuse per the inbound checks, or store with their header (and folder)."""
-        if self._closing:
-            return None     # the client left without a 250: it will send again
-        if verdict.refusal is not None:
-            self.emit("smtp.message.rejected", code=verdict.refusal.code,
-                      reason=verdict.refusal.text)
-            self.reply(verdict.refusal)
-            return None
-        if verdict.folder is not None:
-            envelope.params["folder"] = verdict.folder
-        return self._store(txn, envelope, verdict.message)
-
-    def _store(self, txn, envelope, body):
-        message = self._received(txn, envelope) + body
-        envelope.size = len(message)
-        signer = self.factory.signer
-        if signer is None:
-            d = defer.maybeDeferred(self.factory.spool.accept, envelope, message)
-        else:       # DKIM, off the reactor thread, before the spool: retries never re-sign
-            d = signer.sign(message, self.session, envelope.queue_id, self.session_id)
-            d.addCallback(self._accept_signed, envelope)
+        context = dict(session=self.session_id, peer_ip=self.session.peer_ip,
+                       queue_id=envelope.queue_id)
+        # The policy pipeline checks (mail from outside) or signs (ours) it,
+        # off the reactor thread; then the spool.
+        d = self.factory.pipeline.at_data(self.session, envelope, txn.body.message(),
+                                          self._received(txn, envelope), context)
+        d.addCallback(self._store, envelope)
         d.addCallbacks(self._queued, self._not_queued,
                        callbackArgs=(envelope,), errbackArgs=(envelope,))
         return d
 
-    def _accept_signed(self, message, envelope):
+    def _store(self, message, envelope):
+        if self._closing:
+            return None     # the client left without a 250: it will send again
         envelope.size = len(message)
         return self.factory.spool.accept(envelope, message)
-
-    def check_content(self, txn, body):
-        """A Reply refusing the message ``body`` (bytes), or None to store it.
-        The submission profile checks the From: header here."""
-        return None
 
     def _received(self, txn, envelope):
         with_ = protocol_name(self.esmtp, tls=self.session.tls,
@@ -647,6 +612,8 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
             self._protocol_error(reply, fault, "data")
 
     def _queued(self, result, envelope):
+        if self._closing:
+            return
         queue_id = result if isinstance(result, str) and result else envelope.queue_id
         self.messages += 1
         self.emit("smtp.message.accepted", queue_id=queue_id, sender=envelope.sender,
@@ -657,6 +624,11 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         """T10: a storage failure is temporary (451), never stock's permanent 550.
         A step before the spool (DKIM signing) may fail with an exception
         carrying its own ``smtp_reply``; it has logged its reason itself."""
+        if failure.check(Refused):
+            self.emit("smtp.message.rejected", code=failure.value.reply.code,
+                      reason=failure.value.reply.text)
+            self.reply(failure.value.reply)
+            return
         reply = getattr(failure.value, "smtp_reply", None)
         if reply is None:
             _log.failure("spool refused {queue_id}", failure, queue_id=envelope.queue_id)
@@ -676,8 +648,6 @@ class SMTPFactory(GatedFactory):
 
     protocol = ApplianceSMTP
     noisy = False               # sessions are logged as events, not as factory chatter
-    signer = None               # an appliance.policy.dkim_sign.Signer: DKIM for our users' mail
-    checks = None               # an appliance.policy.checks.InboundChecks: SPF/DKIM/DMARC in
 
     def __init__(self, config, directory, spool, clock, listener="mx", policy=None,
                  tls=None, implicit_tls=False, gate=None):
@@ -687,9 +657,17 @@ class SMTPFactory(GatedFactory):
         self.clock = clock
         self.listener = listener
         self.policy = policy if policy is not None else MXPolicy(config, directory)
+        self.pipeline = Pipeline(self.policy, config.relay.trusted_networks)
         self.tls = tls
         self.implicit_tls = implicit_tls
         self.use_gate(gate, config.limits)
+
+    # The pipeline's DKIM signer (our users' mail) and inbound checks (mail
+    # from outside): tap.py builds the pipeline whole; tests set these.
+    signer = property(lambda self: self.pipeline.signer,
+                      lambda self, signer: setattr(self.pipeline, "signer", signer))
+    checks = property(lambda self: self.pipeline.checks,
+                      lambda self, checks: setattr(self.pipeline, "checks", checks))
 
     def refusal(self, session_protocol, verdict):
         """The Reply to close a refused connection with. Deny networks are

@@ -13,39 +13,24 @@ the rules stock twisted.mail gets wrong (TWISTED-TRAPS T4-T6):
 The mechanisms (``appliance.auth.sasl``) and the account store
 (``appliance.auth.accounts``) know nothing of SMTP; IMAP and POP3 reuse them.
 After AUTH, ``SubmissionPolicy`` holds MAIL FROM to the account's addresses
-and ``check_content`` holds the From: header to them.
+and its ``check_message`` holds the From: header to them.
 """
 
 import re
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.mail import smtp
 
-from appliance import events
-from appliance.auth.accounts import BackendUnavailable, BadCredentials
-from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
+from appliance.auth.outcome import ABORTED, UNAVAILABLE, LoginRecorder
+from appliance.auth.sasl import Challenge, Malformed, decode_response, encode_challenge
 from appliance import replies
 from appliance.policy.relay import SubmissionPolicy
-from appliance.message import AmbiguousFrom, from_addresses, header_safe
 from appliance.receive.smtp import ApplianceSMTP, ProtocolError, SMTPFactory
 
 AUTH = "AUTH"                   # the protocol mode while a SASL exchange runs
 AUTH_LINE_LIMIT = 12288         # octets, RFC 4954 §4 (OAuth tokens are long)
 MAX_AUTH_FAILURES = 3           # per connection; the auditor bans across connections
 _MECHANISM = re.compile(rb"[A-Za-z0-9_-]{1,20}\Z")
-
-_log = Logger()
-
-for _name, _description, _fields in (
-    ("auth.success", "a client authenticated",
-     ("session", "peer_ip", "listener", "mechanism", "account")),
-    ("auth.failure", "authentication failed: bad credentials or a malformed exchange",
-     ("session", "peer_ip", "listener", "mechanism", "account", "reason")),
-    ("auth.unavailable", "authentication could not be checked: the backend is down",
-     ("session", "peer_ip", "listener", "mechanism", "account", "reason")),
-):
-    events.register(_name, _description, _fields)
 
 
 class SubmissionSMTP(ApplianceSMTP):
@@ -57,7 +42,7 @@ class SubmissionSMTP(ApplianceSMTP):
     def __init__(self, factory):
         super().__init__(factory)
         self._sasl = None
-        self._auth_failures = 0
+        self.logins = LoginRecorder(self)
 
     def ehlo_keywords(self):
         keywords = super().ehlo_keywords()
@@ -135,42 +120,26 @@ class SubmissionSMTP(ApplianceSMTP):
         mechanism = self._end_sasl()
         self.session.account = result
         self.session.auth_user = result.address
-        self.emit("auth.success", listener=self.session.listener, mechanism=mechanism.name,
-                  account=result.address)
-        self.factory.auth_succeeded(self, result.address)
+        self.logins.succeeded(mechanism.name, result.address)
         self.reply(replies.AUTH_OK)
 
     def _sasl_failed(self, failure):
         mechanism = self._end_sasl()
-        fields = dict(listener=self.session.listener, mechanism=mechanism.name,
-                      account=header_safe(mechanism.identity)[:256])
-        if failure.check(Aborted):
+        verdict = self.logins.failed(failure, mechanism.name, mechanism.identity,
+                                     mechanism.fingerprint)
+        if verdict == ABORTED:
             self.reply(replies.AUTH_CANCELLED)
             return
-        if failure.check(BackendUnavailable):
-            self.emit("auth.unavailable", reason=_reason(failure), **fields)
+        if verdict == UNAVAILABLE:
             self.reply(replies.AUTH_UNAVAILABLE)
             return
-        if failure.check(Malformed):
-            reply, reason = replies.AUTH_MALFORMED, "malformed: " + _reason(failure)
-        elif failure.check(BadCredentials):
-            reply, reason = replies.AUTH_FAILED, _reason(failure)
-        else:
-            _log.failure("authentication failed unexpectedly", failure)
-            self.emit("auth.unavailable", reason="internal error", **fields)
-            self.reply(replies.AUTH_UNAVAILABLE)
-            return
-        self.emit("auth.failure", reason=reason, **fields)
-        # The ban (if this failure is one too many) is in place before the
-        # answer: the client's next connection is refused, its other
-        # sessions are closed already, this one answers and then closes.
-        banned = self.factory.auth_failed(self, mechanism.identity, mechanism.fingerprint)
-        self._auth_failures += 1
-        self.reply(reply)
-        if banned:
+        self.reply(replies.AUTH_MALFORMED if failure.check(Malformed) else replies.AUTH_FAILED)
+        if self.logins.banned:
+            # The ban was placed before that answer (LoginRecorder): the
+            # client's other sessions are closed already, this one now.
             self.defence_close()
             return
-        if self._auth_failures >= MAX_AUTH_FAILURES and not self._closing:
+        if self.logins.failures >= MAX_AUTH_FAILURES and not self._closing:
             self.emit("smtp.limit", kind="auth_failures")
             self._close_with(replies.TOO_MANY_AUTH_FAILURES)
 
@@ -184,24 +153,6 @@ class SubmissionSMTP(ApplianceSMTP):
         super()._reset_for_tls()
         self._sasl = None
 
-    # -- the message ------------------------------------------------------------
-
-    def check_content(self, txn, body):
-        """Every From: address must be the account's (550 5.7.1 otherwise)."""
-        try:
-            addresses = from_addresses(body)
-        except AmbiguousFrom:
-            return replies.FROM_NOT_OWNED
-        account = self.session.account
-        if not addresses:
-            return replies.FROM_MISSING
-        if account is None or not all(account.may_send_as(a) for a in addresses):
-            return replies.FROM_NOT_OWNED
-        return None
-
-
-def _reason(failure):
-    return header_safe(str(failure.value))[:200] or type(failure.value).__name__
 
 
 class SubmissionFactory(SMTPFactory):

@@ -22,6 +22,7 @@ from appliance.auth.ldap import (LdapAccounts, LdapClient, LdapConfigError, Ldap
                                  accounts_from_config, account_from_entry,
                                  read_bind_password, user_filter)
 from appliance.threads import synchronous_runner
+from appliance.threads import new_pool
 from appliance.testing import capture_events, error_of, make_config, outcome
 from appliance.testing import value_of as account_of
 
@@ -450,9 +451,9 @@ def test_accounts_from_config_picks_the_backend(slapd):
     assert isinstance(accounts, FileAccounts) and service is None
 
     accounts, service = accounts_from_config(config_for(slapd), users=None, directory=None,
-                                             reactor=Clock())
+                                             reactor=Clock(), pool=new_pool("ldap", 4))
     assert isinstance(accounts, LdapAccounts) and accounts.url == slapd.ldap_url
-    assert service.name == "ldap-pool"
+    assert service.name == "pool-ldap"
     service.startService()
     try:
         assert service.pool.started

@@ -235,7 +235,7 @@ def test_oauth_malformed(name, response):
 @pytest.fixture
 def file_accounts(tmp_path):
     cfg = make_config(base_dir=str(tmp_path), server={"data_dir": str(tmp_path)})
-    users = UsersFile(str(tmp_path / "users"), defer_to_thread=sync)
+    users = UsersFile(str(tmp_path / "users"), run_in_thread=sync)
     users.add("alice@example.test", hash_password("secret"))
     users.add("bob@example.test", hash_password("bobs"))
     aliases = AliasesFile(str(tmp_path / "aliases"))

@@ -42,7 +42,7 @@ def result(d):
 
 
 class SyncThreads:
-    """A defer_to_thread that runs at once and remembers what it ran."""
+    """A run_in_thread that runs at once and remembers what it ran."""
 
     def __init__(self):
         self.calls = []
@@ -268,7 +268,7 @@ def test_concurrent_writers_lose_nothing(path):
 
 def test_check_password_runs_the_hash_in_a_thread(path):
     threads = SyncThreads()
-    file = UsersFile(path, defer_to_thread=threads)
+    file = UsersFile(path, run_in_thread=threads)
     file.add("bob@x.test", BCRYPT)
     file.add("alice@x.test", ARGON2ID)
     assert result(file.check_password("Bob@x.test", "s3cret")) is True
@@ -279,7 +279,7 @@ def test_check_password_runs_the_hash_in_a_thread(path):
 
 def test_check_password_empty_is_false_without_hashing(path):
     threads = SyncThreads()
-    file = UsersFile(path, defer_to_thread=threads)
+    file = UsersFile(path, run_in_thread=threads)
     file.add("bob@x.test", BCRYPT)
     assert result(file.check_password("bob@x.test", "")) is False
     assert threads.calls == []
@@ -287,7 +287,7 @@ def test_check_password_empty_is_false_without_hashing(path):
 
 def test_check_password_unknown_user_costs_a_hash_and_fails(path):
     threads = SyncThreads()
-    file = UsersFile(path, defer_to_thread=threads)
+    file = UsersFile(path, run_in_thread=threads)
     assert result(file.check_password("nobody@x.test", "s3cret")) is False
     assert result(file.check_password("not an address", "s3cret")) is False
     assert threads.calls == ["_verify_unknown_user"] * 2
@@ -329,7 +329,7 @@ class CountingThread:
 def _cached_users(tmp_path, clock):
     from appliance.auth.users import UsersFile, hash_password
     runner = CountingThread()
-    users = UsersFile(str(tmp_path / "users"), now=clock, defer_to_thread=runner)
+    users = UsersFile(str(tmp_path / "users"), now=clock, run_in_thread=runner)
     users.add("amy@x.test", hash_password("right-pw"))
     return users, runner
 

@@ -1,13 +1,12 @@
 """The defences inside an SMTP session (StringTransport + task.Clock): the
-gate's refusals, MAIL rates and RCPT greylisting as policy stages, junk
+gate's refusals, MAIL rates and RCPT greylisting as a pipeline stage, junk
 commands, max_recipients with duplicates, the ban closing sessions."""
 
 from twisted.internet.task import Clock
 
 from appliance.defence.service import Defences
-from appliance.defence.stages import DefencePolicy
+from appliance.defence.stages import DefenceStage
 from appliance.net.gate import Gate
-from appliance.policy.relay import MXPolicy
 from appliance.receive.smtp import SMTPFactory
 from appliance.testing import FakeDirectory, FakeSpool, SMTPHarness, make_config
 
@@ -22,8 +21,8 @@ def factory(**sections):
     defences = Defences(cfg, clock)
     defences.load()
     directory = FakeDirectory(USERS, DOMAINS)
-    smtp = SMTPFactory(cfg, directory, FakeSpool(), clock, gate=Gate(cfg.limits, defences),
-                       policy=DefencePolicy(MXPolicy(cfg, directory), defences))
+    smtp = SMTPFactory(cfg, directory, FakeSpool(), clock, gate=Gate(cfg.limits, defences))
+    smtp.pipeline.stages.append(DefenceStage(defences))
     return smtp, defences, clock
 
 

@@ -372,17 +372,19 @@ class ImmediateReactor:
 def test_build_wires_tls_into_every_smtp_listener(tmp_path):
     from appliance import tap
     top = tap.build(tap_config(tmp_path), reactor)
-    parts = top.parts
-    assert parts["mx"].tls is parts["tls"] and not parts["mx"].implicit_tls
+    app = top.appliance
+    listeners = app.listeners
+    assert listeners["mx"].tls is app.tls and not listeners["mx"].implicit_tls
     for name in ("submission", "submission_alt"):
-        assert parts[name].tls is parts["tls"] and not parts[name].implicit_tls
-    assert parts["submissions"].implicit_tls
+        assert listeners[name].tls is app.tls and not listeners[name].implicit_tls
+    assert listeners["submissions"].implicit_tls
     listener = top.getServiceNamed("listener-submissions")
-    assert listener.factory.gate is parts["gate"]       # refuses before any TLS state
+    assert listener.factory.gate is app.gate        # refuses before any TLS state
     assert isinstance(listener.factory.wrapped, TLSMemoryBIOFactory)
-    assert listener.factory.wrapped.wrappedFactory is parts["submissions"]
-    assert top.getServiceNamed("listener-submission").factory.wrapped is parts["submission"]
-    assert parts["submission"].mechanisms.names() == ["PLAIN", "LOGIN"]
+    assert listener.factory.wrapped.wrappedFactory is listeners["submissions"]
+    assert top.getServiceNamed("listener-submission").factory.wrapped is \
+        listeners["submission"]
+    assert listeners["submission"].mechanisms.names() == ["PLAIN", "LOGIN"]
 
 
 def test_tls_service_loads_before_listeners_and_reloads_on_sighup(tmp_path):
@@ -393,7 +395,7 @@ def test_tls_service_loads_before_listeners_and_reloads_on_sighup(tmp_path):
     service = top.getServiceNamed("tls")
     service._reactor = ImmediateReactor()
     service.privilegedStartService()
-    tls = top.parts["tls"]
+    tls = top.appliance.tls
     first = tls.context
     replace_pair(tls.cert_path, tls.key_path, HOST)
     service._hangup(1, None)

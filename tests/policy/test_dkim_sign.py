@@ -26,6 +26,7 @@ from appliance.policy.dkim_sign import (
 from appliance.policy.keys import KeyService, KeyStore, KeyStoreError, check_rsa_size
 from appliance.receive.smtp import SMTPFactory
 from appliance.receive.submission import SubmissionFactory
+from appliance.policy.pipeline import OURS, OUTSIDE, origin
 from appliance.testing import (
     FakeAccounts, FakeDirectory, FakeSpool, SMTPHarness, TLSStringTransport, capture_events,
     make_config)
@@ -502,12 +503,11 @@ def test_an_authenticated_submission_is_signed(key_dir):
         ("mail", "rsa-sha256"): True, ("mail-ed25519", "ed25519-sha256"): True}
 
 
-def test_the_signer_signs_for_users_and_trusted_networks_only(key_dir):
-    cfg = make_config(relay={"trusted_networks": "10.0.0.0/8"}, dkim={"key_dir": key_dir})
-    signer = Signer(cfg, store_in(key_dir), HeldThreads())
-    assert signer.wants(Session(peer_ip="203.0.113.5", auth_user="alice@example.test"))
-    assert signer.wants(Session(peer_ip="10.1.2.3"))
-    assert not signer.wants(Session(peer_ip="203.0.113.5"))
+def test_the_pipeline_signs_for_users_and_trusted_networks_only():
+    trusted = make_config(relay={"trusted_networks": "10.0.0.0/8"}).relay.trusted_networks
+    assert origin(Session(peer_ip="203.0.113.5", auth_user="alice@example.test"), trusted) == OURS
+    assert origin(Session(peer_ip="10.1.2.3"), trusted) == OURS
+    assert origin(Session(peer_ip="203.0.113.5"), trusted) == OUTSIDE
 
 
 def test_signing_failed_carries_a_temporary_reply_by_default():

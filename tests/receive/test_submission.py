@@ -18,8 +18,8 @@ from appliance.auth.accounts import BackendUnavailable
 from appliance.auth.oauth2 import TokenVerifier
 from appliance.auth.sasl import Mechanisms
 from appliance.receive.smtp import SMTPFactory
-from appliance.receive.submission import (
-    AUTH_LINE_LIMIT, AmbiguousFrom, SubmissionFactory, from_addresses)
+from appliance.message import AmbiguousFrom, from_addresses
+from appliance.receive.submission import AUTH_LINE_LIMIT, SubmissionFactory
 from appliance.testing import (
     FakeAccounts, FakeDirectory, FakeSpool, SMTPHarness, StringTransport, TLSStringTransport,
     capture_events, make_config)

@@ -47,7 +47,7 @@ from appliance.access.imap.syntax import (Atom, BigLiteral, String, SyntaxError_
                                          resolve_seqs, resolve_uids, tokenize)
 from appliance.access.folders import DELIMITER, SYSTEM_FLAGS, FolderError, FolderExists, FolderMissing, FolderNameError, MessageGone, check_folder_name
 from appliance.maildir import maildir_path
-from appliance.auth.accounts import BackendUnavailable, BadCredentials
+from appliance.auth.outcome import UNAVAILABLE, LoginRecorder
 from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
 from appliance.envelope import new_session_id
 from appliance.defence.authfail import fingerprint
@@ -73,14 +73,6 @@ for _name, _description, _fields in (
      ("session", "peer_ip", "kind")),
     ("imap.disconnect", "an IMAP connection ended",
      ("session", "peer_ip", "duration", "account")),
-    # Shared with SMTP submission (appliance.receive.submission): the same text,
-    # so the catalogue is the same whichever module registers first.
-    ("auth.success", "a client authenticated",
-     ("session", "peer_ip", "listener", "mechanism", "account")),
-    ("auth.failure", "authentication failed: bad credentials or a malformed exchange",
-     ("session", "peer_ip", "listener", "mechanism", "account", "reason")),
-    ("auth.unavailable", "authentication could not be checked: the backend is down",
-     ("session", "peer_ip", "listener", "mechanism", "account", "reason")),
 ):
     events.register(_name, _description, _fields)
 
@@ -221,7 +213,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._running = None            # tag of the command in progress
         self._running_name = b""
         self._continuation = None       # where the next line goes (SASL, IDLE)
-        self._auth_failures = 0
+        self.logins = LoginRecorder(self)
         self._registered = False
         self._closing = False
         self._idle = None
@@ -599,8 +591,8 @@ class IMAPServer(imap4.IMAP4Server):
             done.errback(Failure(bad(b"AUTHENTICATE cancelled")))
             return
         if failure.check(Malformed):
-            self._count_failure(mechanism.name, mechanism.identity,
-                                "malformed: " + _reason(failure))
+            self.logins.failed(failure, mechanism.name, mechanism.identity)
+            self._after_refusal()
             done.errback(Failure(bad(b"Malformed authentication exchange")))
             return
         self._login_failed(failure, mechanism.name, mechanism.identity,
@@ -619,41 +611,30 @@ class IMAPServer(imap4.IMAP4Server):
         self.user = user
         self.account = MaildirAccount(user)
         self.login_address = account.address
-        self.factory.auth_succeeded(self, account.address)
         self.state = "auth"
         self.setTimeout(self.POSTAUTH_TIMEOUT)
-        fields = dict(listener=self.factory.listener, mechanism=mechanism,
-                      account=account.address)
-        self.emit("auth.success", **fields)
-        self.emit("imap.login", **fields)
+        self.logins.succeeded(mechanism, account.address)
+        self.emit("imap.login", listener=self.factory.listener, mechanism=mechanism,
+                  account=account.address)
         return (b"Logged in", b"CAPABILITY " + b" ".join(self.capability_list()))
 
     def _login_failed(self, failure, mechanism, identity, fingerprint=None):
-        fields = dict(listener=self.factory.listener, mechanism=mechanism,
-                      account=header_safe(identity or "")[:256])
-        if failure.check(BackendUnavailable):
-            self.emit("auth.unavailable", reason=_reason(failure), **fields)
-            return defer.fail(no(b"Authentication is not available now, try later",
-                                 b"UNAVAILABLE"))
         if failure.check(ImapError):
             return defer.fail(failure)
-        if not failure.check(BadCredentials):
-            _log.failure("authentication failed unexpectedly", failure)
-            self.emit("auth.unavailable", reason="internal error", **fields)
+        if self.logins.failed(failure, mechanism, identity, fingerprint) == UNAVAILABLE:
             return defer.fail(no(b"Authentication is not available now, try later",
                                  b"UNAVAILABLE"))
-        self._count_failure(mechanism, identity, _reason(failure), fingerprint)
+        self._after_refusal()
         return defer.fail(no(b"Authentication failed", b"AUTHENTICATIONFAILED"))
 
-    def _count_failure(self, mechanism, identity, reason, fingerprint=None):
-        self.emit("auth.failure", listener=self.factory.listener, mechanism=mechanism,
-                  account=header_safe(identity or "")[:256], reason=reason)
-        if self.factory.auth_failed(self, identity or "", fingerprint):
+    def _after_refusal(self):
+        if self.logins.banned:
+            # The ban was placed before this answer (LoginRecorder): the
+            # client's other sessions are closed already, this one after its NO.
             self.emit("imap.limit", kind="banned")
-            self._bye_after = BANNED_TEXT.encode("ascii")       # after the tagged NO
+            self._bye_after = BANNED_TEXT.encode("ascii")
             return
-        self._auth_failures += 1
-        if self._auth_failures >= MAX_AUTH_FAILURES:
+        if self.logins.failures >= MAX_AUTH_FAILURES:
             self.emit("imap.limit", kind="auth_failures")
             self._bye_after = b"Too many authentication failures"   # after the tagged NO
 

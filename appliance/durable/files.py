@@ -1,0 +1,64 @@
+"""Small files written so they are all there or not at all, even across a crash.
+
+The users file, the aliases, DKIM keys, the certificate, IMAP's UID lists
+and the defence state all go through ``write_atomic``: a temp file created
+with the final mode (never readable by others in between), written, fsynced,
+renamed over the old one, and the directory fsynced. Blocking: call it from a
+thread (or an offline command). The spool's own commits are the group-commit
+writer's (``appliance.durable.commit``), batched.
+"""
+
+import contextlib
+import os
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def adopt_owner(target, like):
+    """As root (a CLI command under sudo), give ``target`` (an open file's fd,
+    or a path) the owner of ``like`` (or of its directory when it does not
+    exist yet): the server, running as its own user, must still read what
+    root wrote for it."""
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.stat(like)
+    except FileNotFoundError:
+        st = os.stat(os.path.dirname(os.path.abspath(like)))
+    if (st.st_uid, st.st_gid) != (0, 0):
+        (os.fchown if isinstance(target, int) else os.chown)(target, st.st_uid, st.st_gid)
+
+
+def write_atomic(path, data, mode=0o600, owner_like=None):
+    """Replace ``path`` with ``data`` (bytes or str, UTF-8) durably.
+
+    ``owner_like``: a path whose owner the file takes when root writes it.
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)         # not narrowed by the umask
+            if owner_like is not None:
+                adopt_owner(fd, owner_like)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    fsync_dir(directory)

@@ -1,0 +1,112 @@
+"""The policy pipeline: every decision between a client's command and the spool.
+
+A message passes the same stages on every SMTP listener, in order:
+
+- MAIL: the relay rules (``appliance.policy.relay``: who may send as whom),
+  then each extra stage's ``at_mail`` (rate limits);
+- RCPT: the relay rules (local recipients, relaying), then each extra stage's
+  ``at_rcpt`` (greylisting comes after recipient validation: an unknown user
+  gets 550, never 451);
+- DATA: the relay rules' content check (the submission From: rule), then by
+  origin — decided once per message, here — the inbound SPF/DKIM/DMARC checks
+  for mail from outside, or DKIM signing for ours (authenticated, or from
+  ``[relay] trusted_networks``).
+
+A stage answers a ``Reply`` (a refusal) or None (go on), or a Deferred of
+either. The first refusal ends the stage. Extra stages implement any of
+``at_mail(session, sender)`` and ``at_rcpt(session, recipient)``.
+"""
+
+from twisted.internet import defer
+
+from appliance.net.peer import peer_in
+from appliance.policy.checks import Facts
+
+OURS = "ours"           # authenticated, or from a trusted network: signed, not checked
+OUTSIDE = "outside"     # everyone else: checked, not signed
+
+
+class Refused(Exception):
+    """The message is refused after DATA with ``reply``; nothing was stored."""
+
+    def __init__(self, reply):
+        super().__init__(reply.text)
+        self.reply = reply
+
+
+def origin(session, trusted_networks):
+    """OURS or OUTSIDE, for a message of ``session``."""
+    if session.auth_user or peer_in(trusted_networks, session.peer_ip):
+        return OURS
+    return OUTSIDE
+
+
+class Pipeline:
+    """The stages of one listener; see the module docstring.
+
+    ``relay`` is an MXPolicy or SubmissionPolicy; ``checks`` an
+    InboundChecks (or None: not checked); ``signer`` a Signer (or None: not
+    signed); ``stages`` the extra stages, in order.
+    """
+
+    def __init__(self, relay, trusted_networks=(), checks=None, signer=None, stages=()):
+        self.relay = relay
+        self.trusted_networks = trusted_networks
+        self.checks = checks
+        self.signer = signer
+        self.stages = list(stages)
+
+    def at_mail(self, session, sender):
+        """A Deferred firing with the Reply to MAIL FROM ``sender``."""
+        d = defer.maybeDeferred(self.relay.check_sender, session, sender)
+        return self._then(d, "at_mail", session, sender)
+
+    def at_rcpt(self, session, recipient):
+        """A Deferred firing with the Reply to RCPT TO ``recipient``."""
+        d = defer.maybeDeferred(self.relay.check_recipient, session, recipient)
+        return self._then(d, "at_rcpt", session, recipient)
+
+    def _then(self, d, step, *args):
+        """After a positive reply, each stage with ``step`` in turn."""
+        for stage in self.stages:
+            method = getattr(stage, step, None)
+            if method is not None:
+                d.addCallback(self._unless_refused, method, args)
+        return d
+
+    @staticmethod
+    def _unless_refused(reply, method, args):
+        if not reply.positive:
+            return reply
+        d = defer.maybeDeferred(method, *args)
+        d.addCallback(lambda answer: reply if answer is None else answer)
+        return d
+
+    def at_data(self, session, envelope, body, received, context):
+        """A Deferred firing with the message to store: ``received`` (our
+        trace header, bytes) + ``body``, checked or signed by origin; fails
+        with ``Refused`` (or a signing error carrying its ``smtp_reply``).
+        ``envelope.params["folder"]`` may be set (DMARC quarantine).
+        ``context`` (session, peer_ip, queue_id) goes into the events."""
+        refusal = self.relay.check_message(session, body)
+        if refusal is not None:
+            return defer.fail(Refused(refusal))
+        if origin(session, self.trusted_networks) == OURS:
+            message = received + body
+            if self.signer is None:
+                return defer.succeed(message)
+            return self.signer.sign(message, context)
+        if self.checks is None:
+            return defer.succeed(received + body)
+        facts = Facts(session.peer_ip, session.helo, envelope.sender)
+        d = self.checks.check(facts, body, context)
+        d.addCallback(self._checked, envelope, received)
+        return d
+
+    @staticmethod
+    def _checked(verdict, envelope, received):
+        if verdict.refusal is not None:
+            raise Refused(verdict.refusal)
+        if verdict.folder is not None:
+            envelope.params["folder"] = verdict.folder
+        return received + verdict.message
