@@ -346,7 +346,7 @@ def _smtp_listeners(app, reactor, top, mechanisms):
     cfg = app.config
     trusted = cfg.relay.trusted_networks
     if cfg.listen.mx is not None:
-        factory = SMTPFactory(cfg, app.directory, app.spool, reactor, listener="mx",
+        factory = SMTPFactory(cfg, app.directory, app.runner, reactor, listener="mx",
                               tls=app.tls, gate=app.gate)
         # Trusted networks' mail is signed, everyone else's checked: one pipeline.
         factory.pipeline = Pipeline(factory.policy, trusted, checks=app.checks,
@@ -358,7 +358,7 @@ def _smtp_listeners(app, reactor, top, mechanisms):
         if address is None:
             continue
         implicit = name == "submissions"
-        factory = SubmissionFactory(cfg, app.directory, app.spool, reactor, name, mechanisms,
+        factory = SubmissionFactory(cfg, app.directory, app.runner, reactor, name, mechanisms,
                                     app.tls, implicit_tls=implicit, gate=app.gate)
         factory.pipeline = Pipeline(factory.policy, trusted, signer=app.signer,
                                     stages=[DefenceStage(app.defences)])
@@ -395,9 +395,10 @@ def _queue_manager(cfg, reactor, spool, directory, deliverer, resolver, pools):
     routes = MXResolver(cfg, run_in_thread=pools.run("dns"), resolver=resolver, clock=reactor,
                         cache_seconds=ROUTE_CACHE_SECONDS)
     remote = RemoteDelivery(cfg, routes, reactor)
-    return QueueRunner(spool, directory, deliverer, reactor,
-                       settings=QueueSettings.from_config(cfg), remote=remote,
-                       bouncer=Bouncer.from_config(cfg, spool, reactor))
+    runner = QueueRunner(spool, directory, deliverer, reactor,
+                         settings=QueueSettings.from_config(cfg), remote=remote)
+    runner.bouncer = Bouncer.from_config(cfg, runner, reactor)     # DSNs queue like any mail
+    return runner
 
 
 def _ldap_pool(cfg, name):

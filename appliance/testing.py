@@ -270,6 +270,82 @@ class SMTPHarness:
         self.protocol.connectionLost(failure.Failure(ConnectionDone()))
 
 
+def make_jwks(path, kid="k1"):
+    """A new P-256 signing key, its public half written to ``path`` as a JWKS
+    (the ``[auth] oauth2_jwks_file``); returns the private key."""
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
+    jwk["kid"] = kid
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"keys": [jwk]}, handle)
+    return key
+
+
+class HandRunner:
+    """A ``run_in_thread`` the test runs by hand (the test is the thread pool).
+
+    Each call waits in ``calls`` (also ``held``) until ``step()`` runs the
+    oldest, ``run_all()`` those waiting now, or ``release()`` all of them and
+    whatever they queue in turn. With ``hold`` False calls run at once. A
+    call's exception, even a BaseException (a simulated kill), fails its
+    Deferred. ``count`` is how many calls were made.
+    """
+
+    def __init__(self, hold=True):
+        self.hold = hold
+        self.calls = []
+        self.count = 0
+
+    @property
+    def held(self):
+        return self.calls
+
+    def __call__(self, f, *args):
+        self.count += 1
+        d = defer.Deferred()
+        if self.hold:
+            self.calls.append((f, args, d))
+        else:
+            self._run(f, args, d)
+        return d
+
+    @staticmethod
+    def _run(f, args, d):
+        try:
+            result = f(*args)
+        except BaseException as error:  # noqa: BLE001 - hand every failure to the Deferred
+            d.errback(failure.Failure(error))
+        else:
+            if isinstance(result, defer.Deferred):
+                result.chainDeferred(d)
+            else:
+                d.callback(result)
+
+    def step(self):
+        f, args, d = self.calls.pop(0)
+        self._run(f, args, d)
+
+    def run_all(self):
+        calls, self.calls = self.calls, []
+        for f, args, d in calls:
+            self._run(f, args, d)
+
+    def release(self):
+        while self.calls:
+            self.step()
+
+
+class CountingRunner(HandRunner):
+    """A synchronous ``run_in_thread`` that counts its calls (``count``)."""
+
+    def __init__(self):
+        super().__init__(hold=False)
+
+
 @contextlib.contextmanager
 def capture_events():
     """Collect our structured events emitted inside the block."""

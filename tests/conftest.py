@@ -9,9 +9,22 @@
 import sys
 from pathlib import Path
 
+import pytest
+
+from appliance import events
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
 for _path in (TESTS, TESTS / "e2e"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
+
+
+@pytest.fixture
+def collected():
+    """The structured events emitted during the test (an EventCollector)."""
+    collector = events.EventCollector()
+    events.add_observer(collector)
+    yield collector
+    events.remove_observer(collector)

@@ -14,6 +14,7 @@ import pytest
 from twisted.internet import defer, task
 
 import ldap_server
+from appliance.testing import CountingRunner
 from appliance.auth.accounts import Account, BackendUnavailable
 from appliance.auth.ldap import LdapConfigError
 from appliance.deliver.maildir import MaildirDeliverer
@@ -51,17 +52,6 @@ def own_slapd(tmp_path):
     """A slapd of the test's own (it gets stopped)."""
     with ldap_server.SlapdServer(tmp_path / "slapd") as server:
         yield server
-
-
-class CountingRunner:
-    """A synchronous run_in_thread that counts the LDAP operations."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, f, *args):
-        self.calls += 1
-        return synchronous_runner(f, *args)
 
 
 def config_for(server, tmp_path, **auth):
@@ -179,7 +169,7 @@ def test_a_flood_of_rcpts_asks_ldap_once(slapd, tmp_path):
     codes = harness.codes()
     # SPEC §4: unknown recipients count towards max_errors (20): then 421
     assert codes[2:] == [250] * 20 + [550] * 20 + [421]
-    assert runner.calls == 2        # one search each; the rest came from the cache
+    assert runner.count == 2        # one search each; the rest came from the cache
 
 
 # ---------------------------------------------------------------------------
@@ -257,7 +247,7 @@ def test_queue_delivers_alternates_to_the_primary_maildir(slapd, tmp_path):
     envelope = Envelope(queue_id="0005f1e2d3c4b5a6deadbee1", sender="x@remote.example",
                         recipients=["postmaster@example.test", "alice+tag@example.test",
                                     "dave@example.test"], received_at=990.0)
-    spool.accept(envelope, MESSAGE)
+    runner.accept(envelope, MESSAGE)
     assert len(_mail_files(tmp_path, "alice")) == 1        # one copy for both
     state = json.loads((tmp_path / "queue" / "0005f1e2d3c4b5a6deadbee1.json").read_text())
     states = {r: s["state"] for r, s in state["recipients"].items()}
@@ -273,8 +263,8 @@ def test_ldap_down_at_delivery_defers_and_retries_never_bounces(own_slapd, tmp_p
     own_slapd.stop()
     runner.startService()
     qid = "0005f1e2d3c4b5a6deadbee2"
-    spool.accept(Envelope(queue_id=qid, sender="x@remote.example",
-                          recipients=["postmaster@example.test"], received_at=990.0), MESSAGE)
+    runner.accept(Envelope(queue_id=qid, sender="x@remote.example",
+                           recipients=["postmaster@example.test"], received_at=990.0), MESSAGE)
     [state] = spool.get(qid).recipients.values()
     assert state["state"] == DEFERRED and state["next_attempt"] is not None
     assert "directory lookup failed" in state["last_error"]

@@ -46,7 +46,7 @@ from collections import namedtuple
 from twisted.internet import defer
 from twisted.mail import imap4  # noqa: F401  (registers the imap4-utf-7 codec)
 
-from appliance.durable.files import fsync_dir, write_atomic
+from appliance.durable.files import fsync_dir, write_atomic, write_new
 from appliance.maildir import SUBDIRS, crlf, crlf_size, maildir_path, split_name, to_stored, unique_name
 
 UIDLIST = "mailappliance-uidlist"
@@ -848,14 +848,7 @@ class Folder:
         base = unique_name(self.clock, self.hostname)
         info = "".join(sorted(self._letters_for(flags, create=True)))
         tmp = os.path.join(self.path, "tmp", base)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(stored)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_new(tmp, stored)
         mtime = self.clock() if date is None else date
         os.utime(tmp, (mtime, mtime))
         message = Message(self.uidnext, base, info, crlf_size(stored), float(mtime))

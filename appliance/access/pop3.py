@@ -44,7 +44,7 @@ from appliance import events
 from appliance.access.folders import FolderMissing, MessageGone
 from appliance.auth.accounts import BadCredentials
 from appliance.auth.outcome import UNAVAILABLE, LoginRecorder
-from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
+from appliance.auth.sasl import Aborted, Challenge, Malformed, encode_challenge, respond
 from appliance.envelope import new_session_id
 from appliance.defence.authfail import fingerprint
 from appliance.defence.stages import BANNED_TEXT, LIMIT_KIND, REFUSED_TEXT
@@ -558,17 +558,10 @@ class POP3Session(LineSession, pop3.POP3):
             raise Refusal("Unsupported SASL mechanism", "bad_parameter")
         self._user = None
         self._sasl = mechanism
-        if len(words) == 1:
-            return self._sasl_run(defer.succeed(None))
-        return self._sasl_line(words[1])
+        return self._sasl_line(words[1] if len(words) == 2 else None)
 
     def _sasl_line(self, line):
-        return self._sasl_run(defer.maybeDeferred(decode_response, line))
-
-    def _sasl_run(self, response):
-        response.addCallback(self._sasl.step)
-        response.addCallbacks(self._sasl_next, self._sasl_failed)
-        return response
+        return respond(self._sasl, line).addCallbacks(self._sasl_next, self._sasl_failed)
 
     def _sasl_next(self, result):
         if isinstance(result, Challenge):

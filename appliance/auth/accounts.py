@@ -86,11 +86,10 @@ class FileAccounts:
         self._directory = directory
 
     def authenticate(self, address, password):
-        if not password:
-            return defer.fail(BadCredentials("empty password"))
         name = login_name(address)
-        if name is None:
-            return defer.fail(BadCredentials("not an address"))
+        refusal = refuse_at_once(name, password)
+        if refusal is not None:
+            return refusal
         d = self._users.check_password(name, password)
         d.addCallback(self._checked, name)
         return d
@@ -117,6 +116,17 @@ class FileAccounts:
         return tuple(key for key, _ in aliases.list()
                      if not key.startswith("@") and key != name
                      and self._directory.may_send_as(name, key))
+
+
+def refuse_at_once(name, password):
+    """A failed Deferred for a login no backend needs to see (an empty
+    password would be an anonymous LDAP bind; ``name`` None: not an
+    address), else None."""
+    if not password:
+        return defer.fail(BadCredentials("empty password"))
+    if name is None:
+        return defer.fail(BadCredentials("not an address"))
+    return None
 
 
 def login_name(address):

@@ -45,7 +45,7 @@ from zope.interface import implementer
 from appliance import events
 from appliance.threads import ThreadPoolService, pool_runner
 from appliance.auth.accounts import (Account, BackendUnavailable, BadCredentials,
-                                     FileAccounts, IAccounts, login_name)
+                                     FileAccounts, IAccounts, login_name, refuse_at_once)
 
 _log = Logger(namespace="mailappliance.ldap")
 
@@ -517,11 +517,10 @@ class LdapAccounts:
         return self._client.settings.url
 
     def authenticate(self, address, password):
-        if not password:
-            return defer.fail(BadCredentials("empty password"))
         name = login_name(address)
-        if name is None:
-            return defer.fail(BadCredentials("not an address"))
+        refusal = refuse_at_once(name, password)
+        if refusal is not None:
+            return refusal
         return self._call(self._client.authenticate, name, password)
 
     def account(self, address):

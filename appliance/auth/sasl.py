@@ -76,6 +76,16 @@ def decode_response(line):
         raise Malformed("not base64") from None
 
 
+def respond(mechanism, line):
+    """Feed the client's response ``line`` (base64, or None for no initial
+    response) to ``mechanism``: a Deferred of its next Challenge or Account."""
+    if line is None:
+        return defer.maybeDeferred(mechanism.step, None)
+    d = defer.maybeDeferred(decode_response, line)
+    d.addCallback(mechanism.step)
+    return d
+
+
 def encode_challenge(data):
     return base64.b64encode(data)
 

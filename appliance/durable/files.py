@@ -35,6 +35,23 @@ def adopt_owner(target, like):
         (os.fchown if isinstance(target, int) else os.chown)(target, st.st_uid, st.st_gid)
 
 
+def write_new(path, data, mode=0o600, exclusive=True, owner_like=None):
+    """Create ``path`` (it must not exist, unless ``exclusive`` is False) with
+    ``data`` and fsync it; the caller renames it into place."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, mode)
+    try:
+        os.fchmod(fd, mode)             # not narrowed by the umask
+        if owner_like is not None:
+            adopt_owner(fd, owner_like)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path, data, mode=0o600, owner_like=None):
     """Replace ``path`` with ``data`` (bytes or str, UTF-8) durably.
 
@@ -44,18 +61,8 @@ def write_atomic(path, data, mode=0o600, owner_like=None):
         data = data.encode("utf-8")
     directory = os.path.dirname(os.path.abspath(path))
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        try:
-            os.fchmod(fd, mode)         # not narrowed by the umask
-            if owner_like is not None:
-                adopt_owner(fd, owner_like)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_new(temporary, data, mode, exclusive=False, owner_like=owner_like)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -210,22 +210,23 @@ def _message_id(headers):
 
 
 class Bouncer:
-    """Makes DSNs and injects them into ``spool``.
+    """Makes DSNs and queues them through ``queue`` (the QueueRunner: its
+    ``accept``).
 
     ``hostname`` is the Reporting-MTA and MAILER-DAEMON's domain;
     ``postmaster`` gets the failures of our own DSNs.
     """
 
-    def __init__(self, spool, clock, hostname, postmaster):
-        self.spool = spool
+    def __init__(self, queue, clock, hostname, postmaster):
+        self.queue = queue
         self.clock = clock
         self.hostname = hostname
         self.postmaster = postmaster
 
     @classmethod
-    def from_config(cls, cfg, spool, clock):
+    def from_config(cls, cfg, queue, clock):
         domain = cfg.server.domains[0] if cfg.server.domains else cfg.server.hostname
-        return cls(spool, clock, cfg.server.hostname, f"postmaster@{domain}")
+        return cls(queue, clock, cfg.server.hostname, f"postmaster@{domain}")
 
     def target(self, entry, failed):
         """``(address, kind)`` to tell about ``failed`` recipients, or ``(None, reason)``."""
@@ -252,7 +253,7 @@ class Bouncer:
         envelope = Envelope(queue_id=bounce_id, sender="", recipients=[to], received_at=now,
                             helo=self.hostname, listener=BOUNCE_LISTENER, size=len(body),
                             params=params)
-        d = self.spool.accept(envelope, body)
+        d = self.queue.accept(envelope, body)
         d.addCallback(self._sent, entry, kind, to, recipients)
         return d
 

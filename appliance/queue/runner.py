@@ -122,8 +122,6 @@ class QueueRunner(service.Service):
         self._inflight = {}      # queue id -> set of recipients handed to the dispatcher
         self._recovery_retry = None
         self.ready = None        # fires when the first recovery attempt is over
-        spool.add_listener(self.process)      # ignored until the service runs
-        spool.set_router(self._route)         # local delivery in the commit's batch
 
     # -- service life
 
@@ -166,6 +164,21 @@ class QueueRunner(service.Service):
         return defer.DeferredList(list(self._active.values()))
 
     # -- passes
+
+    def accept(self, envelope, message):
+        """Queue a new message (from a client, a DSN, an alert digest): routed
+        first, so its local deliveries are linked in the commit's own batch,
+        then worked on. Fires with its queue id once it is durable."""
+        d = self.spool.accept(envelope, message, router=self._route)
+        d.addCallback(self._accepted)
+        return d
+
+    def space_available(self, size):
+        return self.spool.space_available(size)
+
+    def _accepted(self, qid):
+        self.process(qid)       # a failure here is the pass's: the message is queued
+        return qid
 
     def process(self, qid):
         """Work on ``qid`` now (or right after the pass already running)."""

@@ -204,9 +204,9 @@ class Spool:
     message reads on a thread; ``clock`` gives ``seconds()``; ``statvfs`` is
     ``os.statvfs`` unless a test fakes a full disk.
 
-    ``set_router(router)`` lets the queue runner deliver locally in the
-    commit's own batch: ``router(entry)`` answers a ``Route`` (or a Deferred
-    of one, or None) before the entry is written.
+    The spool only stores: the queue runner (``appliance.queue.runner``)
+    routes a new entry (``accept``'s ``router``) and works on it once
+    ``accept`` has fired.
 
     ``spare``: a directory (on the same file system, outside ``directory``)
     where removed state files wait, at most ``max_spares`` of them, to be
@@ -234,10 +234,8 @@ class Spool:
         self.reserve = reserve
         self._entries = {}
         self._removing = set()
-        self._listeners = []
         self._temp_names = itertools.count()
         self._dir_ready = False
-        self._router = None
         self._statvfs_cache = None      # (when, statvfs result)
         # Messages just accepted, as received, for their first remote attempt
         # (which then needs no read): oldest first, HOT_BYTES in all.
@@ -293,24 +291,6 @@ class Spool:
             return [(temp, data)], [], temp
         return [], [(spare, data)], spare
 
-    # -- listeners
-
-    def add_listener(self, callback):
-        """``callback(queue_id)`` after each commit, on the reactor thread."""
-        self._listeners.append(callback)
-
-    def set_router(self, router):
-        """``router(entry) -> Route | Deferred[Route] | None``, asked at each
-        accept; None (or a failure) commits the entry without deliveries."""
-        self._router = router
-
-    def _notify(self, qid):
-        for callback in list(self._listeners):
-            try:
-                callback(qid)
-            except Exception:  # noqa: BLE001 - a listener bug must not un-accept mail
-                _log.failure("spool listener failed for {queue_id}", queue_id=qid)
-
     # -- operations
 
     def space_available(self, size):
@@ -341,11 +321,13 @@ class Spool:
         except FileNotFoundError:   # not created yet: ask the file system it will be on
             return self.statvfs(os.path.dirname(self.directory))
 
-    def accept(self, envelope, message):
+    def accept(self, envelope, message, router=None):
         """Commit a new entry; fires with the queue id once durable, else StorageError.
 
-        With a router, the message is also linked into the Maildirs the route
-        names, in the same batch, after the commit rename (module docstring).
+        ``router(entry) -> Route | Deferred[Route] | None`` (the queue
+        runner's) is asked first: the message is then also linked into the
+        Maildirs the route names, in the same batch, after the commit rename
+        (module docstring). None (or a failure) commits it without deliveries.
         """
         qid = envelope.queue_id or new_queue_id(self.clock.seconds())
         if not QUEUE_ID.fullmatch(qid):
@@ -361,17 +343,17 @@ class Spool:
             form, stored = WIRE_FORM, message
         entry = SpoolEntry(envelope, len(message), self.clock.seconds(),
                            message_form=form, stored_size=len(stored))
-        route = self._route(entry)
+        route = self._route(router, entry)
         if isinstance(route, defer.Deferred):
             route.addErrback(self._route_failed)
             return route.addCallback(lambda found: self._commit(entry, stored, found, message))
         return self._commit(entry, stored, route, message)
 
-    def _route(self, entry):
-        if self._router is None:
+    def _route(self, router, entry):
+        if router is None:
             return None
         try:
-            return self._router(entry)
+            return router(entry)
         except Exception:  # noqa: BLE001 - routing is an optimisation: commit without it
             _log.failure("routing {queue_id} at commit failed", queue_id=entry.queue_id)
             return None
@@ -446,7 +428,6 @@ class Spool:
         self._entries[qid] = entry
         if not entry.retired:
             self._keep_hot(qid, message)
-        self._notify(qid)
         return qid
 
     def _keep_hot(self, qid, message):

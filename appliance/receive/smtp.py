@@ -387,7 +387,7 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
     def _space_for(self, size):
         """Answer 452 4.3.1 (or 451 on an error) unless the spool has room."""
         try:
-            if self.factory.spool.space_available(size):
+            if self.factory.queue.space_available(size):
                 return True
             self.reply(replies.NO_SPACE)
         except Exception:
@@ -590,7 +590,7 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         if self._closing:
             return None     # the client left without a 250: it will send again
         envelope.size = len(message)
-        return self.factory.spool.accept(envelope, message)
+        return self.factory.queue.accept(envelope, message)
 
     def _received(self, txn, envelope):
         with_ = protocol_name(self.esmtp, tls=self.session.tls,
@@ -649,11 +649,11 @@ class SMTPFactory(GatedFactory):
     protocol = ApplianceSMTP
     noisy = False               # sessions are logged as events, not as factory chatter
 
-    def __init__(self, config, directory, spool, clock, listener="mx", policy=None,
+    def __init__(self, config, directory, queue, clock, listener="mx", policy=None,
                  tls=None, implicit_tls=False, gate=None):
         self.config = config
         self.directory = directory
-        self.spool = spool
+        self.queue = queue      # accept(envelope, message), space_available(size)
         self.clock = clock
         self.listener = listener
         self.policy = policy if policy is not None else MXPolicy(config, directory)

@@ -18,11 +18,10 @@ and its ``check_message`` holds the From: header to them.
 
 import re
 
-from twisted.internet import defer
 from twisted.mail import smtp
 
 from appliance.auth.outcome import ABORTED, UNAVAILABLE, LoginRecorder
-from appliance.auth.sasl import Challenge, Malformed, decode_response, encode_challenge
+from appliance.auth.sasl import Challenge, Malformed, encode_challenge, respond
 from appliance import replies
 from appliance.policy.relay import SubmissionPolicy
 from appliance.receive.smtp import ApplianceSMTP, ProtocolError, SMTPFactory
@@ -71,9 +70,7 @@ class SubmissionSMTP(ApplianceSMTP):
             raise ProtocolError(replies.AUTH_MECHANISM, "bad_parameter",
                                 words[0].decode("ascii"))
         self._sasl = mechanism
-        if len(words) == 1:
-            return self._sasl_run(defer.succeed(None))
-        return self._sasl_line(words[1])
+        return self._sasl_line(words[1] if len(words) == 2 else None)
 
     def _check_auth_allowed(self):
         """T4/T5: stock accepts AUTH in the clear, before EHLO, in a
@@ -104,13 +101,8 @@ class SubmissionSMTP(ApplianceSMTP):
         super()._unfinished_line()
 
     def _sasl_line(self, line):
-        return self._sasl_run(defer.maybeDeferred(decode_response, line))
-
-    def _sasl_run(self, response):
-        """Feed the (decoded) response to the mechanism; answer its outcome."""
-        response.addCallback(self._sasl.step)
-        response.addCallbacks(self._sasl_next, self._sasl_failed)
-        return response
+        """Feed the client's response to the mechanism; answer its outcome."""
+        return respond(self._sasl, line).addCallbacks(self._sasl_next, self._sasl_failed)
 
     def _sasl_next(self, result):
         if isinstance(result, Challenge):
@@ -165,9 +157,9 @@ class SubmissionFactory(SMTPFactory):
 
     protocol = SubmissionSMTP
 
-    def __init__(self, config, directory, spool, clock, listener, mechanisms, tls,
+    def __init__(self, config, directory, queue, clock, listener, mechanisms, tls,
                  implicit_tls=False, policy=None, gate=None):
-        super().__init__(config, directory, spool, clock, listener,
+        super().__init__(config, directory, queue, clock, listener,
                          policy if policy is not None else SubmissionPolicy(config, directory),
                          tls=tls, implicit_tls=implicit_tls, gate=gate)
         self.mechanisms = mechanisms

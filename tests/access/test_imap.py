@@ -8,12 +8,12 @@ import os
 import re
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from appliance.testing import HandRunner as HeldRunner
 from appliance import events
 import appliance.deliver.local  # noqa: F401  (registers delivery.local)
 from appliance.access.imap import server as imap_module
@@ -36,26 +36,6 @@ class FakeTLS:
     """Stands in for ServerTLS: STARTTLS only needs ``context`` to work."""
 
     context = object()
-
-
-class HeldRunner:
-    """``run_in_thread`` that keeps each call until ``release()``: a slow disk."""
-
-    def __init__(self):
-        self.held = []
-
-    def __call__(self, f, *args):
-        d = defer.Deferred()
-        self.held.append((f, args, d))
-        return d
-
-    def release(self):
-        while self.held:
-            self.release_one()
-
-    def release_one(self):
-        f, args, d = self.held.pop(0)
-        defer.maybeDeferred(f, *args).chainDeferred(d)
 
 
 class Env:
@@ -933,8 +913,8 @@ def test_a_burst_of_deliveries_costs_two_scans(tmp_path):
         events.emit("delivery.local", queue_id="q", recipient=USER, mailbox=USER, size=1,
                     delay=0)
     assert len(runner.held) == 1
-    runner.release_one()
+    runner.step()
     assert s.lines() == [b"* 5 EXISTS", b"* 5 RECENT"]
     assert len(runner.held) == 1        # the one more scan asked for meanwhile
-    runner.release_one()
+    runner.step()
     assert runner.held == [] and s.lines() == []

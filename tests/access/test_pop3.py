@@ -13,14 +13,13 @@ import time
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
-from jwt.algorithms import ECAlgorithm
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python import failure
 
+from appliance.testing import make_jwks
+from appliance.testing import HandRunner
 from appliance.access.folders import MaildirStore
 from appliance.access.pop3 import (
     MAX_AUTH_FAILURES, POP3Factory, dot_stuffed, top_of)
@@ -437,11 +436,8 @@ def test_a_long_sasl_line_ends_the_exchange(world):
 
 @pytest.fixture
 def oauth(tmp_path):
-    key = ec.generate_private_key(ec.SECP256R1())
-    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
-    jwk["kid"] = "k1"
     path = tmp_path / "jwks.json"
-    path.write_text(json.dumps({"keys": [jwk]}))
+    key = make_jwks(path, "k1")
     verifier = TokenVerifier(ISSUER, AUDIENCE, str(path))
     verifier.load()
     payload = {"iss": ISSUER, "aud": AUDIENCE, "exp": time.time() + 600, "email": ALICE,
@@ -734,41 +730,20 @@ def test_the_lock_is_released_if_the_client_leaves_during_login(tmp_path):
     w.logged_in()
 
 
-class HeldRunner:
-    """``run_in_thread`` that can hold the file work until ``release()``,
-    as a busy disk thread would."""
-
-    def __init__(self):
-        self.hold = False
-        self.held = []
-
-    def __call__(self, f, *args):
-        if not self.hold:
-            return synchronous_runner(f, *args)
-        d = defer.Deferred()
-        self.held.append((f, args, d))
-        return d
-
-    def release(self):
-        held, self.held = self.held, []
-        for f, args, d in held:
-            synchronous_runner(f, *args).chainDeferred(d)
-
-
 def test_commands_wait_for_a_slow_disk_and_reading_resumes_after_quit(world):
-    runner = HeldRunner()
+    runner = HandRunner(hold=False)
     world.store = MaildirStore(world.root, runner)
     world.pop3 = world.factory("pop3")
     s = world.logged_in()
     runner.hold = True
     s.send("RETR 1\r\nDELE 1\r\nQUIT\r\n")
     assert s.lines() == [] and s.transport.producerState == "paused"
-    runner.release()                    # the read
+    runner.run_all()                    # the read
     s.pump()
     lines = s.lines()
     assert lines[0] == f"+OK {crlf_size(FIRST)} octets" and lines[-1] == "+OK Message 1 deleted"
     assert s.transport.producerState == "paused" and len(world.files()) == 2
-    runner.release()                    # the expunge at QUIT
+    runner.run_all()                    # the expunge at QUIT
     assert s.lines() == ["+OK Bye, 1 messages deleted"]
     assert s.closed and len(world.files()) == 1
     # Reading goes on while closing: TLS waits for the client's close_notify.

@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 import ldap_server
+from appliance.testing import CountingRunner as Runner
 from appliance.auth import ldap as ldap_backend
 from appliance.auth.accounts import (Account, BackendUnavailable, BadCredentials,
                                      FileAccounts, IAccounts)
@@ -55,17 +56,6 @@ def config_for(server, tls="starttls", **auth):
 def client_for(server, tls="starttls", timeout=2.0, **auth):
     settings = LdapSettings.from_config(config_for(server, tls, **auth), timeout=timeout)
     return LdapClient(settings)
-
-
-class Runner:
-    """A synchronous run_in_thread that counts its calls."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, f, *args):
-        self.calls += 1
-        return synchronous_runner(f, *args)
 
 
 def accounts_for(server, tls="starttls", timeout=2.0, runner=None, **auth):
@@ -173,7 +163,7 @@ def test_empty_password_refused_before_any_ldap_call(slapd, password):
     runner = Runner()
     accounts = accounts_for(slapd, runner=runner)
     assert refused_with(accounts.authenticate(ALICE, password)) is BadCredentials
-    assert runner.calls == 0
+    assert runner.count == 0
 
 
 def test_password_that_saslprep_maps_to_nothing_is_refused(slapd):

@@ -11,7 +11,6 @@ import pytest
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
-from appliance import events
 from appliance.auth import users
 from appliance.auth.users import (AlreadyExists, NotFound, UsersError, UsersFile,
                                   hash_password, verify_password)
@@ -50,14 +49,6 @@ class SyncThreads:
     def __call__(self, function, *args):
         self.calls.append(function.__name__)
         return defer.maybeDeferred(function, *args)
-
-
-@pytest.fixture
-def collected():
-    collector = events.EventCollector()
-    events.add_observer(collector)
-    yield collector
-    events.remove_observer(collector)
 
 
 @pytest.fixture

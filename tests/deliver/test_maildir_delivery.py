@@ -5,9 +5,9 @@ import os
 import stat
 
 import pytest
-from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from appliance.testing import HandRunner as ManualRunner
 from appliance.deliver.maildir import Delivered, MaildirDeliverer
 from appliance.maildir import (SpoolFile, maildir_bytes, maildir_path, message_name,
                                path_component, round_trips, wire_bytes)
@@ -31,19 +31,6 @@ class CountingFS(FileSystem):
     def fsync_dir(self, path):
         self.dir_syncs.append(path)
         super().fsync_dir(path)
-
-
-class ManualRunner:
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, f, *args):
-        self.calls.append((f, args, defer.Deferred()))
-        return self.calls[-1][2]
-
-    def step(self):
-        f, args, d = self.calls.pop(0)
-        d.callback(f(*args))
 
 
 def envelope(qid="0005f1e2d3c4b5a6deadbeef", sender="alice@example.org"):

@@ -8,6 +8,7 @@ import pytest
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
+from appliance.testing import HandRunner as CountingRunner
 from appliance.deliver import mx
 from appliance.deliver.mx import MXResolver, RoutingError, build_resolver
 from appliance.testing import capture_events, make_config
@@ -340,22 +341,6 @@ def test_the_test_dns_server_answers_txt_nodata_and_refused():
 
 # -- the route cache of the running server -------------------------------------
 
-class CountingRunner:
-    """A run_in_thread the test finishes by hand, counting the lookups."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, function, *args):
-        d = defer.Deferred()
-        self.calls.append((function, args, d))
-        return d
-
-    def finish(self):
-        function, args, d = self.calls.pop(0)
-        defer.maybeDeferred(function, *args).chainDeferred(d)
-
-
 def cached_resolver(dns_server, runner):
     config = make_config(dns={"nameservers": dns_server.address, "timeout": "2s"})
     return MXResolver(config, runner, random=random.Random(1), clock=task.Clock(),
@@ -369,7 +354,7 @@ def test_one_lookup_serves_every_message_asking_while_it_runs(dns_server):
     for _ in range(3):
         resolver.resolve("example.net").addBoth(results.append)
     assert len(runner.calls) == 1 and results == []
-    runner.finish()
+    runner.step()
     assert len(results) == 3 and all(r is results[0] for r in results)
     assert results[0].hosts
 
@@ -378,7 +363,7 @@ def test_a_route_is_reused_until_the_cache_time_runs_out(dns_server):
     runner = CountingRunner()
     resolver = cached_resolver(dns_server, runner)
     resolver.resolve("example.net")
-    runner.finish()
+    runner.step()
     resolver.clock.advance(4.9)
     results = []
     resolver.resolve("example.net").addBoth(results.append)
@@ -394,7 +379,7 @@ def test_failures_are_not_cached_but_reach_everyone_waiting(dns_server):
     results = []
     resolver.resolve("missing.test").addBoth(results.append)
     resolver.resolve("missing.test").addBoth(results.append)
-    runner.finish()
+    runner.step()
     assert len(results) == 2 and all(r.check(RoutingError) for r in results)
     resolver.resolve("missing.test").addBoth(results.append)
     assert len(runner.calls) == 1           # asked again

@@ -186,6 +186,15 @@ def unstuff(wire):
 # ---------------------------------------------------------------------------
 # The conversation
 
+def greeted(*extensions):
+    """A delivery under way: the peer greeted with ``extensions``, our EHLO read."""
+    h = Harness()
+    h.deliver()
+    h.peer.greet(*extensions)
+    h.peer.lines()
+    return h
+
+
 def test_a_lockstep_delivery_says_every_command_in_order():
     h = Harness()
     with capture_events() as seen:
@@ -238,10 +247,7 @@ def test_pipelining_sends_mail_rcpt_and_data_at_once_and_reads_replies_in_order(
 
 
 def test_pipelined_rejection_of_every_recipient_ends_an_invited_data_empty():
-    h = Harness()
-    h.deliver()
-    h.peer.greet("PIPELINING")
-    h.peer.lines()
+    h = greeted("PIPELINING")
     # A server that says 354 although no recipient was accepted gets only
     # the final dot, never the message (RFC 2920 §3.1).
     h.peer.send("250 Ok\r\n550 5.1.1 no\r\n354 go\r\n")
@@ -253,10 +259,7 @@ def test_pipelined_rejection_of_every_recipient_ends_an_invited_data_empty():
 
 
 def test_a_rejected_recipient_without_pipelining_sends_no_data():
-    h = Harness()
-    h.deliver()
-    h.peer.greet()
-    h.peer.lines()
+    h = greeted()
     h.peer.send("250 Ok\r\n")
     h.peer.lines()
     h.peer.send("550 5.7.1 relay denied\r\n")
@@ -280,10 +283,7 @@ def test_the_final_reply_applies_to_every_accepted_recipient():
 
 
 def test_a_data_refusal_applies_to_the_accepted_recipients():
-    h = Harness()
-    h.deliver()
-    h.peer.greet()
-    h.peer.lines()
+    h = greeted()
     h.peer.send("250 Ok\r\n")
     h.peer.lines()
     h.peer.send("250 Ok\r\n")
@@ -305,10 +305,7 @@ def test_mail_refused_permanently_fails_every_recipient():
 
 
 def test_mail_refused_temporarily_moves_to_the_next_host():
-    h = Harness()
-    h.deliver()
-    h.peer.greet()
-    h.peer.lines()
+    h = greeted()
     h.peer.send("421 4.3.2 shutting down\r\n")
     assert h.peers[0].closed and len(h.peers) == 2
     h.peer.greet()
@@ -433,10 +430,7 @@ def test_greetings_that_are_not_2xx_move_on_and_a_5xx_one_only_defers():
 
 
 def test_a_lost_connection_mid_transaction_moves_on():
-    h = Harness()
-    h.deliver()
-    h.peer.greet()
-    h.peer.lines()
+    h = greeted()
     h.peer.send("250 Ok\r\n")
     h.peer.lose()
     assert len(h.peers) == 2
@@ -675,10 +669,7 @@ def test_tls_required_and_starttls_refused_defers():
 
 
 def test_a_failed_handshake_is_a_tls_failure_and_moves_on():
-    h = Harness()
-    h.deliver()
-    h.peer.greet("STARTTLS")
-    h.peer.lines()
+    h = greeted("STARTTLS")
     h.peer.send("220 go\r\n")
     h.peer.lose()                        # what a failed handshake looks like
     assert len(h.peers) == 2
@@ -757,10 +748,7 @@ def test_timeouts_are_constructor_arguments():
 
 
 def test_no_timer_is_left_behind_after_a_delivery():
-    h = Harness()
-    h.deliver()
-    h.peer.greet("PIPELINING")
-    h.peer.lines()
+    h = greeted("PIPELINING")
     h.peer.send("250 Ok\r\n250 Ok\r\n354 go\r\n")
     h.peer.send("250 Ok\r\n")
     assert h.results()[0].delivered

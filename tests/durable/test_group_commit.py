@@ -12,29 +12,9 @@ from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest as trial
 
+from appliance.testing import HandRunner as ManualRunner
 from appliance.durable.commit import Durable, FileSystem, GroupCommitWriter, ParallelFileSystem, StorageError, makedirs, run_batch
 from appliance.threads import ThreadPoolService, pool_runner, synchronous_runner
-
-
-class ManualRunner:
-    """A writer 'thread' the test steps by hand: each call waits for step()."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, f, *args):
-        d = defer.Deferred()
-        self.calls.append((f, args, d))
-        return d
-
-    def step(self):
-        f, args, d = self.calls.pop(0)
-        try:
-            result = f(*args)
-        except BaseException as e:  # noqa: BLE001 - hand the failure to the Deferred
-            d.errback(e)
-        else:
-            d.callback(result)
 
 
 class RecordingFS(FileSystem):

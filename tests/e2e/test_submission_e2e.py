@@ -24,10 +24,10 @@ from pathlib import Path
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from jwt.algorithms import ECAlgorithm
 
 
 import ldap_server
+from appliance.testing import make_jwks
 from harness import HOSTNAME, header_values, wait_until  # noqa: E402
 
 ALICE, ALICE_PW = "alice@example.test", "alice password"
@@ -52,11 +52,8 @@ def pki(tmp_path):
 
 @pytest.fixture
 def oauth_key(tmp_path):
-    key = ec.generate_private_key(ec.SECP256R1())
-    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
-    jwk["kid"] = "test-1"
     path = tmp_path / "jwks.json"
-    path.write_text(json.dumps({"keys": [jwk]}))
+    key = make_jwks(path, "test-1")
     return key, path
 
 

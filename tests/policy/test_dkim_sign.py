@@ -13,10 +13,10 @@ import stat
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
-from twisted.internet import defer
 from twisted.internet.task import Clock
 
 import dns_server
+from appliance.testing import HandRunner as HeldThreads
 from appliance.auth.sasl import Mechanisms
 from appliance.envelope import Session
 from appliance.policy import keys as keysmod
@@ -356,28 +356,6 @@ def test_a_foreign_from_is_told_apart_without_a_thread(from_header, decided):
 
 # -- the step between end of DATA and the spool ---------------------------------------------
 
-class HeldThreads:
-    """run_in_thread that keeps each call until ``run_all``: the test is the thread pool."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, f, *args):
-        d = defer.Deferred()
-        self.calls.append((f, args, d))
-        return d
-
-    def run_all(self):
-        calls, self.calls = self.calls, []
-        for f, args, d in calls:
-            try:
-                result = f(*args)
-            except Exception:
-                d.errback()
-            else:
-                d.callback(result)
-
-
 def mx_factory(key_dir, threads, trusted="192.0.2.0/24", spool=None):
     cfg = make_config(relay={"trusted_networks": trusted}, dkim={"key_dir": key_dir})
     store = KeyStore.from_config(cfg, clock=lambda: DAY)
@@ -400,10 +378,10 @@ def test_a_trusted_peers_message_is_signed_in_a_thread_before_it_is_spooled(key_
     with capture_events() as seen:
         send_message(h)
         assert h.codes()[-1] == 354                 # no answer while signing
-        assert factory.spool.accepted == [] and len(threads.calls) == 1
+        assert factory.queue.accepted == [] and len(threads.calls) == 1
         threads.run_all()
     assert h.codes() == [250]
-    [(envelope, stored)] = factory.spool.accepted
+    [(envelope, stored)] = factory.queue.accepted
     assert stored.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed;")
     assert envelope.size == len(stored)
     [event] = seen.named("dkim.signed")
@@ -420,7 +398,7 @@ def test_an_untrusted_mx_peer_is_never_signed_for(key_dir):
     h = SMTPHarness(factory, peer="198.51.100.7")
     send_message(h, rcpt="alice@example.test")
     assert h.codes()[-1] == 250 and threads.calls == []
-    [(_, stored)] = factory.spool.accepted
+    [(_, stored)] = factory.queue.accepted
     assert b"DKIM-Signature" not in stored
 
 
@@ -432,7 +410,7 @@ def test_a_foreign_from_domain_is_relayed_unsigned(key_dir):
         send_message(h, body=MESSAGE.replace(b"alice@example.test", b"alice@remote.test"))
         threads.run_all()
     assert h.codes()[-1] == 250
-    [(_, stored)] = factory.spool.accepted
+    [(_, stored)] = factory.queue.accepted
     assert b"DKIM-Signature" not in stored and seen.named("dkim.signed") == []
 
 
@@ -446,7 +424,7 @@ def test_a_message_that_cannot_be_signed_is_refused_for_now_and_not_queued(key_d
         send_message(h)
         threads.run_all()
     assert h.replies()[-1].startswith("451 4.3.0")
-    assert factory.spool.accepted == []
+    assert factory.queue.accepted == []
     [failed] = seen.named("dkim.sign_failed")
     assert failed["domain"] == "example.test" and "cannot read" in failed["reason"]
     [rejected] = seen.named("smtp.message.rejected")
@@ -460,7 +438,7 @@ def test_a_header_section_dkimpy_cannot_parse_is_refused_for_good(key_dir):
     send_message(h, body=b"From: alice@example.test\r\nno colon here\r\n\r\nbody\r\n")
     threads.run_all()
     assert h.replies()[-1].startswith("550 5.6.0 Malformed header section")
-    assert factory.spool.accepted == []
+    assert factory.queue.accepted == []
 
 
 def test_other_sessions_are_answered_while_a_signature_is_pending_t24(key_dir):
@@ -497,7 +475,7 @@ def test_an_authenticated_submission_is_signed(key_dir):
     send_message(h)
     threads.run_all()
     assert h.codes()[-1] == 250
-    [(envelope, stored)] = factory.spool.accepted
+    [(envelope, stored)] = factory.queue.accepted
     assert envelope.auth_user == "alice@example.test"
     assert dkimpy_results(stored, dnsfunc_from(store.keys())) == {
         ("mail", "rsa-sha256"): True, ("mail-ed25519", "ed25519-sha256"): True}

@@ -93,12 +93,12 @@ class Env:
         maildir = MaildirDeliverer(str(root / "mail"), self.writer, HOST)
         self.directory = Directory(users, domains=("example.test",))
         self.remote = remote if remote is not None else FakeRemote()
-        self.bouncer = Bouncer(self.spool, clock, HOST, "postmaster@example.test")
         self.settings = settings or QueueSettings(retry=(60.0, 300.0), max_age=86400.0,
                                                   delay_warning=0.0)
         self.runner = QueueRunner(self.spool, self.directory, maildir, clock,
-                                  settings=self.settings, remote=self.remote,
-                                  bouncer=self.bouncer, random=random)
+                                  settings=self.settings, remote=self.remote, random=random)
+        self.bouncer = self.runner.bouncer = Bouncer(self.runner, clock, HOST,
+                                                     "postmaster@example.test")
 
     def start(self):
         self.runner.startService()
@@ -110,7 +110,7 @@ class Env:
                             received_at=self.clock.seconds(), listener=listener,
                             size=len(message))
         out = []
-        self.spool.accept(envelope, message).addBoth(out.append)
+        self.runner.accept(envelope, message).addBoth(out.append)
         assert isinstance(out[0], str), out[0]
         return out[0]
 

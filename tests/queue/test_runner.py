@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 from twisted.internet import defer, task
 
-from appliance import events
 from appliance.deliver.local import REMOTE_NOT_AVAILABLE, USER_UNKNOWN
 from appliance.deliver.maildir import MaildirDeliverer
 from appliance.maildir import maildir_bytes
@@ -116,7 +115,7 @@ def accept(env, recipients, qid="0005f1e2d3c4b5a6deadbeef"):
     envelope = Envelope(queue_id=qid, sender="alice@example.org", recipients=list(recipients),
                         received_at=990.0)
     out = []
-    env.spool.accept(envelope, MESSAGE).addBoth(out.append)
+    env.runner.accept(envelope, MESSAGE).addBoth(out.append)
     return out[0]
 
 
@@ -128,14 +127,6 @@ def mail_files(root, user):
 
 def state_file(root, qid="0005f1e2d3c4b5a6deadbeef"):
     return json.loads((root / "queue" / (qid + ".json")).read_text())
-
-
-@pytest.fixture
-def collected():
-    collector = events.EventCollector()
-    events.add_observer(collector)
-    yield collector
-    events.remove_observer(collector)
 
 
 def test_an_accepted_message_is_delivered_then_removed(tmp_path, collected):
@@ -274,7 +265,7 @@ def test_stop_waits_for_the_pass_in_flight_and_cancels_retries(tmp_path):
     env = build(tmp_path, runner=hold)
     envelope = Envelope(queue_id="0005f1e2d3c4b5a6deadbeef", sender="alice@example.org",
                         recipients=["bob@example.test"], received_at=990.0)
-    env.spool.accept(envelope, MESSAGE)          # before the runner runs: no commit links
+    env.runner.accept(envelope, MESSAGE)          # before the runner runs: no commit links
     run_held()                                   # committed
     env.runner.startService()
     run_held()                                   # recovery; the pass's delivery is queued
@@ -300,7 +291,7 @@ def test_a_delivery_made_at_commit_leaves_nothing_for_stop_to_wait_for(tmp_path)
     d.callback(f(*args))                         # recovery
     envelope = Envelope(queue_id="0005f1e2d3c4b5a6deadbeef", sender="alice@example.org",
                         recipients=["bob@example.test"], received_at=990.0)
-    accepted = env.spool.accept(envelope, MESSAGE)
+    accepted = env.runner.accept(envelope, MESSAGE)
     f, args, d = held.pop(0)
     d.callback(f(*args))                # committed, linked AND removed: one batch
     assert accepted.called and len(mail_files(tmp_path, "bob")) == 1

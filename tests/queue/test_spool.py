@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 from twisted.internet import defer, task
 
-from appliance import events
 from appliance.deliver.maildir import MaildirDeliverer
 from appliance.maildir import maildir_bytes
 from appliance.envelope import Envelope
@@ -74,19 +73,9 @@ def make_spool(directory, fs=None, clock=None, runner=synchronous_runner, statvf
                  max_spares=max_spares)
 
 
-@pytest.fixture
-def collected():
-    collector = events.EventCollector()
-    events.add_observer(collector)
-    yield collector
-    events.remove_observer(collector)
-
-
 def test_accept_commits_message_and_readable_state(tmp_path):
     queue = tmp_path / "queue"
     spool = make_spool(queue)
-    notified = []
-    spool.add_listener(notified.append)
     assert result_of(spool.accept(envelope(), MESSAGE)) == QID
     assert sorted(os.listdir(queue)) == [QID + ".json", QID + ".msg"]
     # Kept in the form a Maildir stores, so local delivery is a hard link.
@@ -97,7 +86,6 @@ def test_accept_commits_message_and_readable_state(tmp_path):
     assert state["message_size"] == len(MESSAGE)
     assert (state["message_form"], state["stored_size"]) == ("maildir", len(stored))
     assert state["recipients"]["bob@example.test"]["state"] == PENDING
-    assert notified == [QID]
     assert spool.get(QID).envelope.recipients == ["bob@example.test"]
 
 
@@ -135,13 +123,11 @@ def test_accept_refuses_unsafe_queue_ids(tmp_path):
 def test_storage_error_means_no_accept_and_no_committed_entry(tmp_path, collected, only, code):
     queue = tmp_path / "queue"
     spool = make_spool(queue, fs=FaultyFS(at=0, error=code, only=only))
-    notified = []
-    spool.add_listener(notified.append)
     failure = result_of(spool.accept(envelope(), MESSAGE))
     assert failure.check(StorageError)
     assert os.strerror(code) in failure.value.error
     assert os.listdir(queue) == []          # no message, no state file, no temp file
-    assert spool.get(QID) is None and notified == []
+    assert spool.get(QID) is None
     [event] = collected.named("spool.error")
     assert event["operation"] == "accept"
     assert result_of(make_spool(queue).recover()) == []
@@ -438,6 +424,16 @@ def linking_router(root, deliverer_fs=None):
     return router
 
 
+def completing(router):
+    """``router`` whose routes deliver every recipient (the entry retires in its batch)."""
+    return lambda entry: router(entry)._replace(complete=True)
+
+
+def waiting(deferred):
+    """A router that answers with ``deferred``."""
+    return lambda entry: deferred
+
+
 def new_files(root, user):
     new = root / "example.test" / user / "new"
     return os.listdir(new) if new.exists() else []
@@ -446,8 +442,8 @@ def new_files(root, user):
 def test_a_router_has_the_commit_link_the_message_into_its_maildirs(tmp_path):
     queue, mail = tmp_path / "queue", tmp_path / "mail"
     spool = make_spool(queue)
-    spool.set_router(linking_router(mail))
-    result_of(spool.accept(envelope(recipients=("bob@example.test",)), MESSAGE))
+    route = linking_router(mail)
+    result_of(spool.accept(envelope(recipients=("bob@example.test",)), MESSAGE, router=route))
     [name] = new_files(mail, "bob")
     path = mail / "example.test" / "bob" / "new" / name
     assert os.stat(path).st_ino == os.stat(queue / (QID + ".msg")).st_ino
@@ -460,11 +456,10 @@ def test_a_complete_route_retires_the_entry_in_the_commits_batch(tmp_path, colle
     queue, mail, spare = tmp_path / "queue", tmp_path / "mail", tmp_path / "queue.spare"
     spool = make_spool(queue, spare=spare)
     router = linking_router(mail)
-    spool.set_router(lambda entry: router(entry)._replace(complete=True))
-    notified = []
-    spool.add_listener(notified.append)
+    route = completing(router)
     batches = spool.writer.batches
-    assert result_of(spool.accept(envelope(recipients=("bob@example.test",)), MESSAGE)) == QID
+    accepted = spool.accept(envelope(recipients=("bob@example.test",)), MESSAGE, router=route)
+    assert result_of(accepted) == QID
     assert spool.writer.batches - batches == 1
     # Every link was ready: no state file at all, the Maildir is the record.
     assert os.listdir(queue) == [] and os.listdir(spare) == []
@@ -472,7 +467,7 @@ def test_a_complete_route_retires_the_entry_in_the_commits_batch(tmp_path, colle
     assert (mail / "example.test" / "bob" / "new" / name).read_bytes() == maildir_bytes(
         "alice@example.org", MESSAGE)
     entry = spool.get(QID)
-    assert entry.retired and notified == [QID]      # the runner reports and forgets it
+    assert entry.retired                # the runner reports and forgets it
     spool.forget(QID)
     assert spool.get(QID) is None and collected.named("queue.removed")[0]["queue_id"] == QID
     assert result_of(make_spool(queue, spare=spare).recover()) == []
@@ -486,8 +481,8 @@ def test_an_entry_whose_link_failed_is_not_retired(tmp_path):
     queue, mail = tmp_path / "queue", tmp_path / "mail"
     spool = make_spool(queue, fs=NoLinks())
     router = linking_router(mail)
-    spool.set_router(lambda entry: router(entry)._replace(complete=True))
-    result_of(spool.accept(envelope(recipients=("bob@example.test",)), MESSAGE))
+    route = completing(router)
+    result_of(spool.accept(envelope(recipients=("bob@example.test",)), MESSAGE, router=route))
     entry = spool.get(QID)
     assert not entry.retired and entry.linked["bob@example.test"].check(OSError)
     assert sorted(os.listdir(queue)) == [QID + ".json", QID + ".msg"]
@@ -503,11 +498,11 @@ def test_a_kill_at_any_step_of_a_direct_commit_leaves_no_partial_message(tmp_pat
         fs = FaultyFS(at=step)
         spool = make_spool(queue, fs=fs)
         router = linking_router(mail)
-        spool.set_router(lambda entry: router(entry)._replace(complete=True))
+        route = completing(router)
         answered = []
         try:
             spool.accept(envelope(recipients=("bob@example.test",)),
-                         MESSAGE).addBoth(answered.append)
+                         MESSAGE, router=route).addBoth(answered.append)
         except Crash:
             pass
         box = mail / "example.test" / "bob" / "new"
@@ -541,9 +536,9 @@ def test_several_recipients_keep_the_state_file_so_a_crash_cannot_half_deliver(t
     queue, mail = tmp_path / "queue", tmp_path / "mail"
     spool = make_spool(queue, fs=Recording())
     router = linking_router(mail)
-    spool.set_router(lambda entry: router(entry)._replace(complete=True))
+    route = completing(router)
     result_of(spool.accept(envelope(recipients=("bob@example.test", "carol@example.test")),
-                           MESSAGE))
+                           MESSAGE, router=route))
     assert any(QID + ".json" in os.path.basename(path) for path in written)
     assert len(new_files(mail, "bob")) == 1 and len(new_files(mail, "carol")) == 1
     assert spool.get(QID).retired
@@ -555,13 +550,12 @@ def test_a_router_that_fails_or_waits_still_commits(tmp_path):
 
     def broken(entry):
         raise RuntimeError("routing bug")
-    spool.set_router(broken)
-    assert result_of(spool.accept(envelope(), MESSAGE)) == QID
+    assert result_of(spool.accept(envelope(), MESSAGE, router=broken)) == QID
     assert spool.get(QID).linked is None and new_files(mail, "bob") == []
     later = defer.Deferred()
-    spool.set_router(lambda entry: later)
+    route = waiting(later)
     other = "0005f1e2d3c4b5a6cafef00d"
-    d = spool.accept(envelope(qid=other), MESSAGE)
+    d = spool.accept(envelope(qid=other), MESSAGE, router=route)
     assert not d.called
     later.errback(RuntimeError("lookup failed"))
     assert result_of(d) == other and spool.get(other).linked is None
@@ -574,9 +568,9 @@ def test_a_kill_at_any_step_of_a_linking_commit_links_only_committed_messages(tm
         queue, mail = tmp_path / f"run{step}" / "queue", tmp_path / f"run{step}" / "mail"
         fs = FaultyFS(at=step)
         spool = make_spool(queue, fs=fs)
-        spool.set_router(linking_router(mail))
+        route = linking_router(mail)
         result_of(spool.accept(envelope(recipients=("bob@example.test", "carol@example.test")),
-                               MESSAGE))
+                               MESSAGE, router=route))
         committed = (queue / (QID + ".json")).exists()
         linked = new_files(mail, "bob") + new_files(mail, "carol")
         if not committed:

@@ -48,7 +48,7 @@ def last(h):
 
 
 def spool_of(h):
-    return h.factory.spool
+    return h.factory.queue
 
 
 # -- greeting, EHLO and the small commands (T16) ---------------------------------

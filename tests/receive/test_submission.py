@@ -11,9 +11,9 @@ import time
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from jwt.algorithms import ECAlgorithm
 from twisted.internet.task import Clock
 
+from appliance.testing import make_jwks
 from appliance.auth.accounts import BackendUnavailable
 from appliance.auth.oauth2 import TokenVerifier
 from appliance.auth.sasl import Mechanisms
@@ -480,11 +480,8 @@ ISSUER, AUDIENCE = "https://id.example.test", "mail.example.test"
 
 @pytest.fixture
 def oauth(tmp_path):
-    key = ec.generate_private_key(ec.SECP256R1())
-    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
-    jwk["kid"] = "k1"
     path = tmp_path / "jwks.json"
-    path.write_text(json.dumps({"keys": [jwk]}))
+    key = make_jwks(path, "k1")
     verifier = TokenVerifier(ISSUER, AUDIENCE, str(path))
     verifier.load()
 
@@ -573,7 +570,7 @@ def test_a_submitted_message_goes_anywhere_and_carries_the_user():
     h = authenticated()
     replies = send_message(h, f"From: Alice <{ALICE}>\r\nTo: x@remote.test\r\n")
     assert replies[0].startswith("250 2.0.0 Ok: queued as ")
-    [(envelope, message)] = h.factory.spool.accepted
+    [(envelope, message)] = h.factory.queue.accepted
     assert envelope.auth_user == ALICE and envelope.listener == "submission"
     assert envelope.recipients == ["someone@remote.test"]
     assert b"with ESMTPSA" in message
@@ -597,7 +594,7 @@ def test_spoofed_from_header_is_refused_after_data(headers):
     with capture_events() as events:
         replies = send_message(h, headers + "Subject: hi\r\n")
     assert replies == ["550 5.7.1 From: header address not owned by the authenticated user"]
-    assert h.factory.spool.accepted == []
+    assert h.factory.queue.accepted == []
     assert events.named("smtp.message.rejected")[0]["code"] == 550
     h.send("NOOP\r\n")
     assert h.replies() == ["250 2.0.0 Ok"]

@@ -15,8 +15,8 @@ import email.utils
 
 from appliance.access.imap import mime as imapmime
 
-from appliance.access.imap.syntax import (SyntaxError_, is_set, is_string, parse_date, parse_set,
-                                         resolve_uids)
+from appliance.access.imap.syntax import (SyntaxError_, bounds, is_set, is_string, parse_date,
+                                         parse_set, resolve_uids)
 
 MAX_DEPTH = 64
 CHARSETS = ("US-ASCII", "UTF-8")
@@ -236,11 +236,7 @@ class UnknownCharset(Exception):
 def resolve_seqs_clamped(ranges, count):
     """Sequence numbers of ``ranges`` that exist (SEARCH ignores the others)."""
     chosen = set()
-    for low, high in ranges:
-        low = count if low is None else low
-        high = count if high is None else high
-        if low > high:
-            low, high = high, low
+    for low, high in bounds(ranges, count):
         chosen.update(range(max(low, 1), min(high, count) + 1))
     return chosen
 

@@ -48,7 +48,7 @@ from appliance.access.imap.syntax import (Atom, BigLiteral, String, SyntaxError_
 from appliance.access.folders import DELIMITER, SYSTEM_FLAGS, FolderError, FolderExists, FolderMissing, FolderNameError, MessageGone, check_folder_name
 from appliance.maildir import maildir_path
 from appliance.auth.outcome import UNAVAILABLE, LoginRecorder
-from appliance.auth.sasl import Aborted, Challenge, Malformed, decode_response, encode_challenge
+from appliance.auth.sasl import Aborted, Challenge, Malformed, encode_challenge, respond
 from appliance.envelope import new_session_id
 from appliance.defence.authfail import fingerprint
 from appliance.defence.stages import BANNED_TEXT, LIMIT_KIND, REFUSED_TEXT
@@ -562,25 +562,20 @@ class IMAPServer(imap4.IMAP4Server):
         if mechanism is None:
             raise no(b"Unsupported authentication mechanism", b"CANNOT")
         done = defer.Deferred()
-        if len(args) == 2:          # SASL-IR (RFC 4959)
-            if not is_string(args[1]):
-                raise bad(b"Bad initial response")
-            step = defer.maybeDeferred(decode_response, bytes(args[1]))
-        else:
-            step = defer.succeed(None)
-        self._sasl_step(step, mechanism, done)
+        if len(args) == 2 and not is_string(args[1]):      # SASL-IR (RFC 4959)
+            raise bad(b"Bad initial response")
+        self._sasl_step(bytes(args[1]) if len(args) == 2 else None, mechanism, done)
         return done
 
-    def _sasl_step(self, response, mechanism, done):
-        response.addCallback(mechanism.step)
-        response.addCallbacks(self._sasl_next, self._sasl_failed,
-                              callbackArgs=(mechanism, done), errbackArgs=(mechanism, done))
+    def _sasl_step(self, line, mechanism, done):
+        respond(mechanism, line).addCallbacks(
+            self._sasl_next, self._sasl_failed,
+            callbackArgs=(mechanism, done), errbackArgs=(mechanism, done))
 
     def _sasl_next(self, result, mechanism, done):
         if isinstance(result, Challenge):
             self.sendLine(b"+ " + encode_challenge(result.data))
-            self._continuation = lambda line: self._sasl_step(
-                defer.maybeDeferred(decode_response, line), mechanism, done)
+            self._continuation = lambda line: self._sasl_step(line, mechanism, done)
             self._update_flow()
             return
         d = self._logged_in(result, mechanism.name)

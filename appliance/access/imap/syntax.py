@@ -170,16 +170,21 @@ def is_set(token):
     return isinstance(token, Atom) and bool(_SET.match(token))
 
 
+def bounds(ranges, top):
+    """Each range of a set as ``(low, high)``, ``*`` (None) read as ``top``
+    and the ends in order (``5:2`` is ``2:5``, RFC 3501 §9)."""
+    for low, high in ranges:
+        low = top if low is None else low
+        high = top if high is None else high
+        yield (high, low) if low > high else (low, high)
+
+
 def resolve_seqs(ranges, count):
     """Sequence numbers (sorted, unique) selected by ``ranges`` in a mailbox of
     ``count`` messages; ValueError if one is beyond it. Work is bounded by
     ``count``, not by the numbers in the set."""
     chosen = set()
-    for low, high in ranges:
-        low = count if low is None else low
-        high = count if high is None else high
-        if low > high:
-            low, high = high, low
+    for low, high in bounds(ranges, count):
         if low < 1 or high > count:
             raise ValueError("no such message")
         if high - low + 1 >= count:
@@ -198,11 +203,7 @@ def resolve_uids(ranges, uids):
         return []
     top = uids[-1]
     chosen = set()
-    for low, high in ranges:
-        low = top if low is None else low
-        high = top if high is None else high
-        if low > high:
-            low, high = high, low
+    for low, high in bounds(ranges, top):
         start = bisect.bisect_left(uids, low)
         end = bisect.bisect_right(uids, high)
         if end - start == len(uids):
