@@ -71,6 +71,12 @@ def build_parser():
     records.set_defaults(run=cmd_dns_records)
     _dkim_commands(commands.add_parser("dkim", parents=[common], help="DKIM signing keys"),
                    common)
+    audit = commands.add_parser("audit", parents=[common],
+                                help="replay JSON event logs (plain or .gz) through the "
+                                     "auditor's rules and print the findings")
+    audit.add_argument("logfiles", nargs="+", metavar="LOGFILE")
+    audit.add_argument("--json", action="store_true", help="one JSON document")
+    audit.set_defaults(run=cmd_audit)
     return parser
 
 
@@ -291,6 +297,16 @@ def cmd_dkim_remove(args, io):
     _, store, _ = _key_store(args)
     key = store.remove(args.domain, args.selector)
     io.out(f"removed: {key.dns_name} (its DNS record can go)")
+    return EXIT_OK
+
+
+def cmd_audit(args, io):
+    from appliance.audit.replay import ReplayError, run
+    cfg = configmod.load(args.config)
+    try:
+        run(cfg, args.logfiles, args.json, io.out)
+    except ReplayError as exc:
+        raise Failed(str(exc)) from None
     return EXIT_OK
 
 

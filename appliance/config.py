@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 HostPort = namedtuple("HostPort", "host port")
 
 LISTENERS = ("mx", "submission", "submissions", "submission_alt",
-             "imap", "imaps", "pop3", "pop3s", "admin_ssh")
+             "imap", "imaps", "pop3", "pop3s", "admin_ssh", "http", "https")
 
 
 class ConfigError(Exception):
@@ -263,6 +263,35 @@ def address_list(raw):
     return tuple(addresses)
 
 
+def http_url(raw):
+    """An http:// or https:// URL with a host; empty means 'not set'."""
+    value = _single(raw).strip()
+    if not value:
+        return ""
+    parts = urlsplit(value)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{_show(raw)} is not an http:// or https:// URL")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"{_show(raw)} has no valid port") from None
+    return value
+
+
+_MAIL_LOCAL = re.compile(r"^[^\s@<>()\[\],;:\"\\]+$")
+
+
+def mail_target(raw):
+    """A local part (of the first local domain) or an address; empty: nobody."""
+    value = _single(raw).strip()
+    if not value:
+        return ""
+    local, at, domain = value.rpartition("@") if "@" in value else (value, "", "")
+    if not _MAIL_LOCAL.match(local) or not value.isprintable():
+        raise ValueError(f"{_show(raw)} is not a local part or an address")
+    return f"{local}@{unicode_domain(domain)}" if at else local
+
+
 def path(raw):
     """A path (resolved against base_dir later); empty means 'not set'."""
     return _single(raw).strip()
@@ -286,6 +315,36 @@ def ldap_url(raw):
     except ValueError:
         raise ValueError(f"{_show(raw)} has no valid port") from None
     return value
+
+
+def https_url(raw):
+    """An https:// URL with a host (the ACME directory)."""
+    value = _single(raw).strip()
+    parts = urlsplit(value)
+    if parts.scheme.lower() != "https" or not parts.hostname:
+        raise ValueError(f"{_show(raw)} is not an https:// URL")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"{_show(raw)} has no valid port") from None
+    return value
+
+
+_EMAIL = re.compile(r"^[^@\s,;<>\"]+@[^@\s,;<>\"]+$")
+
+
+def email(raw):
+    """A contact address (local@domain), or empty."""
+    value = _single(raw).strip()
+    if not value:
+        return ""
+    if not _EMAIL.match(value):
+        raise ValueError(f"{_show(raw)} is not an e-mail address (local@domain)")
+    local, _, domain = value.rpartition("@")
+    try:
+        return f"{local}@{_ascii_domain(domain)}"
+    except ValueError:
+        raise ValueError(f"{_show(raw)} is not an e-mail address (local@domain)") from None
 
 
 def ldap_filter(raw):
@@ -353,10 +412,18 @@ SCHEMA = {
         Key("pop3", "127.0.0.1:8110", host_port()),
         Key("pop3s", "127.0.0.1:8995", host_port()),
         Key("admin_ssh", "127.0.0.1:8022", host_port()),
+        Key("http", "127.0.0.1:8080", host_port()),
+        Key("https", "127.0.0.1:8443", host_port()),
     ),
     "tls": _keys(
         Key("certificate", "", path, True),
         Key("private_key", "", path, True),
+        Key("acme", "off", boolean),
+        Key("acme_directory", "https://acme-v02.api.letsencrypt.org/directory", https_url),
+        Key("acme_email", "", email),
+        Key("acme_challenge", "tls-alpn-01", choice("tls-alpn-01", "http-01")),
+        Key("acme_ca_file", "", path, True),
+        Key("mta_sts", "testing", choice("none", "testing", "enforce")),
     ),
     "auth": _keys(
         Key("backend", "file", choice("file", "ldap")),
@@ -432,6 +499,19 @@ SCHEMA = {
     "log": _keys(
         Key("events", "./var/log/events.json", required_path, True),
     ),
+    "audit": _keys(
+        Key("enabled", "on", boolean),
+        Key("window", "15m", positive_duration),
+        Key("harvest_threshold", "20", integer(1)),
+        Key("relay_probe_threshold", "3", integer(1)),
+        Key("protocol_error_threshold", "30", integer(1)),
+        Key("spray_threshold", "10", integer(1)),
+        Key("account_attack_threshold", "20", integer(1)),
+        Key("send_spike", "200", integer(1)),
+        Key("alert_to", "postmaster", mail_target),
+        Key("alert_interval", "15m", positive_duration),
+        Key("webhook", "", http_url),
+    ),
 }
 
 
@@ -462,7 +542,13 @@ class Config:
     limits: object
     admin: object
     log: object
+    audit: object
     path: str = None            # the file it came from, None for parse()
+
+    @property
+    def mta_sts_published(self):
+        """True when we publish an MTA-STS policy (a mode, and https to serve it)."""
+        return self.tls.mta_sts != "none" and self.listen.https is not None
 
     def listeners(self):
         """``{name: HostPort}`` of the enabled listeners, in SPEC order."""
@@ -575,6 +661,7 @@ def _cross_problems(values):
                         "together (set both, or neither for a self-signed one)")
     problems.extend(_listener_clashes(values["listen"]))
     problems.extend(_defence_problems(values["checks"], values["limits"]))
+    problems.extend(_acme_problems(server, tls, values["listen"]))
     return problems
 
 
@@ -592,6 +679,31 @@ def _defence_problems(checks, limits):
     if ban is not None and ban_max is not None and ban_max < ban:
         problems.append("[limits] ban_time_max: must be at least ban_time")
     return problems
+
+
+def _acme_problems(server, tls, listen):
+    """ACME and MTA-STS need the web listener that answers for them."""
+    problems = []
+    if tls["acme"]:
+        if tls["certificate"]:
+            problems.append("[tls] acme: acme = on and a certificate file exclude each "
+                            "other (leave certificate and private_key empty)")
+        if server["hostname"] and _is_ip(server["hostname"]):
+            problems.append("[tls] acme: the hostname must be a DNS name for ACME, "
+                            f"not the address {server['hostname']}")
+        needed = "https" if tls["acme_challenge"] == "tls-alpn-01" else "http"
+        if tls["acme_challenge"] and listen[needed] is None:
+            problems.append(f"[tls] acme_challenge: {tls['acme_challenge']} is answered "
+                            f"on [listen] {needed}, which is empty")
+    return problems
+
+
+def _is_ip(text):
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _listener_clashes(listen):

@@ -10,6 +10,10 @@
   ``<selector>._domainkey.<domain>``;
 - DMARC: ``v=DMARC1; p=quarantine; rua=mailto:postmaster@<domain>`` at
   ``_dmarc.<domain>``, a safe start before ``p=reject``;
+- with the https listener: ``mta-sts.``, ``autoconfig.`` and ``autodiscover.``
+  CNAMEs to the hostname (SPEC §8), and when our MTA-STS policy is published
+  (``[tls] mta_sts``) the ``_mta-sts`` TXT (its id changes with the policy)
+  and the ``_smtp._tls`` TLS-RPT TXT (RFC 8460) reporting to the postmaster;
 
 and for the host itself: its A/AAAA (a hint, from ``public_addresses``) and
 an SPF record for its name, which receivers check for the HELO identity and
@@ -30,6 +34,7 @@ import dns.resolver
 
 from appliance.deliver.mx import build_resolver
 from appliance.policy.keys import ascii_domain
+from appliance.web.policy import WEB_PREFIXES, sts_record, tlsrpt_record
 
 TTL = 3600
 TXT_CHUNK = 255
@@ -113,11 +118,25 @@ def records(cfg, store):
         for key in store.keys(domain):
             found.append(Record(_absolute(key.dns_name), "TXT", key.txt, "dkim"))
         found.append(Record(f"_dmarc.{name}", "TXT", dmarc_text(domain), "dmarc"))
+        found.extend(_web_records(cfg, name, host))
     for address in addresses:
         found.append(Record(host, "A" if address.version == 4 else "AAAA", str(address),
                             "address"))
     if host.rstrip(".") not in {ascii_domain(d) for d in cfg.server.domains}:
         found.append(Record(host, "TXT", spf_text(addresses, mechanism="a"), "helo-spf"))
+    return found
+
+
+def _web_records(cfg, name, host):
+    """The names the web listener answers for, and MTA-STS / TLS-RPT."""
+    found = []
+    if cfg.listen.https is not None:
+        found += [Record(f"{prefix}.{name}", "CNAME", host, "web") for prefix in WEB_PREFIXES
+                  if f"{prefix}.{name}" != host]
+    if cfg.mta_sts_published:
+        found.append(Record(f"_mta-sts.{name}", "TXT", sts_record(cfg), "mta-sts"))
+        found.append(Record(f"_smtp._tls.{name}", "TXT", tlsrpt_record(name.rstrip(".")),
+                            "tls-rpt"))
     return found
 
 
@@ -187,6 +206,10 @@ def _compare(record, values):
         same = [v for v in relevant if _words(v) == _words(record.value)]
     elif record.kind == "dmarc":
         relevant = [v for v in values if re.match(r"v=DMARC1\s*(;|$)", v, re.I)]
+        same = [v for v in relevant if _tags(v) == _tags(record.value)]
+    elif record.kind in ("mta-sts", "tls-rpt"):
+        version = record.value.split(";")[0].strip().lower()
+        relevant = [v for v in values if v.split(";")[0].strip().lower() == version]
         same = [v for v in relevant if _tags(v) == _tags(record.value)]
     elif record.kind == "dkim":
         relevant = values

@@ -12,15 +12,17 @@ thread pool is added before the services that use it and outlives them)::
       pool-spool-read, pool-password-hash, pool-dns   (appliance.threads; POOLS below)
       pool-ldap-directory     LDAP recipient lookups (backend = ldap only)
       queue runner            local and remote delivery, retries, DSNs; recovery at start
+      pool-defence-state, defences   bans, limits, greylist state loaded (before any listener)
+      auditor, queue-watch    the live IDS over the event stream ([audit] enabled)
       tls                     certificate and JWKS loaded; SIGHUP reloads the certificate
       dkim-keys               DKIM keys made if missing, loaded
-      pool-dkim-sign, pool-inbound-checks, pool-defence-state
-      defences                bans, limits, greylist state loaded (before any listener binds)
-      pool-ldap, pool-maildir
+      pool-dkim-sign, pool-inbound-checks, pool-ldap, pool-maildir
       listener mx             ESMTP on [listen] mx, STARTTLS
       listener submission, submission_alt   STARTTLS + AUTH
       listener submissions                  implicit TLS + AUTH
       listener pop3 (STLS), pop3s, imap (STARTTLS), imaps   over the Maildirs
+      acme-pool, acme         ACME client (acme = on): certificates into the tls service
+      listener http, https    MTA-STS policy, client autoconfig, ACME challenges (appliance.web)
 
 Every listener's factory gets the one ``Gate`` (appliance.net.gate), which asks the
 defences (appliance.defence): a client's connections are counted, and refused, across
@@ -45,12 +47,14 @@ from appliance import events
 from appliance.access.imap.server import IMAPFactory
 from appliance.access.folders import MaildirStore
 from appliance.access.pop3 import POP3Factory
+from appliance.audit.service import AuditService, QueueWatch
 from appliance.auth.ldap import POOL_SIZE as LDAP_POOL_SIZE, LdapConfigError, accounts_from_config
 from appliance.auth.oauth2 import JWKSError, TokenVerifier
 from appliance.auth.sasl import Mechanisms
 from appliance.auth.users import UsersFile
 from appliance.config import ConfigError, load
 from appliance.deliver.maildir import MaildirDeliverer
+from appliance.deliver.mtasts import MTASTSPolicies
 from appliance.deliver.mx import ROUTE_CACHE_SECONDS, MXResolver, build_resolver
 from appliance.deliver.remote import RemoteDelivery
 from appliance.directory import AliasesFile, directory_from_config
@@ -72,6 +76,7 @@ from appliance.receive.smtp import SMTPFactory
 from appliance.receive.submission import SubmissionFactory
 from appliance.net.gate import Gate, GateFront
 from appliance.net.tls import ServerTLS, TLSError
+from appliance.web import services as web_services
 
 FSYNC_THREADS = 4       # fsyncs of one group-commit batch in flight together (in the writer child)
 SWITCH_INTERVAL = 0.0005    # seconds; see makeService
@@ -276,6 +281,8 @@ POOLS = {
     "password-hash": 4,         # bcrypt / argon2 of the users file
     "dkim-sign": 2,             # RSA / Ed25519 signatures of our users' mail
     "dns": 8,                   # MX lookups (dnspython blocks)
+    "mta-sts": 2,               # recipients' MTA-STS policies: DNS, then an HTTPS fetch
+    "audit": 1,                 # the auditor's alerts and holds, written durably
     "inbound-checks": WORKER_THREADS,   # SPF / DKIM / DMARC of MX mail
     "ldap": LDAP_POOL_SIZE,             # logins (backend = ldap)
     "ldap-directory": LDAP_POOL_SIZE,   # recipient lookups (backend = ldap)
@@ -327,7 +334,11 @@ class Appliance:
     accounts: object = None
     mailstore: MaildirStore = None
     defences: Defences = None   # bans, limits, greylisting (``gate.defences``)
-    listeners: dict = field(default_factory=dict)     # name -> protocol factory
+    listeners: dict = field(default_factory=dict)     # name -> protocol factory (or web site)
+    acme: object = None                               # the ACME client (acme = on)
+    challenges: object = None                         # ACME challenges being answered
+    bans: object = None         # the defences' ban service (ban(network, reason=, rule=))
+    auditor: AuditService = None
 
 
 def _listen(top, reactor, name, address, factory, words, tls=None):
@@ -395,6 +406,7 @@ def _queue_manager(cfg, reactor, spool, directory, deliverer, resolver, pools):
     routes = MXResolver(cfg, run_in_thread=pools.run("dns"), resolver=resolver, clock=reactor,
                         cache_seconds=ROUTE_CACHE_SECONDS)
     remote = RemoteDelivery(cfg, routes, reactor)
+    remote.mta_sts = MTASTSPolicies(resolver, pools.run("mta-sts"), reactor)     # RFC 8461
     runner = QueueRunner(spool, directory, deliverer, reactor,
                          settings=QueueSettings.from_config(cfg), remote=remote)
     runner.bouncer = Bouncer.from_config(cfg, runner, reactor)     # DSNs queue like any mail
@@ -404,6 +416,20 @@ def _queue_manager(cfg, reactor, spool, directory, deliverer, resolver, pools):
 def _ldap_pool(cfg, name):
     """The LDAP pool ``name`` when the backend is LDAP (closed by its owner), else None."""
     return new_pool(name, POOLS[name]) if cfg.auth.backend == "ldap" else None
+
+
+def _auditor(app, reactor, top, pools):
+    """The live auditor ([audit] enabled): before the listeners, so it sees
+    their first events and stops after them. Bans go to ``app.bans`` (the
+    defences' ban service) when there is one; without it each ban is an
+    ``audit.action_skipped`` event and the alert still goes out."""
+    cfg = app.config
+    if not cfg.audit.enabled:
+        return
+    app.auditor = AuditService.from_config(cfg, reactor, spool=app.spool, runner=app.runner,
+                                           bans=app.bans, write=pools.run("audit"))
+    app.auditor.setServiceParent(top)
+    QueueWatch(app.spool, cfg.queue.delay_warning, reactor).setServiceParent(top)
 
 
 def build(cfg, reactor):
@@ -436,6 +462,13 @@ def build(cfg, reactor):
     app = top.appliance = Appliance(cfg, Gate(cfg.limits), writer, spool, users, aliases,
                                     directory, runner)
     runner.setServiceParent(top)
+    # Bans, limits, greylisting: their state is loaded before any listener
+    # binds; the one gate asks them; the auditor bans through them.
+    app.defences = Defences.from_config(cfg, reactor, pools.run("defence-state"))
+    DefenceService(app.defences, reactor).setServiceParent(top)
+    app.gate.defences = app.defences
+    app.bans = app.defences.bans
+    _auditor(app, reactor, top, pools)
     app.tls = ServerTLS.from_config(cfg)
     app.oauth2 = TokenVerifier.from_config(cfg)
     TLSService(reactor, app).setServiceParent(top)
@@ -443,13 +476,10 @@ def build(cfg, reactor):
     KeyService(app.dkim, cfg.server.domains, fail).setServiceParent(top)
     app.signer = Signer(cfg, app.dkim, pools.run("dkim-sign"))
     app.checks = InboundChecks(cfg, resolver, pools.run("inbound-checks"))
-    # Bans, limits, greylisting: their state is loaded before any listener
-    # binds, and the one gate asks them. Greylisting asks SPF (a retry from
-    # another host of the sender's pool) only when SPF checks are on.
-    spf = spf_checker(app.checks) if cfg.checks.spf != "off" else None
-    app.defences = Defences.from_config(cfg, reactor, pools.run("defence-state"), spf)
-    DefenceService(app.defences, reactor).setServiceParent(top)
-    app.gate.defences = app.defences
+    if cfg.checks.spf != "off":
+        # Greylisting passes a retry from another host of the sender's pool
+        # when SPF authorises it: asked only when SPF checks are on.
+        app.defences.greylist.spf = spf_checker(app.checks)
     try:
         app.accounts, ldap_service = accounts_from_config(cfg, users, directory, reactor,
                                                           _ldap_pool(cfg, "ldap"))
@@ -460,6 +490,12 @@ def build(cfg, reactor):
     mechanisms = Mechanisms(app.accounts, app.oauth2)
     _smtp_listeners(app, reactor, top, mechanisms)
     _access_listeners(app, reactor, top, mechanisms, pools)
+
+    def listener(name, address, factory):
+        return Listener(name, format_address(address), server_endpoint(reactor, address),
+                        factory)
+    for web_service in web_services(cfg, reactor, app, listener):     # SPEC §8
+        web_service.setServiceParent(top)
     return top
 
 

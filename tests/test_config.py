@@ -354,3 +354,70 @@ def test_load_resolves_against_cwd(tmp_path, monkeypatch):
 def test_config_error_message_joins_problems():
     error = ConfigError(["a", "b"])
     assert str(error) == "a\nb" and error.problems == ["a", "b"]
+
+
+# -- [listen] http/https and [tls] acme*, mta_sts (SPEC §3, §8) -----------------
+
+def test_web_and_acme_defaults():
+    cfg = parse()
+    assert cfg.listen.http == HostPort("127.0.0.1", 8080)
+    assert cfg.listen.https == HostPort("127.0.0.1", 8443)
+    assert cfg.tls.acme is False
+    assert cfg.tls.acme_directory == "https://acme-v02.api.letsencrypt.org/directory"
+    assert cfg.tls.acme_email == ""
+    assert cfg.tls.acme_challenge == "tls-alpn-01"
+    assert cfg.tls.acme_ca_file is None
+    assert cfg.tls.mta_sts == "testing"
+    assert cfg.mta_sts_published is True
+
+
+def test_acme_values_are_typed():
+    cfg = parse("[tls]\nacme = on\nacme_directory = https://127.0.0.1:14000/dir\n"
+                "acme_email = Hostmaster@Example.TEST\nacme_challenge = HTTP-01\n"
+                "acme_ca_file = ca.pem\nmta_sts = enforce\n")
+    assert cfg.tls.acme is True
+    assert cfg.tls.acme_directory == "https://127.0.0.1:14000/dir"
+    assert cfg.tls.acme_email == "Hostmaster@example.test"
+    assert cfg.tls.acme_challenge == "http-01"
+    assert cfg.tls.acme_ca_file == "/srv/mail/ca.pem"
+    assert cfg.tls.mta_sts == "enforce"
+
+
+@pytest.mark.parametrize("line, why", [
+    ("acme = maybe", "[tls] acme: \"maybe\" is not on or off"),
+    ("acme_directory = http://acme.test/dir", "is not an https:// URL"),
+    ("acme_directory = https://acme.test:99999/dir", "has no valid port"),
+    ("acme_email = nobody", "is not an e-mail address"),
+    ("acme_email = a@b@c", "is not an e-mail address"),
+    ("acme_challenge = dns-01", "is not one of: tls-alpn-01, http-01"),
+    ("mta_sts = on", "is not one of: none, testing, enforce"),
+])
+def test_bad_acme_values(line, why):
+    problem = one_problem(f"[tls]\n{line}\n")
+    assert problem.startswith("[tls] ") and why in problem
+
+
+def test_acme_needs_its_challenge_listener_and_no_certificate_file():
+    assert one_problem("[listen]\nhttps =\n[tls]\nacme = on\n") == (
+        "[tls] acme_challenge: tls-alpn-01 is answered on [listen] https, which is empty")
+    assert one_problem("[listen]\nhttp =\n[tls]\nacme = on\nacme_challenge = http-01\n") == (
+        "[tls] acme_challenge: http-01 is answered on [listen] http, which is empty")
+    assert "exclude each other" in one_problem(
+        "[tls]\nacme = on\ncertificate = c.pem\nprivate_key = k.pem\n")
+    found = problems("[server]\nhostname = 192.0.2.1\ndomains = example.test\n"
+                     "[tls]\nacme = on\n")
+    assert found == ["[tls] acme: the hostname must be a DNS name for ACME, "
+                     "not the address 192.0.2.1"]
+    # Off, none of it matters.
+    parse("[listen]\nhttps =\nhttp =\n")
+
+
+def test_web_listeners_clash_like_the_others():
+    assert one_problem("[listen]\nhttps = 127.0.0.1:8993\n") == (
+        "[listen] https: 127.0.0.1:8993 is already used by imaps")
+
+
+def test_mta_sts_is_published_only_with_a_mode_and_https():
+    assert parse("[tls]\nmta_sts = none\n").mta_sts_published is False
+    assert parse("[listen]\nhttps =\n").mta_sts_published is False
+    assert parse("[tls]\nmta_sts = enforce\n").mta_sts_published is True

@@ -5,6 +5,7 @@ The check runs against the test DNS server (tests/dns_server.py) through
 """
 
 import io
+import re
 
 import dns.zone
 
@@ -28,14 +29,19 @@ algorithm = {algorithm}
 [dns]
 nameservers = {nameservers}
 timeout = 2s
+[listen]
+https = {https}
+[tls]
+mta_sts = {mta_sts}
 """
 
 
 def config_text(tmp_path, addresses="192.0.2.25, 2001:db8::25", more_domains="",
-                algorithm="rsa-sha256", nameservers=""):
+                algorithm="rsa-sha256", nameservers="", https="", mta_sts="testing"):
+    # The web listener (and with it MTA-STS) is off unless a test turns it on.
     return CONFIG.format(data=tmp_path / "data", addresses=addresses,
                          more_domains=more_domains, algorithm=algorithm,
-                         nameservers=nameservers)
+                         nameservers=nameservers, https=https, mta_sts=mta_sts)
 
 
 def setup(tmp_path, **kwargs):
@@ -256,3 +262,63 @@ def test_dkim_rotate_list_and_remove_from_the_command_line(tmp_path):
     code, _, err = run(path, "dkim", "rotate", "other.test")
     assert (code, err) == (1, "mailappliance: other.test is not one of the local domains "
                               "([server] domains)\n")
+
+
+# -- the web names, MTA-STS and TLS-RPT (SPEC §8) ---------------------------------------
+
+def web_records(cfg, store):
+    return [(r.name, r.rtype, r.value) for r in dnsrecords.records(cfg, store)
+            if r.kind in ("web", "mta-sts", "tls-rpt")]
+
+
+def test_with_https_the_web_names_mta_sts_and_tls_rpt_are_listed(tmp_path):
+    cfg, store = setup(tmp_path, https="127.0.0.1:8443")
+    found = web_records(cfg, store)
+    assert found[:3] == [
+        ("mta-sts.example.test.", "CNAME", "mail.example.test."),
+        ("autoconfig.example.test.", "CNAME", "mail.example.test."),
+        ("autodiscover.example.test.", "CNAME", "mail.example.test."),
+    ]
+    (sts_name, _, sts), tlsrpt = found[3:]
+    assert sts_name == "_mta-sts.example.test."
+    assert re.fullmatch(r"v=STSv1; id=[0-9a-f]{20}", sts)
+    assert tlsrpt == ("_smtp._tls.example.test.", "TXT",
+                      "v=TLSRPTv1; rua=mailto:postmaster@example.test")
+    text = dnsrecords.render(cfg, dnsrecords.records(cfg, store))
+    assert f'_mta-sts.example.test. ' in text and f'"{sts}"' in text
+
+
+def test_the_policy_id_changes_with_the_policy_only(tmp_path):
+    def sts(**kwargs):
+        cfg, store = setup(tmp_path, https="127.0.0.1:8443", **kwargs)
+        return dict((n, v) for n, _, v in web_records(cfg, store))["_mta-sts.example.test."]
+    testing = sts()
+    assert sts() == testing
+    assert sts(mta_sts="enforce") != testing
+    assert sts(more_domains=", example.org") == testing     # the policy text is per host
+
+
+def test_without_a_published_policy_no_mta_sts_records(tmp_path):
+    cfg, store = setup(tmp_path, https="127.0.0.1:8443", mta_sts="none")
+    assert [kind for _, kind, _ in web_records(cfg, store)] == ["CNAME"] * 3
+    cfg, store = setup(tmp_path)
+    assert web_records(cfg, store) == []
+
+
+def test_check_finds_the_mta_sts_records(tmp_path):
+    cfg, store = setup(tmp_path, https="127.0.0.1:8443")
+    found = dnsrecords.records(cfg, store)
+    zones = published(found, skip=("web",))
+    for record in found:
+        if record.kind == "web":
+            zones.setdefault(record.name.rstrip("."), {})["CNAME"] = record.value
+    zones["_smtp._tls.example.test"]["TXT"] = [
+        txt_rdata("x", "v=TLSRPTv1; rua=mailto:postmaster@example.test")]
+    zones["_mta-sts.example.test"]["TXT"] = [txt_rdata("x", "v=STSv1; id=old")]
+    with dns_server.DNSServer(zones) as server:
+        cfg, store = setup(tmp_path, https="127.0.0.1:8443", nameservers=server.address)
+        findings = dnsrecords.check(dnsrecords.records(cfg, store), build_resolver(cfg))
+    status = {f.record.kind: f.status for f in findings}
+    assert status["tls-rpt"] == dnsrecords.PRESENT
+    assert status["web"] == dnsrecords.PRESENT
+    assert status["mta-sts"] == dnsrecords.DIFFERENT

@@ -6,7 +6,7 @@ from appliance import tap
 from appliance.testing import make_config
 
 LISTENERS = ("mx", "submission", "submissions", "submission_alt", "imap", "imaps", "pop3",
-             "pop3s")
+             "pop3s", "http", "https")
 
 
 def tree(tmp_path, **sections):

@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from appliance import events
 from appliance.address import quote_local
+from appliance.deliver import mtasts
 from appliance.deliver.mx import RoutingError
 from appliance.net.write import write_now
 
@@ -508,8 +509,11 @@ class RemoteDelivery:
     ``resolver``: an ``MXResolver``; ``reactor``: clock and TCP connector;
     ``tls_context_factory(hostname, verify) -> connection creator``;
     ``timeouts``: a ``Timeouts``; ``connect(ip, port, factory, timeout)``
-    replaces the reactor's TCP connect (tests).
+    replaces the reactor's TCP connect (tests). ``mta_sts``: an
+    ``mtasts.MTASTSPolicies`` to honour recipients' MTA-STS policies (RFC 8461).
     """
+
+    mta_sts = None
 
     def __init__(self, config, resolver, reactor, tls_context_factory=None,
                  timeouts=None, connect=None):
@@ -558,12 +562,19 @@ class RemoteDelivery:
             self._report(envelope, results)
             return results
         body = wire_body(message)
+        addresses, verified = route.addresses(), False
+        if self.mta_sts is not None and not route.smarthost:
+            policy = yield self.mta_sts.policy_for(domain)
+            addresses, verified = mtasts.restrict(policy, addresses, envelope.queue_id, domain)
         last = HostFailure("4.4.1", f"no address to try for {domain}")
+        if verified and not addresses:
+            last = HostFailure("4.7.5", f"no MX host of {domain} is listed in its MTA-STS "
+                                        "policy")
         host = ip = ""
-        for host, ip in route.addresses()[:MAX_ATTEMPTS]:
+        for host, ip in addresses[:MAX_ATTEMPTS]:
             try:
                 replies, tls = yield self._attempt(envelope, body, len(message),
-                                                   recipients, host, ip, route.port)
+                                                   recipients, host, ip, route.port, verified)
             except HostFailure as failure:
                 last = failure
                 events.emit("delivery.remote.attempt", queue_id=envelope.queue_id,
@@ -591,13 +602,14 @@ class RemoteDelivery:
     # -- one host ------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _attempt(self, envelope, body, size, recipients, host, ip, port):
+    def _attempt(self, envelope, body, size, recipients, host, ip, port, verified=False):
         """``({recipient: Reply}, tls)`` from this host, or raise HostFailure.
 
         An idle connection to the host from an earlier message is used first;
         if it turns out closed before answering anything, a new one is made.
+        ``verified``: STARTTLS with a verified certificate is required (MTA-STS).
         """
-        key = (host, ip, port)
+        key = (host, ip, port, verified)
         proto = self._take_idle(key)
         if proto is not None:
             answered = proto.replies
@@ -619,7 +631,8 @@ class RemoteDelivery:
             raise HostFailure("4.4.1", f"connect to {peer}:{port}: {_describe(e)}") from None
         proto.opened_at = self.reactor.seconds()
         try:
-            replies = yield self._converse(proto, envelope, body, size, recipients, host)
+            replies = yield self._converse(proto, envelope, body, size, recipients, host,
+                                           verified)
         except Exception:
             proto.abort()
             raise
@@ -692,14 +705,14 @@ class RemoteDelivery:
         return defer.DeferredList(gone)
 
     @defer.inlineCallbacks
-    def _converse(self, proto, envelope, body, size, recipients, host):
+    def _converse(self, proto, envelope, body, size, recipients, host, verified=False):
         t = self.timeouts
         greeting = yield proto.expect(t.greeting, "receiving the initial server greeting")
         if not greeting.positive:
             raise HostFailure.from_reply(greeting, f"host {proto.peer_name} refused to talk "
                                                    "to me")
         extensions = yield self._hello(proto)
-        extensions = proto.extensions = yield self._tls(proto, extensions, host)
+        extensions = proto.extensions = yield self._tls(proto, extensions, host, verified)
         replies = yield self._transaction(proto, envelope, body, size, recipients, extensions)
         return replies
 
@@ -719,10 +732,11 @@ class RemoteDelivery:
         raise HostFailure.from_reply(reply, f"host {proto.peer_name} refused HELO/EHLO")
 
     @defer.inlineCallbacks
-    def _tls(self, proto, extensions, host):
-        """STARTTLS per ``[outbound] tls``; the extensions of the session to use."""
-        required = self.tls_mode == "required"
-        if self.tls_mode == "off":
+    def _tls(self, proto, extensions, host, verified=False):
+        """STARTTLS per ``[outbound] tls`` (or required and verified: MTA-STS);
+        the extensions of the session to use."""
+        required = self.tls_mode == "required" or verified
+        if self.tls_mode == "off" and not verified:
             return extensions
         if "STARTTLS" not in extensions:
             if required:

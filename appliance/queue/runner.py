@@ -122,6 +122,7 @@ class QueueRunner(service.Service):
         self._inflight = {}      # queue id -> set of recipients handed to the dispatcher
         self._recovery_retry = None
         self.ready = None        # fires when the first recovery attempt is over
+        self.holds = None        # holds_new(envelope) -> True: commit it on hold (the auditor's)
 
     # -- service life
 
@@ -169,7 +170,8 @@ class QueueRunner(service.Service):
         """Queue a new message (from a client, a DSN, an alert digest): routed
         first, so its local deliveries are linked in the commit's own batch,
         then worked on. Fires with its queue id once it is durable."""
-        d = self.spool.accept(envelope, message, router=self._route)
+        held = self.holds is not None and self.holds.holds_new(envelope)
+        d = self.spool.accept(envelope, message, router=self._route, held=held)
         d.addCallback(self._accepted)
         return d
 

@@ -71,6 +71,9 @@ events.register("spool.orphans_removed", "recovery deleted files of uncommitted 
                 ("count",))
 events.register("queue.removed", "an entry left the spool (all recipients done)",
                 ("queue_id",))
+events.register("spool.space_low", "the spool's file system is nearly full: new mail gets "
+                "452 4.3.1 until space is free again (once per episode)",
+                ("free_bytes", "free_inodes"))
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False)
 
@@ -236,6 +239,7 @@ class Spool:
         self._removing = set()
         self._temp_names = itertools.count()
         self._dir_ready = False
+        self._space_low = False
         self._statvfs_cache = None      # (when, statvfs result)
         # Messages just accepted, as received, for their first remote attempt
         # (which then needs no read): oldest first, HOT_BYTES in all.
@@ -313,7 +317,13 @@ class Spool:
             self._statvfs_cache = (now, st)
         free = st.f_bavail * st.f_frsize
         inodes_ok = st.f_files == 0 or st.f_favail >= RESERVE_INODES
-        return inodes_ok and free >= 2 * max(0, size) + self.reserve
+        ok = inodes_ok and free >= 2 * max(0, size) + self.reserve
+        if ok:
+            self._space_low = False
+        elif not self._space_low:
+            self._space_low = True
+            events.emit("spool.space_low", free_bytes=free, free_inodes=st.f_favail)
+        return ok
 
     def _statvfs(self):
         try:
@@ -321,13 +331,14 @@ class Spool:
         except FileNotFoundError:   # not created yet: ask the file system it will be on
             return self.statvfs(os.path.dirname(self.directory))
 
-    def accept(self, envelope, message, router=None):
+    def accept(self, envelope, message, router=None, held=False):
         """Commit a new entry; fires with the queue id once durable, else StorageError.
 
         ``router(entry) -> Route | Deferred[Route] | None`` (the queue
         runner's) is asked first: the message is then also linked into the
         Maildirs the route names, in the same batch, after the commit rename
         (module docstring). None (or a failure) commits it without deliveries.
+        ``held``: committed on hold (no delivery, not even local, until released).
         """
         qid = envelope.queue_id or new_queue_id(self.clock.seconds())
         if not QUEUE_ID.fullmatch(qid):
@@ -342,8 +353,9 @@ class Spool:
         else:
             form, stored = WIRE_FORM, message
         entry = SpoolEntry(envelope, len(message), self.clock.seconds(),
-                           message_form=form, stored_size=len(stored))
-        route = self._route(router, entry)
+                           message_form=form, stored_size=len(stored),
+                           flags={"held": True} if held else None)
+        route = None if held else self._route(router, entry)
         if isinstance(route, defer.Deferred):
             route.addErrback(self._route_failed)
             return route.addCallback(lambda found: self._commit(entry, stored, found, message))

@@ -61,10 +61,12 @@ for _name, _description, _fields in (
     ("smtp.helo", "EHLO or HELO accepted", ("session", "peer_ip", "helo", "esmtp")),
     ("smtp.mail", "MAIL FROM accepted", ("session", "peer_ip", "sender", "size")),
     ("smtp.rcpt.accepted", "RCPT TO accepted", ("session", "peer_ip", "recipient")),
-    ("smtp.rcpt.rejected", "RCPT TO refused by policy or a limit",
-     ("session", "peer_ip", "recipient", "code", "reason")),
-    ("smtp.message.accepted", "a message is in the spool, fsynced (250 after DATA)",
-     ("session", "peer_ip", "queue_id", "sender", "recipients", "size")),
+    ("smtp.rcpt.rejected", "RCPT TO refused by policy or a limit; status is the enhanced "
+     "code (5.1.1 unknown user, 5.7.1 relay denied ...)",
+     ("session", "peer_ip", "recipient", "code", "reason", "status")),
+    ("smtp.message.accepted", "a message is in the spool, fsynced (250 after DATA); "
+     "account is the authenticated sender, empty if none",
+     ("session", "peer_ip", "queue_id", "sender", "recipients", "size", "account")),
     ("smtp.message.rejected", "a message was refused after DATA, nothing stored",
      ("session", "peer_ip", "code", "reason")),
     ("smtp.protocol_error", "bad command, syntax or sequence, long line, bare CR or LF",
@@ -474,7 +476,7 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
             self.emit("smtp.rcpt.accepted", recipient=address)
         else:
             self.emit("smtp.rcpt.rejected", recipient=address, code=reply.code,
-                      reason=reply.text)
+                      reason=reply.text, status=reply.status or "")
         self.reply(reply)
         if reply in (replies.USER_UNKNOWN, replies.RELAY_DENIED):
             self._count_error()     # SPEC §4: they count towards max_errors
@@ -617,7 +619,8 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         queue_id = result if isinstance(result, str) and result else envelope.queue_id
         self.messages += 1
         self.emit("smtp.message.accepted", queue_id=queue_id, sender=envelope.sender,
-                  recipients=list(envelope.recipients), size=envelope.size)
+                  recipients=list(envelope.recipients), size=envelope.size,
+                  account=envelope.auth_user)
         self.reply(replies.queued(queue_id))
 
     def _not_queued(self, failure, envelope):

@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 HOSTNAME = "mail.example.test"
 DOMAIN = "example.test"
 LISTENERS = ("mx", "submission", "submissions", "submission_alt",
-             "imap", "imaps", "pop3", "pop3s", "admin_ssh")
+             "imap", "imaps", "pop3", "pop3s", "admin_ssh", "http", "https")
 
 # `python -m twisted` runs `twist`, which has no -n; this is twistd itself.
 # cwd = the repo root puts twisted/plugins on sys.path whatever the install mode.
