@@ -63,6 +63,7 @@ from appliance.policy.dkim_sign import Signer
 from appliance.policy.keys import KeyService, KeyStore
 from appliance.policy.pipeline import Pipeline
 from appliance.defence.greylist import spf_checker
+from appliance.defence.bans import AuditorBans
 from appliance.defence.service import Defences, DefenceService
 from appliance.defence.stages import DefenceStage, imap_refusal, pop3_refusal, smtp_refusal
 from appliance.durable.commit import GroupCommitWriter
@@ -467,7 +468,7 @@ def build(cfg, reactor):
     app.defences = Defences.from_config(cfg, reactor, pools.run("defence-state"))
     DefenceService(app.defences, reactor).setServiceParent(top)
     app.gate.defences = app.defences
-    app.bans = app.defences.bans
+    app.bans = AuditorBans(app.defences.bans)   # AUTH brute force is banned in-process
     _auditor(app, reactor, top, pools)
     app.tls = ServerTLS.from_config(cfg)
     app.oauth2 = TokenVerifier.from_config(cfg)

@@ -31,6 +31,8 @@ for _name, _description, _fields in (
     ("defence.ban.expired", "a ban ran out", ("network", "reason", "rule")),
     ("defence.ban.exempt", "a ban was asked for an allow or trusted network and not placed",
      ("network", "reason", "rule")),
+    ("defence.ban.left", "the auditor's brute_force ban was left to the in-process AUTH "
+     "failure count (identical passwords once, known logins half)", ("network", "rule")),
 ):
     events.register(_name, _description, _fields)
 
@@ -179,3 +181,31 @@ class Bans:
         self._wide.pop(field, None)
         events.emit("defence.ban.expired", network=field, reason=record.get("reason", ""),
                     rule=record.get("rule"))
+
+
+class AuditorBans:
+    """The ban service handed to the auditor (``app.bans``): ``ban(network,
+    reason=, rule=)`` as ``Bans.ban``, except the auditor's ``brute_force``
+    rule. AUTH failures are counted and banned in-process by
+    ``appliance.defence.authfail.AuthGuard`` before the failing reply, with
+    the same wrong password counted once and a known login's network
+    weighed half; the auditor counts every ``auth.failure`` event alike and
+    would ban a phone polling with a stale password. Its alert still goes
+    out; the ban is left to the defences (event ``defence.ban.left``).
+    Everything else (harvesting, relay probes, spraying, protocol abuse) is
+    banned here as asked.
+    """
+
+    LEFT_TO_AUTHGUARD = frozenset({"brute_force"})
+
+    def __init__(self, bans):
+        self.bans = bans
+
+    def ban(self, network, duration=None, reason="", rule=None):
+        if rule in self.LEFT_TO_AUTHGUARD:
+            events.emit("defence.ban.left", network=str(network), rule=rule)
+            return None
+        return self.bans.ban(network, duration=duration, reason=reason, rule=rule)
+
+    def __getattr__(self, name):
+        return getattr(self.bans, name)

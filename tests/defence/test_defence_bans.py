@@ -226,3 +226,16 @@ def test_the_front_door_refuses_before_any_session_is_built():
     assert built == []
     plain.buildProtocol(address.IPv4Address("TCP", "192.0.2.9", 4000))
     assert len(built) == 1
+
+
+def test_the_auditor_s_brute_force_ban_is_left_to_the_in_process_count(collected):
+    from appliance.defence.bans import AuditorBans
+    defences, _ = make()
+    auditor_bans = AuditorBans(defences.bans)
+    assert auditor_bans.ban(ipaddress.ip_network("192.0.2.8/32"), reason="x",
+                            rule="brute_force") is None
+    assert defences.bans.is_banned("192.0.2.8") is None
+    assert collected.named("defence.ban.left")[0]["rule"] == "brute_force"
+    ban = auditor_bans.ban(ipaddress.ip_network("192.0.2.9/32"), reason="y", rule="harvesting")
+    assert ban.rule == "harvesting" and defences.bans.is_banned("192.0.2.9") is not None
+    assert [b.network for b in auditor_bans.list()] == ["192.0.2.9/32"]
