@@ -239,3 +239,19 @@ def canonical(addr):
         if not at:
             return addr.lower()
     return f"{local.lower()}@{canonical_domain(domain)}"
+
+
+# -- IP addresses (clients, literals, config values) ------------------------------------
+
+@functools.lru_cache(maxsize=4096)
+def parse_ip(text):
+    """The parsed address (asked several times per connection), or None."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def is_ip(text):
+    """True when ``text`` is an IPv4 or IPv6 address (not a host name)."""
+    return parse_ip(text) is not None

@@ -94,6 +94,9 @@ def _user_commands(user, common):
     add.add_argument("address")
     add.add_argument("--password-stdin", action="store_true",
                      help="read the password from the first line of stdin")
+    add.add_argument("--if-missing", action="store_true",
+                     help="if the user exists, leave it as it is and exit 0 "
+                          "(no password is asked for)")
     add.set_defaults(run=cmd_user_add)
     passwd = sub.add_parser("passwd", parents=[common], help="set a new password")
     passwd.add_argument("address")
@@ -199,6 +202,9 @@ def cmd_user_add(args, io):
     _, directory = _file_directory(args)
     address = _local_address(directory, canonical_address(args.address))
     if directory.users.lookup(address) is not None:
+        if args.if_missing:
+            io.out(f"user exists, unchanged: {address}")
+            return EXIT_OK
         raise Failed(f"{address} already exists")
     directory.users.add(address, hash_password(_read_password(args, io)))
     io.out(f"user added: {address}")

@@ -22,6 +22,8 @@ import re
 from collections import namedtuple
 from urllib.parse import urlsplit
 
+from appliance.address import is_ip
+
 HostPort = namedtuple("HostPort", "host port")
 
 LISTENERS = ("mx", "submission", "submissions", "submission_alt",
@@ -266,11 +268,14 @@ def address_list(raw):
 def http_url(raw):
     """An http:// or https:// URL with a host; empty means 'not set'."""
     value = _single(raw).strip()
-    if not value:
-        return ""
+    return _url(raw, value, ("http", "https")) if value else ""
+
+
+def _url(raw, value, schemes):
+    """``value`` when it is a URL of one of ``schemes`` with a host and a valid port."""
     parts = urlsplit(value)
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{_show(raw)} is not an http:// or https:// URL")
+    if parts.scheme.lower() not in schemes or not parts.hostname:
+        raise ValueError(f"{_show(raw)} is not an {' or '.join(s + '://' for s in schemes)} URL")
     try:
         parts.port
     except ValueError:
@@ -319,15 +324,7 @@ def ldap_url(raw):
 
 def https_url(raw):
     """An https:// URL with a host (the ACME directory)."""
-    value = _single(raw).strip()
-    parts = urlsplit(value)
-    if parts.scheme.lower() != "https" or not parts.hostname:
-        raise ValueError(f"{_show(raw)} is not an https:// URL")
-    try:
-        parts.port
-    except ValueError:
-        raise ValueError(f"{_show(raw)} has no valid port") from None
-    return value
+    return _url(raw, _single(raw).strip(), ("https",))
 
 
 _EMAIL = re.compile(r"^[^@\s,;<>\"]+@[^@\s,;<>\"]+$")
@@ -688,7 +685,7 @@ def _acme_problems(server, tls, listen):
         if tls["certificate"]:
             problems.append("[tls] acme: acme = on and a certificate file exclude each "
                             "other (leave certificate and private_key empty)")
-        if server["hostname"] and _is_ip(server["hostname"]):
+        if server["hostname"] and is_ip(server["hostname"]):
             problems.append("[tls] acme: the hostname must be a DNS name for ACME, "
                             f"not the address {server['hostname']}")
         needed = "https" if tls["acme_challenge"] == "tls-alpn-01" else "http"
@@ -696,14 +693,6 @@ def _acme_problems(server, tls, listen):
             problems.append(f"[tls] acme_challenge: {tls['acme_challenge']} is answered "
                             f"on [listen] {needed}, which is empty")
     return problems
-
-
-def _is_ip(text):
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _listener_clashes(listen):

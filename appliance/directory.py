@@ -135,6 +135,8 @@ class Directory:
 
     def __init__(self, config, users, aliases):
         self._domains = frozenset(config.server.domains)
+        primary = config.server.domains[0] if config.server.domains else ""
+        self.postmaster = f"postmaster@{primary}" if primary else ""
         self.users = users
         self.aliases = aliases
 
@@ -159,13 +161,20 @@ class Directory:
 
     def resolve(self, address):
         """Final destinations of ``address``: local mailboxes and forward
-        targets, de-duplicated in order; [] when the address is unknown here."""
+        targets, de-duplicated in order; [] when the address is unknown here.
+
+        ``postmaster@`` every local domain always exists (RFC 5321 §4.5.1):
+        without an account or alias of its own it is the postmaster of the
+        primary domain (the first of ``[server] domains``), and without one
+        of those either, that address's own Maildir (the operator reads it,
+        or creates the account later and finds the mail there)."""
         return self._run(self._resolve(address))
 
     def may_send_as(self, user, address):
         """May the account ``user`` use ``address`` as its sender? Its own
-        address (with any ``+tag``), or an explicit alias that reaches it
-        (a catch-all does not count: it would grant the whole domain)."""
+        address, or an explicit alias that reaches it (a catch-all does not
+        count: it would grant the whole domain); a ``+tag`` form of either
+        when the tagged address is not another account or alias."""
         return self._run(self._may_send_as(user, address))
 
     # -- the users file's lookups -----------------------------------------
@@ -200,15 +209,26 @@ class Directory:
             return []
         found = []
         yield from self._expand(start, 0, (), found, catch_all=True)
+        if not found and self._is_postmaster(start):
+            if start != self.postmaster:
+                yield from self._expand(self.postmaster, 0, (), found, catch_all=True)
+            if not found:
+                found.append(self.postmaster)
         return found
+
+    def _is_postmaster(self, address):
+        local, _, domain = address.rpartition("@")
+        return local == "postmaster" and bool(self.postmaster) and self.is_local_domain(domain)
 
     def _may_send_as(self, user, address):
         try:
             user, start = canonical_address(user), canonical_address(address)
         except UsersError:
             return False
-        if base_address(start) == user or start == user:
+        if start == user:
             return True
+        # A +tag form is the user's only when it is no one else's: the
+        # expansion looks at the tagged address before its base (issue 17).
         found = []
         yield from self._expand(start, 0, (), found, catch_all=False)
         return user in found

@@ -7,9 +7,14 @@ and everything taken from a client into a header we add passes
 ``header_safe`` first (TWISTED-TRAPS T17).
 """
 
-import email.errors
-import email.parser
-import email.policy
+from appliance import headers as mailheaders
+from appliance.headers import header_block
+
+# The From: fields read at all (RFC 5322 §3.6: one; a few more are tolerated,
+# each checked) and their octets together: the parse runs on the reactor for
+# submission, so its work is bounded whatever the client sends.
+MAX_FROM_FIELDS = 5
+MAX_FROM_OCTETS = 2048
 
 
 def header_safe(text, allow_utf8=False):
@@ -27,34 +32,34 @@ class AmbiguousFrom(ValueError):
     """A From: header that parsers could read differently."""
 
 
-# An invalid part of an address list is dropped by the email package, but a
-# mail reader may show it: a header with such a defect is never trusted.
-_UNTRUSTED = (email.errors.InvalidHeaderDefect, email.errors.HeaderMissingRequiredValue)
-
-
-def header_block(message):
-    """The header section of ``message`` (bytes, CRLF), its last CRLF kept."""
-    end = message.find(b"\r\n\r\n")
-    return message if end < 0 else message[:end + 2]
+def from_mailboxes(body):
+    """The mailboxes of every From: field of ``body`` (bytes, CRLF lines),
+    read as IMAP ENVELOPE and mail readers read them (``appliance.headers``,
+    the one address parser), also the fields only a lenient reader takes
+    for From: (``From :``, leading white space); AmbiguousFrom when any of
+    them has a defect (an address a reader could take another way), or when
+    there are more than ``MAX_FROM_FIELDS`` of them or more than
+    ``MAX_FROM_OCTETS`` in all."""
+    if body.startswith(b"\r\n"):
+        return []                   # no header section at all
+    values = mailheaders.values_of(header_block(body), b"from", loose=True,
+                                   limit=MAX_FROM_FIELDS + 1)
+    if len(values) > MAX_FROM_FIELDS or sum(map(len, values)) > MAX_FROM_OCTETS:
+        raise AmbiguousFrom("too many From: fields, or too long")
+    found = []
+    for value in values:
+        parsed = mailheaders.parse_addresses(value)
+        if parsed.defects:
+            raise AmbiguousFrom(parsed.defects[0])
+        found.extend(parsed.mailboxes())
+    return found
 
 
 def from_addresses(body):
     """The addresses in the From: headers of ``body`` (bytes, CRLF lines),
     as ``local@domain`` strings ([] when there is none); AmbiguousFrom when
     a From: header is malformed."""
-    if body.startswith(b"\r\n"):
-        return []                   # no header section at all
-    head = header_block(body)
-    try:
-        message = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(head)
-        found = []
-        for header in message.get_all("From") or ():
-            if any(isinstance(defect, _UNTRUSTED) for defect in header.defects):
-                raise AmbiguousFrom("malformed From: header")
-            found.extend(f"{a.username}@{a.domain}" for a in header.addresses)
-        return found
-    except (TypeError, IndexError, AttributeError, ValueError) as exc:
-        raise AmbiguousFrom(str(exc)) from None
+    return [mailbox.address for mailbox in from_mailboxes(body)]
 
 
 def header_fields(message):

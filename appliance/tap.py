@@ -77,6 +77,7 @@ from appliance.receive.smtp import SMTPFactory
 from appliance.receive.submission import SubmissionFactory
 from appliance.net.gate import Gate, GateFront
 from appliance.net.tls import ServerTLS, TLSError
+from appliance.watchdog import ReactorWatchdog
 from appliance.web import services as web_services
 
 FSYNC_THREADS = 4       # fsyncs of one group-commit batch in flight together (in the writer child)
@@ -169,6 +170,26 @@ class Listener(StreamServerEndpointService):
         _log.info("listening for {name} on {address}", name=self.listener_name,
                   address=self.address)
         return port
+
+
+events.register("admin.unavailable", "[listen] admin_ssh is set but this version has no admin "
+                "shell yet: nothing listens on that address", ("address",))
+
+
+class AdminShellUnavailable(service.Service):
+    """Says at start, once, that ``[listen] admin_ssh`` gets no listener (until
+    the admin shell exists): one event and one warning in the text log."""
+
+    name = "admin-shell-unavailable"
+
+    def __init__(self, address):
+        self.address = address
+
+    def startService(self):
+        super().startService()
+        events.emit("admin.unavailable", address=self.address)
+        _log.warn("the admin shell is not available in this version: nothing listens on "
+                  "[listen] admin_ssh = {address}", address=self.address)
 
 
 def _reason(exc):
@@ -438,6 +459,7 @@ def build(cfg, reactor):
     data_dir = cfg.server.data_dir
     top = ApplianceService(cfg)
     EventLogService(cfg.log.events, reactor).setServiceParent(top)
+    ReactorWatchdog(reactor).setServiceParent(top)
     pools = Pools(reactor, top)
     # The writes and fsyncs of each batch run in a child process (its own GIL):
     # see appliance.durable.writer_process. Its pool is the first one made, so
@@ -497,6 +519,8 @@ def build(cfg, reactor):
                         factory)
     for web_service in web_services(cfg, reactor, app, listener):     # SPEC §8
         web_service.setServiceParent(top)
+    if cfg.listen.admin_ssh is not None:
+        AdminShellUnavailable(format_address(cfg.listen.admin_ssh)).setServiceParent(top)
     return top
 
 

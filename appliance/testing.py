@@ -75,7 +75,14 @@ class FakeDirectory:
         return bool(self.answer(address))
 
     def answer(self, address):
-        return list(self.users.get(canonical(address), []))
+        """Like the real resolver: the address itself, else its ``+tag``-less form."""
+        key = canonical(address)
+        found = self.users.get(key)
+        if found is None:
+            local, at, domain = key.rpartition("@")
+            if "+" in local[1:]:
+                found = self.users.get(f"{local[:local.index('+', 1)]}@{domain}")
+        return list(found or [])
 
     def release(self):
         """Fire every held lookup with its real answer, oldest first."""

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import bcrypt
 import pytest
 
 from appliance import cli
@@ -46,6 +47,15 @@ class Run:
 @pytest.fixture
 def data(tmp_path):
     return tmp_path / "data"
+
+
+@pytest.fixture(autouse=True)
+def cheap_bcrypt(monkeypatch):
+    """``user add`` / ``passwd`` hash at bcrypt cost 4 here: these tests check the
+    command line, tests/test_users.py the hashing (test_subprocess_round_trip, in
+    its own process, still pays the full cost)."""
+    gensalt = bcrypt.gensalt
+    monkeypatch.setattr(bcrypt, "gensalt", lambda rounds=4, prefix=b"2b": gensalt(4, prefix))
 
 
 @pytest.fixture
@@ -157,6 +167,24 @@ def test_user_add_refusals(run, data):
     assert code == 1 and err.startswith("mailappliance: 'not-an-address' is not an")
     assert run("user", "add", "@example.test", "--password-stdin", stdin="x\n")[0] == 1
     assert users(data).list() == ["alice@example.test"]
+
+
+def test_user_add_if_missing_leaves_an_existing_user_alone(run, data):
+    assert run("user", "add", "alice@example.test", "--if-missing", "--password-stdin",
+               stdin="first\n") == (0, "user added: alice@example.test\n", "")
+    # Again (the README's set-up line, rerun): no prompt, the password stays.
+    assert run("user", "add", "Alice@example.test", "--if-missing",
+               passwords=[]) == (0, "user exists, unchanged: alice@example.test\n", "")
+    assert run("user", "add", "alice@example.test", "--if-missing", "--password-stdin",
+               stdin="second\n")[0] == 0
+    assert run.prompts == []
+    assert verify_password("first", users(data).lookup("alice@example.test"))
+    assert users(data).list() == ["alice@example.test"]
+    # Everything else is checked as without it.
+    assert run("user", "add", "eve@elsewhere.test", "--if-missing", "--password-stdin",
+               stdin="x\n")[0] == 1
+    assert run("user", "add", "bob@example.test", "--if-missing", "--password-stdin",
+               stdin="\n") == (1, "", "mailappliance: empty password refused\n")
 
 
 def test_user_passwd_and_del(run, data):

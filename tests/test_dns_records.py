@@ -44,7 +44,9 @@ def config_text(tmp_path, addresses="192.0.2.25, 2001:db8::25", more_domains="",
                          nameservers=nameservers, https=https, mta_sts=mta_sts)
 
 
-def setup(tmp_path, **kwargs):
+def configured(tmp_path, **kwargs):
+    # Not "setup": pytest < 8 (Debian 12 has 7.2) would call a module-level
+    # setup() as a nose-style module fixture, with the module as tmp_path.
     cfg = parse(config_text(tmp_path, **kwargs), base_dir=str(tmp_path))
     store = KeyStore.from_config(cfg)
     store.ensure(cfg.server.domains)
@@ -64,7 +66,7 @@ def published(found, skip=()):
 
 
 def test_every_record_for_a_domain_and_its_host(tmp_path):
-    cfg, store = setup(tmp_path)
+    cfg, store = configured(tmp_path)
     [key] = store.keys()
     found = [(r.name, r.rtype, r.value) for r in dnsrecords.records(cfg, store)]
     assert found == [
@@ -80,7 +82,7 @@ def test_every_record_for_a_domain_and_its_host(tmp_path):
 
 
 def test_without_public_addresses_spf_names_the_mx_and_a_hint_says_why(tmp_path):
-    cfg, store = setup(tmp_path, addresses="")
+    cfg, store = configured(tmp_path, addresses="")
     found = dnsrecords.records(cfg, store)
     spf = {r.name: r.value for r in found if r.kind in ("spf", "helo-spf")}
     assert spf == {"example.test.": "v=spf1 mx -all", "mail.example.test.": "v=spf1 a -all"}
@@ -89,7 +91,7 @@ def test_without_public_addresses_spf_names_the_mx_and_a_hint_says_why(tmp_path)
 
 
 def test_the_zone_text_loads_as_a_zone_with_255_octet_strings(tmp_path):
-    cfg, store = setup(tmp_path, more_domains=", bücher.test", algorithm="ed25519-sha256")
+    cfg, store = configured(tmp_path, more_domains=", bücher.test", algorithm="ed25519-sha256")
     found = dnsrecords.records(cfg, store)
     text = dnsrecords.render(cfg, found, notes=["a note"])
     zone = dns.zone.from_text(text, origin=".", relativize=False, check_origin=False)
@@ -108,7 +110,7 @@ def test_the_zone_text_loads_as_a_zone_with_255_octet_strings(tmp_path):
 
 
 def test_a_retired_key_stays_published_until_it_is_removed(tmp_path):
-    cfg, store = setup(tmp_path)
+    cfg, store = configured(tmp_path)
     store.rotate("example.test")
     selectors = [r.name.split(".")[0] for r in dnsrecords.records(cfg, store)
                  if r.kind == "dkim"]
@@ -134,7 +136,7 @@ def statuses(findings):
 
 
 def test_check_says_present_when_everything_is_published(tmp_path):
-    cfg, store = setup(tmp_path)
+    cfg, store = configured(tmp_path)
     found = dnsrecords.records(cfg, store)
     zones = published(found)
     zones["example.test"]["TXT"].append('"google-site-verification=abc"')   # unrelated TXT
@@ -146,7 +148,7 @@ def test_check_says_present_when_everything_is_published(tmp_path):
 
 
 def test_check_says_missing_and_different_with_what_it_found(tmp_path):
-    cfg, store = setup(tmp_path)
+    cfg, store = configured(tmp_path)
     found = dnsrecords.records(cfg, store)
     zones = published(found, skip=("dkim", "helo-spf"))
     zones["_dmarc.example.test"]["TXT"] = ['"v=DMARC1; p=none"']
@@ -165,7 +167,7 @@ def test_check_says_missing_and_different_with_what_it_found(tmp_path):
 
 
 def test_a_dkim_record_with_another_key_is_different(tmp_path):
-    cfg, store = setup(tmp_path)
+    cfg, store = configured(tmp_path)
     found = dnsrecords.records(cfg, store)
     zones = published(found)
     zones["mail._domainkey.example.test"]["TXT"] = ['"v=DKIM1; k=rsa; p=MIIBIjANBgkqOLD"']
@@ -176,7 +178,7 @@ def test_a_dkim_record_with_another_key_is_different(tmp_path):
 
 
 def test_a_failing_lookup_is_an_error_not_missing(tmp_path):
-    cfg, store = setup(tmp_path)
+    cfg, store = configured(tmp_path)
     found = dnsrecords.records(cfg, store)
     zones = published(found)
     zones["example.test"] = "SERVFAIL"
@@ -216,7 +218,7 @@ def test_the_command_makes_the_keys_once_and_prints_the_zone(tmp_path):
 
 
 def test_the_command_checks_through_the_configured_name_servers(tmp_path):
-    cfg, store = setup(tmp_path)
+    cfg, store = configured(tmp_path)
     zones = published(dnsrecords.records(cfg, store))
     with dns_server.DNSServer(zones) as dns:
         path = write_config(tmp_path, nameservers=dns.address)
@@ -272,7 +274,7 @@ def web_records(cfg, store):
 
 
 def test_with_https_the_web_names_mta_sts_and_tls_rpt_are_listed(tmp_path):
-    cfg, store = setup(tmp_path, https="127.0.0.1:8443")
+    cfg, store = configured(tmp_path, https="127.0.0.1:8443")
     found = web_records(cfg, store)
     assert found[:3] == [
         ("mta-sts.example.test.", "CNAME", "mail.example.test."),
@@ -290,7 +292,7 @@ def test_with_https_the_web_names_mta_sts_and_tls_rpt_are_listed(tmp_path):
 
 def test_the_policy_id_changes_with_the_policy_only(tmp_path):
     def sts(**kwargs):
-        cfg, store = setup(tmp_path, https="127.0.0.1:8443", **kwargs)
+        cfg, store = configured(tmp_path, https="127.0.0.1:8443", **kwargs)
         return dict((n, v) for n, _, v in web_records(cfg, store))["_mta-sts.example.test."]
     testing = sts()
     assert sts() == testing
@@ -299,14 +301,14 @@ def test_the_policy_id_changes_with_the_policy_only(tmp_path):
 
 
 def test_without_a_published_policy_no_mta_sts_records(tmp_path):
-    cfg, store = setup(tmp_path, https="127.0.0.1:8443", mta_sts="none")
+    cfg, store = configured(tmp_path, https="127.0.0.1:8443", mta_sts="none")
     assert [kind for _, kind, _ in web_records(cfg, store)] == ["CNAME"] * 3
-    cfg, store = setup(tmp_path)
+    cfg, store = configured(tmp_path)
     assert web_records(cfg, store) == []
 
 
 def test_check_finds_the_mta_sts_records(tmp_path):
-    cfg, store = setup(tmp_path, https="127.0.0.1:8443")
+    cfg, store = configured(tmp_path, https="127.0.0.1:8443")
     found = dnsrecords.records(cfg, store)
     zones = published(found, skip=("web",))
     for record in found:
@@ -316,7 +318,7 @@ def test_check_finds_the_mta_sts_records(tmp_path):
         txt_rdata("x", "v=TLSRPTv1; rua=mailto:postmaster@example.test")]
     zones["_mta-sts.example.test"]["TXT"] = [txt_rdata("x", "v=STSv1; id=old")]
     with dns_server.DNSServer(zones) as server:
-        cfg, store = setup(tmp_path, https="127.0.0.1:8443", nameservers=server.address)
+        cfg, store = configured(tmp_path, https="127.0.0.1:8443", nameservers=server.address)
         findings = dnsrecords.check(dnsrecords.records(cfg, store), build_resolver(cfg))
     status = {f.record.kind: f.status for f in findings}
     assert status["tls-rpt"] == dnsrecords.PRESENT

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from appliance import events
+from appliance.durable.files import write_atomic
 
 _log = Logger(namespace="mailappliance.audit")
 
@@ -213,19 +214,6 @@ class Holds:
 
 
 def _write_atomic(path, data):
-    """Write ``data`` to ``path`` durably: temp file, fsync, rename, fsync the directory."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, mode=0o750, exist_ok=True)
-    temp = f"{path}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Replace ``path`` with ``data`` durably, its directory made if missing."""
+    os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+    write_atomic(path, data, mode=0o640)

@@ -4,8 +4,8 @@ The operator exports the identity provider's public keys to ``[auth]
 oauth2_jwks_file`` (a JWKS document). A token is accepted when it is signed
 by one of those keys with RS256 or ES256, names ``oauth2_issuer`` and
 ``oauth2_audience``, is inside its ``nbf``..``exp`` window on our clock
-(with a small leeway) and carries an ``email`` claim: that address names the
-account. The JWKS file is re-read when it changes (key rotation), checked
+(with a small leeway) and carries an ``email`` claim with ``email_verified``
+true: that address names the account. The JWKS file is re-read when it changes (key rotation), checked
 at most once every few seconds.
 
 PyJWT does the signature and the issuer/audience checks; the time checks
@@ -199,7 +199,13 @@ class TokenVerifier:
         email = claims.get("email")
         if not isinstance(email, str) or "@" not in email:
             raise InvalidToken("no email claim")
-        if claims.get("email_verified") is False:
+        # OpenID Connect: the provider vouches for the address only when it
+        # says so. A token without the claim (or with false) names an
+        # address anyone could have typed into their profile at the provider.
+        verified = claims.get("email_verified")
+        if isinstance(verified, str):
+            verified = verified.lower() == "true"   # some providers send a string
+        if verified is not True:
             raise InvalidToken("email not verified")
         return email
 

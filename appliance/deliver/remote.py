@@ -29,7 +29,6 @@ twisted.mail's ``ESMTPClient``, because of TWISTED-TRAPS:
 There are no smarthost credentials in SPEC §3, so no AUTH is sent.
 """
 
-import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -38,6 +37,7 @@ from twisted.internet import defer, endpoints, error, interfaces, protocol, ssl
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from appliance.address import is_ip
 from appliance import events
 from appliance.address import quote_local
 from appliance.deliver import mtasts
@@ -459,7 +459,7 @@ class _UnverifiedTLS:
     def clientConnectionForTLS(self, tls_protocol):
         connection = SSL.Connection(self._context, None)
         connection.set_app_data(tls_protocol)
-        if self.hostname and not _is_ip(self.hostname):   # SNI takes names only
+        if self.hostname and not is_ip(self.hostname):   # SNI takes names only
             connection.set_tlsext_host_name(self.hostname.encode("idna"))
         return connection
 
@@ -473,14 +473,6 @@ def default_tls_context(hostname, verify, trust_root=None):
     if not verify:
         return _UnverifiedTLS(hostname)
     return ssl.optionsForClientTLS(hostname, trustRoot=trust_root or ssl.platformTrust())
-
-
-def _is_ip(text):
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------

@@ -95,10 +95,12 @@ class ChildProcessFileSystem(FileSystem):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (package_root, env.get("PYTHONPATH")) if p)
+        # A process group of its own: Ctrl-C at twistd's terminal (SIGINT to the
+        # foreground group) is the server's to handle; the child ends with it.
         child = subprocess.Popen(
             [self.python, "-m", "appliance.durable.writer_process", str(self.threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self._lock_fd,),
-            env=env, bufsize=0)
+            env=env, bufsize=0, process_group=0)
         try:        # room for a batch while the child works on the one before
             fcntl.fcntl(child.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         except (OSError, AttributeError):

@@ -1,7 +1,6 @@
 """Client addresses: the one normal form every listener, limit and check uses."""
 
-import functools
-import ipaddress
+from appliance.address import parse_ip
 
 
 def peer_ip(peer):
@@ -12,15 +11,6 @@ def peer_ip(peer):
     if ip is None:
         return host                 # not an IP peer (a UNIX socket in tests)
     return str(getattr(ip, "ipv4_mapped", None) or ip)
-
-
-@functools.lru_cache(maxsize=4096)
-def parse_ip(text):
-    """The parsed address (asked several times per connection), or None."""
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
 
 
 def peer_in(networks, ip):

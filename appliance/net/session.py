@@ -36,6 +36,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from appliance.net.framing import LineFramer
+from appliance.watchdog import timed
 
 MAX_PENDING_INPUT = 1024 * 1024  # buffered while a reply is pending: not pipelining any more
 PAUSE_INPUT = 64 * 1024         # buffered while a reply is pending: stop reading the socket
@@ -126,6 +127,7 @@ class LineSession:
             self._pause_if_flooded()
         self._drain()
 
+    @timed
     def _drain(self):
         """Handle complete lines until one is pending (T9) or none is left."""
         if self._draining:

@@ -72,7 +72,8 @@ def ensure_self_signed(data_dir, hostname, now=None):
 
 
 def make_self_signed(hostname, now=None):
-    """(certificate PEM, key PEM): ECDSA P-256, ``hostname`` as CN and SAN."""
+    """(certificate PEM, key PEM): ECDSA P-256, ``hostname`` as CN and SAN; a
+    leaf (CA:FALSE, digitalSignature, serverAuth)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = now or datetime.datetime.now(datetime.timezone.utc)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
@@ -84,12 +85,13 @@ def make_self_signed(hostname, now=None):
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=SELF_SIGNED_DAYS))
         .add_extension(x509.SubjectAlternativeName(_san(hostname)), critical=False)
-        # A self-signed certificate is its own trust anchor: clients told to
-        # trust it (nodemailer's tls.ca, Python's cafile) want CA:TRUE, the
-        # key usages and key identifiers of a root.
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        # A leaf, not a CA: a client told to trust it (Python's cafile,
+        # nodemailer's tls.ca, OpenSSL 1.1.1+) takes a self-signed end-entity
+        # certificate as its own anchor, and whoever holds this key must not
+        # be able to issue certificates for other names to such a client.
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=False,
+            digital_signature=True, key_cert_sign=False, crl_sign=False,
             content_commitment=False, key_encipherment=False, data_encipherment=False,
             key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),

@@ -11,6 +11,11 @@ thread (``run_in_thread``: dnspython, pyspf and dkimpy block, T24):
 - DMARC (``dmarc``) for each domain of the From: header (at most
   ``MAX_FROM_DOMAINS``: several From: domains are each held to their policy).
 
+The work per message is bounded (issue 17): a header section over
+``MAX_HEADER_OCTETS`` is refused (552 5.3.4) before any check, DKIM and the
+From: parse have their own caps, and nothing loops over client data on the
+reactor thread.
+
 What ``[checks]`` does with them:
 
 - ``spf = enforce``: a MAIL FROM ``fail`` (a ``-all`` match) is refused at
@@ -50,7 +55,8 @@ from appliance.policy.dkim_verify import verify_signatures
 from appliance.policy.lookup import Lookups
 from appliance.policy.spf_check import check_helo, check_mailfrom
 from appliance import replies
-from appliance.message import field_value, header_fields, header_safe, strip_forged
+from appliance.message import (MAX_FROM_FIELDS, MAX_FROM_OCTETS, field_value, header_block,
+                               header_fields, header_safe, strip_forged)
 
 for _name, _description, _fields in (
     ("check.spf", "an SPF check of an inbound message (identity mailfrom or helo)",
@@ -68,6 +74,8 @@ for _name, _description, _fields in (
 JUNK = "Junk"
 WORKER_THREADS = 16             # checks mostly wait on DNS: threads are cheap here
 MAX_FROM_DOMAINS = 5
+MAX_HEADER_OCTETS = 1024 * 1024     # a bigger header section is refused before any check
+HEADER_TOO_BIG = replies.Reply(552, "5.3.4", "Message header section too large")
 BUDGET_TIMEOUTS = 4             # the checks of one message: four [dns] timeouts in all
 MIN_BUDGET = 5.0
 
@@ -105,31 +113,38 @@ class Verdict:
 
 
 def from_domains(message, fields):
-    """The distinct domains of the From: fields, A-label form, in order.
+    """The distinct domains of the From: fields, A-label form, in order, at
+    most ``MAX_FROM_DOMAINS``.
 
     A From: value the email package finds defective (or without an address)
     is also searched for ``@domain`` text: a reader may show such a header,
-    so it must not slip past DMARC by being malformed.
+    so it must not slip past DMARC by being malformed. The parse is bounded:
+    only the first ``MAX_FROM_FIELDS`` values of at most ``MAX_FROM_OCTETS``
+    go to the email package (about a millisecond per 60 octets); the others
+    are searched for ``@domain`` only (one linear pass).
     """
-    found = []
+    seen, parsed = [], 0
     for name, start, end in fields:
         if name != b"from":
             continue
         text = field_value(message, start, end)
-        try:
-            header = HeaderRegistry()("from", text)
-            domains = [address.domain for address in header.addresses if address.domain]
-            defective = bool(header.defects) or not domains
-        except Exception:           # the email package on hostile input
-            domains, defective = [], True
+        domains, defective = [], True
+        if parsed < MAX_FROM_FIELDS and len(text) <= MAX_FROM_OCTETS:
+            parsed += 1
+            try:
+                header = HeaderRegistry()("from", text)
+                domains = [address.domain for address in header.addresses if address.domain]
+                defective = bool(header.defects) or not domains
+            except Exception:           # the email package on hostile input
+                domains, defective = [], True
         if defective:
             domains += _DOMAIN_IN_TEXT.findall(text)
-        found.extend(domains)
-    seen = []
-    for domain in found:
-        ascii_domain = ascii_domain_or_none(domain)
-        if ascii_domain is not None and ascii_domain not in seen:
-            seen.append(ascii_domain)
+        for domain in domains:
+            ascii_domain = ascii_domain_or_none(domain)
+            if ascii_domain is not None and ascii_domain not in seen:
+                seen.append(ascii_domain)
+                if len(seen) == MAX_FROM_DOMAINS:
+                    return seen
     return seen
 
 
@@ -232,8 +247,12 @@ class InboundChecks:
     def check(self, facts, message, context):
         """A Deferred firing with the Verdict for ``message`` (bytes, CRLF);
         ``context`` (session, peer_ip, queue_id) goes into the events."""
-        if not self.enabled:
-            return defer.succeed(Verdict(strip_forged(message, self.hostname)[0]))
+        if len(header_block(message)) > MAX_HEADER_OCTETS:
+            # The work per message is bounded: no header section of megabytes.
+            return defer.succeed(Verdict(message, refusal=HEADER_TOO_BIG, action="reject"))
+        if not self.enabled:        # still a pass over every header line: not on the reactor
+            d = self.run_in_thread(lambda: Verdict(strip_forged(message, self.hostname)[0]))
+            return d
         d = self.run_in_thread(self.evaluate, facts, message)
         d.addCallback(self._report, context)
         return d

@@ -25,9 +25,11 @@ from twisted.logger import Logger
 
 from appliance import events
 from appliance.address import canonical_domain
+from appliance.policy.dkim_body import dkim_object
 from appliance.policy.keys import KeyStoreError
 from appliance import replies
-from appliance.message import AmbiguousFrom, from_addresses, header_block, header_safe
+from appliance.message import (MAX_FROM_FIELDS, AmbiguousFrom, from_addresses, header_block,
+                               header_safe)
 
 events.register("dkim.signed", "an outgoing message was DKIM-signed before it was queued",
                 ("session", "peer_ip", "queue_id", "domain", "selector", "algorithm"))
@@ -90,7 +92,9 @@ def cannot_be_local(message, local_forms):
     seen) is left to ``signing_domain``'s full parse.
     """
     found = False
-    for match in _FROM_FIELD.finditer(header_block(message)):
+    for count, match in enumerate(_FROM_FIELD.finditer(header_block(message))):
+        if count >= MAX_FROM_FIELDS:
+            return False        # more than the parse reads: it refuses them (bounded)
         value = match.group(1).lower()
         if not value.isascii() or b"=?" in value:
             return False
@@ -136,15 +140,16 @@ def signing_domain(message, local_domains):
 
 def sign_message(message, signing_keys):
     """``message`` with one DKIM-Signature per key on top; dkim.DKIMException
-    if dkimpy refuses the message or a key."""
+    if dkimpy refuses the message or a key. The body is canonicalised in
+    linear time, in slices (``appliance.policy.dkim_body``)."""
     include = headers_to_sign(message)
     signatures = []
     for signing_key in signing_keys:
         key = signing_key.key
-        signatures.append(dkim.sign(
-            message, key.selector.encode("ascii"), key.domain.encode("ascii"),
+        signer = dkim_object(message, signature_algorithm=key.algorithm.encode("ascii"))
+        signatures.append(signer.sign(
+            key.selector.encode("ascii"), key.domain.encode("ascii"),
             signing_key.private, canonicalize=CANONICALIZE,
-            signature_algorithm=key.algorithm.encode("ascii"),
             include_headers=include, length=False))
     return b"".join(signatures) + message
 

@@ -6,11 +6,20 @@ Stock dkimpy accepts what we refuse here:
 
 - ``rsa-sha1`` signatures: fail (RFC 8301 §3.1), without a DNS query;
 - ``l=`` signatures: fail (anyone may append to the signed body, T24);
+- a signature over ``MAX_SIGNATURE_OCTETS``, with a run of whitespace over
+  ``MAX_WSP_RUN`` (dkimpy's b= and bh= patterns backtrack on long runs, in
+  one C call that holds the GIL), or with over ``MAX_SIGNED_FIELDS`` names
+  in h=, and every signature of a header section of over
+  ``MAX_HEADER_FIELDS`` fields: permerror (the work is bounded per message);
 - RSA keys over ``MAX_KEY_BITS`` or with a public exponent over
   ``MAX_EXPONENT_BITS``: fail, refused before any arithmetic. dkimpy does
   RSA in pure Python and holds the GIL through one ``pow()``: a 16384-bit
   key with a huge exponent stops the whole process, reactor included, for
   about eight seconds. Keys under 1024 bits fail too (dkimpy's minkey).
+
+The body is canonicalised in linear time, in slices that let the reactor
+have the GIL (``appliance.policy.dkim_body``: dkimpy's own regular
+expressions are quadratic on some bodies and hold the GIL throughout).
 
 Keys come from our ``Lookups`` (shared resolver, the message's time budget);
 a signature whose key cannot be fetched now is ``temperror``, one whose key
@@ -21,17 +30,25 @@ budget is spent is ``temperror`` without a query.
 import base64
 import binascii
 import logging
+import re
 from collections import namedtuple
 
 import dkim
 from dkim.crypto import UnparsableKeyError, parse_public_key
 from dkim.util import parse_tag_value
 
+from appliance.policy.dkim_body import dkim_object
 from appliance.policy.lookup import TempDNSError
 
 MAX_SIGNATURES = 5
+MAX_HEADER_FIELDS = 1000        # fields in a header section whose signatures we check
+MAX_SIGNED_FIELDS = 100         # names in one h= list
+MAX_SIGNATURE_OCTETS = 8192     # one DKIM-Signature field (RSA 4096's b= is 684 octets)
+MAX_WSP_RUN = 64                # whitespace in a row in a DKIM-Signature field
 MAX_KEY_BITS = 4096             # RFC 8301 §3.2: verifiers must handle 1024 to 4096
 MAX_EXPONENT_BITS = 256         # FIPS 186-4 B.3.1; real keys use 65537
+
+_WSP_RUN = re.compile(rb"\s{%d}" % (MAX_WSP_RUN + 1))
 
 DKIMResult = namedtuple("DKIMResult", "result domain selector algorithm reason")
 DKIMResult.__doc__ = """One signature's outcome: result (pass, fail, temperror, permerror),
@@ -102,14 +119,30 @@ def verify_signatures(message, lookups, max_signatures=MAX_SIGNATURES):
     """``([DKIMResult], skipped)`` for the DKIM-Signature fields of
     ``message`` (bytes), top first; ``skipped`` counts those past the cap."""
     try:
-        verifier = dkim.DKIM(message, logger=_quiet, minkey=1024)
+        verifier = dkim_object(message, logger=_quiet, minkey=1024)
     except Exception:               # dkimpy on a header block it cannot split
         return [DKIMResult("permerror", "", "", "", "message not parsable")], 0
     signatures = [value for name, value in verifier.headers
                   if name.lower() == b"dkim-signature"]
+    if len(verifier.headers) > MAX_HEADER_FIELDS:
+        checked = min(len(signatures), max_signatures)
+        return ([DKIMResult("permerror", "", "", "", "header section too large")] * checked,
+                len(signatures) - checked)
     results = [_verify_one(verifier, index, value, lookups)
                for index, value in enumerate(signatures[:max_signatures])]
     return results, len(signatures) - len(results)
+
+
+def signature_refusal(value, tags):
+    """Why the DKIM-Signature ``value`` (bytes) with ``tags`` is not checked
+    at all (bounded work, see the module docstring), or None."""
+    if len(value) > MAX_SIGNATURE_OCTETS:
+        return "signature field too long"
+    if _WSP_RUN.search(value) is not None:
+        return "too much whitespace in the signature"
+    if len(tags.get(b"h", b"").split(b":")) > MAX_SIGNED_FIELDS:
+        return "too many signed header fields"
+    return None
 
 
 def _verify_one(verifier, index, value, lookups):
@@ -123,6 +156,9 @@ def _verify_one(verifier, index, value, lookups):
     def result(outcome, reason):
         return DKIMResult(outcome, domain, selector, algorithm, reason)
 
+    refusal = signature_refusal(value, tags)
+    if refusal is not None:
+        return result("permerror", refusal)
     if algorithm == "rsa-sha1":
         return result("fail", "rsa-sha1 is not accepted (RFC 8301)")
     if b"l" in tags:

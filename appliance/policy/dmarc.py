@@ -40,7 +40,10 @@ def _public_suffixes():
     global _psl
     with _psl_lock:
         if _psl is None:
-            from publicsuffixlist import PublicSuffixList
+            try:
+                from publicsuffixlist import PublicSuffixList
+            except ImportError:  # Debian 12: the publicsuffix package's list
+                from appliance.policy.psl import PublicSuffixList
             _psl = PublicSuffixList()
         return _psl
 

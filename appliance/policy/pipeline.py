@@ -19,8 +19,10 @@ either. The first refusal ends the stage. Extra stages implement any of
 
 from twisted.internet import defer
 
+from appliance.message import strip_forged
+from appliance.headers import header_block
 from appliance.net.peer import peer_in
-from appliance.policy.checks import Facts
+from appliance.policy.checks import HEADER_TOO_BIG, MAX_HEADER_OCTETS, Facts
 
 OURS = "ours"           # authenticated, or from a trusted network: signed, not checked
 OUTSIDE = "outside"     # everyone else: checked, not signed
@@ -51,6 +53,8 @@ class Pipeline:
 
     def __init__(self, relay, trusted_networks=(), checks=None, signer=None, stages=()):
         self.relay = relay
+        config = getattr(relay, "config", None)
+        self.hostname = config.server.hostname if config is not None else ""
         self.trusted_networks = trusted_networks
         self.checks = checks
         self.signer = signer
@@ -88,16 +92,26 @@ class Pipeline:
         with ``Refused`` (or a signing error carrying its ``smtp_reply``).
         ``envelope.params["folder"]`` may be set (DMARC quarantine).
         ``context`` (session, peer_ip, queue_id) goes into the events."""
-        refusal = self.relay.check_message(session, body)
+        if len(header_block(body)) > MAX_HEADER_OCTETS:
+            # Bounded work per message, whatever its origin: the passes over
+            # the header lines below run on the reactor for our own mail.
+            return defer.fail(Refused(HEADER_TOO_BIG))
+        d = defer.maybeDeferred(self.relay.check_message, session, body)
+        d.addCallback(self._content_checked, session, envelope, body, received, context)
+        return d
+
+    def _content_checked(self, refusal, session, envelope, body, received, context):
         if refusal is not None:
-            return defer.fail(Refused(refusal))
+            raise Refused(refusal)
         if origin(session, self.trusted_networks) == OURS:
-            message = received + body
+            # Not checked, but an Authentication-Results naming us is a
+            # forgery here too: local mailboxes and readers trust it.
+            message = received + strip_forged(body, self.hostname)[0]
             if self.signer is None:
-                return defer.succeed(message)
+                return message
             return self.signer.sign(message, context)
         if self.checks is None:
-            return defer.succeed(received + body)
+            return received + strip_forged(body, self.hostname)[0]
         facts = Facts(session.peer_ip, session.helo, envelope.sender)
         d = self.checks.check(facts, body, context)
         d.addCallback(self._checked, envelope, received)
@@ -109,4 +123,7 @@ class Pipeline:
             raise Refused(verdict.refusal)
         if verdict.folder is not None:
             envelope.params["folder"] = verdict.folder
+        mailfrom = [r.result for r in verdict.spf if r.identity == "mailfrom"]
+        if mailfrom:        # the bouncer asks: is the sender who it says? (backscatter)
+            envelope.params["spf"] = mailfrom[0]
         return received + verdict.message

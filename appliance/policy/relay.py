@@ -9,8 +9,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from appliance.auth.accounts import BackendUnavailable
+from appliance.auth.ownership import may_send_as, may_send_as_all
 from appliance import replies
-from appliance.message import AmbiguousFrom, from_addresses
+from appliance.headers import addresses_in_name
+from appliance.message import AmbiguousFrom, from_mailboxes
 from appliance.net.peer import peer_in
 
 _log = Logger()
@@ -52,7 +54,8 @@ class MXPolicy:
 
     def check_message(self, session, body):
         """A Reply refusing the message ``body`` (bytes, CRLF) after DATA, or
-        None: the MX listener takes any content (the checks judge it)."""
+        None (or a Deferred of either): the MX listener takes any content
+        (the checks judge it)."""
         return None
 
     def _lookup_failed(self, failure, address):
@@ -70,18 +73,23 @@ class SubmissionPolicy(MXPolicy):
     """The submission ports: nothing before AUTH, then the account's own
     addresses as sender and any recipient domain.
 
-    ``session.account`` is the authenticated ``Account``; its
-    ``may_send_as`` decides the sender (own address, ``+tag`` forms and the
-    aliases that reach it). The null sender stays allowed: it is what a
+    ``session.account`` is the authenticated ``Account``;
+    ``appliance.auth.ownership.may_send_as`` decides the sender (own
+    address, the aliases that reach it, ``+tag`` forms that are no one
+    else's). The null sender stays allowed: it is what a
     user's own vacation replies and delivery reports use.
     """
 
     def check_sender(self, session, sender):
         if session.account is None:
             return replies.AUTH_REQUIRED
-        if sender.is_null or session.account.may_send_as(sender.canonical()):
+        if sender.is_null:
             return replies.SENDER_OK
-        return replies.SENDER_NOT_OWNED
+        address = sender.canonical()
+        d = may_send_as(self.directory, session.account, address)
+        d.addCallbacks(lambda ok: replies.SENDER_OK if ok else replies.SENDER_NOT_OWNED,
+                       self._lookup_failed, errbackArgs=(address,))
+        return d
 
     def check_recipient(self, session, recipient):
         if session.account is None:
@@ -94,14 +102,23 @@ class SubmissionPolicy(MXPolicy):
         return super()._local_or_relay(is_local, session, address)
 
     def check_message(self, session, body):
-        """Every From: address must be the account's (550 5.7.1 otherwise)."""
+        """Every From: address must be the account's (550 5.7.1 otherwise),
+        and so must any address a display name spells out (``"bob@example.test"
+        <alice@...>`` reads as bob in a mail client). A Reply, None, or a
+        Deferred of either (a ``+tag`` form asks the directory)."""
         try:
-            addresses = from_addresses(body)
+            mailboxes = from_mailboxes(body)
         except AmbiguousFrom:
             return replies.FROM_NOT_OWNED
         account = session.account
-        if not addresses:
+        if not mailboxes:
             return replies.FROM_MISSING
-        if account is None or not all(account.may_send_as(a) for a in addresses):
+        if account is None:
             return replies.FROM_NOT_OWNED
-        return None
+        addresses = [m.address for m in mailboxes]
+        for mailbox in mailboxes:
+            addresses.extend(addresses_in_name(mailbox.name))
+        d = may_send_as_all(self.directory, account, addresses)
+        d.addCallbacks(lambda ok: None if ok else replies.FROM_NOT_OWNED,
+                       self._lookup_failed, errbackArgs=("From:",))
+        return d

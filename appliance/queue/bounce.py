@@ -15,6 +15,17 @@ Who hears about a failure (``Bouncer.target``): the envelope sender; never
 anyone for a null-sender message from outside (no bounce loops); for one of
 our own DSNs that failed, the postmaster of the first local domain; and when
 the DSN to the postmaster fails too, nobody: it is dropped with an event.
+
+Forwarding aliases (``alias@ours -> private@elsewhere``) must not turn us
+into a backscatter source nor leak where an alias leads:
+
+- a failed forward of mail from outside whose MAIL FROM did not pass SPF
+  (``params["spf"]`` set by the inbound checks) is not bounced: the sender
+  is likely forged; it is dropped with a ``bounce.dropped`` event;
+- a DSN to the sender names a forward target by the alias the sender
+  wrote (Final-Recipient), without the remote server's reply or name: the
+  private address is not revealed (to an outside sender nor to another
+  local user); only the postmaster's copy of a failed DSN carries it.
 """
 
 import dataclasses
@@ -33,6 +44,9 @@ events.register("bounce.dropped", "a failure was reported to nobody (null sender
 
 BOUNCE_LISTENER = "bounce"     # Envelope.listener of the DSNs we make
 FAILED, DELAYED, POSTMASTER = "failed", "delayed", "postmaster"   # DSN kinds
+FORWARD_UNVERIFIED = "a forward failed; the sender did not pass SPF: not bounced (backscatter)"
+FORWARD_FAILED = "delivery to a forwarding address failed"
+FORWARD_DELAYED = "delivery to a forwarding address is delayed"
 HEADERS_LIMIT = 64 * 1024      # of the original header block quoted in a DSN
 FIELD_LIMIT = 900              # characters of a remote reply quoted in a field
 
@@ -228,6 +242,25 @@ class Bouncer:
         domain = cfg.server.domains[0] if cfg.server.domains else cfg.server.hostname
         return cls(queue, clock, cfg.server.hostname, f"postmaster@{domain}")
 
+    @staticmethod
+    def unbounced_forward(entry, recipient):
+        """Is ``recipient`` a forward target whose failure must not be
+        reported, the sender of the mail being unconfirmed (SPF not pass)?"""
+        state = entry.recipients.get(recipient, {})
+        if not state.get("original") or state["original"] == recipient:
+            return False
+        spf = (entry.envelope.params or {}).get("spf")
+        return spf is not None and spf != "pass"
+
+    @staticmethod
+    def private(reports):
+        """``reports`` as a sender may see them: a forward target is named by
+        its alias, and nothing of the remote side (reply, host) is quoted."""
+        return [dataclasses.replace(
+            r, address=r.original, original="", remote_host="", diagnostic="",
+            reason=f"{r.status} {FORWARD_FAILED if r.action == FAILED else FORWARD_DELAYED}")
+            if r.original and r.original != r.address else r for r in reports]
+
     def target(self, entry, failed):
         """``(address, kind)`` to tell about ``failed`` recipients, or ``(None, reason)``."""
         envelope = entry.envelope
@@ -245,8 +278,8 @@ class Bouncer:
         bounce_id = new_queue_id(now)
         headers = original_headers(message)
         body = build_dsn(kind=kind, hostname=self.hostname, bounce_id=bounce_id, entry=entry,
-                         recipients=recipients, headers=headers, to=to, now=now,
-                         retry_until=retry_until)
+                         recipients=recipients if kind == POSTMASTER else self.private(recipients),
+                         headers=headers, to=to, now=now, retry_until=retry_until)
         params = {} if body.isascii() else {"BODY": "8BITMIME"}
         if not to.isascii():
             params["SMTPUTF8"] = None

@@ -38,7 +38,8 @@ from twisted.python.failure import Failure
 
 from appliance import events
 from appliance.deliver.local import REMOTE_NOT_AVAILABLE, LocalDelivery
-from appliance.queue.bounce import DELAYED, FAILED as DSN_FAILED, one_line, reports
+from appliance.queue.bounce import (DELAYED, FAILED as DSN_FAILED, FORWARD_UNVERIFIED, one_line,
+                                    reports)
 from appliance.queue.manager import RETRY_SCHEDULE, Dispatcher, QueueSettings, WakeupSchedule
 from appliance.durable.commit import StorageError
 from appliance.envelope import DEFERRED, DELIVERED, FAILED, PENDING
@@ -462,6 +463,7 @@ class QueueRunner(service.Service):
         if failed:
             yield self._report_failed(entry, failed)
         delayed = self._delayed(entry, self.clock.seconds())
+        delayed = [r for r in delayed if not self.bouncer.unbounced_forward(entry, r)]
         if delayed:
             message = yield self.spool.read(entry.queue_id)
             yield self.bouncer.send(entry, DELAYED, entry.envelope.sender,
@@ -471,6 +473,13 @@ class QueueRunner(service.Service):
 
     @defer.inlineCallbacks
     def _report_failed(self, entry, failed):
+        unbounced = [r for r in failed if self.bouncer.unbounced_forward(entry, r)]
+        if unbounced:       # backscatter: never to a sender SPF did not confirm
+            self.bouncer.drop(entry, unbounced, FORWARD_UNVERIFIED)
+            yield self.spool.update(entry.queue_id, {r: {"dsn": "none"} for r in unbounced})
+            failed = [r for r in failed if r not in unbounced]
+            if not failed:
+                return
         to, kind = self.bouncer.target(entry, failed)
         if to is None:
             self.bouncer.drop(entry, failed, kind)

@@ -46,6 +46,9 @@ from appliance.net.tls import TLSError, connection_info
 COMMAND_LINE_LIMIT = 512        # octets with CRLF, RFC 5321 §4.5.3.1.4
 TEXT_LINE_LIMIT = 1000          # octets with CRLF, RFC 5321 §4.5.3.1.6
 DATA_END = Line(b".", 1, False, False)      # the final dot, found by LineFramer.take_body
+# RCPT refusals that count towards [limits] max_errors (SPEC §4, Defences):
+# a client guessing names or probing for a relay is dropped with 421.
+COUNTED_REFUSALS = frozenset({replies.USER_UNKNOWN, replies.RELAY_DENIED})
 
 _VERB = re.compile(rb"[A-Za-z]{1,16}\Z")
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
@@ -102,7 +105,7 @@ class Transaction:
         self.sender = sender        # a Path
         self.params = params        # kept in the envelope: BODY, SMTPUTF8
         self.recipients = []        # canonical addresses, no duplicates
-        self.accepted = 0           # RCPTs accepted, duplicates included (max_recipients)
+        self.accepted = 0           # RCPTs answered 250, duplicates included (SPEC §4)
         self.body = None            # a DataBody once DATA is under way
 
     @property
@@ -287,6 +290,13 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         self.reply(reply)
         self._count_error()
 
+    def _count_error(self):
+        """One more error towards [limits] max_errors: at the limit, 421 and close."""
+        self._errors += 1
+        if self._errors >= self.config.limits.max_errors and not self._closing:
+            self.emit("smtp.limit", kind="max_errors")
+            self._close_with(replies.TOO_MANY_ERRORS)
+
     def state_COMMAND(self, line):
         verb, _, rest = line.strip(b" ").partition(b" ")
         name = _verb_name(verb)
@@ -461,7 +471,7 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
             self._recipient_checked(replies.TOO_MANY_RECIPIENTS, address)
             return None
         if address in self._txn.recipients:
-            if not self._junk_command():
+            if not self._junk_command():        # a duplicate RCPT is a junk command
                 self._txn.accepted += 1
                 self.reply(replies.RECIPIENT_OK)
             return None
@@ -478,14 +488,8 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
             self.emit("smtp.rcpt.rejected", recipient=address, code=reply.code,
                       reason=reply.text, status=reply.status or "")
         self.reply(reply)
-        if reply in (replies.USER_UNKNOWN, replies.RELAY_DENIED):
-            self._count_error()     # SPEC §4: they count towards max_errors
-
-    def _count_error(self):
-        self._errors += 1
-        if self._errors >= self.config.limits.max_errors and not self._closing:
-            self.emit("smtp.limit", kind="max_errors")
-            self._close_with(replies.TOO_MANY_ERRORS)
+        if reply in COUNTED_REFUSALS and not self._closing:
+            self._count_error()     # harvesting and relay probing end the session
 
     def do_DATA(self, rest):
         if rest:

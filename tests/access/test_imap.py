@@ -835,7 +835,9 @@ def test_envelope_addresses_and_eight_bit_values():
     envelope = imapmime.envelope(headers)
     assert envelope.startswith(b'(NIL {5}\r\ncaf\xc3\xa9 (("Doe, J" NIL "j" "x.org")'
                                b'("Kay" NIL "k" "y.org"))')
-    assert b' NIL (("Team" NIL "team" "x.org")) NIL NIL NIL)' in envelope
+    # RFC 3501 §7.4.2: a group is a start marker with its name and an end marker.
+    assert (b' ((NIL NIL "undisclosed-recipients" NIL)(NIL NIL NIL NIL))'
+            b' (("Team" NIL "team" "x.org")) NIL NIL NIL)') in envelope
 
 
 def test_digest_parts_default_to_message_rfc822():

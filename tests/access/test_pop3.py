@@ -441,6 +441,7 @@ def oauth(tmp_path):
     verifier = TokenVerifier(ISSUER, AUDIENCE, str(path))
     verifier.load()
     payload = {"iss": ISSUER, "aud": AUDIENCE, "exp": time.time() + 600, "email": ALICE,
+               "email_verified": True,
                "scope": "x" * 600}
     return verifier, jwt.encode(payload, key, algorithm="ES256", headers={"kid": "k1"})
 

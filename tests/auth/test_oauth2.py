@@ -42,7 +42,7 @@ class Issuer:
 
     def token(self, key=None, kid="rsa1", alg="RS256", **claims):
         payload = {"iss": ISSUER, "aud": AUDIENCE, "exp": NOW + 3600, "iat": NOW,
-                   "email": "alice@example.test", "sub": "1234"}
+                   "email": "alice@example.test", "email_verified": True, "sub": "1234"}
         payload.update(claims)
         payload = {k: v for k, v in payload.items() if v is not None}
         return jwt.encode(payload, key if key is not None else self.rsa, algorithm=alg,
@@ -72,6 +72,10 @@ def test_good_rs256_and_es256_tokens(issuer, verifier):
     assert verifier.verify(issuer.token(issuer.ec, "ec1", "ES256")) == "alice@example.test"
 
 
+def test_email_verified_as_a_string_is_understood(issuer, verifier):
+    assert verifier.verify(issuer.token(email_verified="true")) == "alice@example.test"
+
+
 def test_leeway_on_expiry_and_not_before(issuer, verifier, clock):
     token = issuer.token(exp=NOW - 30, nbf=NOW + 30)
     assert verifier.verify(token) == "alice@example.test"
@@ -85,6 +89,9 @@ def test_leeway_on_expiry_and_not_before(issuer, verifier, clock):
     ({"email": None}, "no email claim"),
     ({"email": 42}, "no email claim"),
     ({"email_verified": False}, "email not verified"),
+    ({"email_verified": None}, "email not verified"),       # issue 17: absent
+    ({"email_verified": "false"}, "email not verified"),
+    ({"email_verified": 1}, "email not verified"),
     ({"exp": None}, "no exp claim"),
     ({"exp": "tomorrow"}, "malformed"),
 ])

@@ -2,6 +2,7 @@
 
 import base64
 
+import bcrypt
 import pytest
 from twisted.cred import credentials, error
 from twisted.internet import defer
@@ -11,7 +12,7 @@ from appliance.auth.accounts import (
 from appliance.auth.oauth2 import InvalidToken
 from appliance.auth.sasl import (
     Aborted, Challenge, Malformed, Mechanisms, decode_response, encode_challenge)
-from appliance.auth.users import UsersFile, hash_password
+from appliance.auth.users import UsersFile
 from appliance.directory import AliasesFile, Directory
 from appliance.testing import FakeAccounts as _FakeAccounts, make_config
 from appliance.testing import value_of as result_of
@@ -236,8 +237,9 @@ def test_oauth_malformed(name, response):
 def file_accounts(tmp_path):
     cfg = make_config(base_dir=str(tmp_path), server={"data_dir": str(tmp_path)})
     users = UsersFile(str(tmp_path / "users"), run_in_thread=sync)
-    users.add("alice@example.test", hash_password("secret"))
-    users.add("bob@example.test", hash_password("bobs"))
+    # Cost-4 bcrypt: these tests check the mechanisms, not the hash's cost.
+    users.add("alice@example.test", bcrypt.hashpw(b"secret", bcrypt.gensalt(4)).decode())
+    users.add("bob@example.test", bcrypt.hashpw(b"bobs", bcrypt.gensalt(4)).decode())
     aliases = AliasesFile(str(tmp_path / "aliases"))
     aliases.add("postmaster@example.test", ["alice@example.test"])
     aliases.add("team@example.test", ["alice@example.test", "bob@example.test"])

@@ -7,6 +7,10 @@ verifying the server's self-signed certificate; curl is the independent
 client. Flags and UIDs survive a restart, IDLE hears of a delivery, traversal
 names and a huge literal are refused. The last test logs in against the LDAP
 backend (a real slapd from tests/ldap_server.py).
+
+The tests share one server (a server start is most of an end-to-end test's
+time); each has a mailbox of its own (``server.user``) and reads only the
+events stamped after it began (``server.since``).
 """
 
 import imaplib
@@ -21,35 +25,48 @@ import pytest
 import ldap_server
 from harness import HOSTNAME, wait_until  # noqa: E402
 
-ALICE, ALICE_PW = "alice@example.test", "alice imap password"
+ALICE = "alice@example.test"          # the LDAP directory's user
 LISTENERS = ("mx", "imap", "imaps")
 TIMEOUT = 30
+# One mailbox per test of this module on the shared server.
+USERS = tuple((f"imap{n}@example.test", f"imap password {n}") for n in range(16))
+
+
+@pytest.fixture(scope="module")
+def shared_server(module_mailserver_factory):
+    srv = module_mailserver_factory(listeners=LISTENERS, users=USERS)
+    srv.unused_users = list(USERS)
+    return srv
 
 
 @pytest.fixture
-def server(mailserver_factory):
-    return mailserver_factory(listeners=LISTENERS, users=((ALICE, ALICE_PW),))
+def server(shared_server):
+    """The shared server; ``server.user`` / ``server.password``: a mailbox no
+    other test touches; ``server.since``: when this test began."""
+    shared_server.user, shared_server.password = shared_server.unused_users.pop(0)
+    shared_server.since = time.time()
+    return shared_server
 
 
 def fill(server, count):
-    have = len(server.messages(ALICE))
+    have = len(server.messages(server.user))
     for number in range(have + 1, have + count + 1):
-        server.send_through_mx(f"message {number}", f"body of message {number}\n", ALICE)
-        server.wait_for_messages(ALICE, number)
+        server.send_through_mx(f"message {number}", f"body of message {number}\n", server.user)
+        server.wait_for_messages(server.user, number)
 
 
-def imap_starttls(server, password=ALICE_PW):
+def imap_starttls(server):
     client = imaplib.IMAP4(server.host, server.port("imap"), timeout=TIMEOUT)
     assert "LOGINDISABLED" in client.capabilities
     client.starttls(ssl_context=server.tls_context())
-    client.login(ALICE, password)
+    client.login(server.user, server.password)
     return client
 
 
-def imaps(server, password=ALICE_PW):
+def imaps(server, user=None, password=None):
     client = imaplib.IMAP4_SSL(server.host, server.port("imaps"),
                                ssl_context=server.tls_context(), timeout=TIMEOUT)
-    client.login(ALICE, password)
+    client.login(user or server.user, password or server.password)
     return client
 
 
@@ -87,7 +104,7 @@ def test_read_flag_move_delete_over_starttls(server):
     assert client.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[1][0][1].strip() == \
         b"Subject: message 2"
     client.logout()
-    names = sorted(p.name for p in server.messages(ALICE))
+    names = sorted(p.name for p in server.messages(server.user))
     assert len(names) == 1 and names[0].endswith(":2,F")
 
 
@@ -119,7 +136,7 @@ def test_idle_sees_a_delivery(server):
     tag = client._new_tag()
     client.send(tag + b" IDLE\r\n")
     assert client.readline().startswith(b"+")
-    server.send_through_mx("while idling", "hello\n", ALICE)
+    server.send_through_mx("while idling", "hello\n", server.user)
     client.sock.settimeout(TIMEOUT)
     line = client.readline()
     assert line == b"* 2 EXISTS\r\n"
@@ -148,7 +165,7 @@ def test_huge_literal_is_refused_before_the_continuation(server):
     sock = server.tls_context().wrap_socket(raw)
     stream = sock.makefile("rb")
     assert stream.readline().startswith(b"* OK [CAPABILITY")
-    sock.sendall(b'a LOGIN "%s" "%s"\r\n' % (ALICE.encode(), ALICE_PW.encode()))
+    sock.sendall(b'a LOGIN "%s" "%s"\r\n' % (server.user.encode(), server.password.encode()))
     assert stream.readline().startswith(b"a OK")
     sock.sendall(b"b APPEND INBOX {4294967295}\r\n")
     assert stream.readline() == b"b NO [TOOBIG] Literal too big\r\n"
@@ -163,7 +180,7 @@ def test_appendlimit_is_advertised_and_append_works(server):
     client = imaps(server)
     typ, data = client.capability()
     assert b"APPENDLIMIT=26214400" in data[0]
-    message = b"From: alice@example.test\r\nSubject: draft\r\n\r\nunfinished\r\n"
+    message = f"From: {server.user}\r\nSubject: draft\r\n\r\nunfinished\r\n".encode()
     typ, data = client.append("Drafts", "(\\Draft)", None, message)
     assert typ == "OK" and b"APPENDUID" in data[0]
     client.select("Drafts")
@@ -176,16 +193,17 @@ def test_starttls_discards_pipelined_login(server):
     raw = socket.create_connection((server.host, server.port("imap")), timeout=TIMEOUT)
     stream = raw.makefile("rb")
     stream.readline()
-    raw.sendall(b'a STARTTLS\r\nb LOGIN "%s" "%s"\r\n' % (ALICE.encode(), ALICE_PW.encode()))
+    raw.sendall(b'a STARTTLS\r\nb LOGIN "%s" "%s"\r\n' % (server.user.encode(),
+                                                          server.password.encode()))
     assert stream.readline() == b"a OK Begin TLS negotiation now\r\n"
     sock = server.tls_context().wrap_socket(raw)
     sock.sendall(b"c CAPABILITY\r\n")
     reply = sock.recv(4096)
     assert reply.startswith(b"* CAPABILITY") and b"AUTH=PLAIN" in reply   # still not logged in
     sock.close()
-    wait_until(lambda: server.events("imap.starttls.discarded"), TIMEOUT,
+    wait_until(lambda: server.events("imap.starttls.discarded", since=server.since), TIMEOUT,
                what="imap.starttls.discarded")
-    assert not server.events("imap.login")
+    assert not server.events("imap.login", since=server.since)
 
 
 # -- curl --------------------------------------------------------------------------------
@@ -196,7 +214,7 @@ def curl(server, scheme, url_path, *extra):
         ["curl", "--silent", "--show-error", "--max-time", str(TIMEOUT),
          "--cacert", server.cert_file(),
          "--connect-to", f"{HOSTNAME}:{port}:{server.host}:{port}",
-         "--user", f"{ALICE}:{ALICE_PW}", *extra,
+         "--user", f"{server.user}:{server.password}", *extra,
          f"{scheme}://{HOSTNAME}:{port}/{url_path}"],
         capture_output=True, timeout=TIMEOUT + 10)
     assert result.returncode == 0, result.stderr.decode(errors="replace")
@@ -230,9 +248,10 @@ def slapd(tmp_path):
 def test_imaps_with_the_ldap_backend(mailserver_factory, slapd):
     server = mailserver_factory(listeners=LISTENERS, users=(),
                                 overrides={"auth": slapd.auth_section("starttls")})
+    server.user = ALICE
     fill(server, 1)
     password = ldap_server.USERS["alice"][0]
-    client = imaps(server, password=password)
+    client = imaps(server, ALICE, password)
     client.select("INBOX")
     assert b"message 1" in client.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[1][0][1]
     client.logout()

@@ -4,6 +4,10 @@ The server runs with ``[checks]`` on and ``[dns] nameservers`` pointed at the
 test DNS server (tests/dns_server.py, in this process), which holds the SPF,
 DKIM and DMARC records; messages are signed by dkimpy with a test key.
 Clients connect from 127.0.0.1, which the SPF records of good.test allow.
+
+The tests share one server (a server start is most of an end-to-end test's
+time); each has a mailbox of its own (``server.user``) and reads only the
+events stamped after it began (``server.since``).
 """
 
 import base64
@@ -63,12 +67,28 @@ def dns():
         yield server
 
 
-@pytest.fixture
-def server(mailserver_factory, dns):
-    return mailserver_factory(listeners=("mx",), overrides={
+# One mailbox per test of this module on the shared server.
+USERS = tuple((f"checks{n}@example.test", f"checks password {n}") for n in range(12))
+
+
+@pytest.fixture(scope="module")
+def shared_server(module_mailserver_factory, dns):
+    srv = module_mailserver_factory(listeners=("mx",), users=USERS, overrides={
         "checks": {"spf": "on", "dkim": "on", "dmarc": "enforce"},
         "dns": {"nameservers": dns.address, "timeout": "3s"},
     })
+    srv.unused_users = list(USERS)
+    return srv
+
+
+@pytest.fixture
+def server(shared_server):
+    """The shared server; ``server.user``: a mailbox no other test touches;
+    ``server.since``: when this test began (with nothing left in the spool)."""
+    shared_server.wait_spool_empty()
+    shared_server.user, shared_server.password = shared_server.unused_users.pop(0)
+    shared_server.since = time.time()
+    return shared_server
 
 
 def make_message(to, from_, marker, extra_headers=()):
@@ -119,8 +139,8 @@ def test_signed_mail_passes_with_our_header_on_top_and_forgeries_removed(server)
     for clause in ("spf=pass smtp.mailfrom=bounce@good.test", "spf=pass smtp.helo=" + CLIENT_NAME,
                    "dkim=pass header.d=good.test", "dmarc=pass"):
         assert clause in " ".join(ours.split()), ours
-    wait_until(lambda: server.events("check.dmarc"), 10, what="check.dmarc")
-    results = {e["event"]: e["result"] for e in server.events()
+    wait_until(lambda: server.events("check.dmarc", since=server.since), 10, what="check.dmarc")
+    results = {e["event"]: e["result"] for e in server.events(since=server.since)
                if e["event"].startswith("check.") and e.get("identity") != "helo"}
     assert results == {"check.spf": "pass", "check.dkim": "pass", "check.dmarc": "pass"}
 
@@ -132,7 +152,8 @@ def test_spoofing_a_p_reject_domain_is_refused_and_nothing_stored(server):
              make_message(server.user, "ceo@good.test", marker))
     assert refused.value.smtp_code == 550
     assert refused.value.smtp_error.startswith(b"5.7.1")
-    [event] = wait_until(lambda: server.events("check.dmarc"), 10, what="check.dmarc")
+    [event] = wait_until(lambda: server.events("check.dmarc", since=server.since), 10,
+                         what="check.dmarc")
     assert (event["domain"], event["result"], event["action"]) == ("good.test", "fail", "reject")
     assert server.spool_files() == [] and server.messages(server.user) == []
 
@@ -183,7 +204,8 @@ def test_other_sessions_are_answered_while_a_check_is_slow(server, sender, selec
 
     thread = threading.Thread(target=first_client, daemon=True)
     thread.start()
-    wait_until(lambda: server.events("smtp.rcpt.accepted"), 10, what="the first RCPT")
+    wait_until(lambda: server.events("smtp.rcpt.accepted", since=server.since), 10,
+               what="the first RCPT")
     time.sleep(0.3)                 # the body and its final dot are on their way
     timings = [_timed_session(server) for _ in range(3)]
     assert max(max(t) for t in timings) < 1.0, timings
@@ -193,10 +215,11 @@ def test_other_sessions_are_answered_while_a_check_is_slow(server, sender, selec
     assert outcome, "the first client got no answer"
     assert outcome[0][0] == "250"     # DMARC passes: aligned SPF (huge) or DKIM (hang)
     if selector == "huge":
-        [dkim_event] = wait_until(lambda: server.events("check.dkim"), 10, what="check.dkim")
+        [dkim_event] = wait_until(lambda: server.events("check.dkim", since=server.since), 10,
+                                  what="check.dkim")
         assert dkim_event["reason"] == "key over 4096 bits"
     else:
         assert outcome[0][1] > 2.5                    # it did wait for the DNS timeout
-        spf = wait_until(lambda: [e for e in server.events("check.spf")
+        spf = wait_until(lambda: [e for e in server.events("check.spf", since=server.since)
                                   if e["identity"] == "mailfrom"], 10, what="check.spf")
         assert spf[0]["result"] == "temperror"

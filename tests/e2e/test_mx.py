@@ -1,4 +1,7 @@
-"""The MX port from outside: real sockets, the real server, real Maildirs."""
+"""The MX port from outside: real sockets, the real server, real Maildirs.
+
+One server for the module: each test finds its own message by its marker.
+"""
 
 import shutil
 import smtplib
@@ -10,10 +13,15 @@ from email.message import EmailMessage
 
 import pytest
 
-from harness import HOSTNAME, header_values
+from harness import HOSTNAME, header_values, wait_until
 
 SENDER = "sender@example.org"
 CLIENT_NAME = "client.example.org"
+
+
+@pytest.fixture(scope="module")
+def mailserver(module_mailserver_factory):
+    return module_mailserver_factory()
 
 
 def make_message(to, subject, marker):
@@ -37,7 +45,7 @@ def the_one_message_with(server, address, marker):
     """The single delivered file whose body carries ``marker``."""
     def found():
         return [p for p in server.messages(address) if marker.encode() in p.read_bytes()]
-    server.wait_for_messages(address, 1)
+    wait_until(found, 20, what=f"a message with {marker} for {address}")
     server.wait_spool_empty()
     files = found()
     assert len(files) == 1, f"{len(files)} messages carry {marker}"

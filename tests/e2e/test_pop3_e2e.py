@@ -7,11 +7,16 @@ self-signed certificate; curl is the independent client (SASL over pop3s).
 Deletions happen at QUIT only, UIDLs survive a restart, a second session of
 the same user finds the maildrop locked. The last test does the same against
 the LDAP backend (a real slapd from tests/ldap_server.py).
+
+The tests share one server (a server start is most of an end-to-end test's
+time); each has a mailbox of its own (``server.user``) and reads only the
+events stamped after it began (``server.since``).
 """
 
 import poplib
 import socket
 import subprocess
+import time
 from email import policy
 from email.parser import BytesParser
 
@@ -21,17 +26,31 @@ import pytest
 import ldap_server
 from harness import HOSTNAME, wait_until  # noqa: E402
 
-ALICE, ALICE_PW = "alice@example.test", "alice pop password"
+ALICE = "alice@example.test"          # the LDAP directory's user
 LISTENERS = ("mx", "pop3", "pop3s")
 TIMEOUT = 30
+# One mailbox per test of this module on the shared server.
+USERS = tuple((f"pop{n}@example.test", f"pop password {n}") for n in range(16))
+
+
+@pytest.fixture(scope="module")
+def shared_server(module_mailserver_factory):
+    srv = module_mailserver_factory(listeners=LISTENERS, users=USERS)
+    srv.unused_users = list(USERS)
+    return srv
 
 
 @pytest.fixture
-def server(mailserver_factory):
-    return mailserver_factory(listeners=LISTENERS, users=((ALICE, ALICE_PW),))
+def server(shared_server):
+    """The shared server; ``server.user`` / ``server.password``: a mailbox no
+    other test touches; ``server.since``: when this test began."""
+    shared_server.user, shared_server.password = shared_server.unused_users.pop(0)
+    shared_server.since = time.time()
+    return shared_server
 
 
-def fill(server, count, recipient=ALICE):
+def fill(server, count, recipient=None):
+    recipient = recipient or server.user
     for n in range(count):
         server.send_through_mx(f"message {n + 1}",
                                f"body of message {n + 1}\n.a line starting with a dot\n.\nend\n",
@@ -50,9 +69,9 @@ def pop3s(server):
                            timeout=TIMEOUT)
 
 
-def login(client, user=ALICE, password=ALICE_PW):
-    client.user(user)
-    client.pass_(password)
+def login(client, server, user=None, password=None):
+    client.user(user or server.user)
+    client.pass_(password or server.password)
     return client
 
 
@@ -68,10 +87,10 @@ def test_poplib_with_stls_reads_and_deletes_at_quit(server):
     capabilities = client.capa()
     assert "STLS" in capabilities and "USER" not in capabilities
     with pytest.raises(poplib.error_proto, match="TLS required"):
-        client.user(ALICE)
+        client.user(server.user)
     client.stls(server.tls_context())
     assert "USER" in client.capa() and "STLS" not in client.capa()
-    login(client)
+    login(client, server)
     count, size = client.stat()
     assert count == 2
     _, listing, _ = client.list()
@@ -84,24 +103,25 @@ def test_poplib_with_stls_reads_and_deletes_at_quit(server):
     assert int(listing[0].split()[1]) == len(b"\r\n".join(lines)) + 2
     client.dele(1)
     client.dele(2)
-    assert len(server.messages(ALICE)) == 2     # nothing removed before QUIT
+    assert len(server.messages(server.user)) == 2     # nothing removed before QUIT
     assert client.quit().startswith(b"+OK")
-    assert server.messages(ALICE) == []
-    [event] = wait_until(lambda: [e for e in server.events("pop3.disconnect")
+    assert server.messages(server.user) == []
+    [event] = wait_until(lambda: [e for e in server.events("pop3.disconnect", since=server.since)
                                   if e.get("deleted")], TIMEOUT, what="pop3.disconnect")
     assert event["deleted"] == 2 and event["retrieved"] == 1
 
 
 def test_a_dropped_connection_deletes_nothing(server):
     fill(server, 1)
-    client = login(pop3_stls(server))
+    client = login(pop3_stls(server), server)
     client.dele(1)
     client.close()                      # gone without QUIT
-    wait_until(lambda: server.events("pop3.disconnect"), TIMEOUT, what="pop3.disconnect")
-    client = login(pop3_stls(server))   # the lock went with the connection
+    wait_until(lambda: server.events("pop3.disconnect", since=server.since), TIMEOUT,
+               what="pop3.disconnect")
+    client = login(pop3_stls(server), server)   # the lock went with the connection
     assert client.stat()[0] == 1
     client.quit()
-    assert len(server.messages(ALICE)) == 1
+    assert len(server.messages(server.user)) == 1
 
 
 def test_commands_sent_with_stls_are_discarded(server):
@@ -109,7 +129,7 @@ def test_commands_sent_with_stls_are_discarded(server):
     with socket.create_connection((server.host, server.port("pop3")), timeout=TIMEOUT) as raw:
         reader = raw.makefile("rb")
         assert reader.readline().startswith(b"+OK")
-        raw.sendall(f"STLS\r\nUSER {ALICE}\r\nPASS {ALICE_PW}\r\n".encode())
+        raw.sendall(f"STLS\r\nUSER {server.user}\r\nPASS {server.password}\r\n".encode())
         assert reader.readline() == b"+OK Begin TLS negotiation\r\n"
         tls = server.tls_context().wrap_socket(raw, server_hostname=HOSTNAME)
         tls_reader = tls.makefile("rb")
@@ -120,20 +140,21 @@ def test_commands_sent_with_stls_are_discarded(server):
         tls_reader.close()
         tls.close()
         reader.close()
-    wait_until(lambda: server.events("pop3.stls.discarded"), TIMEOUT, what="pop3.stls.discarded")
+    wait_until(lambda: server.events("pop3.stls.discarded", since=server.since), TIMEOUT,
+               what="pop3.stls.discarded")
 
 
 # -- implicit TLS on pop3s ---------------------------------------------------------------
 
 def test_pop3s_uidl_is_stable_across_sessions_and_a_restart(server):
     fill(server, 2)
-    client = login(pop3s(server))
+    client = login(pop3s(server), server)
     first = client.uidl()[1]
     client.quit()
-    server.send_through_mx("third", "while nobody reads\n", ALICE)
-    server.wait_for_messages(ALICE, 3)
+    server.send_through_mx("third", "while nobody reads\n", server.user)
+    server.wait_for_messages(server.user, 3)
     server.restart()
-    client = login(pop3s(server))
+    client = login(pop3s(server), server)
     listing = client.uidl()[1]
     assert listing[:2] == first and len(listing) == 3
     _, lines, _ = client.top(3, 0)
@@ -143,26 +164,26 @@ def test_pop3s_uidl_is_stable_across_sessions_and_a_restart(server):
 
 def test_the_maildrop_is_locked_against_a_second_session(server):
     fill(server, 1)
-    first = login(pop3s(server))
+    first = login(pop3s(server), server)
     second = pop3_stls(server)
-    second.user(ALICE)
+    second.user(server.user)
     with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
-        second.pass_(ALICE_PW)
+        second.pass_(server.password)
     first.quit()
-    second.user(ALICE)
-    second.pass_(ALICE_PW)
+    second.user(server.user)
+    second.pass_(server.password)
     assert second.stat()[0] == 1
     second.quit()
 
 
 def test_new_mail_waits_for_the_next_session(server):
     fill(server, 1)
-    client = login(pop3s(server))
-    server.send_through_mx("late", "arrived during the session\n", ALICE)
-    server.wait_for_messages(ALICE, 2)
+    client = login(pop3s(server), server)
+    server.send_through_mx("late", "arrived during the session\n", server.user)
+    server.wait_for_messages(server.user, 2)
     assert client.stat()[0] == 1
     client.quit()
-    client = login(pop3s(server))
+    client = login(pop3s(server), server)
     assert client.stat()[0] == 2
     client.quit()
 
@@ -170,16 +191,18 @@ def test_new_mail_waits_for_the_next_session(server):
 def test_wrong_passwords_are_limited_and_logged(server):
     client = pop3s(server)
     for attempt in range(2):
-        client.user(ALICE)
+        client.user(server.user)
         with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
             client.pass_(f"guess {attempt}")
-    client.user(ALICE)
+    client.user(server.user)
     with pytest.raises(poplib.error_proto, match="too many failures"):
         client.pass_("guess 2")
     with pytest.raises((poplib.error_proto, OSError, EOFError)):
         client.noop()
-    failures = wait_until(lambda: len(server.events("auth.failure")) >= 3 and
-                          server.events("auth.failure"), TIMEOUT, what="3 auth.failure")
+    def failures_now():
+        return server.events("auth.failure", since=server.since)
+    failures = wait_until(lambda: len(failures_now()) >= 3 and failures_now(), TIMEOUT,
+                          what="3 auth.failure")
     assert len(failures) == 3
     assert {f["listener"] for f in failures} == {"pop3s"}
     assert all("guess" not in str(f) for f in failures)
@@ -194,7 +217,7 @@ def curl(server, url_path, *extra):
         ["curl", "--silent", "--show-error", "--max-time", str(TIMEOUT),
          "--cacert", server.cert_file(),
          "--connect-to", f"{HOSTNAME}:{port}:{server.host}:{port}",
-         "--user", f"{ALICE}:{ALICE_PW}", *extra,
+         "--user", f"{server.user}:{server.password}", *extra,
          f"pop3s://{HOSTNAME}:{port}/{url_path}"],
         capture_output=True, timeout=TIMEOUT + 10)
     assert result.returncode == 0, result.stderr.decode(errors="replace")
@@ -209,7 +232,8 @@ def test_curl_lists_and_retrieves_over_pop3s(server):
     parsed = BytesParser(policy=policy.default).parsebytes(message.replace(b"\r\n", b"\n"))
     assert parsed["Subject"] == "message 2"
     assert ".a line starting with a dot\n.\nend" in parsed.get_content()
-    logins = wait_until(lambda: server.events("pop3.login"), TIMEOUT, what="pop3.login")
+    logins = wait_until(lambda: server.events("pop3.login", since=server.since), TIMEOUT,
+                        what="pop3.login")
     assert {e["mechanism"] for e in logins} <= {"PLAIN", "LOGIN", "USER"}
 
 
@@ -220,11 +244,11 @@ def test_curl_deletes_with_dele_and_stls(server):
         ["curl", "--silent", "--show-error", "--max-time", str(TIMEOUT), "--ssl-reqd",
          "--cacert", server.cert_file(),
          "--connect-to", f"{HOSTNAME}:{port}:{server.host}:{port}",
-         "--user", f"{ALICE}:{ALICE_PW}", "--request", "DELE", "--list-only",
+         "--user", f"{server.user}:{server.password}", "--request", "DELE", "--list-only",
          f"pop3://{HOSTNAME}:{port}/1"],
         capture_output=True, timeout=TIMEOUT + 10)
     assert result.returncode == 0, result.stderr.decode(errors="replace")
-    assert server.messages(ALICE) == []
+    assert server.messages(server.user) == []
 
 
 # -- the LDAP backend ---------------------------------------------------------------------
@@ -238,9 +262,9 @@ def ldap_server_(tmp_path):
 def test_pop3s_with_the_ldap_backend(mailserver_factory, ldap_server_):
     server = mailserver_factory(listeners=LISTENERS, users=(),
                                 overrides={"auth": ldap_server_.auth_section("starttls")})
-    fill(server, 1)
+    fill(server, 1, ALICE)
     password = ldap_server.USERS["alice"][0]
-    client = login(pop3s(server), password=password)
+    client = login(pop3s(server), server, ALICE, password)
     _, lines, _ = client.retr(1)
     assert parse(lines)["Subject"] == "message 1"
     client.dele(1)

@@ -1,11 +1,13 @@
 """Start-up failures: one clear line and a non-zero exit, never a traceback."""
 
+import os
+import signal
 import socket
 import subprocess
 
 import pytest
 
-from harness import REPO_ROOT, MailServer
+from harness import REPO_ROOT, MailServer, wait_until
 
 
 def run_twistd(server, timeout=30):
@@ -64,5 +66,67 @@ def test_listener_is_logged(tmp_path, listener):
     try:
         assert f"listening for {listener} on 127.0.0.1:{server.port(listener)}" in server.output()
         assert server.events("listener.started")
+        wait_until(lambda: server.events("server.started"), 10, what="server.started")
+        assert server.events("admin.unavailable") == []     # [listen] admin_ssh is empty
+        assert "admin shell" not in server.output()
     finally:
         server.stop()
+
+
+def test_admin_ssh_without_the_admin_shell_is_said_once(tmp_path):
+    """Until the admin shell exists, a configured [listen] admin_ssh is not silent."""
+    server = MailServer(tmp_path, listeners=("mx", "admin_ssh"))
+    address = f"127.0.0.1:{server.port('admin_ssh')}"
+    server.start()
+    try:
+        [event] = wait_until(lambda: server.events("admin.unavailable"), 10,
+                             what="admin.unavailable")
+        assert event["address"] == address
+        lines = [line for line in server.output().splitlines() if "admin shell" in line]
+        assert len(lines) == 1 and address in lines[0], server.output()
+        assert "not available" in lines[0]
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", server.port("admin_ssh")), timeout=5)
+    finally:
+        server.stop()
+
+
+def test_ctrl_c_stops_the_server_without_a_traceback(tmp_path):
+    """Ctrl-C in the terminal: SIGINT to the whole foreground process group."""
+    server = MailServer(tmp_path, listeners=("mx",))
+    server.add_user("alice@example.test", "pw", bcrypt_cost=4)
+    with open(server.output_path, "wb") as output:
+        process = subprocess.Popen(server.command(), cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                                   stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True, preexec_fn=_as_in_a_terminal)
+        try:
+            server.process = process
+            wait_until(server._ready, 20, interval=0.1, what="the greeting")
+            server.send_through_mx("hello", "hello\n", "alice@example.test")
+            server.wait_for_messages("alice@example.test", 1)     # the writer child runs
+            [started] = wait_until(lambda: server.events("spool.writer.started"), 10,
+                                   what="spool.writer.started")
+            os.killpg(process.pid, signal.SIGINT)
+            # Recent twistd ends by the signal it got (the shell's 130), older ones with 0.
+            assert process.wait(20) in (0, -signal.SIGINT)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+    text = server.output()
+    assert "Received SIGINT, shutting down." in text and "Server Shut Down." in text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    wait_until(lambda: not _alive(started["pid"]), 10, what="the writer child's end")
+
+
+def _as_in_a_terminal():
+    """SIGINT handled by default, as in a terminal (a background job inherits it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

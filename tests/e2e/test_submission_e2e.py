@@ -6,6 +6,10 @@ TLS), each verifying the server's certificate: a test CA's certificate for
 mail.example.test and 127.0.0.1 configured in ``[tls]``, or the self-signed
 one the server makes in data_dir. swaks and nodemailer run against both
 backends (users file and a real slapd from tests/ldap_server.py).
+
+The servers are shared by the tests of this module (a server start is most of
+an end-to-end test's time): every test sends its own marker, and reads only
+the events stamped after it began (``server.since``).
 """
 
 import base64
@@ -41,26 +45,25 @@ ISSUER, AUDIENCE = "https://id.example.test", "mail.example.test"
 
 # -- servers ------------------------------------------------------------------------
 
-@pytest.fixture
-def pki(tmp_path):
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
     """A test CA and a certificate it issued for mail.example.test and 127.0.0.1."""
-    directory = tmp_path / "pki"
-    directory.mkdir()
+    directory = tmp_path_factory.mktemp("pki")
     ldap_server.write_pki(directory, dns_names=(HOSTNAME,), ips=("127.0.0.1",))
     return directory
 
 
-@pytest.fixture
-def oauth_key(tmp_path):
-    path = tmp_path / "jwks.json"
+@pytest.fixture(scope="module")
+def oauth_key(tmp_path_factory):
+    path = tmp_path_factory.mktemp("oauth") / "jwks.json"
     key = make_jwks(path, "test-1")
     return key, path
 
 
-@pytest.fixture
-def server(mailserver_factory, pki, oauth_key):
+@pytest.fixture(scope="module")
+def shared_server(module_mailserver_factory, pki, oauth_key):
     """File backend, the CA-issued certificate, OAuth2 configured, an alias."""
-    srv = mailserver_factory(
+    srv = module_mailserver_factory(
         listeners=LISTENERS, users=((ALICE, ALICE_PW), (BOB, BOB_PW)), start=False,
         overrides={"tls": {"certificate": pki / "server.pem", "private_key": pki / "server.key"},
                    "auth": {"oauth2_issuer": ISSUER, "oauth2_audience": AUDIENCE,
@@ -72,13 +75,20 @@ def server(mailserver_factory, pki, oauth_key):
 
 
 @pytest.fixture
-def slapd(tmp_path):
-    with ldap_server.SlapdServer(tmp_path / "slapd") as directory:
+def server(shared_server):
+    """The shared server; ``server.since``: when this test began."""
+    shared_server.since = time.time()
+    return shared_server
+
+
+@pytest.fixture(scope="module")
+def slapd(tmp_path_factory):
+    with ldap_server.SlapdServer(tmp_path_factory.mktemp("slapd")) as directory:
         yield directory
 
 
-@pytest.fixture(params=["file", "ldap"])
-def any_backend(request, mailserver_factory, pki):
+@pytest.fixture(scope="module", params=["file", "ldap"])
+def shared_backend(request, module_mailserver_factory, pki):
     """A server on the users file or on LDAP; alice and bob exist in both.
 
     ``srv.recipient`` gets the test messages and ``srv.arrived(marker)``
@@ -87,14 +97,14 @@ def any_backend(request, mailserver_factory, pki):
     domain and waits in the queue."""
     tls = {"certificate": pki / "server.pem", "private_key": pki / "server.key"}
     if request.param == "file":
-        srv = mailserver_factory(listeners=LISTENERS, overrides={"tls": tls},
+        srv = module_mailserver_factory(listeners=LISTENERS, overrides={"tls": tls},
                                  users=((ALICE, ALICE_PW), (BOB, BOB_PW)))
         srv.passwords = {ALICE: ALICE_PW, BOB: BOB_PW}
         srv.recipient = BOB
         srv.arrived = lambda marker: delivered(srv, BOB, marker)
     else:
         directory = request.getfixturevalue("slapd")
-        srv = mailserver_factory(listeners=LISTENERS, users=(),
+        srv = module_mailserver_factory(listeners=LISTENERS, users=(),
                                  overrides={"tls": tls, "auth": directory.auth_section()})
         srv.passwords = {ALICE: directory.password("alice"), BOB: directory.password("bob")}
         srv.recipient = REMOTE
@@ -103,6 +113,12 @@ def any_backend(request, mailserver_factory, pki):
             20, what=f"a queued message with {marker}")
     srv.ca_file = str(pki / "ca.pem")
     return srv
+
+
+@pytest.fixture
+def any_backend(shared_backend):
+    shared_backend.since = time.time()
+    return shared_backend
 
 
 def context(srv):
@@ -129,7 +145,8 @@ def delivered(srv, address, marker):
 def events_soon(srv, name, where=lambda event: True, timeout=10):
     """The events ``name`` matching ``where``, waiting for the first one: the
     event log reaches the file within about a second."""
-    return wait_until(lambda: [e for e in srv.events(name) if where(e)], timeout,
+    return wait_until(lambda: [e for e in srv.events(name, since=srv.since) if where(e)],
+                      timeout,
                       what=f"a {name} event")
 
 
@@ -193,7 +210,7 @@ def test_mail_for_another_domain_is_queued_not_dropped(server):
         client.sendmail(ALICE, [REMOTE], message(ALICE, REMOTE, marker))
 
     def waiting():
-        return [e for e in server.events() if e.get("recipient") == REMOTE
+        return [e for e in server.events(since=server.since) if e.get("recipient") == REMOTE
                 and e["event"] in ("queue.deferred", "delivery.deferred")]
     wait_until(waiting, 20, what="the remote recipient deferred")
     assert any(marker.encode() in p.read_bytes() for p in server.spool_files())
@@ -279,7 +296,7 @@ def xoauth2(user, token):
 
 def token(key, **claims):
     payload = {"iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 600,
-               "email": ALICE}
+               "email": ALICE, "email_verified": True}
     payload.update(claims)
     return jwt.encode(payload, key, algorithm="ES256", headers={"kid": "test-1"})
 

@@ -652,3 +652,28 @@ class ReactorStaysResponsive(unittest.TestCase):
         last = yield self.responsive_while_pending(self.factory("2s"), signed,
                                                    b"x@good.test")
         self.assertTrue(last.startswith("250 "), last)       # SPF pass aligns
+
+
+# -- bounded work per message (issue 17) -------------------------------------------------
+
+def test_a_header_section_over_the_cap_is_refused_before_any_check():
+    from appliance.policy.checks import HEADER_TOO_BIG, MAX_HEADER_OCTETS
+    config = make_config(server={"hostname": HOST})
+    ran = []
+
+    def runner(f, *args):
+        ran.append(f)
+        return defer.maybeDeferred(f, *args)
+
+    checks = InboundChecks(config, None, runner)
+    message = b"X-Filler: " + b"x" * 900 + b"\r\n"
+    message = message * (MAX_HEADER_OCTETS // len(message) + 1) + b"\r\nbody\r\n"
+    verdict = []
+    checks.check(Facts(CLIENT_IP, "client.test", "a@good.test"), message, {}).addCallback(
+        verdict.append)
+    assert verdict[0].refusal == HEADER_TOO_BIG and ran == []
+    small = b"From: a@good.test\r\n\r\nbody\r\n"
+    checks.dmarc, checks.spf, checks.dkim = "off", "off", False
+    checks.check(Facts(CLIENT_IP, "client.test", "a@good.test"), small, {}).addCallback(
+        verdict.append)
+    assert verdict[1].refusal is None and len(ran) == 1     # even unchecked: off the reactor

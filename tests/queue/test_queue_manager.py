@@ -452,8 +452,10 @@ def test_an_alias_forwarding_off_the_box_delivers_locally_and_remotely(tmp_path)
     assert env.state(qid, "x@remote.example")["original"] == "fwd@example.test"
     call.answer(550, "5.1.1 gone")
     block = dsn_fields(env.parsed("alice")[0])[1]
-    assert block["Original-Recipient"] == "rfc822; fwd@example.test"
-    assert block["Final-Recipient"] == "rfc822; x@remote.example"
+    # Issue 17: the sender sees the alias it wrote, never where it leads.
+    assert "Original-Recipient" not in block and "Remote-MTA" not in block
+    assert block["Final-Recipient"] == "rfc822; fwd@example.test"
+    assert b"x@remote.example" not in env.mails("alice")[0].read_bytes()
     assert env.spool.queue_ids() == [] and len(env.mails("bob")) == 1
 
 

@@ -487,7 +487,7 @@ def oauth(tmp_path):
 
     def token(signing_key=key, **claims):
         payload = {"iss": ISSUER, "aud": AUDIENCE, "exp": time.time() + 600,
-                   "email": ALICE, "scope": "x" * 600}     # long: past 512 octets
+                   "email": ALICE, "email_verified": True, "scope": "x" * 600}     # long: past 512 octets
         payload.update(claims)
         return jwt.encode(payload, signing_key, algorithm="ES256", headers={"kid": "k1"})
     return verifier, token

@@ -11,7 +11,6 @@ message than the request needs (an ENVELOPE once computed is remembered).
 
 import bisect
 import io
-import re
 
 from twisted.internet import defer
 from twisted.mail import imap4
@@ -21,6 +20,7 @@ from appliance.access.imap import mime as imapmime
 from appliance.access.imap.search import Candidate, search_fields
 from appliance.access.imap.syntax import (format_internaldate, resolve_seqs, resolve_uids,
                                          section_name)
+from appliance.access.imap.listmatch import Pattern
 from appliance.access.folders import (DELIMITER, SPECIAL_USE, SYSTEM_FLAGS, MessageGone,
                                       check_folder_name)
 
@@ -84,18 +84,11 @@ class MaildirAccount:
         return None
 
 
-def wildcard_pattern(ref, wildcard):
-    """A regex for LIST's ``ref`` + ``wildcard`` (``*`` anything, ``%`` no delimiter)."""
+def wildcard_pattern(ref, wildcard, fold_case=False):
+    """The ``listmatch.Pattern`` for LIST's ``ref`` + ``wildcard`` (``*``
+    anything, ``%`` no delimiter): linear in the name, never a regex."""
     text = (ref + wildcard) if ref and not wildcard.startswith(DELIMITER) else wildcard
-    out = []
-    for char in text:
-        if char == "*":
-            out.append(".*")
-        elif char == "%":
-            out.append("[^" + re.escape(DELIMITER) + "]*")
-        else:
-            out.append(re.escape(char))
-    return re.compile("".join(out) + r"\Z", re.S)
+    return Pattern(text, fold_case)
 
 
 def matching_folders(names, ref, wildcard):
@@ -107,7 +100,7 @@ def matching_folders(names, ref, wildcard):
         parts = name.split(DELIMITER)
         every.update(DELIMITER.join(parts[:i]) for i in range(1, len(parts)))
     pattern = wildcard_pattern(ref, wildcard)
-    inbox_pattern = re.compile(pattern.pattern, re.S | re.I)
+    inbox_pattern = wildcard_pattern(ref, wildcard, fold_case=True)
     parents = {n.rsplit(DELIMITER, 1)[0] for n in every if DELIMITER in n}
     for name in sorted(every, key=lambda n: (n != "INBOX", n)):
         if not (pattern.match(name) or (name == "INBOX" and inbox_pattern.match(name))):

@@ -13,14 +13,13 @@ MIME nesting is followed to ``MAX_DEPTH`` levels; deeper parts are opaque
 (a crafted message cannot make the parser recurse without bound).
 """
 
-import email.utils
 import re
+
+from appliance import headers as mailheaders
 
 CRLF = b"\r\n"
 MAX_DEPTH = 20
 _QUOTED_SAFE_MATCH = re.compile(rb'[\x01-\x09\x0b\x0c\x0e-\x7f]*\Z').match
-_FIELD_NAME_ONLY = re.compile(rb"[\x21-\x39\x3b-\x7e]+\Z").match
-_FOLD = re.compile(rb"\r?\n(?=[ \t])")
 _TOKEN = re.compile(rb'\s*(?:"((?:[^"\\]|\\.)*)"|([^;"]*))', re.S)
 
 
@@ -64,33 +63,10 @@ def split_message(raw):
     return raw[:end + 4], raw[end + 4:]
 
 
-def header_fields(header):
-    """``[(lower-case name, raw field bytes with CRLF)]`` of a header block.
-
-    A line that is no ``name:`` field (no colon, or a name with spaces or
-    controls) gets the name b"" so that no lookup ever finds it."""
-    fields = []
-    for line in header.split(CRLF):
-        if not line:
-            continue
-        if line[0] in (0x20, 0x09) and fields:
-            name, raw = fields[-1]
-            fields[-1] = (name, raw + line + CRLF)
-            continue
-        colon = line.find(b":")
-        name = line[:colon].rstrip(b" \t").lower() if colon > 0 else b""
-        if name and not _FIELD_NAME_ONLY(name):
-            name = b""
-        fields.append((name, line + CRLF))
-    return fields
-
-
-def field_value(raw):
-    """The unfolded value of a raw field (``Name: value\\r\\n``)."""
-    value = raw[raw.find(b":") + 1:]
-    if value.count(b"\n") > 1:
-        value = _FOLD.sub(b"", value)
-    return value.strip(b" \t\r\n")
+# One reading of the header for ENVELOPE and the submission check
+# (appliance.headers): what a client shows is what was checked.
+header_fields = mailheaders.fields
+field_value = mailheaders.field_value
 
 
 class Headers:
@@ -282,86 +258,34 @@ def section(root, numbers, kind, fields=()):
 
 # -- ENVELOPE ----------------------------------------------------------------------------
 
-def _text(value):
-    return value.decode("utf-8", "surrogateescape")
-
-
 def _raw(text):
     return text.encode("utf-8", "surrogateescape")
 
 
-_ATOMS = rb"[^\x00-\x20\x7f<>@\",;:()\\\[\]]+"
-_SIMPLE_ADDRESS = re.compile(
-    rb"\s*(?:(?:\"((?:[^\"\\\r\n]|\\.)*)\"|([^\"<>@,;:()\\]*?))\s*<(" + _ATOMS + rb")@(" +
-    _ATOMS + rb")>|(" + _ATOMS + rb")@(" + _ATOMS + rb"))\s*\Z")
+def _address(mailbox):
+    return (b"(" + nstring(_raw_or_none(mailbox.name)) + b" NIL " +
+            nstring(_raw_or_none(mailbox.local)) + b" " +
+            nstring(_raw_or_none(mailbox.domain)) + b")")
 
 
-def _fast_addresses(value):
-    """``[(name, local, domain)]`` for the common forms (``a@b``, ``Name <a@b>``,
-    ``"Quoted, Name" <a@b>``), or None when the value needs the full parser
-    (comments, groups, routes, odd quoting)."""
-    if b"(" in value or b";" in value:
-        return None
-    pieces = value.split(b",") if b'"' not in value else _split_outside_quotes(value)
-    if pieces is None:
-        return None
-    found = []
-    for piece in pieces:
-        if not piece.strip():
-            continue
-        m = _SIMPLE_ADDRESS.match(piece)
-        if m is None:
-            return None
-        quoted_name, plain_name, local, domain, bare_local, bare_domain = m.groups()
-        if local is None:
-            found.append((None, bare_local, bare_domain))
-            continue
-        name = re.sub(rb"\\(.)", rb"\1", quoted_name) if quoted_name is not None \
-            else plain_name.strip()
-        found.append((name or None, local, domain))
-    return found
-
-
-def _split_outside_quotes(value):
-    pieces, start, inside, i = [], 0, False, 0
-    while i < len(value):
-        c = value[i:i + 1]
-        if c == b"\\" and inside:
-            i += 2
-            continue
-        if c == b'"':
-            inside = not inside
-        elif c == b"," and not inside:
-            pieces.append(value[start:i])
-            start = i + 1
-        i += 1
-    if inside:
-        return None
-    pieces.append(value[start:])
-    return pieces
-
-
-def _slow_addresses(value):
-    found = []
-    for name, address in email.utils.getaddresses([_text(value)]):
-        if not address and not name:
-            continue
-        local, at, domain = address.rpartition("@")
-        if not at:
-            local, domain = address, ""
-        found.append((_raw(name) or None, _raw(local) or None, _raw(domain) or None))
-    return found
+def _raw_or_none(text):
+    return None if text is None else _raw(text)
 
 
 def address_list(value):
-    """An ENVELOPE address list for a header value (bytes), or NIL."""
+    """An ENVELOPE address list for a header value (bytes), or NIL. Groups
+    are written as RFC 3501 §7.4.2 says: a start marker with the group's
+    name, the members, an end marker."""
     if value is None:
         return b"NIL"
-    found = _fast_addresses(value)
-    if found is None:
-        found = _slow_addresses(value)
-    out = [b"(" + nstring(name) + b" NIL " + nstring(local) + b" " + nstring(domain) + b")"
-           for name, local, domain in found]
+    out = []
+    for item in mailheaders.parse_addresses(value).items:
+        if isinstance(item, mailheaders.Group):
+            out.append(b"(NIL NIL " + nstring(_raw(item.name)) + b" NIL)")
+            out.extend(_address(member) for member in item.members)
+            out.append(b"(NIL NIL NIL NIL)")
+        else:
+            out.append(_address(item))
     return b"(" + b"".join(out) + b")" if out else b"NIL"
 
 

@@ -8,6 +8,7 @@ compiled query says what it needs (flags only, the header, or the whole
 message) so the mailbox reads no more than that.
 """
 
+import bisect
 import calendar
 import email.errors
 import email.header
@@ -16,7 +17,7 @@ import email.utils
 from appliance.access.imap import mime as imapmime
 
 from appliance.access.imap.syntax import (SyntaxError_, bounds, is_set, is_string, parse_date,
-                                         parse_set, resolve_uids)
+                                         parse_set)
 
 MAX_DEPTH = 64
 CHARSETS = ("US-ASCII", "UTF-8")
@@ -114,11 +115,12 @@ class Query:
             raise UnknownCharset(charset)
         self.view_uids = view_uids
         self.needs = FLAGS
+        self.cost = 0               # keys in the query: the work per message
         self._seq_cache = {}
         if not tokens:
             raise SyntaxError_("Missing search keys")
         parts = []
-        rest = list(tokens)
+        rest = list(reversed(tokens))   # taken from the end: pop() is O(1), pop(0) O(n)
         while rest:
             parts.append(self._key(rest, 0))
         self.match = _all_of(parts)
@@ -129,11 +131,14 @@ class Query:
     def _key(self, rest, depth):
         if depth > MAX_DEPTH:
             raise SyntaxError_("Search keys nested too deep")
-        token = rest.pop(0)
+        if not rest:                # OR / NOT without their operands
+            raise SyntaxError_("Missing search key")
+        token = rest.pop()
+        self.cost += 1
         if isinstance(token, list):
             if not token:
                 raise SyntaxError_("Empty search list")
-            inner = list(token)
+            inner = list(reversed(token))
             parts = []
             while inner:
                 parts.append(self._key(inner, depth + 1))
@@ -196,7 +201,7 @@ class Query:
     def _take(self, rest):
         if not rest:
             raise SyntaxError_("Missing search argument")
-        return rest.pop(0)
+        return rest.pop()
 
     def _string(self, rest):
         token = self._take(rest)
@@ -217,15 +222,17 @@ class Query:
         return int(token)
 
     def _sequence(self, token):
-        chosen = resolve_seqs_clamped(parse_set(token), len(self.view_uids))
+        count = len(self.view_uids)
+        chosen = Intervals((max(low, 1), min(high, count)) for low, high in
+                           bounds(parse_set(token), count))
         return lambda c: c.seq in chosen
 
     def _uid_set(self, rest):
         token = self._take(rest)
         if not is_set(token):
             raise SyntaxError_("Invalid UID set")
-        indexes = resolve_uids(parse_set(token), self.view_uids)
-        chosen = {self.view_uids[i] for i in indexes}
+        top = self.view_uids[-1] if self.view_uids else 0
+        chosen = Intervals(bounds(parse_set(token), top))
         return lambda c: c.uid in chosen
 
 
@@ -233,12 +240,24 @@ class UnknownCharset(Exception):
     """SEARCH CHARSET we do not support: ``NO [BADCHARSET (...)]``."""
 
 
-def resolve_seqs_clamped(ranges, count):
-    """Sequence numbers of ``ranges`` that exist (SEARCH ignores the others)."""
-    chosen = set()
-    for low, high in bounds(ranges, count):
-        chosen.update(range(max(low, 1), min(high, count) + 1))
-    return chosen
+class Intervals:
+    """Membership in a union of closed intervals, by bisection: a key's
+    sequence or UID set is never expanded into the numbers it names (one
+    ``1:*`` per key, thousands of keys, was a set per key of every message)."""
+
+    def __init__(self, pairs):
+        merged = []
+        for low, high in sorted(p for p in pairs if p[0] <= p[1]):
+            if merged and low <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], high)
+            else:
+                merged.append([low, high])
+        self.lows = [low for low, _ in merged]
+        self.highs = [high for _, high in merged]
+
+    def __contains__(self, number):
+        index = bisect.bisect_right(self.lows, number) - 1
+        return index >= 0 and number <= self.highs[index]
 
 
 def _all_of(parts):

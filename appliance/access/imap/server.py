@@ -56,6 +56,7 @@ from appliance.net.gate import DENIED, GatedFactory
 from appliance.net.peer import peer_ip
 from appliance.message import header_safe
 from appliance.net.tls import TLSError, connection_info
+from appliance.watchdog import timed
 
 _log = Logger()
 
@@ -78,6 +79,11 @@ for _name, _description, _fields in (
 
 SMALL_LITERAL = 65536           # octets: a literal in anything but APPEND
 NONSYNC_LITERAL = 4096          # LITERAL- (RFC 7888): {n+} up to this size
+# SEARCH keys x messages, or FETCH items x messages, done on the reactor; more
+# is done on a thread (issue 17: 20,000 keys x 2,000 messages took seconds).
+INLINE_WORK = 20000
+INLINE_KEYS = 200               # SEARCH tokens compiled on the reactor; more on a thread
+BATCH_RENDERS = 200000          # FETCH items x messages in one batch of flags-only answers
 MAX_COMMAND = 262144            # octets of one command, its small literals included
 MAX_LINE = 16384                # octets of one line (Twisted's limit, kept)
 MAX_AUTH_FAILURES = 3           # per connection; the auditor bans across connections
@@ -86,7 +92,9 @@ IDLE_POLL = 5.0                 # seconds between two stat() checks while IDLE
 FETCH_BATCH = 200               # messages rendered per thread hop
 FETCH_BATCH_OCTETS = 4 * 1024 * 1024
 
-_TAG = re.compile(rb"[\x21\x23-\x27\x2a\x2c-\x5b\x5d-\x7a\x7c\x7e]{1,64}\Z")
+# RFC 3501 tag: ASTRING-CHARs but "+"; not "%" or "*" (list-wildcards): a "*" tag
+# made "* OK completed" look like an untagged response (found by tests/fuzz).
+_TAG = re.compile(rb"[\x21\x23\x24\x26\x27\x2c-\x5b\x5d-\x7a\x7c\x7e]{1,64}\Z")
 _LITERAL = re.compile(rb"\{(\d{1,20})(\+?)\}\Z")
 _KEYWORD = re.compile(rb"[!#$&'+\-.0-9:;<=>?@A-Z^_`a-z|~]{1,64}\Z")
 _MECHANISM = re.compile(rb"[A-Za-z0-9_-]{1,20}\Z")
@@ -302,8 +310,19 @@ class IMAPServer(imap4.IMAP4Server):
 
     # -- reading commands --------------------------------------------------------
 
+    @timed
+    def dataReceived(self, data):
+        return super().dataReceived(data)
+
+    def _client_spoke(self):
+        """After login, each line (or literal chunk) restarts the idle timer.
+        Before it, nothing does: PREAUTH_TIMEOUT is a deadline for the whole
+        pre-login phase (a client trickling bytes or NOOPs is not held)."""
+        if self.state != "unauth":
+            self.resetTimeout()
+
     def lineReceived(self, line):
-        self.resetTimeout()
+        self._client_spoke()
         if self._closing:
             return
         if self._continuation is not None:
@@ -345,6 +364,9 @@ class IMAPServer(imap4.IMAP4Server):
             problem = bad(b"Unknown command")
         elif not self._allowed(verb):
             problem = bad(b"Command not valid in this state")
+        elif verb in (b"LOGIN", b"AUTHENTICATE") and not self.tls:
+            # No password in the clear, not even invited: refused before the +.
+            problem = no(b"Log in over TLS (STARTTLS) first", b"PRIVACYREQUIRED")
         elif size > limit:
             self.emit("imap.limit", kind="literal_size")
             problem = no(b"Literal too big", b"TOOBIG") if is_append else bad(b"Literal too big")
@@ -370,7 +392,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.setRawMode()
 
     def rawDataReceived(self, data):
-        self.resetTimeout()
+        self._client_spoke()
         rest = self._literal.write(data)
         if rest is None:
             return
@@ -964,13 +986,13 @@ class IMAPServer(imap4.IMAP4Server):
         self.transport.registerProducer(throttle, True)
         gone = False
         try:
-            for batch in _batches(targets, need):
+            for batch in _batches(targets, need, len(items)):
                 rows = []
                 for seq, old in batch:
                     message = view.folder.get(old.uid) or old
                     rows.append((seq, message, view.flag_bytes(message)))
                     view.shown(message)
-                if need == NEEDS_NOTHING:
+                if need == NEEDS_NOTHING and len(rows) * len(items) <= INLINE_WORK:
                     data, missing = render_batch(view.folder, rows, items, need)
                 else:
                     data, missing = yield self.factory.run_in_thread(
@@ -996,7 +1018,10 @@ class IMAPServer(imap4.IMAP4Server):
             args = args[2:]
         view = self.view
         try:
-            query = Query(args, view.uids, charset)
+            if _token_count(args) > INLINE_KEYS:    # compiling is ~30 us a key: not here
+                query = yield self.factory.run_in_thread(Query, args, list(view.uids), charset)
+            else:
+                query = Query(args, view.uids, charset)
         except UnknownCharset:
             raise no(b"Unsupported charset", b"BADCHARSET (US-ASCII UTF-8)") from None
         except SyntaxError_ as exc:
@@ -1004,13 +1029,24 @@ class IMAPServer(imap4.IMAP4Server):
         recent = view.recent
         rows = [(seq, message, message.uid in recent)
                 for seq, message in self._live(range(1, len(view.uids) + 1))]
-        if query.needs >= HEADER:
+        if query.needs >= HEADER or len(rows) * query.cost > INLINE_WORK:
             found = yield self.factory.run_in_thread(search_batch, view.folder, query, rows)
         else:
             found = search_batch(view.folder, query, rows)
         numbers = [u if uid else seq for seq, u in found]
         self.untagged(b"SEARCH" + b"".join(b" %d" % n for n in numbers))
         return None
+
+
+def _token_count(tokens):
+    """Tokens in ``tokens``, those of nested lists included."""
+    count, pending = 0, [tokens]
+    while pending:
+        for token in pending.pop():
+            count += 1
+            if isinstance(token, list):
+                pending.append(token)
+    return count
 
 
 def items_uid():
@@ -1021,10 +1057,12 @@ def items_flags():
     return parse_fetch_items([Atom(b"FLAGS")])[0]
 
 
-def _batches(targets, need):
-    """Split a FETCH into batches: big for flags only, bounded by octets for bodies."""
+def _batches(targets, need, items=1):
+    """Split a FETCH into batches: big for flags only (but at most
+    ``BATCH_RENDERS`` items rendered: the answer is built in memory), bounded
+    by octets for bodies."""
     if need == NEEDS_NOTHING:
-        size = 2000
+        size = max(1, min(2000, BATCH_RENDERS // items))
         for start in range(0, len(targets), size):
             yield targets[start:start + size]
         return
