@@ -467,6 +467,9 @@ SCHEMA = {
         Key("dmarc", "enforce", choice("enforce", "report", "off")),
         Key("greylist", "off", boolean),
         Key("greylist_delay", "5m", positive_duration),
+        Key("greylist_window", "2d", positive_duration),
+        Key("greylist_pass_after", "5", integer(1)),
+        Key("greylist_keep", "35d", positive_duration),
     ),
     "limits": _keys(
         Key("connections_per_ip", "20", integer(1)),
@@ -475,6 +478,10 @@ SCHEMA = {
         Key("auth_failures_before_ban", "5", integer(1)),
         Key("auth_failure_window", "15m", positive_duration),
         Key("ban_time", "1h", positive_duration),
+        Key("ban_time_max", "30d", positive_duration),
+        Key("ipv6_prefix", "64", integer(16, 128)),
+        Key("connections_per_minute_per_ip", "60", integer(1)),
+        Key("junk_commands", "100", integer(1)),
         Key("allow", "", network_list),
         Key("deny", "", network_list),
         Key("command_timeout", "5m", positive_duration),
@@ -482,7 +489,6 @@ SCHEMA = {
         Key("max_errors", "20", integer(1)),
         Key("imap_idle_timeout", "30m", positive_duration),
         Key("pop3_timeout", "10m", positive_duration),
-        Key("ipv6_prefix", "64", integer(1, 128)),
     ),
     "admin": _keys(
         Key("authorized_keys", "./var/admin_authorized_keys", required_path, True),
@@ -655,7 +661,24 @@ def _cross_problems(values):
         problems.append(f"[tls] {missing}: certificate and private_key go "
                         "together (set both, or neither for a self-signed one)")
     problems.extend(_listener_clashes(values["listen"]))
+    problems.extend(_defence_problems(values["checks"], values["limits"]))
     problems.extend(_acme_problems(server, tls, values["listen"]))
+    return problems
+
+
+def _defence_problems(checks, limits):
+    """Greylisting and ban times that contradict each other."""
+    problems = []
+    delay, window = checks["greylist_delay"], checks["greylist_window"]
+    if delay is not None and window is not None and window <= delay:
+        problems.append("[checks] greylist_window: must be longer than greylist_delay "
+                        "(a retry after the delay must still fall inside the window)")
+    keep = checks["greylist_keep"]
+    if keep is not None and window is not None and keep < window:
+        problems.append("[checks] greylist_keep: must be at least greylist_window")
+    ban, ban_max = limits["ban_time"], limits["ban_time_max"]
+    if ban is not None and ban_max is not None and ban_max < ban:
+        problems.append("[limits] ban_time_max: must be at least ban_time")
     return problems
 
 

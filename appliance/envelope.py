@@ -40,6 +40,7 @@ class Session:
     tls: bool = False
     auth_user: str = ""           # canonical address of the authenticated account
     account: object = None        # its appliance.auth.accounts.Account (addresses)
+    mail_from: str = ""           # MAIL FROM of the transaction under way (RCPT stages)
 
 
 @dataclass

@@ -131,8 +131,6 @@ def challenge(data):
 
 
 # Closing the connection.
-ACCESS_DENIED = Reply(554, "5.7.1", "Access denied")
-TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections from your address")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors")
 LINE_FLOOD = Reply(421, "4.7.0", "Line too long, closing connection")
 INPUT_FLOOD = Reply(421, "4.7.0", "Too much input without waiting for replies")

@@ -12,6 +12,7 @@ thread pool is added before the services that use it and outlives them)::
       pool-spool-read, pool-password-hash, pool-dns   (appliance.threads; POOLS below)
       pool-ldap-directory     LDAP recipient lookups (backend = ldap only)
       queue runner            local and remote delivery, retries, DSNs; recovery at start
+      pool-defence-state, defences   bans, limits, greylist state loaded (before any listener)
       auditor, queue-watch    the live IDS over the event stream ([audit] enabled)
       tls                     certificate and JWKS loaded; SIGHUP reloads the certificate
       dkim-keys               DKIM keys made if missing, loaded
@@ -24,8 +25,9 @@ thread pool is added before the services that use it and outlives them)::
       listener http, https    MTA-STS policy, client autoconfig, ACME challenges (appliance.web)
       admin-state, admin-control-socket, listener admin_ssh   the admin shell (appliance.admin)
 
-Every listener's factory gets the one ``Gate`` (appliance.net.gate): a client's
-connections are counted, and refused, across all of them.
+Every listener's factory gets the one ``Gate`` (appliance.net.gate), which asks the
+defences (appliance.defence): a client's connections are counted, and refused, across
+all of them; bans, rates and greylisting reach every listener at once.
 """
 
 import gc
@@ -63,6 +65,10 @@ from appliance.policy.checks import WORKER_THREADS, InboundChecks
 from appliance.policy.dkim_sign import Signer
 from appliance.policy.keys import KeyService, KeyStore
 from appliance.policy.pipeline import Pipeline
+from appliance.defence.greylist import spf_checker
+from appliance.defence.bans import AuditorBans
+from appliance.defence.service import Defences, DefenceService
+from appliance.defence.stages import DefenceStage, imap_refusal, pop3_refusal, smtp_refusal
 from appliance.durable.commit import GroupCommitWriter
 from appliance.threads import ThreadPoolService, new_pool, pool_runner
 from appliance.queue.bounce import Bouncer
@@ -72,7 +78,7 @@ from appliance.queue.store import Spool
 from appliance.durable.writer_process import ChildProcessFileSystem
 from appliance.receive.smtp import SMTPFactory
 from appliance.receive.submission import SubmissionFactory
-from appliance.net.gate import Gate
+from appliance.net.gate import Gate, GateFront
 from appliance.net.tls import ServerTLS, TLSError
 from appliance.watchdog import ReactorWatchdog
 from appliance.web import services as web_services
@@ -286,6 +292,7 @@ POOLS = {
     "inbound-checks": WORKER_THREADS,   # SPF / DKIM / DMARC of MX mail
     "ldap": LDAP_POOL_SIZE,             # logins (backend = ldap)
     "ldap-directory": LDAP_POOL_SIZE,   # recipient lookups (backend = ldap)
+    "defence-state": 1,         # durable writes of bans and greylist (appliance.defence)
 }
 
 
@@ -332,6 +339,7 @@ class Appliance:
     checks: InboundChecks = None
     accounts: object = None
     mailstore: MaildirStore = None
+    defences: Defences = None   # bans, limits, greylisting (``gate.defences``)
     listeners: dict = field(default_factory=dict)     # name -> protocol factory (or web site)
     acme: object = None                               # the ACME client (acme = on)
     challenges: object = None                         # ACME challenges being answered
@@ -341,11 +349,15 @@ class Appliance:
     admin: object = None                # appliance.admin.service.AdminState
 
 
-def _listen(top, reactor, name, address, factory, tls=None):
-    """A listener for ``factory`` on ``address``; with ``tls``, implicit TLS."""
+def _listen(top, reactor, name, address, factory, words, tls=None):
+    """A listener for ``factory`` on ``address``; with ``tls``, implicit TLS.
+    The gate stands in front (``GateFront``): a refused client costs no
+    session, and no TLS state or handshake; ``words(verdict)`` is the
+    protocol's refusal, an implicit-TLS port just closes."""
     wrapped = TLSMemoryBIOFactory(tls, False, factory) if tls is not None else factory
+    front = GateFront(factory.gate, wrapped, name, None if tls is not None else words)
     Listener(name, format_address(address), server_endpoint(reactor, address),
-             wrapped).setServiceParent(top)
+             front).setServiceParent(top)
 
 
 def _smtp_listeners(app, reactor, top, mechanisms):
@@ -357,9 +369,9 @@ def _smtp_listeners(app, reactor, top, mechanisms):
                               tls=app.tls, gate=app.gate)
         # Trusted networks' mail is signed, everyone else's checked: one pipeline.
         factory.pipeline = Pipeline(factory.policy, trusted, checks=app.checks,
-                                    signer=app.signer)
+                                    signer=app.signer, stages=[DefenceStage(app.defences)])
         app.listeners["mx"] = factory
-        _listen(top, reactor, "mx", cfg.listen.mx, factory)
+        _listen(top, reactor, "mx", cfg.listen.mx, factory, smtp_refusal)
     for name in ("submission", "submissions", "submission_alt"):
         address = getattr(cfg.listen, name)
         if address is None:
@@ -367,9 +379,11 @@ def _smtp_listeners(app, reactor, top, mechanisms):
         implicit = name == "submissions"
         factory = SubmissionFactory(cfg, app.directory, app.runner, reactor, name, mechanisms,
                                     app.tls, implicit_tls=implicit, gate=app.gate)
-        factory.pipeline = Pipeline(factory.policy, trusted, signer=app.signer)
+        factory.pipeline = Pipeline(factory.policy, trusted, signer=app.signer,
+                                    stages=[DefenceStage(app.defences)])
         app.listeners[name] = factory
-        _listen(top, reactor, name, address, factory, app.tls if implicit else None)
+        _listen(top, reactor, name, address, factory, smtp_refusal,
+                app.tls if implicit else None)
 
 
 def _access_listeners(app, reactor, top, mechanisms, pools):
@@ -386,11 +400,13 @@ def _access_listeners(app, reactor, top, mechanisms, pools):
         if name.startswith("pop3"):
             factory = POP3Factory(cfg, app.mailstore, mechanisms, reactor, name, tls=app.tls,
                                   implicit_tls=implicit, gate=app.gate)
+            words = pop3_refusal
         else:
             factory = IMAPFactory(cfg, app.mailstore, app.accounts, mechanisms, app.tls,
                                   reactor, name, implicit_tls=implicit, gate=app.gate)
+            words = imap_refusal
         app.listeners[name] = factory
-        _listen(top, reactor, name, address, factory, app.tls if implicit else None)
+        _listen(top, reactor, name, address, factory, words, app.tls if implicit else None)
 
 
 def _queue_manager(cfg, reactor, spool, directory, deliverer, resolver, pools):
@@ -455,6 +471,12 @@ def build(cfg, reactor):
     app = top.appliance = Appliance(cfg, Gate(cfg.limits), writer, spool, users, aliases,
                                     directory, runner)
     runner.setServiceParent(top)
+    # Bans, limits, greylisting: their state is loaded before any listener
+    # binds; the one gate asks them; the auditor bans through them.
+    app.defences = Defences.from_config(cfg, reactor, pools.run("defence-state"))
+    DefenceService(app.defences, reactor).setServiceParent(top)
+    app.gate.defences = app.defences
+    app.bans = AuditorBans(app.defences.bans)   # AUTH brute force is banned in-process
     _auditor(app, reactor, top, pools)
     app.tls = ServerTLS.from_config(cfg)
     app.oauth2 = TokenVerifier.from_config(cfg)
@@ -463,6 +485,10 @@ def build(cfg, reactor):
     KeyService(app.dkim, cfg.server.domains, fail).setServiceParent(top)
     app.signer = Signer(cfg, app.dkim, pools.run("dkim-sign"))
     app.checks = InboundChecks(cfg, resolver, pools.run("inbound-checks"))
+    if cfg.checks.spf != "off":
+        # Greylisting passes a retry from another host of the sender's pool
+        # when SPF authorises it: asked only when SPF checks are on.
+        app.defences.greylist.spf = spf_checker(app.checks)
     try:
         app.accounts, ldap_service = accounts_from_config(cfg, users, directory, reactor,
                                                           _ldap_pool(cfg, "ldap"))

@@ -46,6 +46,8 @@ from appliance.auth.accounts import BadCredentials
 from appliance.auth.outcome import UNAVAILABLE, LoginRecorder
 from appliance.auth.sasl import Aborted, Challenge, Malformed, encode_challenge, respond
 from appliance.envelope import new_session_id
+from appliance.defence.authfail import fingerprint
+from appliance.defence.stages import BANNED_TEXT, LIMIT_KIND, REFUSED_TEXT
 from appliance.net.gate import DENIED, GatedFactory
 from appliance.net.peer import peer_ip
 from appliance.message import header_safe
@@ -317,6 +319,11 @@ class POP3Session(LineSession, pop3.POP3):
         if not self._closing:
             super().failResponse(message)
 
+    def defence_close(self):
+        """A ban of this client's network ends the session (SPEC §4)."""
+        self.emit("pop3.limit", kind="banned")
+        self._close_with(BANNED_TEXT)
+
     def _close_with(self, text):
         self.failResponse(text)
         self._lose()
@@ -529,8 +536,9 @@ class POP3Session(LineSession, pop3.POP3):
         else:
             d = defer.maybeDeferred(self.factory.mechanisms.accounts.authenticate,
                                     user, password)
+        secret = fingerprint(user, password) if password else None
         d.addCallbacks(self._authenticated, self._auth_failed,
-                       callbackArgs=("USER",), errbackArgs=("USER", user))
+                       callbackArgs=("USER",), errbackArgs=("USER", user, secret))
         return d
 
     # -- AUTH (RFC 5034) ------------------------------------------------------------
@@ -569,7 +577,8 @@ class POP3Session(LineSession, pop3.POP3):
         if failure.check(Aborted):
             self.failResponse("Authentication cancelled")
             return None
-        return self._auth_failed(failure, mechanism.name, mechanism.identity)
+        return self._auth_failed(failure, mechanism.name, mechanism.identity,
+                                 mechanism.fingerprint)
 
     def _end_sasl(self):
         mechanism, self._sasl = self._sasl, None
@@ -578,12 +587,16 @@ class POP3Session(LineSession, pop3.POP3):
 
     # -- the outcome of a login -------------------------------------------------------
 
-    def _auth_failed(self, failure, mechanism, identity):
-        if self.logins.failed(failure, mechanism, identity) == UNAVAILABLE:
+    def _auth_failed(self, failure, mechanism, identity, fingerprint=None):
+        if self.logins.failed(failure, mechanism, identity, fingerprint) == UNAVAILABLE:
             self.failResponse("[SYS/TEMP] Authentication is unavailable, try again later")
             return None
         text = ("[AUTH] Malformed SASL response" if failure.check(Malformed)
                 else "[AUTH] Authentication failed")
+        if self.logins.banned:
+            self.failResponse(text)             # the failure first, then the ban's words
+            self.defence_close()
+            return None
         if self.logins.failures >= MAX_AUTH_FAILURES:
             # Stock POP3 lets a client guess forever on one connection (T21).
             self.emit("pop3.limit", kind="auth_failures")
@@ -796,5 +809,5 @@ class POP3Factory(GatedFactory):
         if verdict == DENIED:
             session.emit("pop3.limit", kind="denied")
             return "Access denied"
-        session.emit("pop3.limit", kind="connections_per_ip")
-        return "[SYS/TEMP] Too many connections from your address"
+        session.emit("pop3.limit", kind=LIMIT_KIND.get(verdict, verdict))
+        return "[SYS/TEMP] " + REFUSED_TEXT[verdict]

@@ -59,11 +59,18 @@ class LoginRecorder:
     session id and peer IP, its ``factory.listener`` names the port.
     ``failures`` counts refusals on this connection (each protocol closes
     after a few).
+
+    The defences hear of every outcome through the session's factory
+    (``GatedFactory.auth_failed`` / ``auth_succeeded``): a refusal is
+    counted for the client's network, and a ban it causes is in place
+    before the protocol answers. ``banned`` is then True: the protocol
+    sends its failure reply and closes with its ban words.
     """
 
     def __init__(self, session):
         self._session = session
         self.failures = 0
+        self.banned = False
 
     def _emit(self, name, **fields):
         self._session.emit(name, **fields)
@@ -74,16 +81,21 @@ class LoginRecorder:
 
     def succeeded(self, mechanism, address):
         self._emit("auth.success", **self._fields(mechanism, address))
+        self._session.factory.auth_succeeded(self._session, address)
 
-    def failed(self, failure, mechanism, identity):
-        """Record a failed login; its verdict (see ``judge``) for the reply."""
+    def failed(self, failure, mechanism, identity, fingerprint=None):
+        """Record a failed login; its verdict (see ``judge``) for the reply.
+        ``fingerprint``: the HMAC of the credential tried
+        (``appliance.defence.authfail.fingerprint``; mechanisms keep it)."""
         verdict, reason = judge(failure)
         if verdict == REFUSED:
-            self.refused(mechanism, identity, reason)
+            self.refused(mechanism, identity, reason, fingerprint)
         elif verdict == UNAVAILABLE:
             self._emit("auth.unavailable", reason=reason, **self._fields(mechanism, identity))
         return verdict
 
-    def refused(self, mechanism, identity, reason):
+    def refused(self, mechanism, identity, reason, fingerprint=None):
         self.failures += 1
         self._emit("auth.failure", reason=reason, **self._fields(mechanism, identity))
+        if self._session.factory.auth_failed(self._session, identity or "", fingerprint):
+            self.banned = True

@@ -25,6 +25,7 @@ from twisted.internet import defer
 
 from appliance.auth.accounts import BadCredentials
 from appliance.auth.users import UsersError, canonical_address
+from appliance.defence.authfail import fingerprint
 
 MAX_FIELD = 1024        # octets of one PLAIN/LOGIN field: names and passwords are short
 _BASE64 = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?\Z")
@@ -115,6 +116,10 @@ class Mechanism:
     def __init__(self, accounts):
         self.accounts = accounts
         self.identity = ""
+        #: An HMAC standing for (identity, secret) once a secret was seen
+        #: (``appliance.defence.authfail.fingerprint``): the same wrong
+        #: password again counts as one failure. Never the secret itself.
+        self.fingerprint = None
         self._done = False
 
     def step(self, response):
@@ -129,6 +134,7 @@ class Mechanism:
         self.identity = username
         if not password:
             raise BadCredentials("empty password")
+        self.fingerprint = fingerprint(username, password)
         return self.accounts.authenticate(username, password)
 
 
@@ -201,6 +207,7 @@ class _OAuthMechanism(Mechanism):
             return Challenge(b"")
         user, token = self._parse(response)
         self.identity = user
+        self.fingerprint = fingerprint(user, token)
         try:
             email = self.verifier.verify(token)
         except BadCredentials as error:

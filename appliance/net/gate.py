@@ -10,10 +10,8 @@ handshake or lookup is spent on the client.
 
 from twisted.internet import protocol
 
-from appliance.net.peer import peer_in
-
-DENIED = "denied"
-BUSY = "busy"
+from appliance.defence.admission import BANNED, BUSY, DENIED, RATE  # noqa: F401
+from appliance.net.peer import peer_in, peer_ip
 
 
 class Gate:
@@ -24,20 +22,43 @@ class Gate:
     LimitConnectionsByPeer drops the connection without a word.
     """
 
-    def __init__(self, limits):
+    def __init__(self, limits, defences=None):
         self.limits = limits
         self._per_ip = {}
+        #: ``appliance.defence.service.Defences`` (the server's): bans,
+        #: connection rates and counts per client network, the sessions a
+        #: ban ends. None (unit tests of one protocol): the lists and
+        #: per-IP counts below only.
+        self.defences = defences
 
     @property
     def connections(self):
         """Open connections on every listener."""
+        if self.defences is not None:
+            return self.defences.admission.connections
         return sum(self._per_ip.values())
 
     def count(self, ip):
         """Open connections from ``ip`` on every listener."""
+        if self.defences is not None:
+            return self.defences.admission.open_from(ip)
         return self._per_ip.get(ip, 0)
 
-    def admit(self, ip):
+    def refuses(self, ip, listener=""):
+        """The verdict for ``ip`` without counting anything (a listener's
+        front door asks it before even building a protocol)."""
+        if self.defences is not None:
+            return self.defences.admission.screen(ip, listener)
+        return DENIED if peer_in(self.limits.deny, ip) else None
+
+    def admit(self, ip, session=None):
+        if self.defences is not None:
+            closer = getattr(session, "defence_close", None)
+            listener = getattr(getattr(session, "factory", None), "listener", "")
+            verdict, ticket = self.defences.admission.admit(ip, closer, listener)
+            if ticket is not None and session is not None:
+                session.defence_ticket = ticket
+            return verdict
         if peer_in(self.limits.deny, ip):
             return DENIED
         if (not peer_in(self.limits.allow, ip)
@@ -46,7 +67,12 @@ class Gate:
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         return None
 
-    def release(self, ip):
+    def release(self, ip, session=None):
+        if self.defences is not None:
+            self.defences.admission.release(getattr(session, "defence_ticket", None))
+            if session is not None:
+                session.defence_ticket = None
+            return
         remaining = self._per_ip.get(ip, 0) - 1
         if remaining > 0:
             self._per_ip[ip] = remaining
@@ -72,7 +98,7 @@ class GatedFactory(protocol.ServerFactory):
 
     def admit(self, session):
         """None to let the connection in, or what to close it with."""
-        verdict = self.gate.admit(session.peer_ip)
+        verdict = self.gate.admit(session.peer_ip, session)
         if verdict is not None:
             return self.refusal(session, verdict)
         self.connections += 1
@@ -80,7 +106,81 @@ class GatedFactory(protocol.ServerFactory):
 
     def release(self, session):
         self.connections -= 1
-        self.gate.release(session.peer_ip)
+        self.gate.release(session.peer_ip, session)
+
+    # -- the defences, for the protocols (no-ops without them) ---------------------
+
+    @property
+    def defences(self):
+        return getattr(self.gate, "defences", None)
+
+    def auth_failed(self, session, account, fingerprint=None):
+        """Count a failed login of ``session`` (call it before answering);
+        -> True when it banned the client: answer, then close the session
+        with the protocol's words (its other sessions are closed already)."""
+        defences = self.defences
+        if defences is None:
+            return False
+        ban = defences.auth_failed(session.peer_ip, account, fingerprint,
+                                   getattr(session, "defence_ticket", None))
+        return ban is not None
+
+    def auth_succeeded(self, session, account):
+        if self.defences is not None:
+            self.defences.auth_succeeded(session.peer_ip, account)
+
+    def junk_counter(self, session):
+        """A per-session ``JunkCounter`` (``count()`` True: close with 421),
+        or None without defences."""
+        defences = self.defences
+        if defences is None or defences.exempt.contains(session.peer_ip):
+            return None         # allow and trusted networks are never limited
+        return defences.junk_counter(session.peer_ip)
 
     def refusal(self, session, verdict):
         raise NotImplementedError
+
+
+class _Refusal(protocol.Protocol):
+    """Writes the protocol's refusal and closes: no session, no events of
+    its own (the gate reports refusals, at most one a minute per network)."""
+
+    def __init__(self, words):
+        self.words = words
+
+    def connectionMade(self):
+        self.transport.write(self.words)
+        self.transport.loseConnection()
+
+
+class GateFront(protocol.ServerFactory):
+    """In front of a listener's factory: a client the gate refuses (deny,
+    ban, too many open connections) costs no session object, no event per
+    connection, no TLS state. ``words(verdict)`` -> bytes: the protocol's
+    refusal (SMTP 421, IMAP * BYE, POP3 -ERR); None for implicit-TLS
+    listeners, closed at once without a handshake (SPEC §4: "or a plain
+    close"). What only counting can tell (the connection rate) is refused
+    by the session itself, before its banner.
+    """
+
+    noisy = False
+
+    def __init__(self, gate, wrapped, listener="", words=None):
+        self.gate = gate
+        self.wrapped = wrapped
+        self.listener = listener
+        self.words = words
+
+    def doStart(self):
+        self.wrapped.doStart()
+
+    def doStop(self):
+        self.wrapped.doStop()
+
+    def buildProtocol(self, addr):
+        verdict = self.gate.refuses(peer_ip(addr), self.listener)
+        if verdict is None:
+            return self.wrapped.buildProtocol(addr)
+        if self.words is None:
+            return None         # the reactor closes the socket at once
+        return _Refusal(self.words(verdict))

@@ -32,6 +32,8 @@ from appliance.envelope import Envelope, Session, new_queue_id, new_session_id
 from appliance.net.write import write_now
 from appliance import replies
 from appliance.net.framing import DataBody, Line
+from appliance.defence import stages
+from appliance.defence.junk import JUNK_VERBS
 from appliance.net.gate import DENIED, GatedFactory
 from appliance.net.peer import peer_ip
 from appliance.policy.pipeline import Pipeline, Refused
@@ -160,6 +162,7 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         self._registered = False
         self._errors = 0
         self._timer = None
+        self._junk = None           # a JunkCounter once connected (None: no defences)
         if factory.tls is not None and not factory.implicit_tls:
             self.commands = self.commands | {"STARTTLS"}
             self.unimplemented = self.unimplemented - {"STARTTLS"}
@@ -179,6 +182,7 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
             self._close_with(refusal)
             return
         self._registered = True
+        self._junk = self.factory.junk_counter(self)
         self.reply(replies.greeting(self.config.server.hostname))
         self._arm_command_timer()
 
@@ -205,6 +209,19 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
     def reply(self, reply):
         if not self._closing:
             write_now(self.transport, reply.to_bytes())
+
+    def defence_close(self):
+        """A ban of this client's network ends the session (SPEC §4)."""
+        self.emit("smtp.limit", kind="banned")
+        self._close_with(stages.BANNED)
+
+    def _junk_command(self):
+        """Count a command that moves no mail; True when it closed the session."""
+        if self._junk is not None and self._junk.count() and not self._closing:
+            self.emit("smtp.limit", kind="junk_commands")
+            self._close_with(stages.TOO_MANY_JUNK)
+            return True
+        return False
 
     def _close_with(self, reply):
         self.reply(reply)
@@ -285,6 +302,8 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         name = _verb_name(verb)
         try:
             if name in self.commands:
+                if name in JUNK_VERBS and self._junk_command():
+                    return None
                 return getattr(self, "do_" + name)(rest.strip(b" "))
             if name in self.unimplemented:
                 raise ProtocolError(replies.NOT_IMPLEMENTED, "bad_command", name)
@@ -452,8 +471,9 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
             self._recipient_checked(replies.TOO_MANY_RECIPIENTS, address)
             return None
         if address in self._txn.recipients:
-            self._txn.accepted += 1
-            self.reply(replies.RECIPIENT_OK)
+            if not self._junk_command():        # a duplicate RCPT is a junk command
+                self._txn.accepted += 1
+                self.reply(replies.RECIPIENT_OK)
             return None
         d = self.factory.pipeline.at_rcpt(self.session, recipient)
         d.addCallback(self._recipient_checked, address)
@@ -662,6 +682,6 @@ class SMTPFactory(GatedFactory):
         stock LimitConnectionsByPeer drops the connection without a word."""
         if verdict == DENIED:
             session_protocol.emit("smtp.denied")
-            return replies.ACCESS_DENIED
-        session_protocol.emit("smtp.limit", kind="connections_per_ip")
-        return replies.TOO_MANY_CONNECTIONS
+        else:
+            session_protocol.emit("smtp.limit", kind=stages.LIMIT_KIND.get(verdict, verdict))
+        return stages.REFUSED[verdict]

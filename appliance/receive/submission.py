@@ -117,7 +117,8 @@ class SubmissionSMTP(ApplianceSMTP):
 
     def _sasl_failed(self, failure):
         mechanism = self._end_sasl()
-        verdict = self.logins.failed(failure, mechanism.name, mechanism.identity)
+        verdict = self.logins.failed(failure, mechanism.name, mechanism.identity,
+                                     mechanism.fingerprint)
         if verdict == ABORTED:
             self.reply(replies.AUTH_CANCELLED)
             return
@@ -125,6 +126,11 @@ class SubmissionSMTP(ApplianceSMTP):
             self.reply(replies.AUTH_UNAVAILABLE)
             return
         self.reply(replies.AUTH_MALFORMED if failure.check(Malformed) else replies.AUTH_FAILED)
+        if self.logins.banned:
+            # The ban was placed before that answer (LoginRecorder): the
+            # client's other sessions are closed already, this one now.
+            self.defence_close()
+            return
         if self.logins.failures >= MAX_AUTH_FAILURES and not self._closing:
             self.emit("smtp.limit", kind="auth_failures")
             self._close_with(replies.TOO_MANY_AUTH_FAILURES)

@@ -123,6 +123,9 @@ class MailServer:
             "dns": {"nameservers": f"127.0.0.1:{self.dead_port}", "timeout": "2s"},
             "outbound": {"port": str(self.outbound_port)},
             "checks": {"spf": "off", "dkim": "off", "dmarc": "off", "greylist": "off"},
+            # As the sample config: local scripts on 127.0.0.1 are never limited
+            # (tests that probe limits use other 127.0.0.x addresses, SPEC §4).
+            "limits": {"allow": "127.0.0.1, ::1"},
             "admin": {"authorized_keys": str(self.data_dir / "admin_authorized_keys")},
             "log": {"events": str(self.events_path)},
         }

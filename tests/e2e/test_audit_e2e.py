@@ -88,56 +88,88 @@ def submission(server, source):
 
 
 def failed_logins(server, source, accounts):
-    """One wrong password per account, three tries a connection (then 421)."""
+    """One wrong password per account, three tries a connection (then 421);
+    -> the codes answered (a ban ends the session with 421)."""
+    codes = []
     for start in range(0, len(accounts), 3):
         client = submission(server, source)
         try:
             for account in accounts[start:start + 3]:
                 token = base64.b64encode(f"\0{account}\0wrong password".encode()).decode()
                 code, _ = client.docmd("AUTH", "PLAIN " + token)
-                assert code == 535
+                codes.append(code)
+                if code == 421:
+                    return codes
         finally:
             try:
                 client.quit()
             except smtplib.SMTPException:
                 pass
+    return codes
+
+
+def until_closed(client, commands):
+    """The codes of ``commands`` (callables on ``client``) until one is 421."""
+    codes = []
+    for command in commands:
+        codes.append(command(client)[0])
+        if codes[-1] == 421:
+            break
+    return codes
+
+
+def assert_banned(server, source, rule):
+    """The auditor's ban is a real one (appliance.defence): an event, and the
+    next connection from ``source`` is refused at connect."""
+    bans = wait_until(lambda: [e for e in server.events("defence.ban")
+                               if e["network"] == f"{source}/32"], 5, what="the ban")
+    assert bans[0]["rule"] == rule
+    try:
+        with mx_client(server, source) as client:
+            code = client.noop()[0]
+    except smtplib.SMTPConnectError as error:
+        code = error.smtp_code
+    except smtplib.SMTPServerDisconnected:
+        code = 421
+    assert code == 421
 
 
 def test_recipient_harvesting_is_an_alert_and_a_ban(server):
     with mx_client(server, "127.0.0.21") as client:
         client.ehlo("harvester.example.net")
         client.mail("x@example.net")
-        for n in range(6):
-            code, _ = client.rcpt(f"nobody{n}@example.test")
-            assert code == 550
+        codes = until_closed(client, [lambda c, n=n: c.rcpt(f"nobody{n}@example.test")
+                                      for n in range(6)])
+    # The fifth unknown recipient bans the client: the ban ends the session.
+    assert codes == [550] * 4 + [421]
     [alert] = wait_alert(server, "harvesting")
     assert (alert["peer_ip"], alert["count"], alert["action"]) == ("127.0.0.21", 5, "ban")
-    # No ban service on this branch yet: the ban is an event naming the network.
-    skipped = wait_until(lambda: [e for e in server.events("audit.action_skipped")
-                                  if e["target"] == "127.0.0.21/32"], 5, what="ban event")
-    assert skipped[0]["rule"] == "harvesting"
+    assert_banned(server, "127.0.0.21", "harvesting")
 
 
 def test_relay_probing_is_an_alert_and_a_ban(server):
     with mx_client(server, "127.0.0.22") as client:
         client.ehlo("prober.example.net")
         client.mail("x@example.net")
-        for domain in ("example.org", "example.com", "example.net"):
-            code, _ = client.rcpt(f"victim@{domain}")
-            assert code == 554
+        codes = until_closed(client, [lambda c, d=d: c.rcpt(f"victim@{d}")
+                                      for d in ("example.org", "example.com", "example.net")])
+    assert codes == [554, 554, 421]
     [alert] = wait_alert(server, "relay_probe")
     assert (alert["peer_ip"], alert["count"], alert["action"]) == ("127.0.0.22", 3, "ban")
+    assert_banned(server, "127.0.0.22", "relay_probe")
 
 
 def test_password_spraying_is_an_alert_and_a_ban(server):
-    failed_logins(server, "127.0.0.23", [f"user{n}@example.test" for n in range(4)])
+    codes = failed_logins(server, "127.0.0.23", [f"user{n}@example.test" for n in range(4)])
+    assert codes == [535, 535, 535, 421]        # the fourth account: banned, session ended
     [alert] = wait_alert(server, "spraying")
     assert (alert["peer_ip"], alert["count"], alert["action"]) == ("127.0.0.23", 4, "ban")
+    assert_banned(server, "127.0.0.23", "spraying")
 
 
 def test_an_account_attacked_from_many_networks_still_logs_in(server):
     for n in range(4):
-        failed_logins(server, f"127.0.0.{30 + n}", [BOB])
+        assert failed_logins(server, f"127.0.0.{30 + n}", [BOB]) == [535]
     [alert] = wait_alert(server, "account_attack")
     assert (alert["account"], alert["peer_ip"], alert["action"]) == (BOB, "", "none")
     client = submission(server, "127.0.0.34")

@@ -379,9 +379,11 @@ def test_build_wires_tls_into_every_smtp_listener(tmp_path):
         assert listeners[name].tls is app.tls and not listeners[name].implicit_tls
     assert listeners["submissions"].implicit_tls
     listener = top.getServiceNamed("listener-submissions")
-    assert isinstance(listener.factory, TLSMemoryBIOFactory)
-    assert listener.factory.wrappedFactory is listeners["submissions"]
-    assert top.getServiceNamed("listener-submission").factory is listeners["submission"]
+    assert listener.factory.gate is app.gate        # refuses before any TLS state
+    assert isinstance(listener.factory.wrapped, TLSMemoryBIOFactory)
+    assert listener.factory.wrapped.wrappedFactory is listeners["submissions"]
+    assert top.getServiceNamed("listener-submission").factory.wrapped is \
+        listeners["submission"]
     assert listeners["submission"].mechanisms.names() == ["PLAIN", "LOGIN"]
 
 

@@ -717,7 +717,7 @@ def test_denied_networks_are_refused_at_connect():
     with capture_events() as events:
         refused = [SMTPHarness(factory, peer=ip) for ip in ("203.0.113.5", "2001:db8::1")]
     for h in refused:
-        assert h.replies() == ["554 5.7.1 Access denied"] and h.closed
+        assert h.replies() == ["421 4.7.0 Access denied"] and h.closed   # SPEC §4
     assert [e["peer_ip"] for e in events.named("smtp.denied")] == ["203.0.113.5", "2001:db8::1"]
 
 

@@ -50,6 +50,8 @@ from appliance.maildir import maildir_path
 from appliance.auth.outcome import UNAVAILABLE, LoginRecorder
 from appliance.auth.sasl import Aborted, Challenge, Malformed, encode_challenge, respond
 from appliance.envelope import new_session_id
+from appliance.defence.authfail import fingerprint
+from appliance.defence.stages import BANNED_TEXT, LIMIT_KIND, REFUSED_TEXT
 from appliance.net.gate import DENIED, GatedFactory
 from appliance.net.peer import peer_ip
 from appliance.message import header_safe
@@ -264,6 +266,11 @@ class IMAPServer(imap4.IMAP4Server):
     def timeoutConnection(self):
         self.emit("imap.limit", kind="timeout")
         self._bye(b"Autologout; idle for too long")
+
+    def defence_close(self):
+        """A ban of this client's network ends the session (SPEC §4)."""
+        self.emit("imap.limit", kind="banned")
+        self._bye(BANNED_TEXT.encode("ascii"))
 
     def _bye(self, text):
         if self._closing:
@@ -564,7 +571,7 @@ class IMAPServer(imap4.IMAP4Server):
         user, password = (_utf8(a) for a in args)
         d = self.factory.accounts.authenticate(user, password)
         d.addCallbacks(self._logged_in, self._login_failed, callbackArgs=("LOGIN",),
-                       errbackArgs=("LOGIN", user))
+                       errbackArgs=("LOGIN", user, fingerprint(user, password)))
         return d
 
     def cmd_AUTHENTICATE(self, tag, args):
@@ -605,7 +612,8 @@ class IMAPServer(imap4.IMAP4Server):
             self._after_refusal()
             done.errback(Failure(bad(b"Malformed authentication exchange")))
             return
-        self._login_failed(failure, mechanism.name, mechanism.identity).addErrback(done.errback)
+        self._login_failed(failure, mechanism.name, mechanism.identity,
+                           mechanism.fingerprint).addErrback(done.errback)
 
     @defer.inlineCallbacks
     def _logged_in(self, account, mechanism):
@@ -627,16 +635,22 @@ class IMAPServer(imap4.IMAP4Server):
                   account=account.address)
         return (b"Logged in", b"CAPABILITY " + b" ".join(self.capability_list()))
 
-    def _login_failed(self, failure, mechanism, identity):
+    def _login_failed(self, failure, mechanism, identity, fingerprint=None):
         if failure.check(ImapError):
             return defer.fail(failure)
-        if self.logins.failed(failure, mechanism, identity) == UNAVAILABLE:
+        if self.logins.failed(failure, mechanism, identity, fingerprint) == UNAVAILABLE:
             return defer.fail(no(b"Authentication is not available now, try later",
                                  b"UNAVAILABLE"))
         self._after_refusal()
         return defer.fail(no(b"Authentication failed", b"AUTHENTICATIONFAILED"))
 
     def _after_refusal(self):
+        if self.logins.banned:
+            # The ban was placed before this answer (LoginRecorder): the
+            # client's other sessions are closed already, this one after its NO.
+            self.emit("imap.limit", kind="banned")
+            self._bye_after = BANNED_TEXT.encode("ascii")
+            return
         if self.logins.failures >= MAX_AUTH_FAILURES:
             self.emit("imap.limit", kind="auth_failures")
             self._bye_after = b"Too many authentication failures"   # after the tagged NO
@@ -1280,7 +1294,7 @@ class IMAPFactory(GatedFactory):
         if verdict == DENIED:
             server.emit("imap.denied", listener=self.listener)
             return b"Access denied"
-        server.emit("imap.limit", kind="connections_per_ip")
-        return b"[UNAVAILABLE] Too many connections from your address"
+        server.emit("imap.limit", kind=LIMIT_KIND.get(verdict, verdict))
+        return b"[UNAVAILABLE] " + REFUSED_TEXT[verdict].encode("ascii")
 
 
