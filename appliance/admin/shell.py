@@ -28,7 +28,7 @@ from twisted.python import failure
 from appliance.admin import commands
 from appliance.admin.commands import EXIT_OK, EXIT_USAGE, Sink, dispatch
 from appliance.admin.output import safe
-from appliance.admin.ssh import Feed, connect_feed
+from appliance.admin.channel import Feed, connect_feed
 
 PROMPT = b"mailappliance> "
 MAX_LINE = 16 * 1024

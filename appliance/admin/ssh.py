@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from appliance import events
 from appliance.admin import keys as keymod
+from appliance.admin.channel import Feed, connect_feed
 from appliance.net.peer import peer_in
 from appliance.admin.commands import EXIT_OK, EXIT_USAGE, Identity, Sink, dispatch
 
@@ -274,25 +275,6 @@ class AdminAvatar(avatar.ConchUser):
 
     def logout(self):
         pass
-
-
-class Feed(protocol.Protocol):
-    """Where the client's channel data goes: ``on_data(bytes)``."""
-
-    def __init__(self, on_data):
-        self.on_data = on_data
-
-    def dataReceived(self, data):
-        self.on_data(data)
-
-
-def connect_feed(pp, proto):
-    """Wire ``proto`` to the channel (ADMIN-SHELL.md §4.1): first give it its
-    transport (26.10's wrapProtocol asserts one), then connect the channel's
-    process protocol to it (without that, an asynchronous answer hangs the
-    client on Twisted <= 26.4)."""
-    proto.makeConnection(pp)
-    pp.makeConnection(session.wrapProtocol(proto))
 
 
 @implementer(conch_interfaces.ISession)

@@ -86,7 +86,7 @@ class LoginRecorder:
     def failed(self, failure, mechanism, identity, fingerprint=None):
         """Record a failed login; its verdict (see ``judge``) for the reply.
         ``fingerprint``: the HMAC of the credential tried
-        (``appliance.defence.authfail.fingerprint``; mechanisms keep it)."""
+        (``appliance.auth.sasl.fingerprint``; mechanisms keep it)."""
         verdict, reason = judge(failure)
         if verdict == REFUSED:
             self.refused(mechanism, identity, reason, fingerprint)

@@ -17,6 +17,9 @@ never the password or token).
 """
 
 import base64
+import hashlib
+import hmac
+import os
 import binascii
 import json
 import re
@@ -25,7 +28,6 @@ from twisted.internet import defer
 
 from appliance.auth.accounts import BadCredentials
 from appliance.auth.users import UsersError, canonical_address
-from appliance.defence.authfail import fingerprint
 
 MAX_FIELD = 1024        # octets of one PLAIN/LOGIN field: names and passwords are short
 _BASE64 = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?\Z")
@@ -53,6 +55,18 @@ class Challenge:
 
     def __repr__(self):
         return f"Challenge({self.data!r})"
+
+
+_KEY = os.urandom(32)       # per process, never written anywhere
+
+
+def fingerprint(account, secret):
+    """The HMAC that stands for (``account``, ``secret``) in memory;
+    ``secret`` is the password or token (str or bytes)."""
+    if isinstance(secret, str):
+        secret = secret.encode("utf-8", "surrogatepass")
+    message = account.lower().encode("utf-8", "surrogatepass") + b"\0" + secret
+    return hmac.new(_KEY, message, hashlib.sha256).hexdigest()
 
 
 def decode_response(line):
@@ -117,7 +131,7 @@ class Mechanism:
         self.accounts = accounts
         self.identity = ""
         #: An HMAC standing for (identity, secret) once a secret was seen
-        #: (``appliance.defence.authfail.fingerprint``): the same wrong
+        #: (``fingerprint`` above): the same wrong
         #: password again counts as one failure. Never the secret itself.
         self.fingerprint = None
         self._done = False

@@ -19,12 +19,9 @@ last one, so a flood of banned connections does not flood the event log.
 """
 
 from appliance import events
+from appliance.net.gate import BANNED, BUSY, DENIED, RATE  # noqa: F401  (the verdicts)
 from appliance.defence.network import client_key, normalise
 
-DENIED = "denied"
-BANNED = "banned"
-BUSY = "busy"
-RATE = "rate"
 
 REFUSAL_EVENT_INTERVAL = 60.0
 

@@ -28,9 +28,6 @@ The weights (decided here, SPEC §4 leaves them to us):
   never a lockout: the owner can still log in.
 """
 
-import hashlib
-import hmac
-import os
 
 from appliance import events
 from appliance.defence.network import client_key, normalise
@@ -41,7 +38,6 @@ LOGIN_REFRESH = 86400       # seconds: how often a known login's 7 days restart
 ACCOUNT_ATTACK_NETWORKS = 10
 LOGINS = "logins"           # state map: "network|account" -> last success time
 
-_KEY = os.urandom(32)       # per process, never written anywhere
 
 for _name, _description, _fields in (
     ("defence.limit", "a limit was hit (kind: connections_per_ip, "
@@ -52,15 +48,6 @@ for _name, _description, _fields in (
      "auth_failure_window: an alert, never a lockout", ("account", "networks", "window")),
 ):
     events.register(_name, _description, _fields)
-
-
-def fingerprint(account, secret):
-    """The HMAC that stands for (``account``, ``secret``) in memory;
-    ``secret`` is the password or token (str or bytes)."""
-    if isinstance(secret, str):
-        secret = secret.encode("utf-8", "surrogatepass")
-    message = account.lower().encode("utf-8", "surrogatepass") + b"\0" + secret
-    return hmac.new(_KEY, message, hashlib.sha256).hexdigest()
 
 
 class AuthGuard:

@@ -10,8 +10,14 @@ handshake or lookup is spent on the client.
 
 from twisted.internet import protocol
 
-from appliance.defence.admission import BANNED, BUSY, DENIED, RATE  # noqa: F401
 from appliance.net.peer import peer_in, peer_ip
+
+
+# What the gate (and the defences behind it) answer about a new connection.
+DENIED = "denied"       # a [limits] deny network
+BANNED = "banned"       # a ban in force
+BUSY = "busy"           # connections_per_ip reached
+RATE = "rate"           # connections_per_minute_per_ip reached
 
 
 class Gate:

@@ -7,7 +7,7 @@ from twisted.internet import task
 
 from appliance import config, events
 from appliance.defence import authfail
-from appliance.defence.authfail import fingerprint
+from appliance.auth.sasl import fingerprint
 from appliance.defence.service import Defences
 
 MINIMAL = "[server]\nhostname = mail.example.test\ndomains = example.test\n"

@@ -50,7 +50,7 @@ from appliance.maildir import maildir_path
 from appliance.auth.outcome import UNAVAILABLE, LoginRecorder
 from appliance.auth.sasl import Aborted, Challenge, Malformed, encode_challenge, respond
 from appliance.envelope import new_session_id
-from appliance.defence.authfail import fingerprint
+from appliance.auth.sasl import fingerprint
 from appliance.defence.stages import BANNED_TEXT, LIMIT_KIND, REFUSED_TEXT
 from appliance.net.gate import DENIED, GatedFactory
 from appliance.net.peer import peer_ip
