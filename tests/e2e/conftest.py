@@ -43,6 +43,7 @@ def _servers_in(directory):
             server.add_user(address, password, bcrypt_cost=BCRYPT_COST)
         if users:
             server.user, server.password = users[0]
+        server.unused_users = list(users)
         if start:
             server.start()
         return server

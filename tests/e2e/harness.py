@@ -307,6 +307,14 @@ class MailServer:
             self.process.send_signal(signal.SIGKILL)
         self._reap(10)
 
+    def for_next_test(self):
+        """This (shared) server for one more test: a mailbox no other test
+        touches (``user``, ``password``) and ``since``, when the test began
+        (it reads only the events stamped after that)."""
+        self.user, self.password = self.unused_users.pop(0)
+        self.since = time.time()
+        return self
+
     def stop(self, timeout=10.0):
         """SIGTERM (a clean twistd shutdown), SIGKILL if it does not end in time."""
         if self.running:

@@ -34,18 +34,12 @@ USERS = tuple((f"imap{n}@example.test", f"imap password {n}") for n in range(16)
 
 @pytest.fixture(scope="module")
 def shared_server(module_mailserver_factory):
-    srv = module_mailserver_factory(listeners=LISTENERS, users=USERS)
-    srv.unused_users = list(USERS)
-    return srv
+    return module_mailserver_factory(listeners=LISTENERS, users=USERS)
 
 
 @pytest.fixture
 def server(shared_server):
-    """The shared server; ``server.user`` / ``server.password``: a mailbox no
-    other test touches; ``server.since``: when this test began."""
-    shared_server.user, shared_server.password = shared_server.unused_users.pop(0)
-    shared_server.since = time.time()
-    return shared_server
+    return shared_server.for_next_test()
 
 
 def fill(server, count):

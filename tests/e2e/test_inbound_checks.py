@@ -77,7 +77,6 @@ def shared_server(module_mailserver_factory, dns):
         "checks": {"spf": "on", "dkim": "on", "dmarc": "enforce"},
         "dns": {"nameservers": dns.address, "timeout": "3s"},
     })
-    srv.unused_users = list(USERS)
     return srv
 
 
@@ -86,9 +85,7 @@ def server(shared_server):
     """The shared server; ``server.user``: a mailbox no other test touches;
     ``server.since``: when this test began (with nothing left in the spool)."""
     shared_server.wait_spool_empty()
-    shared_server.user, shared_server.password = shared_server.unused_users.pop(0)
-    shared_server.since = time.time()
-    return shared_server
+    return shared_server.for_next_test()
 
 
 def make_message(to, from_, marker, extra_headers=()):
