@@ -75,3 +75,18 @@ def module_mailserver_factory(tmp_path_factory):
 @pytest.fixture
 def mailserver(mailserver_factory):
     return mailserver_factory()
+
+
+@pytest.fixture(scope="module")
+def shared_server(module_mailserver_factory, request):
+    """One server for the tests of a module: its ``LISTENERS`` and ``USERS``
+    (a mailbox per test)."""
+    return module_mailserver_factory(listeners=request.module.LISTENERS,
+                                     users=request.module.USERS)
+
+
+@pytest.fixture
+def server(shared_server):
+    """The shared server for this test: ``server.user`` / ``server.password``
+    a mailbox no other test touches, ``server.since`` when the test began."""
+    return shared_server.for_next_test()

@@ -32,15 +32,6 @@ TIMEOUT = 30
 USERS = tuple((f"pop{n}@example.test", f"pop password {n}") for n in range(16))
 
 
-@pytest.fixture(scope="module")
-def shared_server(module_mailserver_factory):
-    return module_mailserver_factory(listeners=LISTENERS, users=USERS)
-
-
-@pytest.fixture
-def server(shared_server):
-    return shared_server.for_next_test()
-
 
 def fill(server, count, recipient=None):
     recipient = recipient or server.user
