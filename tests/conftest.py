@@ -28,3 +28,19 @@ def collected():
     events.add_observer(collector)
     yield collector
     events.remove_observer(collector)
+
+
+@pytest.fixture(scope="module")
+def slapd(tmp_path_factory):
+    """One OpenLDAP slapd on loopback, shared by a module's tests that leave it as it is."""
+    import ldap_server
+    with ldap_server.SlapdServer(tmp_path_factory.mktemp("slapd")) as server:
+        yield server
+
+
+@pytest.fixture
+def own_slapd(tmp_path):
+    """A slapd of the test's own (it may be stopped, restarted or frozen)."""
+    import ldap_server
+    with ldap_server.SlapdServer(tmp_path / "slapd") as server:
+        yield server

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import pytest
 from twisted.internet import defer, task
 
-import ldap_server
 from appliance.testing import CountingRunner
 from appliance.auth.accounts import Account, BackendUnavailable
 from appliance.auth.ldap import LdapConfigError
@@ -40,18 +39,6 @@ MESSAGE = b"Subject: hi\r\n\r\nbody\r\n"
 # ---------------------------------------------------------------------------
 # Fixtures and helpers
 
-@pytest.fixture(scope="module")
-def slapd(tmp_path_factory):
-    """One slapd shared by the tests that leave it as it is."""
-    with ldap_server.SlapdServer(tmp_path_factory.mktemp("slapd")) as server:
-        yield server
-
-
-@pytest.fixture
-def own_slapd(tmp_path):
-    """A slapd of the test's own (it gets stopped)."""
-    with ldap_server.SlapdServer(tmp_path / "slapd") as server:
-        yield server
 
 
 def config_for(server, tmp_path, **auth):

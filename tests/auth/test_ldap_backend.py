@@ -35,18 +35,6 @@ ALIAS_FILTER = "(|(mail={address})(mailAlternateAddress={address}))"
 # ---------------------------------------------------------------------------
 # Fixtures and helpers
 
-@pytest.fixture(scope="module")
-def slapd(tmp_path_factory):
-    """One slapd shared by the tests that leave it as it is."""
-    with ldap_server.SlapdServer(tmp_path_factory.mktemp("slapd")) as server:
-        yield server
-
-
-@pytest.fixture
-def own_slapd(tmp_path):
-    """A slapd of the test's own (it may be stopped or frozen)."""
-    with ldap_server.SlapdServer(tmp_path / "slapd") as server:
-        yield server
 
 
 def config_for(server, tls="starttls", **auth):

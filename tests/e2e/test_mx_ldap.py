@@ -14,7 +14,6 @@ from email.message import EmailMessage
 import pytest
 
 
-import ldap_server
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
@@ -22,15 +21,9 @@ SENDER = "someone@remote.example"
 
 
 @pytest.fixture
-def slapd(tmp_path):
-    with ldap_server.SlapdServer(tmp_path / "slapd") as server:
-        yield server
-
-
-@pytest.fixture
-def server(mailserver_factory, slapd):
+def server(mailserver_factory, own_slapd):
     return mailserver_factory(listeners=("mx",),
-                              overrides={"auth": slapd.auth_section("starttls")}, users=())
+                              overrides={"auth": own_slapd.auth_section("starttls")}, users=())
 
 
 def message(to, subject):
@@ -67,15 +60,15 @@ def test_mail_for_ldap_addresses_lands_in_the_primary_maildir(server):
     assert len(server.messages(ALICE)) == 1
 
 
-def test_ldap_down_is_451_at_rcpt_then_mail_flows_again(server, slapd):
-    slapd.stop()
+def test_ldap_down_is_451_at_rcpt_then_mail_flows_again(server, own_slapd):
+    own_slapd.stop()
     with mx(server) as client:
         client.mail(SENDER)
         code, text = client.rcpt(ALICE)
         assert (code, text[:5]) == (451, b"4.3.0")
         code, text = client.rcpt("nobody@example.test")
         assert code == 451                  # unknown cannot be told while LDAP is down
-    slapd.start()                           # back on the same ports
+    own_slapd.start()                           # back on the same ports
     with mx(server) as client:
         assert client.sendmail(SENDER, [ALICE], message(ALICE, "after the outage")) == {}
     [stored] = server.wait_for_messages(ALICE, 1)

@@ -1,6 +1,6 @@
 """Submission against the LDAP backend: the real server, a real slapd, smtplib.
 
-The server authenticates on 587/465 against a slapd of the test's own
+The server authenticates on 587/465 against a own_slapd of the test's own
 (tests/ldap_server.py, StartTLS with a verified certificate); the mail goes to
 another domain, so it is accepted and queued whatever the outbound side does.
 """
@@ -22,15 +22,9 @@ RECIPIENT = "friend@example.net"
 
 
 @pytest.fixture
-def slapd(tmp_path):
-    with ldap_server.SlapdServer(tmp_path / "slapd") as server:
-        yield server
-
-
-@pytest.fixture
-def server(mailserver_factory, slapd):
+def server(mailserver_factory, own_slapd):
     return mailserver_factory(listeners=("mx", "submission", "submissions"),
-                              overrides={"auth": slapd.auth_section("starttls")}, users=())
+                              overrides={"auth": own_slapd.auth_section("starttls")}, users=())
 
 
 def message(sender):
@@ -92,8 +86,8 @@ def test_wrong_password_and_injection_are_535(server):
         assert b"5.7.8" in failed.value.smtp_error
 
 
-def test_ldap_down_is_454_then_recovers(server, slapd):
-    slapd.stop()
+def test_ldap_down_is_454_then_recovers(server, own_slapd):
+    own_slapd.stop()
     with submission(server) as client:
         with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
             auth_plain(client, ALICE, ALICE_PASSWORD)
@@ -102,7 +96,7 @@ def test_ldap_down_is_454_then_recovers(server, slapd):
     wait_until(lambda: server.events("ldap.unavailable"), 10, what="ldap.unavailable")
     assert ALICE_PASSWORD not in server.events_path.read_text(encoding="utf-8")
 
-    slapd.start()                       # back on the same ports
+    own_slapd.start()                       # back on the same ports
     with submission(server) as client:
         code, _ = auth_plain(client, ALICE, ALICE_PASSWORD)
         assert code == 235
