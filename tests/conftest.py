@@ -44,3 +44,11 @@ def own_slapd(tmp_path):
     import ldap_server
     with ldap_server.SlapdServer(tmp_path / "slapd") as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def dns(request):
+    """A DNS server on loopback serving the module's ``ZONES``."""
+    import dns_server
+    with dns_server.DNSServer(request.module.ZONES) as server:
+        yield server

@@ -23,7 +23,6 @@ import dns.zone as dnszone
 import pytest
 
 
-import dns_server
 from dkim_tools import (  # noqa: E402
     dkimpy_results, dnsfunc_server, mail_dkim_missing, mail_dkim_verify)
 from harness import free_ports, wait_until  # noqa: E402
@@ -37,12 +36,6 @@ ZONES = {
     "mx.postfix.test": {"A": [POSTFIX_IP]},
 }
 WAIT = 30.0
-
-
-@pytest.fixture(scope="module")
-def dns():
-    with dns_server.DNSServer(ZONES) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

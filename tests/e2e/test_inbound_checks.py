@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 
-from dns_server import DNSServer
 from harness import HOSTNAME, header_values, wait_until  # noqa: E402
 
 CLIENT_NAME = "client.good.test"
@@ -59,12 +58,6 @@ ZONES = {
     "_dmarc.quarantine.test": {"TXT": ["v=DMARC1; p=quarantine"]},
     "hang.test": "HANG",
 }
-
-
-@pytest.fixture(scope="module")
-def dns():
-    with DNSServer(ZONES) as server:
-        yield server
 
 
 # One mailbox per test of this module on the shared server.

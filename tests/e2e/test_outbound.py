@@ -29,7 +29,6 @@ from email.message import EmailMessage
 import pytest
 
 
-import dns_server
 from harness import free_ports, wait_until  # noqa: E402
 from postfix_mx import PostfixMX, postfix_available  # noqa: E402
 
@@ -152,12 +151,6 @@ class _ScriptedSession(socketserver.StreamRequestHandler):
                 break
             lines.append(line)
         return b"".join(lines)
-
-
-@pytest.fixture(scope="module")
-def dns():
-    with dns_server.DNSServer(ZONES) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
