@@ -3,7 +3,7 @@
 import pytest
 from twisted.internet import task
 
-from appliance import events, watchdog
+from appliance import watchdog
 
 
 @pytest.fixture
@@ -12,14 +12,6 @@ def clock(monkeypatch):
     monkeypatch.setattr(watchdog, "now", clock.seconds)
     monkeypatch.setattr(watchdog, "_slow", [None])
     return clock
-
-
-@pytest.fixture
-def collected():
-    collector = events.EventCollector()
-    events.add_observer(collector)
-    yield collector
-    events.remove_observer(collector)
 
 
 class Slow:

@@ -2,23 +2,14 @@
 
 import itertools
 
-import pytest
 from twisted.internet import task
 
-from appliance import config, events
+from appliance import config
 from appliance.defence import authfail
 from appliance.auth.sasl import fingerprint
 from appliance.defence.service import Defences
 
 MINIMAL = "[server]\nhostname = mail.example.test\ndomains = example.test\n"
-
-
-@pytest.fixture
-def collected():
-    collector = events.EventCollector()
-    events.add_observer(collector)
-    yield collector
-    events.remove_observer(collector)
 
 
 def make(limits=""):

@@ -5,7 +5,7 @@ import ipaddress
 import pytest
 from twisted.internet import task
 
-from appliance import config, events
+from appliance import config
 from appliance.defence import admission as admission_module
 from appliance.defence import network
 from appliance.defence.admission import BANNED, BUSY, DENIED, RATE
@@ -18,14 +18,6 @@ HOUR = 3600.0
 
 def make_config(limits="", extra=""):
     return config.parse(MINIMAL + "[limits]\n" + limits + "\n" + extra, base_dir="/srv")
-
-
-@pytest.fixture
-def collected():
-    collector = events.EventCollector()
-    events.add_observer(collector)
-    yield collector
-    events.remove_observer(collector)
 
 
 def make(limits="", extra="", directory=None, clock=None):

@@ -1,23 +1,14 @@
 """Greylisting: triplets, delay and window, network auto-pass, SPF-vouched retries."""
 
-import pytest
 from twisted.internet import defer, task
 
-from appliance import config, events
+from appliance import config
 from appliance.defence.greylist import DEFER, PASS
 from appliance.defence.service import Defences
 from appliance.testing import value_of
 
 MINIMAL = "[server]\nhostname = mail.example.test\ndomains = example.test\n"
 SENDER, RCPT = "news@big.example", "alice@example.test"
-
-
-@pytest.fixture
-def collected():
-    collector = events.EventCollector()
-    events.add_observer(collector)
-    yield collector
-    events.remove_observer(collector)
 
 
 def make(checks="", directory=None, clock=None, spf=None, limits=""):

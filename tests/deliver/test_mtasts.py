@@ -8,7 +8,6 @@ import dns.resolver
 import pytest
 from twisted.internet import defer, task
 
-from appliance import events
 from appliance.deliver import mtasts
 from appliance.deliver.mtasts import MTASTSPolicies, Policy, PolicyError, parse_policy
 from appliance.testing import value_of
@@ -55,24 +54,16 @@ def test_the_sts_record_needs_one_v_stsv1_with_an_id():
     assert mtasts.sts_id(["v=STSv1; id=bad-id!"]) is None
 
 
-@pytest.fixture
-def recorded():
-    collector = events.EventCollector()
-    events.add_observer(collector)
-    yield collector
-    events.remove_observer(collector)
-
-
-def test_restrict_enforce_keeps_listed_hosts_and_requires_verified_tls(recorded):
+def test_restrict_enforce_keeps_listed_hosts_and_requires_verified_tls(collected):
     policy = Policy("enforce", ["mx1.example.net"], 60)
     addresses = [("rogue.example.net", "192.0.2.9"), ("mx1.example.net", "192.0.2.1")]
     assert mtasts.restrict(policy, addresses, "Q1", "example.net") == (
         [("mx1.example.net", "192.0.2.1")], True)
-    [failure] = recorded.named("mta_sts.failure")
+    [failure] = collected.named("mta_sts.failure")
     assert (failure["host"], failure["mode"]) == ("rogue.example.net", "enforce")
     testing = Policy("testing", ["mx1.example.net"], 60)
     assert mtasts.restrict(testing, addresses, "Q2", "example.net") == (addresses, False)
-    assert recorded.named("mta_sts.failure")[-1]["mode"] == "testing"
+    assert collected.named("mta_sts.failure")[-1]["mode"] == "testing"
     assert mtasts.restrict(None, addresses, "Q3", "example.net") == (addresses, False)
     assert mtasts.restrict(Policy("none", [], 0), addresses, "Q4", "x") == (addresses, False)
 
@@ -128,21 +119,21 @@ def test_no_record_no_policy_and_the_answer_is_reused_for_a_while():
     assert len(resolver.queries) == 2
 
 
-def test_a_policy_is_fetched_once_cached_per_id_and_refetched_when_the_id_changes(recorded):
+def test_a_policy_is_fetched_once_cached_per_id_and_refetched_when_the_id_changes(collected):
     policies, clock, resolver, fetch = make()
     resolver.txt["_mta-sts.example.net"] = "v=STSv1; id=one"
     policy = value_of(policies.policy_for("Example.NET."))
     assert (policy.mode, policy.id) == ("enforce", "one")
     assert value_of(policies.policy_for("example.net")) is policy
     assert fetch.asked == ["example.net"]
-    assert recorded.named("mta_sts.policy")[0]["mx"] == ["mx1.example.net", "*.mx.example.net"]
+    assert collected.named("mta_sts.policy")[0]["mx"] == ["mx1.example.net", "*.mx.example.net"]
     resolver.txt["_mta-sts.example.net"] = "v=STSv1; id=two"
     clock.advance(mtasts.TXT_RECHECK)
     assert value_of(policies.policy_for("example.net")).id == "two"
     assert len(fetch.asked) == 2
 
 
-def test_a_failed_fetch_keeps_the_cached_policy_until_it_expires(recorded):
+def test_a_failed_fetch_keeps_the_cached_policy_until_it_expires(collected):
     policies, clock, resolver, fetch = make()
     resolver.txt["_mta-sts.example.net"] = "v=STSv1; id=one"
     first = value_of(policies.policy_for("example.net"))
@@ -150,7 +141,7 @@ def test_a_failed_fetch_keeps_the_cached_policy_until_it_expires(recorded):
     fetch.answers = [PolicyError("mta-sts.example.net answered HTTP 500")]
     clock.advance(mtasts.TXT_RECHECK)
     assert value_of(policies.policy_for("example.net")) is first
-    assert recorded.named("mta_sts.fetch_failed")[0]["error"] == (
+    assert collected.named("mta_sts.fetch_failed")[0]["error"] == (
         "mta-sts.example.net answered HTTP 500")
     # Once max_age is over and the fetch still fails: no policy.
     clock.advance(86400)

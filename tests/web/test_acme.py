@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer, task
 
-from appliance import events
 from appliance.web import acme_client
 from appliance.web.acme_client import AcmeFailure, AcmeService, retry_delay
 from appliance.web.acme_store import AcmeStore
@@ -73,14 +72,6 @@ class FakeCA:
         return certificate(names, self.clock.seconds(), self.lifetime)
 
 
-@pytest.fixture
-def recorded():
-    collector = events.EventCollector()
-    events.add_observer(collector)
-    yield collector
-    events.remove_observer(collector)
-
-
 def make(tmp_path, clock, ca, tls=None, names=NAMES, rand=lambda: 0.5):
     store = AcmeStore(str(tmp_path / "acme"))
     service = AcmeService(names, DIRECTORY, store, ca.issue, tls or FakeTLS(),
@@ -102,7 +93,7 @@ def test_retry_delays_back_off_with_jitter_and_the_first_is_within_a_minute():
     assert retry_delay(50, lambda: 0.5) == acme_client.RETRY_DELAYS[-1]
 
 
-def test_first_order_at_start_then_renewal_at_two_thirds(tmp_path, recorded):
+def test_first_order_at_start_then_renewal_at_two_thirds(tmp_path, collected):
     clock = started_clock()
     ca = FakeCA(clock, lifetime=90 * 86400)
     tls = FakeTLS()
@@ -110,7 +101,7 @@ def test_first_order_at_start_then_renewal_at_two_thirds(tmp_path, recorded):
     service.startService()
     clock.advance(0)
     assert len(ca.orders) == 1
-    [issued] = recorded.named("acme.issued")
+    [issued] = collected.named("acme.issued")
     assert issued["names"] == sorted(NAMES)
     assert tls.cert_path.startswith(str(tmp_path / "acme") + "/cert-")
     assert tls.reloads == [tls.cert_path]
@@ -121,21 +112,21 @@ def test_first_order_at_start_then_renewal_at_two_thirds(tmp_path, recorded):
     assert len(ca.orders) == 1
     clock.advance(3600)
     assert len(ca.orders) == 2
-    assert [e["reason"] for e in recorded.named("acme.ordered")] == ["first", "renewal"]
-    assert len(recorded.named("acme.renewed")) == 1
+    assert [e["reason"] for e in collected.named("acme.ordered")] == ["first", "renewal"]
+    assert len(collected.named("acme.renewed")) == 1
     # Only the current and the previous certificate stay.
     assert len(list((tmp_path / "acme").glob("cert-*.pem"))) == 2
     service.stopService()
 
 
-def test_failures_back_off_and_are_remembered_across_a_restart(tmp_path, recorded):
+def test_failures_back_off_and_are_remembered_across_a_restart(tmp_path, collected):
     clock = started_clock()
     ca = FakeCA(clock)
     ca.errors = ["mail.example.test: connection refused", "rate limited"]
     service = make(tmp_path, clock, ca)
     service.startService()
     clock.advance(0)
-    [failed] = recorded.named("acme.failed")
+    [failed] = collected.named("acme.failed")
     assert failed["failures"] == 1 and failed["retry_in"] == 30.0
     assert failed["error"] == "mail.example.test: connection refused"
     state = json.loads((tmp_path / "acme" / "state.json").read_text())
@@ -150,15 +141,15 @@ def test_failures_back_off_and_are_remembered_across_a_restart(tmp_path, recorde
     assert len(ca.orders) == 1
     clock.advance(20)
     assert len(ca.orders) == 2
-    assert recorded.named("acme.failed")[-1]["failures"] == 2
-    assert recorded.named("acme.failed")[-1]["retry_in"] == 300.0
+    assert collected.named("acme.failed")[-1]["failures"] == 2
+    assert collected.named("acme.failed")[-1]["retry_in"] == 300.0
     clock.advance(300)
-    assert len(ca.orders) == 3 and recorded.named("acme.issued")
+    assert len(ca.orders) == 3 and collected.named("acme.issued")
     assert json.loads((tmp_path / "acme" / "state.json").read_text())["failures"] == 0
     service.stopService()
 
 
-def test_changed_names_order_at_once_despite_old_failures(tmp_path, recorded):
+def test_changed_names_order_at_once_despite_old_failures(tmp_path, collected):
     clock = started_clock()
     ca = FakeCA(clock)
     service = make(tmp_path, clock, ca)
@@ -171,7 +162,7 @@ def test_changed_names_order_at_once_despite_old_failures(tmp_path, recorded):
     service = make(tmp_path, clock, ca, names=more)
     service.startService()
     clock.advance(0)
-    assert [e["reason"] for e in recorded.named("acme.ordered")] == ["first", "names"]
+    assert [e["reason"] for e in collected.named("acme.ordered")] == ["first", "names"]
     assert len(ca.orders) == 2
     service.stopService()
     # The failure was for these names; with the old names there is nothing to retry.
@@ -182,7 +173,7 @@ def test_changed_names_order_at_once_despite_old_failures(tmp_path, recorded):
     service.stopService()
 
 
-def test_never_two_orders_in_flight(tmp_path, recorded):
+def test_never_two_orders_in_flight(tmp_path, collected):
     clock = started_clock()
     pending = []
     store = AcmeStore(str(tmp_path / "acme"))
@@ -199,7 +190,7 @@ def test_never_two_orders_in_flight(tmp_path, recorded):
     assert len(pending) == 1 and service.in_flight
     d, f, args = pending[0]
     d.callback(f(*args))
-    assert not service.in_flight and recorded.named("acme.issued")
+    assert not service.in_flight and collected.named("acme.issued")
     clock.advance(0)
     assert len(pending) == 1
     service.stopService()
@@ -223,7 +214,7 @@ def test_a_stored_certificate_serves_from_the_start(tmp_path):
     assert tls.cert_path == "/self-signed/cert.pem"
 
 
-def test_a_reload_that_fails_keeps_the_previous_certificate(tmp_path, recorded):
+def test_a_reload_that_fails_keeps_the_previous_certificate(tmp_path, collected):
     clock = started_clock()
 
     class Refusing(FakeTLS):
