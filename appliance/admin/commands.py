@@ -1114,6 +1114,201 @@ def cmd_alerts_ack(ctx, args):
 
 
 # ---------------------------------------------------------------------------
+# the defences: bans, greylisting, limits (appliance.defence)
+
+def _defences(ctx):
+    defences = ctx.state.part("defences") if hasattr(ctx.state, "part") else None
+    if defences is None:
+        raise Failed("the defences are not running in this server")
+    return defences
+
+
+def _network_arg(text):
+    from appliance.defence.network import parse_network
+    try:
+        return parse_network(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _ends(ctx, until):
+    if until is None:
+        return "never"
+    return "in " + duration(until - ctx.seconds())
+
+
+@command("bans list", "the networks banned on every listener, soonest end first",
+         readonly=True, online=True, lists=True)
+def cmd_bans_list(ctx, args):
+    bans = _defences(ctx).bans
+    rows = []
+    for ban in bans.list():
+        row = ban.as_dict()
+        row["offences"] = bans.offences(ban.network)
+        rows.append(row)
+    if args.json:
+        ctx.json(rows)
+        return EXIT_OK
+    if not rows:
+        ctx.out("no bans")
+        return EXIT_OK
+    ctx.table(("network", "reason", "rule", "expires", "offences"),
+              [(row["network"], row["reason"] or "", row["rule"] or "",
+                _ends(ctx, row["until"]), row["offences"]) for row in rows])
+    return EXIT_OK
+
+
+@command("ban", "ban an address or network on every listener; without DURATION "
+         "(30s, 5m, 2h, 5d) the escalating ban_time",
+         args=(Arg("network", "the client address or network", metavar="IP|CIDR"),
+               Arg("duration", "how long", nargs="?", metavar="DURATION")),
+         online=True)
+def cmd_ban(ctx, args):
+    network = _network_arg(args.network)
+    seconds = None
+    if args.duration is not None:
+        try:
+            seconds = configmod.duration(args.duration)
+        except ValueError as exc:
+            raise UsageError(f"ban: {exc}") from None
+        if seconds <= 0:
+            raise UsageError("ban: DURATION must be longer than zero")
+    who = ctx.identity.fingerprint or ctx.identity.user or ctx.identity.mode
+    ban = _defences(ctx).bans.ban(network, duration=seconds, reason=f"admin {who}",
+                                  rule="admin")
+    if ban is None:
+        raise Failed(f"{network.with_prefixlen} is in [limits] allow or "
+                     "[relay] trusted_networks: never banned")
+    ctx.out(f"banned: {ban.network}, ends {_ends(ctx, ban.until)}")
+    return EXIT_OK
+
+
+@command("unban", "lift the ban of exactly this address or network",
+         args=(Arg("network", "as bans list shows it (an address: its client key)",
+                   metavar="IP|CIDR"),),
+         online=True)
+def cmd_unban(ctx, args):
+    network = _network_arg(args.network)
+    bans = _defences(ctx).bans
+    if not bans.unban(network, reason="admin"):
+        raise Failed(f"not banned: {network.with_prefixlen}")
+    ctx.out(f"unbanned: {network.with_prefixlen}")
+    return EXIT_OK
+
+
+@command("greylist list", "the client networks that pass greylisting, and the triplets "
+         "waiting for a retry", readonly=True, online=True, lists=True)
+def cmd_greylist_list(ctx, args):
+    greylist = _defences(ctx).greylist
+    networks = [{"network": network, "passes": passes, "expires": expires,
+                 "passing": passes >= greylist.pass_after}
+                for network, passes, expires in greylist.networks()]
+    pending = [{"network": network, "sender": sender, "recipient": recipient,
+                "first": first} for network, sender, recipient, first in greylist.pending()]
+    if args.json:
+        ctx.json({"enabled": greylist.enabled, "networks": networks, "pending": pending})
+        return EXIT_OK
+    if not greylist.enabled:
+        ctx.out("greylisting is off ([checks] greylist)")
+    if networks:
+        ctx.table(("network", "passes", "state", "forgotten"),
+                  [(n["network"], n["passes"], "passes" if n["passing"] else "learning",
+                    _ends(ctx, n["expires"])) for n in networks])
+    else:
+        ctx.out("no client networks remembered")
+    if pending:
+        ctx.table(("network", "sender", "recipient", "first seen"),
+                  [(p["network"], p["sender"] or "<>", p["recipient"],
+                    duration(ctx.seconds() - (p["first"] or 0)) + " ago") for p in pending])
+    return EXIT_OK
+
+
+@command("greylist allow", "this client network passes greylisting from now on",
+         args=(Arg("network", "an address (its /24 or IPv6 prefix) or a network",
+                   metavar="NETWORK"),),
+         online=True)
+def cmd_greylist_allow(ctx, args):
+    greylist = _defences(ctx).greylist
+    try:
+        network = greylist.allow(args.network)
+    except ValueError as exc:
+        raise UsageError(f"greylist allow: {exc}") from None
+    ctx.out(f"passes greylisting: {network}")
+    return EXIT_OK
+
+
+@command("greylist forget", "forget a client network and its triplets (greylisted anew)",
+         args=(Arg("network", "an address (its /24 or IPv6 prefix) or a network",
+                   metavar="NETWORK"),),
+         online=True)
+def cmd_greylist_forget(ctx, args):
+    greylist = _defences(ctx).greylist
+    try:
+        network, found = greylist.forget(args.network)
+    except ValueError as exc:
+        raise UsageError(f"greylist forget: {exc}") from None
+    if not found:
+        raise Failed(f"greylisting knows nothing of {network}")
+    ctx.out(f"forgotten: {network}")
+    return EXIT_OK
+
+
+@command("limits", "the current counters of a client address or a user against the limits",
+         args=(Arg("who", "a client address or a user's address", metavar="IP|ADDRESS"),),
+         readonly=True, online=True, lists=True)
+def cmd_limits(ctx, args):
+    from appliance.defence.network import client_key, normalise
+    defences = _defences(ctx)
+    limits = ctx.cfg.limits
+    counters = []
+    if "@" in args.who:
+        user = args.who.strip().lower()
+        info = {"user": user}
+        for kind, (count, limit) in defences.rates.counts_of_user(user).items():
+            counters.append({"counter": kind, "current": count, "limit": limit})
+    else:
+        ip = normalise(args.who)
+        if ip is None:
+            raise UsageError(f"limits: {args.who!r} is not an IP address or a user")
+        ip = str(ip)
+        ban = defences.bans.is_banned(ip)
+        info = {"ip": ip, "network": client_key(ip, limits.ipv6_prefix),
+                "exempt": defences.exempt.contains(ip),
+                "denied": bool(defences.deny) and defences.deny.contains(ip),
+                "ban": None if ban is None else ban.as_dict(),
+                "offences": defences.bans.offences(ip)}
+        counters.append({"counter": "connections_per_ip",
+                         "current": defences.admission.open_from(ip),
+                         "limit": limits.connections_per_ip})
+        for kind, (count, limit) in defences.rates.counts_of_ip(ip).items():
+            counters.append({"counter": kind, "current": count, "limit": limit})
+        counters.append({"counter": "auth_failures", "current": defences.auth.failures(ip),
+                         "limit": defences.auth.limit})
+    info["counters"] = counters
+    if args.json:
+        ctx.json(info)
+        return EXIT_OK
+    ctx.table(("counter", "current", "limit"),
+              [(c["counter"], _number(c["current"]), c["limit"]) for c in counters])
+    if "ip" in info:
+        if info["denied"]:
+            ctx.out("denied: in [limits] deny")
+        if info["exempt"]:
+            ctx.out("exempt: in [limits] allow or [relay] trusted_networks (never limited)")
+        ban = info["ban"]
+        if ban is None:
+            ctx.out(f"not banned (offences: {info['offences']})")
+        else:
+            ctx.out(f"banned: {ban['network']}, ends {_ends(ctx, ban['until'])} "
+                    f"({ban['reason']}; offences: {info['offences']})")
+    return EXIT_OK
+
+
+def _number(value):
+    return int(value) if float(value).is_integer() else round(value, 1)
+
+
+# ---------------------------------------------------------------------------
 # Tab completion of live values
 
 def complete(ctx, line_words, partial):

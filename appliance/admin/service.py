@@ -20,7 +20,7 @@ from appliance import events
 from appliance.admin import control, keys as keymod, ssh
 from appliance.admin.commands import Context
 from appliance.admin.suspend import Suspensions, suspensions_path
-from appliance.net.gate import Gate
+from appliance.net.gate import Gate, GateFront
 
 events.register("admin.reloaded", "an admin reloaded users, aliases, certificate and keys",
                 ("what",))
@@ -230,7 +230,7 @@ class ControlSocketService(StreamServerEndpointService):
 def admin_services(app, reactor, blocking, listener, fail):
     """The admin services for ``app`` (tap's Appliance record): the state
     observer, the control socket and (when ``[listen] admin_ssh`` is set) the
-    SSH listener behind the appliance's one gate, made with tap's
+    SSH listener behind the appliance's one gate (``GateFront``), made with tap's
     ``listener(name, HostPort, factory)``; ``blocking(f, *args)`` runs the
     commands' file, key and hash work on a pool; ``fail(message)`` ends
     start-up."""
@@ -253,5 +253,8 @@ def admin_services(app, reactor, blocking, listener, fail):
                                    gate=gate if gate is not None else Gate(cfg.limits),
                                    idle_timeout=cfg.admin.idle_timeout)
         app.listeners["admin_ssh"] = factory
-        services.append(listener("admin_ssh", address, factory))
+        # The gate's front door, as on the mail ports: a banned or denied
+        # client is closed at connect (plain close: SSH has no refusal words).
+        services.append(listener("admin_ssh", address,
+                                 GateFront(factory.gate, factory, "admin_ssh")))
     return services

@@ -13,10 +13,13 @@ commands that exit 255. Here:
   signatures and RSA under 2048 bits are refused;
 - 20 s from connect to login, 3 failed keys per connection, at most 3
   connections per IP still logging in and 10 new ones per 10 s, the
-  listeners' connection gate (deny list, per-IP count) before any banner;
+  listeners' connection gate (deny list, bans, per-IP counts and rates)
+  before any banner, a ban closing the network's open connections too;
 - one ``session`` channel type, at most 4 per connection; no forwarding, no
   subsystems (sftp), no agent, no X11, no environment;
-- every refused login is one ``admin.login_failed`` event.
+- every refused login is one ``admin.login_failed`` event, and one AUTH
+  failure for the defences (``auth_failures_before_ban`` of them ban the
+  network, as on the mail ports).
 """
 
 import os
@@ -126,6 +129,11 @@ class AdminTransport(transport.SSHServerTransport):
                        else value) for name, value in extensions]
         return super().sendExtInfo(extensions)
 
+    def defence_close(self):
+        """A ban of this client's network: end the connection at once."""
+        if self.transport is not None:
+            self.transport.abortConnection()
+
     def receiveError(self, reasonCode, description):
         # A client's DISCONNECT (every `exit`): Conch logs it as an error.
         self._log.debug("client disconnected: {code} {why!r}", code=reasonCode,
@@ -166,6 +174,7 @@ class AdminTransport(transport.SSHServerTransport):
                 events.emit("admin.login_failed", peer_ip=self.peer_ip, user=named,
                             key_fingerprint=offered, reason=why,
                             attempts=sum(1 for r in self.refusals if r[1]))
+                self.factory.login_failed(self, named)
 
 
 class AdminUserAuth(userauth.SSHUserAuthServer):
@@ -406,6 +415,7 @@ class AdminFactory(factory.SSHFactory):
     None); ``read_keys(files) -> Deferred[list]`` reads the key files."""
 
     protocol = AdminTransport
+    listener = "admin_ssh"      # the gate's name for it (defence.refused events)
 
     def __init__(self, host_key, key_files, make_context, clock, read_keys,
                  gate=None, idle_timeout=900.0):
@@ -432,19 +442,20 @@ class AdminFactory(factory.SSHFactory):
 
     def buildProtocol(self, addr):
         ip = getattr(addr, "host", "")
-        why = self._refusal(ip)
+        # Not SSHFactory.buildProtocol: it logs "no moduli file" on every
+        # connection and derives lists this class pins anyway. Built first:
+        # the gate keeps its ticket (released in ``closed``).
+        t = protocol.Factory.buildProtocol(self, addr)
+        why = self._refusal(ip, t)
         if why is not None:
             events.emit("admin.refused", peer_ip=ip, reason=why)
             return None
-        # Not SSHFactory.buildProtocol: it logs "no moduli file" on every
-        # connection and derives lists this class pins anyway.
-        t = protocol.Factory.buildProtocol(self, addr)
         self.transports.add(t)
         t.supportedPublicKeys = [b"ssh-ed25519"]
         t.supportedKeyExchanges = KEY_EXCHANGES
         return t
 
-    def _refusal(self, ip):
+    def _refusal(self, ip, session=None):
         if self.gate is not None and peer_in(self.gate.limits.allow, ip) and \
                 not peer_in(self.gate.limits.deny, ip):
             return self._admitted(ip, None)       # [limits] allow: never limited
@@ -456,7 +467,7 @@ class AdminFactory(factory.SSHFactory):
         if self._pending.get(ip, 0) >= MAX_PENDING_PER_IP:
             return "pending"
         if self.gate is not None:
-            verdict = self.gate.admit(ip)
+            verdict = self.gate.admit(ip, session)
             if verdict is not None:
                 return str(verdict)
         recent.append(now)
@@ -479,11 +490,18 @@ class AdminFactory(factory.SSHFactory):
         if t.logged_in is None:
             self._unpend(t.peer_ip)
         if self.gate is not None:
-            self.gate.release(t.peer_ip)
+            self.gate.release(t.peer_ip, t)
         stale = [ip for ip, times in self._recent.items()
                  if not times or self.clock.seconds() - times[-1] >= RATE_WINDOW]
         for ip in stale:
             del self._recent[ip]
+
+    def login_failed(self, t, user):
+        """A connection ended without a login: one failure toward a ban
+        (``Defences.auth_failed``; nothing without the defences)."""
+        defences = getattr(self.gate, "defences", None)
+        if defences is not None:
+            defences.auth_failed(t.peer_ip, user, None, getattr(t, "defence_ticket", None))
 
     def _unpend(self, ip):
         left = self._pending.get(ip, 0) - 1

@@ -24,7 +24,7 @@ does not greylist everyone again.
 from twisted.internet import defer
 
 from appliance import events
-from appliance.defence.network import greylist_key, normalise
+from appliance.defence.network import greylist_key, normalise, parse_network
 
 TRIPLETS = "greylist"
 NETWORKS = "greylist_networks"
@@ -145,3 +145,49 @@ class Greylist:
         self.state.map_put(NETWORKS, network, passes, ttl=self.keep)
         events.emit("defence.greylist.passed", how=how, **fields)
         return PASS
+
+    # -- what the admin shell's ``greylist`` commands call
+
+    def network_key(self, text):
+        """The greylist key of ``text``: an address becomes its client network
+        (IPv4 /24, IPv6 /ipv6_prefix), a network is kept as given (host bits
+        cleared); ValueError when it is neither."""
+        if "/" not in str(text):
+            if normalise(text) is None:
+                raise ValueError(f"{text!r} is not an IP address or network")
+            return greylist_key(text, self.ipv6_prefix)
+        return parse_network(text).with_prefixlen
+
+    def networks(self):
+        """``[(network, passes, expires)]`` of the remembered client networks
+        (``greylist_pass_after`` passes or more: never greylisted again)."""
+        return sorted(self.state.map_items(NETWORKS))
+
+    def pending(self):
+        """``[(network, sender, recipient, first seen)]`` of the triplets that
+        were deferred and not yet retried."""
+        found = []
+        for field, entry, _ in self.state.map_items(TRIPLETS):
+            if isinstance(entry, dict) and not entry.get("passed"):
+                network, _, rest = field.partition("|")
+                sender, _, recipient = rest.rpartition("|")
+                found.append((network, sender, recipient, entry.get("first")))
+        return sorted(found)
+
+    def allow(self, text):
+        """The client network of ``text`` passes from now on (it counts as
+        passed ``greylist_pass_after`` times); -> its key."""
+        network = self.network_key(text)
+        passes = max(self.state.map_get(NETWORKS, network) or 0, self.pass_after)
+        self.state.map_put(NETWORKS, network, passes, ttl=self.keep)
+        return network
+
+    def forget(self, text):
+        """Forget the client network of ``text`` and its triplets: it is
+        greylisted like a new one; -> (key, whether anything was known)."""
+        network = self.network_key(text)
+        found = bool(self.state.map_delete(NETWORKS, network))
+        for field, _, _ in self.state.map_items(TRIPLETS):
+            if field.startswith(network + "|"):
+                found = bool(self.state.map_delete(TRIPLETS, field)) or found
+        return network, found

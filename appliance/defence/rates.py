@@ -57,3 +57,21 @@ class Rates:
             return True
         return self._hit("messages_per_hour_per_user", user.lower(), HOUR,
                          self.limits.messages_per_hour_per_user)
+
+    # -- what the admin shell's ``limits`` shows (counting nothing)
+
+    def _count(self, kind, key, window):
+        return self.state.window_count(f"{kind}:{key}", window)
+
+    def counts_of_ip(self, ip):
+        """``{kind: (count now, limit)}`` of client ``ip``'s network."""
+        key = client_key(ip, self.ipv6_prefix)
+        return {kind: (self._count(kind, key, window), getattr(self.limits, kind))
+                for kind, window in (("connections_per_minute_per_ip", MINUTE),
+                                     ("messages_per_hour_per_ip", HOUR))}
+
+    def counts_of_user(self, user):
+        """``{kind: (count now, limit)}`` of authenticated ``user``."""
+        kind = "messages_per_hour_per_user"
+        return {kind: (self._count(kind, user.lower(), HOUR),
+                       self.limits.messages_per_hour_per_user)}

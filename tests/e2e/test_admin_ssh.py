@@ -378,3 +378,49 @@ def test_three_refused_keys_end_the_connection(admin_server):
     [failed] = wait_until(lambda: admin_server.events("admin.login_failed"), 5,
                           what="the failed login")
     assert failed["attempts"] == 3 and failed["reason"] == "unknown key"
+
+
+# -- the defences through the shell ---------------------------------------------------
+
+def _mx_greeting(server, source):
+    """The MX port's first words to a client at ``source`` (b"" when closed)."""
+    with socket.create_connection(("127.0.0.1", server.mx_port), timeout=10,
+                                  source_address=(source, 0)) as sock:
+        try:
+            return sock.recv(512)
+        except ConnectionResetError:
+            return b""
+
+
+def test_ban_list_and_unban_through_the_shell(admin_server):
+    admin = admin_server.admin
+    assert _mx_greeting(admin_server, "127.0.0.5").startswith(b"220 ")
+    banned = admin.run("ban", "127.0.0.5", "10m")
+    assert banned.returncode == 0, banned.stderr
+    assert "banned: 127.0.0.5/32" in banned.stdout
+    refused = _mx_greeting(admin_server, "127.0.0.5")
+    assert refused == b"" or refused.startswith(b"421 ")
+    [row] = json.loads(admin.run("bans", "list", "--json").stdout)
+    assert row["network"] == "127.0.0.5/32" and row["duration"] == 600
+    assert row["rule"] == "admin"
+    limits = json.loads(admin.run("limits", "127.0.0.5", "--json").stdout)
+    assert limits["ban"]["network"] == "127.0.0.5/32"
+    assert admin.run("unban", "127.0.0.5").returncode == 0
+    assert json.loads(admin.run("bans", "list", "--json").stdout) == []
+    assert _mx_greeting(admin_server, "127.0.0.5").startswith(b"220 ")
+    again = admin.run("unban", "127.0.0.5")
+    assert again.returncode == 1 and "not banned" in again.stderr
+    audited = wait_until(lambda: [e["command"] for e in admin_server.events("admin.command")
+                                  if e["command"].startswith(("ban ", "unban "))][:2], 5,
+                         what="the ban and unban commands audited")
+    assert audited == ["ban 127.0.0.5 10m", "unban 127.0.0.5"]
+
+
+def test_a_banned_client_cannot_reach_the_admin_port(admin_server):
+    assert admin_server.admin.run("ban", "127.0.0.6", "10m").returncode == 0
+    with socket.create_connection(("127.0.0.1", admin_server.port("admin_ssh")),
+                                  timeout=10, source_address=("127.0.0.6", 0)) as sock:
+        try:
+            assert sock.recv(64) == b""         # closed before any banner
+        except ConnectionResetError:
+            pass
