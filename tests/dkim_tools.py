@@ -6,11 +6,16 @@ dict), Mail::DKIM through Net::DNS pointed at the test DNS server
 server's zones, TXT split into 255-octet strings as dns-records prints them.
 
 Mail::DKIM as Debian 12 ships it (1.20230212) verifies RSA only: an Ed25519
-signature comes back "invalid (unsupported algorithm ...)".
+signature comes back "invalid (unsupported algorithm ...)". OpenDKIM (C,
+libopendkim 2.11 on OpenSSL) verifies both: ``opendkim_verify`` runs its
+test mode (``opendkim -t``) with the keys as ``TestDNSData``, no DNS.
 """
 
+import re
 import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import dkim
 import dns.exception
@@ -122,3 +127,34 @@ def dkimpy_results(message, dnsfunc):
         except dkim.DKIMException:      # a body hash mismatch raises instead of False
             results[key] = False
     return results
+
+
+OPENDKIM = "/usr/sbin/opendkim"
+_OPENDKIM_RESULT = re.compile(r"dkim=(\w+)[^;]*?header\.a=([\w-]+) header\.s=([\w.-]+)")
+
+
+def opendkim_missing():
+    """Why OpenDKIM's verifier cannot run here ("" when it can)."""
+    if not Path(OPENDKIM).exists() and shutil.which("opendkim") is None:
+        return "opendkim is not installed (apt-get install opendkim)"
+    return ""
+
+
+def opendkim_verify(message, keys):
+    """OpenDKIM's verdicts, {(selector, algorithm): result} ("pass", "fail",
+    ...), for ``message`` checked against ``keys`` (DKIMKey objects)."""
+    with tempfile.TemporaryDirectory(prefix="opendkim-verify-") as workdir:
+        work = Path(workdir)
+        (work / "dns").write_text("".join(f"{key.dns_name} {key.txt}\n" for key in keys))
+        (work / "message.eml").write_bytes(message)
+        (work / "opendkim.conf").write_text(
+            f"Mode v\nSyslog no\nTestDNSData file:{work / 'dns'}\n")
+        run = subprocess.run([shutil.which("opendkim") or OPENDKIM, "-x",
+                              str(work / "opendkim.conf"), "-vv", "-t",
+                              str(work / "message.eml")],
+                             capture_output=True, timeout=60)
+    output = (run.stdout + run.stderr).decode(errors="replace")
+    if run.returncode != 0 or "Authentication-Results" not in output:
+        raise AssertionError(f"opendkim -t failed ({run.returncode}): {output[-2000:]}")
+    return {(selector, algorithm): result
+            for result, algorithm, selector in _OPENDKIM_RESULT.findall(output)}

@@ -13,8 +13,11 @@ DATA and the spool, so a retried delivery carries the same signature.
 - one signature per active key of the domain: RSA 2048, and Ed25519 as well
   with ``[dkim] algorithm = ed25519-sha256``.
 
-dkimpy and the key store block (RSA in pure Python, file reads): ``sign``
-runs them through ``run_in_thread`` and answers with a Deferred (T24).
+dkimpy's header logic and canonicalisation, with the RSA step in OpenSSL
+(``appliance.policy.dkim_crypto``: under a millisecond, GIL released) and
+the keys loaded once per selector by the key store. It still blocks (the
+signature, a key file read after a rotation): ``sign`` runs it through
+``run_in_thread`` and answers with a Deferred (T24).
 """
 
 import re
@@ -25,6 +28,7 @@ from twisted.logger import Logger
 
 from appliance import events
 from appliance.address import canonical_domain
+from appliance.policy import dkim_crypto
 from appliance.policy.dkim_body import dkim_object
 from appliance.policy.keys import KeyStoreError
 from appliance import replies
@@ -138,10 +142,12 @@ def signing_domain(message, local_domains):
     return domain if domain in local_domains else None
 
 
-def sign_message(message, signing_keys):
+def sign_message(message, signing_keys, canonicalize=CANONICALIZE):
     """``message`` with one DKIM-Signature per key on top; dkim.DKIMException
     if dkimpy refuses the message or a key. The body is canonicalised in
-    linear time, in slices (``appliance.policy.dkim_body``)."""
+    linear time, in slices (``appliance.policy.dkim_body``); RSA is signed
+    by OpenSSL (``appliance.policy.dkim_crypto``)."""
+    dkim_crypto.install()       # a no-op once done (at import)
     include = headers_to_sign(message)
     signatures = []
     for signing_key in signing_keys:
@@ -149,7 +155,7 @@ def sign_message(message, signing_keys):
         signer = dkim_object(message, signature_algorithm=key.algorithm.encode("ascii"))
         signatures.append(signer.sign(
             key.selector.encode("ascii"), key.domain.encode("ascii"),
-            signing_key.private, canonicalize=CANONICALIZE,
+            signing_key.private, canonicalize=canonicalize,
             include_headers=include, length=False))
     return b"".join(signatures) + message
 

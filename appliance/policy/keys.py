@@ -54,6 +54,7 @@ from twisted.application import service
 
 from appliance import events
 from appliance.durable.files import adopt_owner, write_atomic
+from appliance.policy.dkim_crypto import OpenSSLKey
 
 events.register("dkim.key_created", "a DKIM key was made (first start, or a rotation)",
                 ("domain", "selector", "algorithm"))
@@ -108,8 +109,9 @@ class DKIMKey:
 
 @dataclass(frozen=True)
 class SigningKey:
-    """An active key with what dkimpy signs with: PKCS#1 PEM for RSA, the
-    base64 seed for Ed25519."""
+    """An active key with what dkimpy signs with: for RSA the key loaded into
+    OpenSSL (``dkim_crypto.OpenSSLKey``: signed through ``cryptography``),
+    for Ed25519 the base64 seed (PyNaCl)."""
 
     key: DKIMKey
     private: bytes
@@ -161,8 +163,9 @@ def check_rsa_size(bits):
 
 
 def signing_form(key, pem):
-    """What dkimpy signs with, from the PEM file of ``key``; checks that the
-    file is the key the index (and so DNS) publishes."""
+    """What dkimpy signs with, from the PEM file of ``key`` (see
+    ``SigningKey``); checks that the file is the key the index (and so DNS)
+    publishes."""
     try:
         private = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
@@ -171,9 +174,7 @@ def signing_form(key, pem):
         if not isinstance(private, rsa.RSAPrivateKey):
             raise ValueError("not an RSA key")
         check_rsa_size(private.key_size)
-        form = private.private_bytes(serialization.Encoding.PEM,
-                                     serialization.PrivateFormat.TraditionalOpenSSL,
-                                     serialization.NoEncryption())
+        form = OpenSSLKey(private)
     else:
         if not isinstance(private, ed25519.Ed25519PrivateKey):
             raise ValueError("not an Ed25519 key")
@@ -208,7 +209,7 @@ class KeyStore:
         self._lock = threading.Lock()
         self._keys = []
         self._stamp = None          # (inode, mtime_ns, size) of the index read
-        self._private = {}          # (file name, public key) -> signing form
+        self._private = {}          # (file name, public key) -> signing form, loaded once
 
     @classmethod
     def from_config(cls, cfg, **kwargs):
@@ -274,6 +275,14 @@ class KeyStore:
         if stamp != self._stamp:
             self._keys = self._read_index()
             self._stamp = stamp
+            self._forget_removed()
+
+    def _forget_removed(self):
+        """Drop the loaded keys the index no longer lists as active (rotated,
+        removed): a retired key never signs again (the lock is held)."""
+        active = {(k.file, k.public) for k in self._keys if k.state == ACTIVE}
+        for stale in [entry for entry in self._private if entry not in active]:
+            del self._private[stale]
 
     def _read_index(self):
         path = self._path(INDEX)
