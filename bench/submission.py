@@ -13,9 +13,17 @@ for ``--seconds``:
 Backends: the users file (bcrypt, the cost ``mailappliance user add`` uses)
 and, when slapd is installed, LDAP (tests/ldap_server.py: a real slapd with
 StartTLS to it). Every message goes to another domain, so the figures are the
-submission path (accept + fsync), not local delivery.
+submission path (accept + DKIM signature + fsync), not local delivery. The
+messages are From: a local domain: every one is DKIM-signed (RSA 2048).
 
-Run:  .venv/bin/python bench/submission.py [--seconds 10] [--clients 10] [--backend file,ldap]
+With the users file, and when run as root with postfix, dovecot-core and
+opendkim installed, the same clients also drive the peer (bench/submission_peer.py:
+Postfix + OpenDKIM + Dovecot SASL, with the appliance's certificate, DKIM
+key and bcrypt hash), runs interleaved rep by rep (ours, then the peer);
+the figure that matters is the median of the per-rep ratios ours / peer.
+
+Run:  .venv/bin/python bench/submission.py [--seconds 10] [--clients 10]
+          [--backend file,ldap] [--reps 5] [--no-peer]
 It prints figures; it is not a test.
 """
 
@@ -34,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from harness import MailServer, ServerError, raise_fd_limit  # noqa: E402
+from harness import MailServer, ServerError, free_ports, raise_fd_limit  # noqa: E402
+from submission_peer import PeerError, SubmissionPeer, peer_missing  # noqa: E402
 
 SENDER = "alice@example.test"
 FILE_PASSWORD = "bench password"
@@ -55,6 +64,15 @@ def parse_args(argv):
     parser.add_argument("--seconds", type=float, default=10.0, help="per run (default 10)")
     parser.add_argument("--clients", type=int, default=10, help="parallel clients (default 10)")
     parser.add_argument("--backend", default="file,ldap", help="file, ldap or both")
+    parser.add_argument("--reps", type=int, default=5,
+                        help="interleaved reps against the peer (default 5)")
+    parser.add_argument("--bcrypt-cost", type=int, default=None,
+                        help="the user's bcrypt cost (default: what `mailappliance user "
+                             "add` makes); the peer checks the same hash")
+    parser.add_argument("--modes", default="per_connection,per_session",
+                        help="per_connection, per_session or both (default both)")
+    parser.add_argument("--no-peer", action="store_true",
+                        help="no Postfix + OpenDKIM + Dovecot peer")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
     return parser.parse_args(argv)
 
@@ -117,10 +135,10 @@ def run(mode, clients, port, cafile, password, seconds):
 
 # -- the servers ----------------------------------------------------------------------
 
-def file_server(workdir):
+def file_server(workdir, bcrypt_cost=None):
     server = MailServer(workdir / "file", listeners=("mx", "submission"),
                         overrides=BENCH_OVERRIDES, fd_limit=8192)
-    server.add_user(SENDER, FILE_PASSWORD)
+    server.add_user(SENDER, FILE_PASSWORD, bcrypt_cost=bcrypt_cost)
     return server.start(), FILE_PASSWORD, None
 
 
@@ -146,7 +164,7 @@ def bench_backend(name, start, workdir, args):
         port = server.port("submission")
         run(per_connection, 2, port, cafile, password, 1.0)          # warm-up, not counted
         figures = {}
-        for mode in (per_connection, per_session):
+        for mode in chosen_modes(args):
             rate, median, p95 = run(mode, args.clients, port, cafile, password, args.seconds)
             figures[mode.__name__] = (rate, median, p95)
             print(f"{name:<5} {mode.__name__:<15} {rate:8.1f} msg/s   "
@@ -159,6 +177,92 @@ def bench_backend(name, start, workdir, args):
             directory.stop()
 
 
+def start_peer(server, workdir):
+    """The peer with ``server``'s certificate, DKIM key and users' hashes."""
+    import json
+    dkim_dir = server.data_dir / "dkim"
+    [key] = [k for k in json.loads((dkim_dir / "keys.json").read_text())["keys"]
+             if k["domain"] == "example.test" and k["algorithm"] == "rsa-sha256"
+             and k["state"] == "active"]
+    users = dict(line.strip().rsplit(":", 1) for line in
+                 Path(server.sections["auth"]["users_file"]).read_text().splitlines()
+                 if line.strip() and not line.startswith("#"))
+    port, milter_port, dead_port = free_ports(3, "127.0.0.1")
+    peer = SubmissionPeer(workdir / "peer", port, "example.test", key["selector"],
+                          str(server.data_dir / "tls" / "cert.pem"),
+                          str(server.data_dir / "tls" / "key.pem"),
+                          str(dkim_dir / key["file"]), users, milter_port, dead_port)
+    peer.start()
+    try:
+        peer.check_signing(SENDER, FILE_PASSWORD,
+                           _context(str(server.data_dir / "tls" / "cert.pem")),
+                           lambda message: _verifies(message, key))
+    except PeerError:
+        peer.stop()
+        raise
+    return peer
+
+
+def _verifies(message, key):
+    import dkim
+    record = f"v=DKIM1; k=rsa; p={key['public']}".encode()
+    signed = dkim.DKIM(message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+    return signed.verify(dnsfunc=lambda name, timeout=5: record)
+
+
+def chosen_modes(args):
+    known = {mode.__name__: mode for mode in (per_connection, per_session)}
+    names = [name.strip() for name in args.modes.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise SystemExit(f"bench/submission.py: --modes: unknown {', '.join(unknown)}")
+    return [known[name] for name in names]
+
+
+def server_hash_cost(server):
+    """The bcrypt cost of the bench user's hash (``$2b$NN$...``)."""
+    text = Path(server.sections["auth"]["users_file"]).read_text()
+    return text.split("$2b$", 1)[1][:2] if "$2b$" in text else "?"
+
+
+def bench_against_peer(workdir, args):
+    """Ours and the peer, interleaved rep by rep; the median per-rep ratio."""
+    server, password, _ = file_server(workdir, args.bcrypt_cost)
+    peer = None
+    try:
+        peer = start_peer(server, workdir)
+        cafile = str(server.data_dir / "tls" / "cert.pem")
+        targets = (("mailappliance", server.port("submission")), ("peer", peer.port))
+        for _, port in targets:
+            run(per_connection, 2, port, cafile, password, 1.0)      # warm-up, not counted
+        figures = {}
+        modes = chosen_modes(args)
+        for mode in modes:
+            for rep in range(args.reps):
+                for name, port in targets:
+                    rate, median, p95 = run(mode, args.clients, port, cafile, password,
+                                            args.seconds)
+                    figures.setdefault((mode.__name__, name), []).append(rate)
+                    print(f"rep {rep + 1} {name:<13} {mode.__name__:<15} {rate:8.1f} msg/s"
+                          f"   latency median {median * 1000:7.1f} ms  p95 "
+                          f"{p95 * 1000:7.1f} ms", flush=True)
+        cost = server_hash_cost(server)
+        print(f"median over {args.reps} reps (file backend, bcrypt cost {cost}, "
+              f"{args.clients} clients; peer: Postfix + OpenDKIM + Dovecot SASL):")
+        for mode in modes:
+            ours = figures[(mode.__name__, "mailappliance")]
+            theirs = figures[(mode.__name__, "peer")]
+            ratios = [a / b for a, b in zip(ours, theirs)]
+            print(f"  {mode.__name__:<15} mailappliance {statistics.median(ours):8.1f} msg/s"
+                  f"   peer {statistics.median(theirs):8.1f} msg/s   ratio "
+                  f"{statistics.median(ratios):5.2f}x  (per rep: "
+                  f"{', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+    finally:
+        if peer is not None:
+            peer.stop()
+        server.stop()
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     raise_fd_limit(8192)
@@ -169,7 +273,12 @@ def main(argv=None):
     try:
         for backend in backends:
             if backend == "file":
-                bench_backend("file", file_server, workdir, args)
+                missing = "--no-peer" if args.no_peer else peer_missing()
+                if missing:
+                    print(f"peer  skipped: {missing}")
+                    bench_backend("file", file_server, workdir, args)
+                else:
+                    bench_against_peer(workdir, args)
             elif backend == "ldap":
                 if not shutil.which("slapd") and not Path("/usr/sbin/slapd").exists():
                     print("ldap  skipped: slapd is not installed (package slapd)")
@@ -179,7 +288,7 @@ def main(argv=None):
                 print(f"bench/submission.py: unknown backend {backend!r}", file=sys.stderr)
                 return 2
         return 0
-    except (ServerError, smtplib.SMTPException, OSError) as error:
+    except (ServerError, PeerError, smtplib.SMTPException, OSError) as error:
         print(f"bench/submission.py: {error}", file=sys.stderr)
         return 1
     finally:
