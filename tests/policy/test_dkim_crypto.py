@@ -19,6 +19,7 @@ from appliance.policy import dkim_crypto
 from appliance.policy.dkim_crypto import OpenSSLKey
 from appliance.policy.dkim_sign import sign_message
 from appliance.policy.keys import KeyStore
+from appliance.testing import clock_at
 from dkim_tools import (
     dkimpy_results, dnsfunc_from, mail_dkim_missing, mail_dkim_verify, opendkim_missing,
     opendkim_verify, zones_for)
@@ -40,7 +41,7 @@ CANONICALISATIONS = [(b"relaxed", b"relaxed"), (b"simple", b"simple")]
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     keys = KeyStore(str(tmp_path_factory.mktemp("dkim") / "keys"), "ed25519-sha256", "mail",
-                    clock=lambda: DAY)
+                    clock=clock_at(DAY))
     keys.ensure(["example.test"])
     return keys
 
@@ -135,12 +136,12 @@ def test_opendkim_verifies_rsa_and_ed25519(store, no_python_rsa, canonicalize):
 
 
 def test_a_rotation_drops_the_loaded_keys_and_signs_with_the_new_ones(tmp_path):
-    store = KeyStore(str(tmp_path / "keys"), "rsa-sha256", "mail", clock=lambda: DAY)
+    store = KeyStore(str(tmp_path / "keys"), "rsa-sha256", "mail", clock=clock_at(DAY))
     store.ensure(["example.test"])
     [old] = store.signing_keys("example.test")
     # Another process (the CLI, the admin shell's thread) rotates.
     made, _ = KeyStore(str(tmp_path / "keys"), "rsa-sha256", "mail",
-                       clock=lambda: DAY).rotate("example.test")
+                       clock=clock_at(DAY)).rotate("example.test")
     [new] = store.signing_keys("example.test")
     assert new.key.selector == made[0].selector == "mail-20260115"
     assert new.private is not old.private
