@@ -20,9 +20,10 @@ import dns.rdatatype as rdatatype
 import dns.zone as dnszone
 import pytest
 
-
+from appliance.policy.keys import KeyStore
 from dkim_tools import (  # noqa: E402
-    dkimpy_results, dnsfunc_server, mail_dkim_missing, mail_dkim_verify)
+    dkimpy_results, dnsfunc_server, mail_dkim_missing, mail_dkim_verify, opendkim_missing,
+    opendkim_verify)
 from harness import free_ports, wait_until  # noqa: E402
 from postfix_mx import postfix_available, running_postfix_mx  # noqa: E402
 
@@ -112,6 +113,9 @@ def test_submitted_mail_verifies_at_the_remote_end(mailserver_factory, dns, post
     assert signatures[("mail", "rsa-sha256")] == "pass"
     results = dkimpy_results(stored, dnsfunc_server(dns.host, dns.port))
     assert results == {key: True for key in expected}       # one signature per key, once
+    if not opendkim_missing():      # an independent verifier of Ed25519 too
+        keys = KeyStore(str(server.data_dir / "dkim")).keys()
+        assert opendkim_verify(stored, keys) == {key: "pass" for key in expected}
 
     # Events reach the file within a flush interval, not before the reply.
     [accepted] = wait_until(lambda: server.events("smtp.message.accepted"), 10,
