@@ -381,6 +381,25 @@ class LdapClient:
             return False
         raise BackendUnavailable(f"bind failed: {result.get('description')}")
 
+    def entries(self, address, limit=2):
+        """What ``user show`` needs: ``[{"dn", "addresses"}]`` of the entries
+        the filter matches for ``address`` (escaped), at most ``limit`` (more
+        than one: the address is ambiguous)."""
+        result, entries = self._search(
+            user_filter(self.settings.user_filter, address), size_limit=limit)
+        code = result.get("result")
+        if code == NO_SUCH_OBJECT:
+            raise BackendUnavailable(f"[auth] ldap_base_dn {self.settings.base_dn} "
+                                     "does not exist")
+        if code not in (SUCCESS, SIZE_LIMIT_EXCEEDED):
+            raise BackendUnavailable(f"search failed: {result.get('description')}")
+        found = []
+        for entry in entries[:limit]:
+            account = account_from_entry(entry, self.settings.address_attributes)
+            found.append({"dn": entry.get("dn", ""),
+                          "addresses": list(account.addresses) if account else []})
+        return found
+
     def _find_one(self, address):
         """find(), with several matching entries counted as none."""
         try:
@@ -532,6 +551,13 @@ class LdapAccounts:
     def list_accounts(self, limit=LIST_LIMIT):
         """Deferred[list[Account]] sorted by address, at most ``limit``."""
         return self._call(self._client.list_accounts, limit)
+
+    def entries(self, address, limit=2):
+        """Deferred[list[{"dn", "addresses"}]]: ``LdapClient.entries``."""
+        name = login_name(address)
+        if name is None:
+            return defer.succeed([])
+        return self._call(self._client.entries, name, limit)
 
     def close(self):
         """Deferred: the pooled connections are unbound."""
