@@ -95,24 +95,7 @@ class AdminState:
         queue = {"messages": 0, "held": 0, "deferred": 0, "oldest_age": 0.0}
         spool = self.part("spool")
         if spool is not None:
-            held = deferred = 0
-            oldest = None
-            entries = [spool.get(qid) for qid in spool.queue_ids()]
-            for entry in entries:
-                if entry is None:
-                    continue
-                if entry.flags.get("held"):
-                    held += 1
-                for st in entry.recipients.values():
-                    if st["state"] == "deferred":
-                        deferred += 1
-                        break
-                received = entry.envelope.received_at
-                if oldest is None or received < oldest:
-                    oldest = received
-            queue.update(messages=len(entries), held=held, deferred=deferred,
-                         oldest_age=0.0 if oldest is None
-                         else max(0.0, self.reactor.seconds() - oldest))
+            queue.update(spool.totals())    # kept as the queue changes: O(1)
         listeners = self.listeners()
         warnings = []
         admin = self.cfg.listen.admin_ssh
