@@ -568,6 +568,26 @@ def cmd_user_list(ctx, args):
     return EXIT_OK
 
 
+def _one_entry(ldap, address, entries):
+    if not entries:
+        raise Failed(f"{address}: no such user in {ldap.url}")
+    if len(entries) > 1:
+        raise Failed(f"{address}: ambiguous, several entries of {ldap.url} hold it: "
+                     + ", ".join(e["dn"] for e in entries))
+    [entry] = entries
+    if not entry["addresses"]:
+        raise Failed(f"{address}: the entry {entry['dn']} holds no address")
+    return entry
+
+
+@defer.inlineCallbacks
+def _ldap_mailbox(ctx, address):
+    """The primary address of the one LDAP entry holding ``address``."""
+    ldap = _ldap_users(ctx)
+    entries = yield ldap.describe(address)
+    return _one_entry(ldap, address, entries)["addresses"][0]
+
+
 @command("user show", "one user: its addresses, the aliases that reach it, suspended or "
          "not, its mailbox's size",
          args=(Arg("address", "the user (with LDAP: any of its addresses)", metavar="ADDRESS",
@@ -580,14 +600,7 @@ def cmd_user_show(ctx, args):
     if _ldap_backend(ctx):
         ldap = _ldap_users(ctx)
         entries = yield ldap.describe(address)
-        if not entries:
-            raise Failed(f"{address}: no such user in {ldap.url}")
-        if len(entries) > 1:
-            raise Failed(f"{address}: ambiguous, several entries of {ldap.url} hold it: "
-                         + ", ".join(e["dn"] for e in entries))
-        [entry] = entries
-        if not entry["addresses"]:
-            raise Failed(f"{address}: the entry {entry['dn']} holds no address")
+        entry = _one_entry(ldap, address, entries)
         info["address"] = entry["addresses"][0]
         info["dn"] = entry["dn"]
         info["alternates"] = entry["addresses"][1:]
@@ -686,7 +699,9 @@ def cmd_user_del(ctx, args):
 @defer.inlineCallbacks
 def cmd_user_suspend(ctx, args):
     address = canonical_address(args.address)
-    if ctx.cfg.auth.backend == "file" and ctx.users.lookup(address) is None:
+    if _ldap_backend(ctx):
+        address = yield _ldap_mailbox(ctx, address)     # the entry's own address
+    elif ctx.users.lookup(address) is None:
         raise Failed(f"{address} does not exist")
     yield ctx.blocking(ctx.suspensions.suspend, address, ctx.seconds())
     held = yield _hold_all(ctx, _outbound_of(ctx, address), hold=True)
@@ -700,6 +715,8 @@ def cmd_user_suspend(ctx, args):
 @defer.inlineCallbacks
 def cmd_user_resume(ctx, args):
     address = canonical_address(args.address)
+    if address not in ctx.suspensions.list() and _ldap_backend(ctx):
+        address = yield _ldap_mailbox(ctx, address)     # named by another of its addresses
     if address not in ctx.suspensions.list():
         raise Failed(f"{address} is not suspended")
     yield ctx.blocking(ctx.suspensions.resume, address)

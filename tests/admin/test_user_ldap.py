@@ -15,6 +15,7 @@ import pytest
 from twisted.internet import defer, task
 
 import ldap_server
+from test_commands import FakeEntry, FakeQueue, FakeState
 from appliance.admin.commands import (Context, Identity, Sink, complete, dispatch,
                                       prepare_completion)
 from appliance.admin.suspend import Suspensions
@@ -49,10 +50,13 @@ class Run:
         self.ldap = LdapUsers(accounts, self.clock, **({"limit": limit} if limit else {}))
         self.directory = Directory(self.cfg, None, self.aliases)
 
+    queue = None
+
     def context(self, out, err, role="admin"):
         return Context(self.cfg, Sink(out.append, err.append, 120), users=None,
                        aliases=self.aliases, directory=self.directory,
-                       suspensions=self.suspensions,
+                       suspensions=self.suspensions, queue=self.queue,
+                       state=FakeState() if self.queue is not None else None,
                        identity=Identity("root", "SHA256:abc", role, "127.0.0.9", "exec"),
                        read_secret=lambda prompt: "pw", audit=True, clock=self.clock,
                        ldap_users=self.ldap)
@@ -150,6 +154,19 @@ def test_filter_input_is_escaped_in_the_search(slapd, tmp_path):
     for raw in ("*", "alice@example.tes*", "*)(uid=alice", "x)(|(mail=*", "\\2a",
                 "alice@example.test)(mail=*", "\\"):
         assert client.entries(raw) == [], raw
+
+
+def test_suspend_and_resume_by_any_address_apply_to_the_entry(slapd, tmp_path):
+    run = Run(slapd, tmp_path)
+    run.queue = FakeQueue(FakeEntry("aa01", ALICE, ["x@remote.example"]))
+    rc, out, _ = run("user", "suspend", "Alice.Smith@example.test")
+    assert rc == 0 and out == [f"suspended: {ALICE} (logins refused; 1 queued messages held)"]
+    assert list(run.suspensions.list()) == [ALICE]
+    rc, _, err = run("user", "suspend", "nobody@example.test")
+    assert rc == 1 and "no such user" in err[0]
+    rc, out, _ = run("user", "resume", "postmaster@example.test")
+    assert rc == 0 and out == [f"resumed: {ALICE} (1 messages released)"]
+    assert run.suspensions.list() == {}
 
 
 def test_user_add_del_passwd_say_the_directory_is_managed_elsewhere(slapd, tmp_path):
