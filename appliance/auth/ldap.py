@@ -340,10 +340,10 @@ class LdapClient:
             return self._search_on(conn, search_filter, size_limit)
         return self._with(self._searchers, self._connect_service, operation)
 
-    def find(self, address):
-        """The one entry whose filter matches ``address``, or None."""
+    def _matching(self, address, limit):
+        """The entries (at most ``limit``) the filter matches for ``address``."""
         result, entries = self._search(
-            user_filter(self.settings.user_filter, address), size_limit=2)
+            user_filter(self.settings.user_filter, address), size_limit=limit)
         code = result.get("result")
         if code == NO_SUCH_OBJECT:
             # nobody can log in: the operator's problem, reported as an outage
@@ -351,6 +351,11 @@ class LdapClient:
                                      "does not exist")
         if code not in (SUCCESS, SIZE_LIMIT_EXCEEDED):
             raise BackendUnavailable(f"search failed: {result.get('description')}")
+        return entries[:limit]
+
+    def find(self, address):
+        """The one entry whose filter matches ``address``, or None."""
+        entries = self._matching(address, 2)
         if len(entries) > 1:
             raise _Ambiguous(f"{len(entries)} or more entries match")
         return entries[0] if entries else None
@@ -385,16 +390,8 @@ class LdapClient:
         """What ``user show`` needs: ``[{"dn", "addresses"}]`` of the entries
         the filter matches for ``address`` (escaped), at most ``limit`` (more
         than one: the address is ambiguous)."""
-        result, entries = self._search(
-            user_filter(self.settings.user_filter, address), size_limit=limit)
-        code = result.get("result")
-        if code == NO_SUCH_OBJECT:
-            raise BackendUnavailable(f"[auth] ldap_base_dn {self.settings.base_dn} "
-                                     "does not exist")
-        if code not in (SUCCESS, SIZE_LIMIT_EXCEEDED):
-            raise BackendUnavailable(f"search failed: {result.get('description')}")
         found = []
-        for entry in entries[:limit]:
+        for entry in self._matching(address, limit):
             account = account_from_entry(entry, self.settings.address_attributes)
             found.append({"dn": entry.get("dn", ""),
                           "addresses": list(account.addresses) if account else []})

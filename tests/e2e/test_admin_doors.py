@@ -58,30 +58,17 @@ def server(module_mailserver_factory, tmp_path_factory):
     return server
 
 
-class SshDoor:
-    name = "ssh"
+class CommandDoor:
+    """A door that runs one process per command: ``ssh admin@host COMMAND``
+    or ``mailappliance COMMAND`` (``start(*argv, stdin=...)``)."""
 
-    def __init__(self, server):
-        self.admin = server.admin
-
-    def run(self, line, password=None):
-        result = self.admin.run(*shlex.split(line),
-                                stdin="" if password is None else password + "\n")
-        return result.returncode, result.stdout + result.stderr
-
-    def close(self):
-        pass
-
-
-class CliDoor:
-    name = "mailappliance"
-
-    def __init__(self, server):
-        self.server = server
+    def __init__(self, name, start):
+        self.name = name
+        self.start = start
 
     def run(self, line, password=None):
-        result = self.server.cli(*shlex.split(line),
-                                 stdin="" if password is None else password + "\n")
+        result = self.start(*shlex.split(line),
+                            stdin="" if password is None else password + "\n")
         return result.returncode, result.stdout + result.stderr
 
     def close(self):
@@ -94,7 +81,7 @@ class PtyDoor:
     name = "pty"
 
     def __init__(self, server, tmp_path):
-        self.socket = f"doors{server.port('admin_ssh')}"
+        self.socket = f"doors{server.port('admin_ssh')}-{tmp_path.name}"
         conf = tmp_path / "tmux.conf"
         conf.write_text("set -g history-limit 100000\n")
         command = " ".join(["ssh", "-tt", *server.admin.options(), "admin@127.0.0.1"])
@@ -148,11 +135,11 @@ class PtyDoor:
 @pytest.fixture(params=["ssh", "pty", "mailappliance"])
 def door(request, server, tmp_path):
     if request.param == "ssh":
-        made = SshDoor(server)
+        made = CommandDoor("ssh", server.admin.run)
     elif request.param == "pty":
         made = PtyDoor(server, tmp_path)
     else:
-        made = CliDoor(server)
+        made = CommandDoor("mailappliance", server.cli)
     made.index = ["ssh", "pty", "mailappliance"].index(request.param)
     yield made
     made.close()

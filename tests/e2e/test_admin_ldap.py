@@ -4,12 +4,12 @@ OpenSSH client, tmux and ``mailappliance`` over the control socket."""
 
 import json
 import shutil
-import subprocess
 import time
 
 import pytest
 
 from harness import wait_until
+from test_admin_doors import PtyDoor
 from test_admin_ssh import Admin, make_key
 
 pytestmark = pytest.mark.skipif(
@@ -83,38 +83,21 @@ def test_a_hung_directory_is_a_clear_error_within_the_timeouts(ldap_admin):
 
 
 @pytest.mark.skipif(not shutil.which("tmux"), reason="needs tmux")
-def test_tab_completes_ldap_user_names(ldap_admin):
-    session = f"adml{ldap_admin.port('admin_ssh')}"
-    command = " ".join(["ssh", "-tt", *ldap_admin.admin.options(), "admin@127.0.0.1"])
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "50",
-                    command], check=True, timeout=10)
-
-    def keys(*keys):
-        subprocess.run(["tmux", "send-keys", "-t", session, *keys], check=True, timeout=10)
-
-    def screen():
-        return subprocess.run(["tmux", "capture-pane", "-p", "-t", session, "-S", "-200"],
-                              capture_output=True, text=True, timeout=10).stdout
+def test_tab_completes_ldap_user_names(ldap_admin, tmp_path):
+    pty = PtyDoor(ldap_admin, tmp_path)
     try:
-        wait_until(lambda: "mailappliance>" in screen(), 10, interval=0.1, what="the prompt")
         # The session's start fetched the names in the background; Tab
         # offers what has arrived (tried again while it has not).
-
         def completed():
-            keys("C-c", "user show ca", "Tab")
-            return wait_until(lambda: "user show carol@example.org " in screen(), 1,
-                              interval=0.1, what="carol's address completed")
-        wait_until(lambda: _quietly(completed), 10, interval=0.2, what="Tab to complete")
-        keys("Enter")
-        wait_until(lambda: "user:       carol@example.org" in screen(), 10, interval=0.1,
-                   what="user show's answer")
-        keys("C-d")
+            pty.keys("C-c", "user show ca", "Tab")
+            try:
+                return wait_until(lambda: "user show carol@example.org " in pty.screen(), 1,
+                                  interval=0.1, what="carol's address completed")
+            except TimeoutError:
+                return False
+        wait_until(completed, 10, interval=0.2, what="Tab to complete")
+        pty.keys("Enter")
+        wait_until(lambda: "user:       carol@example.org" in pty.screen(), 10,
+                   interval=0.1, what="user show's answer")
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
-
-
-def _quietly(check):
-    try:
-        return check()
-    except TimeoutError:
-        return False
+        pty.close()
