@@ -545,10 +545,9 @@ def _suspended(ctx):
 def cmd_user_list(ctx, args):
     domain = canonical_domain(args.domain) if args.domain else None
     suspended = _suspended(ctx)
-    truncated = False
+    warning = None
     if _ldap_backend(ctx):
-        ldap = _ldap_users(ctx)
-        accounts, truncated = yield ldap.list()
+        accounts, warning = yield _ldap_users(ctx).list()
         rows = [{"address": a.address, "alternates": list(a.addresses[1:]),
                  "suspended": a.address in suspended} for a in accounts
                 if domain is None or domain_of(a.address) == domain]
@@ -563,8 +562,8 @@ def cmd_user_list(ctx, args):
             also = row.get("alternates")
             ctx.out(row["address"] + (f"  (also: {', '.join(also)})" if also else "")
                     + ("  (suspended)" if row["suspended"] else ""))
-    if truncated:
-        ctx.err(f"warning: only the first {ldap.limit} accounts of {ldap.url} are listed")
+    if warning:
+        ctx.err(f"warning: {warning}")
     return EXIT_OK
 
 

@@ -38,7 +38,7 @@ class DirectoryUnavailable(Exception):
 class LdapUsers:
     """The users of the LDAP directory, read-only.
 
-    ``accounts``: an ``LdapAccounts`` with ``list_accounts(limit)`` and
+    ``accounts``: an ``LdapAccounts`` with ``listing(limit)`` and
     ``entries(address)``; ``clock``: ``seconds()`` for the Tab cache (None:
     the cache is never reused).
     """
@@ -65,18 +65,26 @@ class LdapUsers:
                                       pool_size=1))
 
     def list(self):
-        """Deferred[(accounts, truncated)]: the ``Account``s by address, at
-        most ``limit``; ``truncated`` when the directory holds more."""
-        d = self.accounts.list_accounts(self.limit + 1)
+        """Deferred[(accounts, warning)]: the ``Account``s by address, at
+        most ``limit``; ``warning`` (else None) says when the directory holds
+        more than were listed (our limit, or the directory's own size limit)."""
+        d = self.accounts.listing(self.limit + 1)
         d.addCallbacks(self._listed, self._unavailable)
         return d
 
-    def _listed(self, accounts):
+    def _listed(self, result):
+        accounts, cut = result
         accounts = list(accounts)
-        truncated = len(accounts) > self.limit
-        accounts = accounts[:self.limit]
+        warning = None
+        if len(accounts) > self.limit:
+            accounts = accounts[:self.limit]
+            warning = f"only the first {self.limit} accounts of {self.url} are listed"
+        elif cut:
+            warning = (f"{self.url} ended the listing after {len(accounts)} accounts with "
+                       "its own size limit: there may be more (raise the limit for [auth] "
+                       "ldap_bind_dn, e.g. OpenLDAP's limits size.prtotal)")
         self._keep_names([a.address for a in accounts])
-        return accounts, truncated
+        return accounts, warning
 
     def describe(self, address):
         """Deferred[list of {"dn", "addresses"}]: the entries holding

@@ -427,26 +427,37 @@ class LdapClient:
 
     def list_accounts(self, limit=LIST_LIMIT):
         """Every account the filter matches, at most ``limit``, by address."""
+        return self.listing(limit)[0]
+
+    def listing(self, limit=LIST_LIMIT):
+        """``(accounts, cut)``: as ``list_accounts``; ``cut`` is True when the
+        directory ended the paged search with its own size limit
+        (``sizeLimitExceeded``: OpenLDAP's default is 500 entries), so more
+        entries may exist than were listed."""
         search_filter = presence_filter(self.settings.user_filter)
 
         def operation(conn):
             # all pages on one connection: a paging cookie belongs to it
-            accounts, cookie = {}, None
+            accounts, cookie, cut = {}, None, False
             for _ in range(limit // PAGE_SIZE + 1):     # bounded, whatever the cookie says
                 result, entries = self._search_on(conn, search_filter, limit,
                                                   PAGE_SIZE, cookie)
-                if result.get("result") not in (SUCCESS, SIZE_LIMIT_EXCEEDED):
+                code = result.get("result")
+                if code not in (SUCCESS, SIZE_LIMIT_EXCEEDED):
                     raise BackendUnavailable(f"search failed: {result.get('description')}")
                 for entry in entries:
                     account = account_from_entry(entry, self.settings.address_attributes)
                     if account is not None:
                         accounts.setdefault(account.address, account)
                 cookie = _paged_cookie(result)
+                if code == SIZE_LIMIT_EXCEEDED:
+                    cut = True
+                    break
                 if not cookie or len(accounts) >= limit:
                     break
-            return accounts
-        accounts = self._with(self._searchers, self._connect_service, operation)
-        return [accounts[key] for key in sorted(accounts)][:limit]
+            return accounts, cut
+        accounts, cut = self._with(self._searchers, self._connect_service, operation)
+        return [accounts[key] for key in sorted(accounts)][:limit], cut
 
     def close(self):
         self._searchers.close_all()
@@ -548,6 +559,10 @@ class LdapAccounts:
     def list_accounts(self, limit=LIST_LIMIT):
         """Deferred[list[Account]] sorted by address, at most ``limit``."""
         return self._call(self._client.list_accounts, limit)
+
+    def listing(self, limit=LIST_LIMIT):
+        """Deferred[(list[Account], cut)]: ``LdapClient.listing``."""
+        return self._call(self._client.listing, limit)
 
     def entries(self, address, limit=2):
         """Deferred[list[{"dn", "addresses"}]]: ``LdapClient.entries``."""

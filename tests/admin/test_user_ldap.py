@@ -95,6 +95,19 @@ def test_user_list_is_bounded_and_says_so(slapd, tmp_path):
     assert err == [f"warning: only the first 2 accounts of {slapd.ldap_url} are listed"]
 
 
+def test_the_directorys_own_size_limit_is_said_not_hidden(tmp_path):
+    """slapd answers at most 500 entries to a search by default (sizelimit):
+    the listing says it was cut instead of passing for the whole directory."""
+    users = {f"u{n}": ("pw", [f"u{n:04d}@example.test"], []) for n in range(520)}
+    with ldap_server.SlapdServer(tmp_path / "slapd", users=users) as server:
+        run = Run(server, tmp_path)
+        rc, out, err = run("user", "list")
+    assert rc == 0 and len(out) == 500 and out[0] == "u0000@example.test"
+    assert err == [f"warning: {server.ldap_url} ended the listing after 500 accounts with "
+                   "its own size limit: there may be more (raise the limit for [auth] "
+                   "ldap_bind_dn, e.g. OpenLDAP's limits size.prtotal)"]
+
+
 def test_user_show_by_any_address(slapd, tmp_path):
     run = Run(slapd, tmp_path)
     run.aliases.add("sales@example.test", ["alice.smith@example.test", "bob@example.test"])
