@@ -4,6 +4,7 @@ OpenSSH client, tmux and ``mailappliance`` over the control socket."""
 
 import json
 import shutil
+import subprocess
 import time
 
 import pytest
@@ -69,16 +70,24 @@ def test_a_hung_directory_is_a_clear_error_within_the_timeouts(ldap_admin):
     ldap_admin.slapd.pause()
     try:
         started = time.monotonic()
-        hung = admin.run("user", "list", timeout=60)
+        hung = subprocess.Popen(["ssh", *admin.options(), "admin@127.0.0.1", "user", "list"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)                     # the search now waits on the frozen slapd
+        asked = time.monotonic()
+        status = admin.run("status")        # meanwhile the server answers the rest
+        status_took = time.monotonic() - asked
+        still_waiting = hung.poll() is None
+        out, err = hung.communicate(timeout=60)
         elapsed = time.monotonic() - started
-        status = admin.run("status")        # the server itself still answers
     finally:
         ldap_admin.slapd.resume()
-    assert hung.returncode == 1 and hung.stdout == ""
-    assert hung.stderr.startswith(f"error: the LDAP directory {ldap_admin.slapd.ldap_url} "
-                                  "did not answer: ") and hung.stderr.count("\n") == 1
+    assert hung.returncode == 1 and out == ""
+    assert err.startswith(f"error: the LDAP directory {ldap_admin.slapd.ldap_url} "
+                          "did not answer: ") and err.count("\n") == 1
     assert elapsed < 20                     # socket timeouts 5 s, deadline 15 s
-    assert status.returncode == 0
+    assert status.returncode == 0 and still_waiting
+    assert status_took < 5                  # an ssh process, key exchange included
     assert admin.run("user", "list").returncode == 0      # back once it answers
 
 
