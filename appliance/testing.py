@@ -201,6 +201,13 @@ _BASE_CONFIG = {
 }
 
 
+def clock_at(seconds):
+    """A ``task.Clock`` whose time is ``seconds`` (a Unix time)."""
+    clock = Clock()
+    clock.advance(seconds)
+    return clock
+
+
 def make_config(base_dir="/nonexistent/mailappliance-test", **sections):
     """A real Config: the minimal file plus ``section={key: value}`` overrides."""
     merged = {name: dict(keys) for name, keys in _BASE_CONFIG.items()}

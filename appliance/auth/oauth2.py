@@ -16,11 +16,11 @@ public key as the "secret") cannot pass.
 
 import json
 import os
-import time
 
 import jwt
 
 from appliance.auth.accounts import BackendUnavailable, BadCredentials
+from appliance.clock import default_clock
 
 ALGORITHMS = ("RS256", "ES256")
 LEEWAY = 60.0               # seconds of clock skew tolerated on exp and nbf
@@ -84,17 +84,16 @@ def _signing_key(entry):
 class TokenVerifier:
     """``verify(token) -> email`` for tokens of one issuer and audience.
 
-    ``now`` is wall-clock time (``time.time``, injected in tests);
-    ``monotonic`` paces the JWKS file checks.
+    ``clock`` (an IReactorTime, a ``task.Clock`` in tests) gives the time
+    for the token's ``exp``/``nbf`` and paces the JWKS file checks.
     """
 
-    def __init__(self, issuer, audience, jwks_path, now=time.time,
-                 monotonic=time.monotonic, check_interval=5.0, leeway=LEEWAY):
+    def __init__(self, issuer, audience, jwks_path, clock=None,
+                 check_interval=5.0, leeway=LEEWAY):
         self.issuer = issuer
         self.audience = audience
         self.jwks_path = jwks_path
-        self._now = now
-        self._monotonic = monotonic
+        self.clock = default_clock(clock)
         self._check_interval = check_interval
         self._leeway = leeway
         self._keys = None
@@ -113,7 +112,7 @@ class TokenVerifier:
         """Read the JWKS now; JWKSError if it cannot be used (start-up)."""
         self._keys = load_jwks(self.jwks_path)
         self._signature = self._stat()
-        self._checked_at = self._monotonic()
+        self._checked_at = self.clock.seconds()
 
     def verify(self, token):
         """The token's email claim (a str); InvalidToken otherwise, or
@@ -128,7 +127,7 @@ class TokenVerifier:
     # -- keys -------------------------------------------------------------
 
     def _current_keys(self):
-        now = self._monotonic()
+        now = self.clock.seconds()
         if self._keys is None or self._checked_at is None or \
                 now - self._checked_at >= self._check_interval:
             self._checked_at = now
@@ -185,7 +184,7 @@ class TokenVerifier:
             raise InvalidToken("malformed token") from None
 
     def _check_times(self, claims):
-        now = self._now()
+        now = self.clock.seconds()
         exp, nbf = claims.get("exp"), claims.get("nbf")
         if not _is_number(exp) or (nbf is not None and not _is_number(nbf)):
             raise InvalidToken("malformed time claims")

@@ -19,7 +19,6 @@ server cipher preference.
 import datetime
 import ipaddress
 import os
-import time
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,6 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from appliance import events
+from appliance.clock import default_clock
 from appliance.durable.files import write_atomic
 
 _log = Logger(namespace="mailappliance.net.tls")
@@ -58,24 +58,24 @@ def self_signed_paths(data_dir):
     return os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
 
 
-def ensure_self_signed(data_dir, hostname, now=None):
+def ensure_self_signed(data_dir, hostname):
     """The paths of the self-signed certificate and key, made if missing."""
     cert_path, key_path = self_signed_paths(data_dir)
     if os.path.exists(cert_path) and os.path.exists(key_path):
         return cert_path, key_path
     os.makedirs(os.path.dirname(cert_path), mode=0o700, exist_ok=True)
-    cert_pem, key_pem = make_self_signed(hostname, now)
+    cert_pem, key_pem = make_self_signed(hostname)
     write_atomic(key_path, key_pem)
     write_atomic(cert_path, cert_pem, mode=0o644)
     events.emit("tls.generated", certificate=cert_path, hostname=hostname)
     return cert_path, key_path
 
 
-def make_self_signed(hostname, now=None):
+def make_self_signed(hostname):
     """(certificate PEM, key PEM): ECDSA P-256, ``hostname`` as CN and SAN; a
     leaf (CA:FALSE, digitalSignature, serverAuth)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.timezone.utc)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     cert = (
         x509.CertificateBuilder()
@@ -161,31 +161,31 @@ def _describe(cert_path):
 class ServerTLS:
     """The server's TLS context, kept in step with the files on disk.
 
-    ``now`` is a monotonic clock (injected in tests); ``check_interval``
+    ``clock`` is an IReactorTime (a ``task.Clock`` in tests); ``check_interval``
     bounds how often a handshake pays for two ``os.stat`` calls. With
     ``self_signed=(data_dir, hostname)`` the files are the self-signed pair,
     made by ``load()`` when missing.
     """
 
-    def __init__(self, cert_path, key_path, now=time.monotonic, check_interval=5.0,
+    def __init__(self, cert_path, key_path, clock=None, check_interval=5.0,
                  self_signed=None):
         self.cert_path = cert_path
         self.key_path = key_path
         self._self_signed = self_signed
-        self._now = now
+        self.clock = default_clock(clock)
         self._check_interval = check_interval
         self._checked_at = None
         self._signature = None
         self._context = None
 
     @classmethod
-    def from_config(cls, cfg, now=time.monotonic):
+    def from_config(cls, cfg, clock=None):
         """The configured files, or the self-signed ones (nothing is read or
         written before ``load()``)."""
         if cfg.tls.certificate:
-            return cls(cfg.tls.certificate, cfg.tls.private_key, now=now)
+            return cls(cfg.tls.certificate, cfg.tls.private_key, clock=clock)
         data_dir, hostname = cfg.server.data_dir, cfg.server.hostname
-        return cls(*self_signed_paths(data_dir), now=now, self_signed=(data_dir, hostname))
+        return cls(*self_signed_paths(data_dir), clock=clock, self_signed=(data_dir, hostname))
 
     def load(self):
         """Load the files now (making the self-signed pair if it is ours and
@@ -198,7 +198,7 @@ class ServerTLS:
                 raise TLSError(f"cannot write a self-signed certificate under "
                                f"{data_dir}/tls: {exc.strerror or exc}") from None
         self._load("start")
-        self._checked_at = self._now()
+        self._checked_at = self.clock.seconds()
 
     @property
     def context(self):
@@ -212,7 +212,7 @@ class ServerTLS:
     def reload(self):
         """Re-read the files if they changed (SIGHUP); keep the old context if
         the new files are not usable. True when a new context is in use."""
-        self._checked_at = self._now()
+        self._checked_at = self.clock.seconds()
         if self._context is not None and self._stat() == self._signature:
             return False
         try:
@@ -227,7 +227,7 @@ class ServerTLS:
         return True
 
     def _maybe_reload(self):
-        now = self._now()
+        now = self.clock.seconds()
         if (self._context is None or self._checked_at is None
                 or now - self._checked_at >= self._check_interval):
             self.reload()

@@ -28,7 +28,7 @@ from appliance.auth.oauth2 import TokenVerifier
 from appliance.auth.sasl import Mechanisms
 from appliance.maildir import SUBDIRS, maildir_path
 from appliance.threads import synchronous_runner
-from appliance.testing import FakeAccounts, TLSStringTransport, capture_events, make_config
+from appliance.testing import FakeAccounts, TLSStringTransport, capture_events, clock_at, make_config
 
 ALICE, PASSWORD = "alice@example.test", "correct horse"
 BOB, BOB_PASSWORD = "bob@example.test", "bobs password"
@@ -49,7 +49,7 @@ class World:
     def __init__(self, root, accounts=None, verifier=None, **limits):
         self.root = str(root)
         self.clock = Clock()
-        self.store = MaildirStore(self.root, synchronous_runner, clock=lambda: 1700000000.0)
+        self.store = MaildirStore(self.root, synchronous_runner, clock=clock_at(1700000000.0))
         self.accounts = accounts if accounts is not None else FakeAccounts(
             {ALICE: PASSWORD, BOB: BOB_PASSWORD})
         self.config = make_config(base_dir=self.root, limits=limits) if limits \

@@ -27,8 +27,9 @@ from zope.interface import implementer
 
 from appliance.deliver import remote
 from appliance.deliver.mx import MXResolver, Route, RoutingError
-from appliance.deliver.remote import (BLOCK, RemoteDelivery, Timeouts, default_tls_context,
-                                      wire_body)
+from appliance.deliver import smtpclient
+from appliance.deliver.remote import RemoteDelivery
+from appliance.deliver.smtpclient import BLOCK, Timeouts, default_tls_context, wire_body
 from appliance.envelope import Envelope
 from appliance.testing import StringTransport, capture_events, make_config
 from appliance.net.tls import make_context, make_self_signed
@@ -504,7 +505,7 @@ def test_an_internal_error_defers_instead_of_losing_the_message():
 def test_a_reply_of_more_than_100_lines_is_refused():
     h = Harness()
     h.deliver()
-    h.peer.send("220-mx\r\n" * remote.MAX_REPLY_LINES)
+    h.peer.send("220-mx\r\n" * smtpclient.MAX_REPLY_LINES)
     assert not h.peers[0].closed                       # 100 lines are allowed
     h.peer.send("220-mx\r\n")
     assert h.peers[0].closed and len(h.peers) == 2     # moved on to the next host
