@@ -95,10 +95,13 @@ def delivered(server, address, marker, timeout=TIMEOUT):
 
 
 def test_edge_relays_to_the_mailbox_host_readable_over_imap(mailserver_factory):
-    mailbox = mailbox_host(mailserver_factory)
+    # Both check DKIM: the edge checks what comes from outside, the mailbox
+    # host checks nothing its edge (a trusted network) relays.
+    mailbox = mailbox_host(mailserver_factory, dkim="on")
     front = edge(mailserver_factory, mailbox, dkim="on")
     assert "imap" not in front.ports
-    forged = f"Authentication-Results: {mailbox.sections['server']['hostname']}; spf=pass\r\n"
+    forged = (f"Authentication-Results: {mailbox.sections['server']['hostname']}; spf=pass\r\n"
+              "Authentication-Results: edge2.example.test; dkim=pass\r\n")
     assert send(front, "via the edge", extra=forged) == {}
     parsed = delivered(mailbox, BOB, "via the edge")
     assert "via the edge" in imap_subjects(mailbox, BOB, BOB_PW)
@@ -111,8 +114,8 @@ def test_edge_relays_to_the_mailbox_host_readable_over_imap(mailserver_factory):
     received = parsed.get_all("Received")
     assert "by mail.example.test" in received[0] and f"from {EDGE_HOST}" in received[0]
     assert f"by {EDGE_HOST}" in received[1] and "from client.example.net" in received[1]
-    # The edge's own Authentication-Results arrive; the forged one naming the
-    # mailbox host is gone (the edge kept it, the mailbox host strips it).
+    # The edge's own Authentication-Results arrive, and only them: the forged
+    # ones naming the site are gone, and the mailbox host added none.
     results = parsed.get_all("Authentication-Results")
     assert [r.split(";")[0].strip() for r in results] == [EDGE_HOST]
     assert "dkim=none" in results[0]
