@@ -1,4 +1,4 @@
-"""appliance.config: ``[relay] mailbox_host`` and what it means for an edge (SPEC §7)."""
+"""``[relay] mailbox_host`` (appliance.config) and what it means for an edge's service tree (SPEC §7)."""
 
 import pytest
 
@@ -86,3 +86,25 @@ def test_check_config_names_the_edge_problem_and_exits_2(tmp_path):
     assert cli.main(["check-config", "--config", str(path)], streams) == 2
     [line] = streams.stderr.getvalue().splitlines()
     assert "[relay] mailbox_host:" in line and "no valid port" in line
+
+
+def test_an_edges_service_tree_has_no_maildirs_and_no_imap_or_pop3(tmp_path):
+    from twisted.internet import reactor
+
+    from appliance import tap
+    from appliance.deliver.routes import MAILBOX
+    from appliance.testing import make_config
+    listen = {name: f"127.0.0.1:{10100 + i}" for i, name in
+              enumerate(("mx", "submission", "submissions", "submission_alt", "http",
+                         "https", "admin_ssh"))}
+    listen.update(imap="", imaps="", pop3="", pop3s="")
+    cfg = make_config(base_dir=str(tmp_path), listen=listen,
+                      auth={"users_file": str(tmp_path / "users")},
+                      log={"events": str(tmp_path / "events.json")},
+                      relay={"mailbox_host": "192.0.2.10:25"})
+    app = tap.build(cfg, reactor).appliance
+    assert sorted(app.listeners) == sorted(listen_name for listen_name, value in listen.items()
+                                           if value)
+    assert app.mailstore is None and app.runner.local.maildir is None
+    assert app.runner.routing.kind("bob@example.test") == MAILBOX
+    assert not (tmp_path / "var" / "mail").exists()

@@ -85,7 +85,8 @@ class QueueRunner(service.Service):
     """Delivers spooled messages; see the module docstring.
 
     ``spool``: appliance.queue.store.Spool; ``directory``: resolve /
-    is_local_domain; ``deliverer``: appliance.deliver.maildir.MaildirDeliverer;
+    is_local_domain; ``deliverer``: appliance.deliver.maildir.MaildirDeliverer
+    (None on an edge: no Maildirs);
     ``clock``: an IReactorTime (task.Clock in tests); ``settings``: a
     QueueSettings; ``remote``: ``deliver(envelope, message, recipients,
     domain) -> Deferred[list of RecipientResult]`` (appliance.deliver.remote);
