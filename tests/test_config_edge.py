@@ -1,4 +1,4 @@
-"""``[relay] mailbox_host`` (appliance.config) and what it means for an edge's service tree (SPEC §7)."""
+"""``[relay] mailbox_host`` (appliance.config) and an edge's service tree (SPEC §7)."""
 
 import pytest
 
