@@ -10,6 +10,7 @@
 
 import contextlib
 import errno
+import os
 import socket
 
 from twisted.internet import defer
@@ -297,6 +298,17 @@ def make_jwks(path, kid="k1"):
     with open(path, "w", encoding="utf-8") as handle:
         json.dump({"keys": [jwk]}, handle)
     return key
+
+
+def oauth2_issuer(directory, issuer, audience):
+    """(a loaded TokenVerifier, its signing key): an identity provider whose
+    JWKS is written under ``directory``."""
+    from appliance.auth.oauth2 import TokenVerifier
+    path = os.path.join(str(directory), "jwks.json")
+    key = make_jwks(path, "k1")
+    verifier = TokenVerifier(issuer, audience, path)
+    verifier.load()
+    return verifier, key
 
 
 class HandRunner:

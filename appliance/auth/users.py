@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from appliance import events
 from appliance.address import canonical
 from appliance.clock import default_clock
-from appliance.durable.files import adopt_owner, write_atomic
+from appliance.durable.files import FileWatch, adopt_owner, write_atomic
 
 _log = Logger(namespace="mailappliance.users")
 
@@ -165,37 +165,26 @@ class WatchedFile:
     def __init__(self, path, clock=None, check_interval=1.0):
         self.path = path
         self.clock = default_clock(clock)
-        self._check_interval = check_interval
-        self._checked_at = None
-        self._signature = None
+        self._watch = FileWatch([path], self.clock, check_interval, ignore=FileNotFoundError)
         self._entries = {}
 
     # -- reading ---------------------------------------------------------
 
     def _entries_now(self):
         """The current entries, reloading if the file changed."""
-        now = self.clock.seconds()
-        if self._checked_at is None or now - self._checked_at >= self._check_interval:
-            self._checked_at = now
+        if self._watch.due():
             self._reload_if_changed()
         return self._entries
 
     def _reload_if_changed(self):
-        signature = self._stat()
-        if signature == self._signature:
+        signature = self._watch.current()
+        if signature == self._watch.loaded:
             return
         lines = self._read_lines()
         self._entries = self._parse(lines, warn=True)
-        self._signature = signature
+        self._watch.loaded = signature
         if self.reloaded_event:
             events.emit(self.reloaded_event, path=self.path, count=len(self._entries))
-
-    def _stat(self):
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _read_lines(self):
         try:
@@ -244,7 +233,7 @@ class WatchedFile:
             new_lines = edit(lines, self._parse(lines))
             write_atomic(self.path, "".join(line + "\n" for line in new_lines),
                          owner_like=self.path)
-        self._checked_at = None         # the next read sees our own change
+        self._watch.forget()            # the next read sees our own change
 
     @contextlib.contextmanager
     def _locked(self):

@@ -31,7 +31,7 @@ from zope.interface import implementer
 
 from appliance import events
 from appliance.clock import default_clock
-from appliance.durable.files import write_atomic
+from appliance.durable.files import FileWatch, write_atomic
 
 _log = Logger(namespace="mailappliance.net.tls")
 
@@ -75,16 +75,8 @@ def make_self_signed(hostname):
     """(certificate PEM, key PEM): ECDSA P-256, ``hostname`` as CN and SAN; a
     leaf (CA:FALSE, digitalSignature, serverAuth)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=SELF_SIGNED_DAYS))
-        .add_extension(x509.SubjectAlternativeName(_san(hostname)), critical=False)
+        self_signed_builder(hostname, key, SELF_SIGNED_DAYS)
         # A leaf, not a CA: a client told to trust it (Python's cafile,
         # nodemailer's tls.ca, OpenSSL 1.1.1+) takes a self-signed end-entity
         # certificate as its own anchor, and whoever holds this key must not
@@ -106,6 +98,23 @@ def make_self_signed(hostname):
                                 serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def self_signed_builder(hostname, key, days):
+    """A CertificateBuilder for ``key``'s self-signed certificate: ``hostname``
+    as CN and SAN, valid from five minutes ago for ``days``; the caller adds
+    its extensions and signs."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(_san(hostname)), critical=False)
+    )
 
 
 def _san(hostname):
@@ -173,9 +182,7 @@ class ServerTLS:
         self.key_path = key_path
         self._self_signed = self_signed
         self.clock = default_clock(clock)
-        self._check_interval = check_interval
-        self._checked_at = None
-        self._signature = None
+        self._watch = FileWatch([cert_path, key_path], self.clock, check_interval)
         self._context = None
 
     @classmethod
@@ -198,7 +205,7 @@ class ServerTLS:
                 raise TLSError(f"cannot write a self-signed certificate under "
                                f"{data_dir}/tls: {exc.strerror or exc}") from None
         self._load("start")
-        self._checked_at = self.clock.seconds()
+        self._watch.looked()
 
     @property
     def context(self):
@@ -212,8 +219,8 @@ class ServerTLS:
     def reload(self):
         """Re-read the files if they changed (SIGHUP); keep the old context if
         the new files are not usable. True when a new context is in use."""
-        self._checked_at = self.clock.seconds()
-        if self._context is not None and self._stat() == self._signature:
+        self._watch.looked()
+        if self._context is not None and self._watch.current() == self._watch.loaded:
             return False
         try:
             self._load("changed" if self._context is not None else "start")
@@ -227,31 +234,18 @@ class ServerTLS:
         return True
 
     def _maybe_reload(self):
-        now = self.clock.seconds()
-        if (self._context is None or self._checked_at is None
-                or now - self._checked_at >= self._check_interval):
+        if self._watch.due() or self._context is None:
             self.reload()
 
     def _load(self, reason):
-        signature = self._stat()
+        signature = self._watch.current()
         if signature is None:
             raise TLSError(f"cannot read {self.cert_path} or {self.key_path}")
         self._context = make_context(self.cert_path, self.key_path)
-        self._signature = signature
+        self._watch.loaded = signature
         subject, not_after = _describe(self.cert_path)
         events.emit("tls.loaded", certificate=self.cert_path, subject=subject,
                     not_after=not_after, reason=reason)
-
-    def _stat(self):
-        """What changes when either file is replaced or rewritten."""
-        try:
-            signature = []
-            for path in (self.cert_path, self.key_path):
-                st = os.stat(path)
-                signature.append((st.st_ino, st.st_size, st.st_mtime_ns))
-            return tuple(signature)
-        except OSError:
-            return None
 
 
 def connection_info(transport):

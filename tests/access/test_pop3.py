@@ -18,13 +18,12 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python import failure
 
-from appliance.testing import make_jwks
+from appliance.testing import oauth2_issuer
 from appliance.testing import HandRunner
 from appliance.access.folders import MaildirStore
 from appliance.access.pop3 import (
     MAX_AUTH_FAILURES, POP3Factory, dot_stuffed, top_of)
 from appliance.auth.accounts import BackendUnavailable
-from appliance.auth.oauth2 import TokenVerifier
 from appliance.auth.sasl import Mechanisms
 from appliance.maildir import SUBDIRS, maildir_path
 from appliance.threads import synchronous_runner
@@ -436,10 +435,7 @@ def test_a_long_sasl_line_ends_the_exchange(world):
 
 @pytest.fixture
 def oauth(tmp_path):
-    path = tmp_path / "jwks.json"
-    key = make_jwks(path, "k1")
-    verifier = TokenVerifier(ISSUER, AUDIENCE, str(path))
-    verifier.load()
+    verifier, key = oauth2_issuer(tmp_path, ISSUER, AUDIENCE)
     payload = {"iss": ISSUER, "aud": AUDIENCE, "exp": time.time() + 600, "email": ALICE,
                "email_verified": True,
                "scope": "x" * 600}
