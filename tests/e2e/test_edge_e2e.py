@@ -28,6 +28,7 @@ BOB = "bob@example.test"
 BOB_PW = "bob's password, long enough"
 ALICE = "alice@example.test"
 ALICE_PW = "correct horse battery staple"
+CAROL = "carol@example.net"
 USERS = ((ALICE, ALICE_PW), (BOB, BOB_PW))
 EDGE_HOST = "edge1.example.test"
 OUTSIDE = "127.0.0.9"         # a client that is not the edge
@@ -41,10 +42,10 @@ def mailbox_host(factory, start=True, **checks):
     })
 
 
-def edge(factory, mailbox, **checks):
+def edge(factory, mailbox, smarthost="", **checks):
     return factory(listeners=("mx", "submission"), users=USERS, overrides={
         "server": {"hostname": EDGE_HOST},
-        "relay": {"mailbox_host": f"127.0.0.1:{mailbox.mx_port}"},
+        "relay": {"mailbox_host": f"127.0.0.1:{mailbox.mx_port}", "smarthost": smarthost},
         "queue": {"retry": "1s", "delay_warning": "0"},
         "checks": checks,
     })
@@ -151,17 +152,29 @@ def test_mailbox_host_down_mail_waits_on_the_edge_then_arrives(mailserver_factor
     assert not front.events("delivery.failed")
 
 
-def test_authenticated_submission_on_the_edge_relays_local_mail(mailserver_factory):
+def test_submission_on_the_edge_relays_local_mail_and_sends_the_rest_out(
+        mailserver_factory):
+    # "world": another domain's server, reached through the edge's smarthost.
+    world = mailserver_factory(listeners=("mx",), users=((CAROL, "carol's password"),),
+                               overrides={"server": {"hostname": "mx.example.net",
+                                                     "domains": "example.net"}})
     mailbox = mailbox_host(mailserver_factory)
-    front = edge(mailserver_factory, mailbox)
-    context = front.tls_context()
+    front = edge(mailserver_factory, mailbox, smarthost=f"127.0.0.1:{world.mx_port}")
     with smtplib.SMTP(front.host, front.port("submission"), timeout=TIMEOUT) as client:
-        client.starttls(context=context)
+        client.starttls(context=front.tls_context())
         client.login(ALICE, ALICE_PW)
-        client.sendmail(ALICE, [BOB], message("submitted on the edge", sender=ALICE))
-    parsed = delivered(mailbox, BOB, "submitted on the edge")
-    received = parsed.get_all("Received")
+        client.sendmail(ALICE, [BOB, CAROL], message("submitted on the edge", sender=ALICE))
+    inside = delivered(mailbox, BOB, "submitted on the edge")
+    outside = delivered(world, CAROL, "submitted on the edge")
+    received = inside.get_all("Received")
+    assert "by mail.example.test" in received[0] and f"from {EDGE_HOST}" in received[0]
     assert "ESMTPSA" in received[1] and f"by {EDGE_HOST}" in received[1]
+    assert f"from {EDGE_HOST}" in outside.get_all("Received")[0]
+    # One transaction each way: the local domain to the mailbox host, the
+    # other domain out (through the smarthost here, by MX without one).
+    relayed = {e["recipient"]: e["code"] for e in front.events("delivery.remote")}
+    assert relayed == {BOB: 250, CAROL: 250}
+    assert not (front.data_dir / "mail").exists()
 
 
 def test_mailbox_host_does_not_greylist_its_edge(mailserver_factory):
