@@ -17,11 +17,12 @@ import email
 import email.policy
 import imaplib
 import smtplib
+import subprocess
 import uuid
 
 import pytest
 
-from harness import wait_until
+from harness import REPO_ROOT, MailServer, wait_until
 
 TIMEOUT = 30
 BOB = "bob@example.test"
@@ -190,3 +191,13 @@ def test_mailbox_host_does_not_greylist_its_edge(mailserver_factory):
     assert not front.events("queue.deferred")
     greylisted = mailbox.events("defence.greylist.deferred")
     assert [e["peer_ip"] for e in greylisted] == [OUTSIDE]
+
+
+def test_an_edge_asked_to_serve_imap_refuses_to_start_with_one_line(tmp_path):
+    server = MailServer(tmp_path, listeners=("mx", "imap"),
+                        overrides={"relay": {"mailbox_host": "127.0.0.1:2600"}})
+    result = subprocess.run(server.command(), cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("mailappliance:")]
+    assert line.startswith("mailappliance: [listen] imap: this appliance is an edge")
