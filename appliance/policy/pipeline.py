@@ -113,8 +113,11 @@ class Pipeline:
             raise Refused(refusal)
         if origin(session, self.trusted_networks) == OURS:
             # Not checked, but an Authentication-Results naming us is a
-            # forgery here too: local mailboxes and readers trust it.
-            message = received + strip_forged(body, self.hostname)[0]
+            # forgery here too: local mailboxes and readers trust it. A user
+            # writes none naming the site either; a trusted network's (an
+            # edge's, SPEC §7) are kept.
+            site = self.site if session.auth_user else ()
+            message = received + strip_forged(body, self.hostname, site=site)[0]
             if self.signer is None or self._stays_here(session, envelope):
                 return message
             return self.signer.sign(message, context)

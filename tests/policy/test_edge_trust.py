@@ -6,7 +6,8 @@ may claim: Authentication-Results naming the site, DKIM signing of relayed mail.
   Authentication-Results; for local recipients only it is not signed (the
   edge signed what its users sent; a mailbox host must not vouch for a
   stranger's message that an edge relayed).
-- Mail from outside loses every Authentication-Results naming our site (a
+- Mail from outside (or from an authenticated user) loses every
+  Authentication-Results naming our site (a
   local domain or a name under one, an edge's mailbox host) as its
   authserv-id: only our own appliances write those (RFC 8601 §5).
 """
@@ -119,3 +120,17 @@ def test_an_authenticated_users_local_mail_is_signed_as_before():
     pipeline.at_data(session, envelope, message(), b"Received: x\r\n", {}).addBoth(
         results.append)
     assert results[0].startswith(b"DKIM-Signature: test\r\n") and len(signer.signed) == 1
+
+
+def test_an_authenticated_user_cannot_pass_results_off_as_the_sites_either():
+    config = make_config(relay={"trusted_networks": "192.0.2.0/24"})
+    pipeline = Pipeline(MXPolicy(config, FakeDirectory(["bob@example.test"])),
+                        config.relay.trusted_networks)
+    envelope = Envelope(queue_id="Q1", sender="alice@example.test",
+                        recipients=["bob@example.test"], received_at=0.0)
+    results = []
+    pipeline.at_data(Session(peer_ip=OUTSIDE_IP, auth_user="alice@example.test"), envelope,
+                     message(SITE_RESULTS), b"Received: x\r\n", {}).addBoth(results.append)
+    assert b"edge1.example.test" not in results[0]
+    assert b"Authentication-Results: example.test" not in results[0]
+    assert b"Authentication-Results: elsewhere.test; spf=pass" in results[0]
