@@ -7,9 +7,9 @@ may claim: Authentication-Results naming the site, DKIM signing of relayed mail.
   edge signed what its users sent; a mailbox host must not vouch for a
   stranger's message that an edge relayed).
 - Mail from outside (or from an authenticated user) loses every
-  Authentication-Results naming our site (a
-  local domain or a name under one, an edge's mailbox host) as its
-  authserv-id: only our own appliances write those (RFC 8601 §5).
+  Authentication-Results naming our site (a local domain or a name under
+  one, an edge's mailbox host) as its authserv-id: only our own appliances
+  write those (RFC 8601 §5).
 """
 
 from twisted.internet import defer, task
