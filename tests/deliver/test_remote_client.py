@@ -196,6 +196,14 @@ def greeted(*extensions):
     return h
 
 
+def at_rcpt():
+    """MAIL accepted, our RCPT read: the peer answers it next."""
+    h = greeted()
+    h.peer.send("250 Ok\r\n")
+    h.peer.lines()
+    return h
+
+
 def test_a_lockstep_delivery_says_every_command_in_order():
     h = Harness()
     with capture_events() as seen:
@@ -260,9 +268,7 @@ def test_pipelined_rejection_of_every_recipient_ends_an_invited_data_empty():
 
 
 def test_a_rejected_recipient_without_pipelining_sends_no_data():
-    h = greeted()
-    h.peer.send("250 Ok\r\n")
-    h.peer.lines()
+    h = at_rcpt()
     h.peer.send("550 5.7.1 relay denied\r\n")
     assert h.peer.lines() == ["QUIT"]
     [result] = h.results()
@@ -284,9 +290,7 @@ def test_the_final_reply_applies_to_every_accepted_recipient():
 
 
 def test_a_data_refusal_applies_to_the_accepted_recipients():
-    h = greeted()
-    h.peer.send("250 Ok\r\n")
-    h.peer.lines()
+    h = at_rcpt()
     h.peer.send("250 Ok\r\n")
     assert h.peer.lines() == ["DATA"]
     h.peer.send("451 4.3.0 not now\r\n")
