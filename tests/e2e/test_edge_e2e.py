@@ -85,6 +85,13 @@ def imap_subjects(server, user, password):
         client.logout()
 
 
+def events_soon(server, name, count=1, timeout=TIMEOUT):
+    """The events ``name`` once at least ``count`` are written (the log is
+    flushed a moment after the fact)."""
+    return wait_until(lambda: len(server.events(name)) >= count and server.events(name),
+                      timeout, what=f"{count} {name} event(s)")
+
+
 def delivered(server, address, marker, timeout=TIMEOUT):
     """The parsed message with Subject ``marker`` once it is in the Maildir."""
     def found():
@@ -110,7 +117,7 @@ def test_edge_relays_to_the_mailbox_host_readable_over_imap(mailserver_factory):
     # The edge spooled it and emptied its queue; it has no Maildirs at all.
     front.wait_spool_empty()
     assert not (front.data_dir / "mail").exists()
-    [relayed] = [e for e in front.events("delivery.remote") if e["recipient"] == BOB]
+    [relayed] = [e for e in events_soon(front, "delivery.remote") if e["recipient"] == BOB]
     assert relayed["code"] == 250 and relayed["remote_ip"] == "127.0.0.1"
     # The Received chain: the mailbox host's (from the edge) above the edge's.
     received = parsed.get_all("Received")
@@ -173,7 +180,7 @@ def test_submission_on_the_edge_relays_local_mail_and_sends_the_rest_out(
     assert f"from {EDGE_HOST}" in outside.get_all("Received")[0]
     # One transaction each way: the local domain to the mailbox host, the
     # other domain out (through the smarthost here, by MX without one).
-    relayed = {e["recipient"]: e["code"] for e in front.events("delivery.remote")}
+    relayed = {e["recipient"]: e["code"] for e in events_soon(front, "delivery.remote", 2)}
     assert relayed == {BOB: 250, CAROL: 250}
     assert not (front.data_dir / "mail").exists()
 
@@ -189,7 +196,7 @@ def test_mailbox_host_does_not_greylist_its_edge(mailserver_factory):
     assert send(front, "through the edge") == {}
     delivered(mailbox, BOB, "through the edge")
     assert not front.events("queue.deferred")
-    greylisted = mailbox.events("defence.greylist.deferred")
+    greylisted = events_soon(mailbox, "defence.greylist.deferred")
     assert [e["peer_ip"] for e in greylisted] == [OUTSIDE]
 
 
