@@ -102,6 +102,10 @@ class FileWatch:
         self.loaded = None
         self._looked_at = None
 
+    def watch(self, *paths):
+        """Watch other files from now on (their change is seen at the next look)."""
+        self.paths = paths
+
     def due(self):
         """True, at most once an interval, when it is time to look again."""
         now = self.clock.seconds()

@@ -178,12 +178,16 @@ class ServerTLS:
 
     def __init__(self, cert_path, key_path, clock=None, check_interval=5.0,
                  self_signed=None):
-        self.cert_path = cert_path
-        self.key_path = key_path
         self._self_signed = self_signed
         self.clock = default_clock(clock)
         self._watch = FileWatch([cert_path, key_path], self.clock, check_interval)
         self._context = None
+
+    # The files in use; the ACME client points them at a new pair (then reload()).
+    cert_path = property(lambda self: self._watch.paths[0],
+                         lambda self, path: self._watch.watch(path, self.key_path))
+    key_path = property(lambda self: self._watch.paths[1],
+                        lambda self, path: self._watch.watch(self.cert_path, path))
 
     @classmethod
     def from_config(cls, cfg, clock=None):
