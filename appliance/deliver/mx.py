@@ -266,36 +266,34 @@ class MXResolver:
         return self._finish(domain, self._addresses_of(ordered, lookup, domain), lookup)
 
     def _smarthost_route(self, domain, host, lookup):
-        """The one route through ``[relay] smarthost``.
-
-        Its trouble is the operator's, not the recipient's: a smarthost
-        without an address, or one that is ourselves, defers (never bounces).
-        """
-        try:
-            hosts = self._addresses_of([(0, host)], lookup, domain)
-            return self._finish(domain, hosts, lookup, smarthost=True)
-        except RoutingError as e:
-            if not e.permanent:
-                raise
-            status = "4.4.6" if e.status == "5.4.6" else "4.4.3"
-            raise RoutingError(False, status, f"smarthost {host}: {e.text}") from None
+        """The one route through ``[relay] smarthost``."""
+        return self._operator_route(domain, "smarthost", host, None, lookup)
 
     def _mailbox_route(self, domain, lookup):
-        """The route of an edge to ``[relay] mailbox_host`` for a local domain:
-        like a smarthost, its trouble defers (the mail waits on the edge)."""
+        """The route of an edge to ``[relay] mailbox_host`` for a local domain."""
         mailbox_host = self.config.relay.mailbox_host
         if mailbox_host is None:
             raise RoutingError(False, "4.3.5", f"no [relay] mailbox_host for {domain}")
-        host, port = mailbox_host.host.lower(), mailbox_host.port
+        return self._operator_route(domain, "mailbox host", mailbox_host.host.lower(),
+                                    mailbox_host.port, lookup)
+
+    def _operator_route(self, domain, what, host, port, lookup):
+        """The one host the operator chose (``what``: smarthost or mailbox
+        host), on ``port`` (None: ``self.port``).
+
+        Its trouble is the operator's, not the recipient's: a host without an
+        address, or one that is ourselves, defers (never bounces); the mail
+        waits in the queue.
+        """
         try:
             hosts = self._addresses_of([(0, host)], lookup, domain, port)
-            return self._finish(domain, hosts, lookup, smarthost=False, port=port,
-                                mailbox=True)
+            return self._finish(domain, hosts, lookup, port=port,
+                                smarthost=what == "smarthost", mailbox=what == "mailbox host")
         except RoutingError as e:
             if not e.permanent:
                 raise
             status = "4.4.6" if e.status == "5.4.6" else "4.4.3"
-            raise RoutingError(False, status, f"mailbox host {host}: {e.text}") from None
+            raise RoutingError(False, status, f"{what} {host}: {e.text}") from None
 
     def _order(self, records):
         """MX records by preference, equal ones shuffled, duplicates dropped."""

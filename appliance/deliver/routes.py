@@ -20,7 +20,6 @@ Every recipient of a spool entry takes one of three routes:
 LOCAL = "local"
 MAILBOX = "mailbox"
 REMOTE = "remote"
-KINDS = (LOCAL, MAILBOX, REMOTE)
 
 
 def _domain(address):
