@@ -7,8 +7,10 @@ retry time comes (``WakeupSchedule``: one timer for the whole queue). A pass:
 1. delivers the due local recipients (``LocalDelivery``) and writes their new
    states; an alias that forwards off the box adds its remote targets to the
    entry as recipients of their own (``original`` names the alias);
-2. hands the due remote recipients, grouped by domain (one SMTP transaction
-   each), to the ``Dispatcher``, which runs at most ``[queue] concurrency``
+2. hands the due remote recipients, grouped by route kind and domain (one
+   SMTP transaction each; on an edge the local domains take the MAILBOX
+   route to ``[relay] mailbox_host``, appliance.deliver.routes), to the
+   ``Dispatcher``, which runs at most ``[queue] concurrency``
    deliveries in all and ``per_domain`` per domain; each result is written
    back as soon as it arrives;
 3. reports: one DSN for the recipients that failed since the last one, one
@@ -89,7 +91,8 @@ class QueueRunner(service.Service):
     (None on an edge: no Maildirs);
     ``clock``: an IReactorTime (task.Clock in tests); ``settings``: a
     QueueSettings; ``remote``: ``deliver(envelope, message, recipients,
-    domain) -> Deferred[list of RecipientResult]`` (appliance.deliver.remote);
+    domain, kind) -> Deferred[list of RecipientResult]``
+    (appliance.deliver.remote; ``kind`` from appliance.deliver.routes);
     ``bouncer``: appliance.queue.bounce.Bouncer; ``random() -> [0, 1)`` for
     the retry jitter; ``routing``: an ``appliance.deliver.routes.Routing``
     (the route kind of each recipient; default: local domains here, the
