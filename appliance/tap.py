@@ -478,6 +478,9 @@ def build(cfg, reactor):
     runner.setServiceParent(top)
     # Bans, limits, greylisting: their state is loaded before any listener
     # binds; the one gate asks them; the auditor bans through them.
+    if cfg.state.backend == "redis":
+        # The pool stops once the shared state has written what it holds.
+        pools.pool("redis", drain=lambda: app.defences.state.stop())
     try:
         app.defences = Defences.from_config(
             cfg, reactor, pools.run("defence-state"),

@@ -134,6 +134,13 @@ def client_factory(url, password=None, timeout=SOCKET_TIMEOUT):
     return make
 
 
+def _chained(d):
+    """A Deferred firing when ``d`` has, with None (``d``'s result untouched)."""
+    out = defer.Deferred()
+    d.addBoth(lambda result: (out.callback(None), result)[1])
+    return out
+
+
 class StateConfigError(Exception):
     """The shared state cannot be set up (one line: the password file)."""
 
@@ -220,6 +227,7 @@ class RedisState:
         self._remote = {}           # map name -> [callback(field, value or None, origin)]
         self._alert_listeners = []
         self._drain_waiters = []
+        self._stopping = None
         self._sha = None
         self.received = 0           # messages from other appliances applied
         self.written = 0            # changes written to Redis
@@ -237,7 +245,10 @@ class RedisState:
 
     def stop(self):
         """Stop polling and reconnecting; write what is pending (bounded by
-        the socket timeout); -> Deferred."""
+        the socket timeout), close the connections; -> a Deferred (the same
+        one to every caller: the service and the pool's drain both wait)."""
+        if self._stopping is not None:
+            return _chained(self._stopping)
         self.stopping = True
         if self._reconnect_call is not None and self._reconnect_call.active():
             self._reconnect_call.cancel()
@@ -253,16 +264,19 @@ class RedisState:
                 self._write()
             return self._writing
         d.addCallback(last_write)
-        d.addBoth(lambda _: self.run_in_thread(self._close))
+        d.addErrback(lambda f: None)        # a failed last write is journaled: local only
+        d.addCallback(self._close)
         d.addErrback(lambda f: _log.failure("closing the Redis connection failed", f))
         d.addBoth(self._stopped)
-        return d
+        self._stopping = d
+        return _chained(d)
 
     def _stopped(self, _):
         self.up = False
         self._drained()
 
-    def _close(self):
+    def _close(self, _=None):
+        """Close the sockets (nothing uses them any more: no poll or write runs)."""
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             pubsub.close()
