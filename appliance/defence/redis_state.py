@@ -96,7 +96,8 @@ for i = 1, #all, 2 do
   end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PUBLISH', ARGV[5], cjson.encode({o = ARGV[6], w = {ARGV[7], ARGV[1], total, ARGV[8]}}))
+redis.call('PUBLISH', ARGV[5],
+           ARGV[6] .. '\\n' .. cjson.encode({w = {ARGV[7], ARGV[1], total, ARGV[8]}}))
 return live
 """
 
@@ -206,6 +207,9 @@ class RedisState:
         self.shared = frozenset(shared)
         self.url = redact(url)
         self.node = node or uuid.uuid4().hex[:12]
+        if "\n" in self.node:
+            raise ValueError("a node name is one line")
+        self._own = self.node.encode("utf-8") + b"\n"
         self.backoff = tuple(backoff)
         self.poll_timeout = poll_timeout
         self.poll_interval = poll_interval    # between polls (the poll itself waits)
@@ -520,12 +524,13 @@ class RedisState:
                 pipe.ltrim(ALERTS_KEY, 0, ALERTS_KEEP - 1)
                 alerts.append(change[1])
         if maps or alerts:
-            message = {"o": self.node}
+            message = {}
             if maps:
                 message["m"] = maps
             if alerts:
                 message["a"] = alerts
-            pipe.publish(CHANNEL, json.dumps(message, separators=(",", ":"), default=str))
+            pipe.publish(CHANNEL, self.node + "\n" + json.dumps(message, separators=(",", ":"),
+                                                                default=str))
         replies = pipe.execute()
         # Map the replies back to the batch: a window's script gives its slots.
         out, i = [], 0
@@ -679,7 +684,8 @@ class RedisState:
             message = pubsub.get_message(timeout=timeout)
             if message is None:
                 break
-            if message.get("type") == "message":
+            # Our own publications come back too: dropped here, unparsed.
+            if message.get("type") == "message" and not message["data"].startswith(self._own):
                 messages.append(message["data"])
             timeout = 0.0
         return messages
@@ -688,7 +694,8 @@ class RedisState:
         self._polling = None
         for data in messages:
             try:
-                self._receive(json.loads(data))
+                origin, _, body = data.partition(b"\n")
+                self._receive(origin.decode("utf-8"), json.loads(body))
             except Exception:  # noqa: BLE001 - one bad message must not stop sharing
                 _log.failure("a message on {channel} could not be applied", channel=CHANNEL)
         if self.up and not self.stopping:
@@ -702,8 +709,9 @@ class RedisState:
         elif self.up:
             self._down(failure.getErrorMessage() or failure.type.__name__)
 
-    def _receive(self, message):
-        origin = message.get("o")
+    def _receive(self, origin, message):
+        """A publication of appliance ``origin``: ``w`` a window slot's new
+        total, ``m`` map changes and window clears, ``a`` alerts."""
         if origin == self.node:
             return
         self.received += 1

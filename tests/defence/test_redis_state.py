@@ -270,7 +270,8 @@ def test_the_channel_ignores_what_is_not_ours(pair, redis_server, clock):
     a, _ = pair()
     client = redis_server.client()
     client.publish(CHANNEL, b"not json")
-    client.publish(CHANNEL, json.dumps({"o": "x", "m": [["p", "unknown_map", "f", 1, None]]}))
+    client.publish(CHANNEL, b"x\nnot json either")
+    client.publish(CHANNEL, "x\n" + json.dumps({"m": [["p", "unknown_map", "f", 1, None]]}))
     pump(clock)
     assert a.state.up
     assert a.state.map_get("unknown_map", "f") is None
