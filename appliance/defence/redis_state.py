@@ -655,6 +655,9 @@ class RedisState:
         """Sharing is off: local state only; reconnect with backoff."""
         was_up = self.up
         self.up = False
+        if self._pending:       # not written: before what is journaled from now on
+            self._requeue(self._pending)
+            self._pending = []
         if was_up or self._down_since is None:
             self._down_since = self.clock.seconds()
         if self.stopping or (self._reconnect_call is not None
