@@ -332,6 +332,9 @@ def redis_url(raw):
         parts.port
     except ValueError:
         raise ValueError(f"{_show(raw)} has no valid port") from None
+    if re.search(r"(^|&)ssl_(cert_reqs|check_hostname)=", parts.query):
+        raise ValueError(f"{_show(raw)}: the server certificate is always verified "
+                         "(leave out ssl_cert_reqs and ssl_check_hostname)")
     db = parts.path.strip("/")
     if db and not db.isdigit():
         raise ValueError(f"{_show(raw)} has no valid database number (e.g. /0)")

@@ -302,3 +302,40 @@ def test_password_file_is_used(tmp_path, clock, collected):
         wrong.start()
         assert not wrong.up
         assert "s3cret" not in json.dumps(collected.named("state.redis_down"))
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_rediss_verifies_the_server_certificate(tmp_path, clock, collected, trusted):
+    import redis_server as module
+    with module.RedisServer(tmp_path / "tls", tls=True, trusted_cert=trusted) as server:
+        a = Appliance("a", server.url, clock).start()
+        assert a.state.up is trusted
+        if not trusted:
+            assert "certificate verify failed" in collected.named("state.redis_down")[0]["error"]
+            return
+        a.defences.bans.ban("192.0.2.90")
+        pump(clock)
+        client = __import__("redis").Redis.from_url(server.url)
+        assert client.get(f"{PREFIX}map:{BANS}:192.0.2.90/32") is not None
+
+
+def test_rediss_without_the_ca_is_refused(tmp_path, clock, collected):
+    import redis_server as module
+    with module.RedisServer(tmp_path / "tls", tls=True) as server:
+        url = server.url.partition("?")[0]          # the system CAs do not know the test CA
+        a = Appliance("a", url, clock).start()
+        assert not a.state.up
+        with pytest.raises(config.ConfigError, match="always verified"):
+            make_config(url + "?ssl_cert_reqs=none")
+
+
+def test_stop_writes_what_is_pending_once_for_every_caller(pair, redis_server, clock):
+    a, _ = pair()
+    a.defences.bans.ban("192.0.2.91")           # pending: written at the next turn
+    first, second = a.state.stop(), a.state.stop()
+    fired = []
+    first.addCallback(fired.append)
+    second.addCallback(fired.append)
+    assert fired == [None, None]
+    assert not a.state.up
+    assert redis_server.client().get(f"{PREFIX}map:{BANS}:192.0.2.91/32") is not None
