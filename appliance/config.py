@@ -325,13 +325,9 @@ def ldap_url(raw):
 def redis_url(raw):
     """``redis://[user:password@]host[:port][/db]`` or ``rediss://`` (TLS)."""
     value = _single(raw).strip()
-    parts = urlsplit(value)
-    if parts.scheme.lower() not in ("redis", "rediss") or not parts.hostname:
-        raise ValueError(f"{_show(raw)} is not a redis:// or rediss:// URL with a host")
-    try:
-        parts.port
-    except ValueError:
-        raise ValueError(f"{_show(raw)} has no valid port") from None
+    if urlsplit(value).scheme.lower() not in ("redis", "rediss"):
+        raise ValueError(f"{_show(raw)} is not a redis:// or rediss:// URL")
+    parts = urlsplit(_url(raw, value, ("redis", "rediss")))     # a host, a valid port
     if re.search(r"(^|&)ssl_(cert_reqs|check_hostname)=", parts.query):
         raise ValueError(f"{_show(raw)}: the server certificate is always verified "
                          "(leave out ssl_cert_reqs and ssl_check_hostname)")

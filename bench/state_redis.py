@@ -22,10 +22,8 @@ It prints figures; it is not a test. The machine may be shared: say so.
 """
 
 import argparse
-import base64
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +36,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 
 from harness import MailServer, ServerError, raise_fd_limit, wait_until  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
+from test_defences_e2e import greeting, plain, submission_session  # noqa: E402
 
 ADDRESS = "alice@example.test"
 PASSWORD = "bench password"
@@ -116,61 +115,21 @@ def bench_accept(workdir, redis, args):
             server.stop()
 
 
-class Line:
-    def __init__(self, host, port, source, timeout=5):
-        self.sock = socket.create_connection((host, port), timeout=timeout,
-                                             source_address=(source, 0))
-        self.buffer = b""
-
-    def line(self):
-        while b"\r\n" not in self.buffer:
-            data = self.sock.recv(4096)
-            if not data:
-                raise EOFError
-            self.buffer += data
-        line, _, self.buffer = self.buffer.partition(b"\r\n")
-        return line
-
-    def reply(self):
-        lines = [self.line()]
-        while lines[-1][3:4] == b"-":
-            lines.append(self.line())
-        return lines
-
-    def send(self, text):
-        self.sock.sendall(text.encode() + b"\r\n")
-
-
 def fail_auth(server, source):
     """One failed AUTH PLAIN on submission from ``source``; the time of the 535."""
-    client = Line(server.host, server.port("submission"), source)
-    client.line()
-    client.send("EHLO bench.example")
-    client.reply()
-    client.send("STARTTLS")
-    client.reply()
-    client.sock = server.tls_context().wrap_socket(client.sock)
-    client.buffer = b""
-    client.send("EHLO bench.example")
-    client.reply()
-    secret = base64.b64encode(f"\0{ADDRESS}\0wrong".encode()).decode()
-    client.send(f"AUTH PLAIN {secret}")
+    client = submission_session(server, source)
+    client.send(f"AUTH PLAIN {plain('wrong', ADDRESS)}")
     reply = client.reply()[0]
     at = time.monotonic()
+    client.close()
     if not reply.startswith(b"535"):
         raise RuntimeError(f"AUTH answered {reply!r}")
-    client.sock.close()
     return at
 
 
 def refused(server, source):
-    try:
-        client = Line(server.host, server.mx_port, source, timeout=2)
-        first = client.line()
-        client.sock.close()
-        return first.startswith(b"421")
-    except (EOFError, OSError):
-        return True
+    first = greeting(server, "mx", source)      # b"" when the server closed
+    return not first or first.startswith(b"421")
 
 
 def bench_propagation(workdir, redis, args):
