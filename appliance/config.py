@@ -325,7 +325,7 @@ def ldap_url(raw):
 def redis_url(raw):
     """``redis://[user:password@]host[:port][/db]`` or ``rediss://`` (TLS)."""
     value = _single(raw).strip()
-    if urlsplit(value).scheme.lower() not in ("redis", "rediss"):
+    if urlsplit(value).scheme.lower() not in ("redis", "rediss") or not urlsplit(value).hostname:
         raise ValueError(f"{_show(raw)} is not a redis:// or rediss:// URL")
     parts = urlsplit(_url(raw, value, ("redis", "rediss")))     # a host, a valid port
     if re.search(r"(^|&)ssl_(cert_reqs|check_hostname)=", parts.query):

@@ -339,3 +339,16 @@ def test_stop_writes_what_is_pending_once_for_every_caller(pair, redis_server, c
     assert fired == [None, None]
     assert not a.state.up
     assert redis_server.client().get(f"{PREFIX}map:{BANS}:192.0.2.91/32") is not None
+
+
+@pytest.mark.parametrize("url, why", [
+    ("http://127.0.0.1:6379/0", "is not a redis:// or rediss:// URL"),
+    ("redis://", "is not a redis:// or rediss:// URL"),
+    ("redis://127.0.0.1:99999/0", "has no valid port"),
+    ("redis://127.0.0.1:6379/zero", "has no valid database number"),
+])
+def test_a_bad_url_is_one_config_line(url, why):
+    with pytest.raises(config.ConfigError) as info:
+        make_config(url)
+    assert info.value.problems == [f'[state] redis_url: "{url}" {why}' + (
+        " (e.g. /0)" if "database" in why else "")]

@@ -134,3 +134,17 @@ def test_redis_down_both_keep_accepting_then_share_again(pair, redis_server):
     client.close()
     wait_until(lambda: greeting(a, "mx", "127.0.0.88").startswith(b"421"), 1.0,
                interval=0.02, what="A to refuse the client banned on B")
+
+
+def test_an_unreadable_password_file_is_one_line_at_start(mailserver_factory, redis_server,
+                                                          tmp_path):
+    from harness import ServerError
+    server = mailserver_factory(listeners=("mx",), start=False, overrides={"state": {
+        "backend": "redis", "redis_url": redis_server.url,
+        "redis_password_file": str(tmp_path / "missing")}})
+    with pytest.raises(ServerError):
+        server.start(timeout=10)
+    output = server.output()
+    assert f"mailappliance: [state] redis_password_file: cannot read {tmp_path / 'missing'}" \
+        in output
+    assert "Traceback" not in output
