@@ -43,6 +43,7 @@ resumes and ``state.redis_up`` is emitted.
 """
 
 import json
+import time
 import uuid
 from collections import deque
 
@@ -682,15 +683,19 @@ class RedisState:
     def _poll_sync(self, pubsub):
         """In a thread: the messages published, waiting up to poll_timeout."""
         messages = []
-        timeout = self.poll_timeout
+        deadline = time.monotonic() + self.poll_timeout
         while len(messages) < POLL_MAX:
+            # Wait (up to the deadline) for the first message of the others,
+            # then take what is already there.
+            timeout = 0.0 if messages else max(0.0, deadline - time.monotonic())
             message = pubsub.get_message(timeout=timeout)
             if message is None:
-                break
+                if messages or time.monotonic() >= deadline:
+                    break
+                continue
             # Our own publications come back too: dropped here, unparsed.
             if message.get("type") == "message" and not message["data"].startswith(self._own):
                 messages.append(message["data"])
-            timeout = 0.0
         return messages
 
     def _polled(self, messages):
