@@ -81,8 +81,10 @@ for _name, _description, _fields in (
 
 
 # KEYS[1] the window's hash; ARGV: slot (ms), amount, oldest live slot (ms),
-# the hash's time to live (ms), channel, origin, window key, window (seconds).
-# -> [slot, total, slot, total, ...] of the live slots after the increment.
+# the hash's time to live (ms), channel, origin, window key, window (seconds),
+# "1" for every slot's total. -> [slot, total, slot, total, ...] of the live
+# slots after the increment (with "0": of the incremented slot only; the
+# others' slots come with their publications).
 WINDOW_SCRIPT = """
 local total = redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1], ARGV[2])
 local all = redis.call('HGETALL', KEYS[1])
@@ -97,6 +99,9 @@ for i = 1, #all, 2 do
   end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if ARGV[9] ~= '1' then
+  live = {ARGV[1], total}
+end
 redis.call('PUBLISH', ARGV[5],
            ARGV[6] .. '\\n' .. cjson.encode({w = {ARGV[7], ARGV[1], total, ARGV[8]}}))
 return live
@@ -229,6 +234,7 @@ class RedisState:
         self._attempt = 0
         self._down_since = None
         self._others = {}           # window key -> _Others
+        self._stale = set()         # window keys whose publications we may have missed
         self._remote = {}           # map name -> [callback(field, value or None, origin)]
         self._alert_listeners = []
         self._drain_waiters = []
@@ -359,7 +365,9 @@ class RedisState:
 
     def _count(self, key, window, amount, now):
         own = self.local.window_add(key, window, amount)
-        self._send(("win", key, float(window), self._slot_ms(now, window), amount))
+        # Every slot's total only while we know nothing of the key's other slots.
+        full = key not in self._others or key in self._stale
+        self._send(("win", key, float(window), self._slot_ms(now, window), amount, full))
         return own
 
     def window_count(self, key, window):
@@ -414,6 +422,7 @@ class RedisState:
             others.total(now)
             if not others.counts and not others.acked:
                 del self._others[key]
+        self._stale.intersection_update(self._others)
 
     # -- writing through ----------------------------------------------------------------
 
@@ -479,11 +488,13 @@ class RedisState:
         for change, live in zip(batch, results):
             if change[0] != "win" or live is None:
                 continue
-            _, key, window, slot_ms, amount = change
+            _, key, window, slot_ms, amount, _ = change
             others = self._others.get(key)
             if others is None or others.window != window:
                 others = self._others[key] = _Others(window)
             others.acked[slot_ms] = others.acked.get(slot_ms, 0) + amount
+            if len(live) > 2:
+                self._stale.discard(key)
             for i in range(0, len(live) - 1, 2):
                 others.heard(int(live[i]), float(live[i + 1]))
 
@@ -496,12 +507,13 @@ class RedisState:
         for change in batch:
             kind = change[0]
             if kind == "win":
-                _, key, window, slot_ms, amount = change
+                _, key, window, slot_ms, amount, full = change
                 slot = window / WINDOW_SLOTS
                 cutoff = slot_ms - int((window + slot) * 1000)
                 ttl_ms = int((window + 2 * slot) * 1000)
                 pipe.evalsha(self._sha, 1, window_key(key), slot_ms, repr(float(amount)),
-                             cutoff, ttl_ms, CHANNEL, self.node, key, repr(window))
+                             cutoff, ttl_ms, CHANNEL, self.node, key, repr(window),
+                             "1" if full else "0")
             elif kind == "put":
                 _, name, field, value, expires = change
                 data = json.dumps([value, expires], separators=(",", ":"))
@@ -635,6 +647,7 @@ class RedisState:
                 synced += 1
         down_for = None if self._down_since is None else round(now - self._down_since, 3)
         dropped, self.dropped = self.dropped, 0
+        self._stale = set(self._others)    # publications were missed while down
         self.up = True
         self._attempt = 0
         self._down_since = None
