@@ -113,6 +113,8 @@ def test_redis_down_both_keep_accepting_then_share_again(pair, redis_server):
                             what="the auditor's alert")
         assert "state.redis_down" in alerts[0]["detail"]
         server.wait_for_messages(USER, 1)
+    status = a.cli("status")
+    assert "warning: the shared defence state (redis://127.0.0.1:" in status.stdout
     # A ban placed on A while Redis is down holds on A only...
     client = submission_session(a, "127.0.0.87")
     client.send(f"AUTH PLAIN {plain('wrong')}")
