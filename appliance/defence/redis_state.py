@@ -237,7 +237,6 @@ class RedisState:
         self._stale = set()         # window keys whose publications we may have missed
         self._remote = {}           # map name -> [callback(field, value or None, origin)]
         self._alert_listeners = []
-        self._drain_waiters = []
         self._stopping = None
         self._sha = None
         self.received = 0           # messages from other appliances applied
@@ -284,7 +283,6 @@ class RedisState:
 
     def _stopped(self, _):
         self.up = False
-        self._drained()
 
     def _close(self, _=None):
         """Close the sockets (nothing uses them any more: no poll or write runs)."""
@@ -296,16 +294,6 @@ class RedisState:
 
     def flush(self):
         return self.local.flush()
-
-    def drained(self):
-        """A Deferred firing once every change made so far is written to
-        Redis (or journaled because it is down)."""
-        if self._writing is None and not (self.up and self._pending):
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._drain_waiters.append(d)
-        self._schedule_write()
-        return d
 
     def on_remote(self, name, callback):
         """Call ``callback(field, value, origin)`` when another appliance changed
@@ -443,7 +431,6 @@ class RedisState:
     def _write(self):
         self._write_call = None
         if not self.up or self._writing is not None or not self._pending:
-            self._drained()
             return
         batch, self._pending = self._pending[:BATCH_MAX], self._pending[BATCH_MAX:]
         d = self._writing = self.run_in_thread(self._write_batch, batch)
@@ -456,15 +443,12 @@ class RedisState:
         self._acknowledged(batch, results)
         if self._pending:
             self._schedule_write()
-        else:
-            self._drained()
 
     def _write_failed(self, failure, batch):
         self._writing = None
         self._requeue(batch + self._pending)
         self._pending = []
         self._down(failure.getErrorMessage() or failure.type.__name__)
-        self._drained()
 
     def _requeue(self, changes):
         """Put ``changes`` back in front of the journal (the oldest are
@@ -476,12 +460,6 @@ class RedisState:
             merged = merged[-keep:]
         self._journal.clear()
         self._journal.extend(merged)
-
-    def _drained(self):
-        if self._writing is None and not (self.up and self._pending):
-            waiters, self._drain_waiters = self._drain_waiters, []
-            for d in waiters:
-                d.callback(None)
 
     def _acknowledged(self, batch, results):
         """Our increments' replies: the other appliances' share of each slot."""
@@ -498,9 +476,11 @@ class RedisState:
             for i in range(0, len(live) - 1, 2):
                 others.heard(int(live[i]), float(live[i + 1]))
 
-    def _write_batch(self, batch):
+    def _write_batch(self, batch, strict=True):
         """In a thread: one pipeline for ``batch``; -> per change, the live
-        slots of a window increment (else None)."""
+        slots of a window increment (else None). Not ``strict`` (a replay):
+        a change Redis refuses (a key of another type...) is left out, so one
+        bad change cannot keep sharing off for ever."""
         pipe = self.client.pipeline(transaction=False)
         maps, alerts = [], []
         now_ms = int(self.clock.seconds() * 1000)
@@ -544,12 +524,12 @@ class RedisState:
                 message["a"] = alerts
             pipe.publish(CHANNEL, self.node + "\n" + json.dumps(message, separators=(",", ":"),
                                                                 default=str))
-        replies = pipe.execute()
+        replies = pipe.execute(raise_on_error=strict)
         # Map the replies back to the batch: a window's script gives its slots.
         out, i = [], 0
         for change in batch:
             if change[0] == "win":
-                out.append(replies[i])
+                out.append(None if isinstance(replies[i], Exception) else replies[i])
                 i += 1
             elif change[0] == "alert":
                 out.append(None)
@@ -594,7 +574,7 @@ class RedisState:
             raise ConnectionError("no answer to SUBSCRIBE")
         self._pubsub = pubsub
         for start in range(0, len(journal), BATCH_MAX):
-            self._write_batch(journal[start:start + BATCH_MAX])
+            self._write_batch(journal[start:start + BATCH_MAX], strict=False)
         remote = self._read_maps()
         held = {(name, field) for name, field, _, _ in remote}
         now_ms = int(self.clock.seconds() * 1000)
@@ -635,6 +615,7 @@ class RedisState:
 
     def _connected(self, remote, journal):
         if self.stopping:
+            self._close()
             return
         now = self.clock.seconds()
         synced = 0

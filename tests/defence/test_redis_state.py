@@ -352,3 +352,19 @@ def test_a_bad_url_is_one_config_line(url, why):
         make_config(url)
     assert info.value.problems == [f'[state] redis_url: "{url}" {why}' + (
         " (e.g. /0)" if "database" in why else "")]
+
+
+def test_a_change_redis_refuses_does_not_keep_sharing_off(pair, redis_server, clock,
+                                                          collected):
+    a, b = pair()
+    client = redis_server.client()
+    key = f"{PREFIX}win:connections_per_minute_per_ip:192.0.2.93/32"
+    client.set(key, "not a hash")           # someone else's key of another type
+    a.defences.rates.connection("192.0.2.93")
+    a.defences.bans.ban("192.0.2.94")
+    pump(clock)
+    assert not a.state.up                   # the batch failed (WRONGTYPE)
+    clock.advance(1.0)
+    pump(clock)
+    assert a.state.up                       # the replay left the refused change out
+    assert b.defences.bans.is_banned("192.0.2.94") is not None
