@@ -368,3 +368,22 @@ def test_a_change_redis_refuses_does_not_keep_sharing_off(pair, redis_server, cl
     pump(clock)
     assert a.state.up                       # the replay left the refused change out
     assert b.defences.bans.is_banned("192.0.2.94") is not None
+
+
+def test_the_journal_is_bounded_and_says_what_it_dropped(redis_server, clock, collected):
+    redis_server.stop()
+    local = LocalState(None, clock, persistent=PERSISTENT)
+    state = RedisState(local, clock, client_factory(redis_server.url), synchronous_runner,
+                       shared=PERSISTENT, node="small", journal_max=3, poll_timeout=0.0,
+                       poll_interval=POLL)
+    state.start()
+    for n in range(5):
+        state.map_put(BANS, f"192.0.2.{n}/32", {"reason": "x"}, ttl=600)
+    redis_server.start()
+    clock.advance(1.0)
+    pump(clock)
+    up = collected.named("state.redis_up")[-1]
+    assert (up["replayed"], up["dropped"]) == (3, 2)
+    # The replica kept all five; the sync pushed the two the journal dropped.
+    client = redis_server.client()
+    assert len(client.keys(f"{PREFIX}map:{BANS}:*")) == 5
