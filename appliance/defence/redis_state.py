@@ -62,6 +62,7 @@ SOCKET_TIMEOUT = 2.0        # seconds: every Redis command and connect is bounde
 BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)      # seconds between reconnect attempts
 JOURNAL_MAX = 100_000       # changes kept while Redis is down (the oldest dropped beyond)
 BATCH_MAX = 1000            # changes written in one pipeline
+WRITE_DELAY = 0.01          # seconds increments wait to go in one pipeline (map changes: none)
 POLL_TIMEOUT = 0.5          # seconds a poll of the subscription waits for messages
 POLL_MAX = 500              # messages taken per poll
 SCAN_COUNT = 1000
@@ -80,31 +81,39 @@ for _name, _description, _fields in (
     events.register(_name, _description, _fields)
 
 
-# KEYS[1] the window's hash; ARGV: slot (ms), amount, oldest live slot (ms),
-# the hash's time to live (ms), channel, origin, window key, window (seconds),
-# "1" for every slot's total. -> [slot, total, slot, total, ...] of the live
-# slots after the increment (with "0": of the incremented slot only; the
-# others' slots come with their publications).
+# One call counts a run of increments (each of a window's hash) and publishes
+# their new totals in one message. KEYS: the hashes; ARGV[1] the channel,
+# ARGV[2] the origin, then 7 per key: slot (its start in ms), amount, oldest
+# live slot (ms), the hash's time to live (ms), window key, window (seconds),
+# "1" for every slot's total. -> per key [slot, total, slot, total, ...] of
+# its live slots after the increment (with "0": of the incremented slot only;
+# the other slots come with the other appliances' publications).
 WINDOW_SCRIPT = """
-local total = redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1], ARGV[2])
-local all = redis.call('HGETALL', KEYS[1])
-local cutoff = tonumber(ARGV[3])
-local live = {}
-for i = 1, #all, 2 do
-  if tonumber(all[i]) < cutoff then
-    redis.call('HDEL', KEYS[1], all[i])
-  else
-    live[#live + 1] = all[i]
-    live[#live + 1] = all[i + 1]
+local out, published = {}, {}
+for k = 1, #KEYS do
+  local b = 2 + (k - 1) * 7
+  local slot = ARGV[b + 1]
+  local total = redis.call('HINCRBYFLOAT', KEYS[k], slot, ARGV[b + 2])
+  local all = redis.call('HGETALL', KEYS[k])
+  local cutoff = tonumber(ARGV[b + 3])
+  local live = {}
+  for i = 1, #all, 2 do
+    if tonumber(all[i]) < cutoff then
+      redis.call('HDEL', KEYS[k], all[i])
+    else
+      live[#live + 1] = all[i]
+      live[#live + 1] = all[i + 1]
+    end
   end
+  redis.call('PEXPIRE', KEYS[k], ARGV[b + 4])
+  if ARGV[b + 7] ~= '1' then
+    live = {slot, total}
+  end
+  out[k] = live
+  published[k] = {ARGV[b + 5], slot, total, ARGV[b + 6]}
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-if ARGV[9] ~= '1' then
-  live = {ARGV[1], total}
-end
-redis.call('PUBLISH', ARGV[5],
-           ARGV[6] .. '\\n' .. cjson.encode({w = {ARGV[7], ARGV[1], total, ARGV[8]}}))
-return live
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. '\\n' .. cjson.encode({w = published}))
+return out
 """
 
 
@@ -139,6 +148,27 @@ def client_factory(url, password=None, timeout=SOCKET_TIMEOUT):
             options.update(ssl_cert_reqs="required", ssl_check_hostname=True)
         return redis.Redis.from_url(url, **options)
     return make
+
+
+def _merged(changes):
+    """``changes`` with the increments of one window key and slot summed into
+    the first (not across a clear of that key)."""
+    out, at = [], {}
+    for change in changes:
+        kind = change[0]
+        if kind == "win":
+            spot = change[1:4]
+            i = at.get(spot)
+            if i is not None:
+                first = out[i]
+                out[i] = first[:4] + (first[4] + change[4], first[5] or change[5])
+                continue
+            at[spot] = len(out)
+        elif kind == "clear":
+            for spot in [s for s in at if s[0] == change[1]]:
+                del at[spot]
+        out.append(change)
+    return out
 
 
 def _chained(d):
@@ -205,7 +235,7 @@ class RedisState:
 
     def __init__(self, local, clock, make_client, run_in_thread, shared=(), url="",
                  node=None, backoff=BACKOFF, journal_max=JOURNAL_MAX,
-                 poll_timeout=POLL_TIMEOUT, poll_interval=0.0):
+                 poll_timeout=POLL_TIMEOUT, poll_interval=0.0, write_delay=WRITE_DELAY):
         self.local = local
         self.clock = clock
         self.make_client = make_client
@@ -219,6 +249,7 @@ class RedisState:
         self.backoff = tuple(backoff)
         self.poll_timeout = poll_timeout
         self.poll_interval = poll_interval    # between polls (the poll itself waits)
+        self.write_delay = write_delay
         self.up = False
         self.started = False
         self.stopping = False
@@ -417,22 +448,30 @@ class RedisState:
     def _send(self, change):
         if self.up:
             self._pending.append(change)
-            self._schedule_write()
+            self._schedule_write(self.write_delay if change[0] == "win" else 0)
         else:
             if len(self._journal) == self._journal.maxlen:
                 self.dropped += 1
             self._journal.append(change)
 
-    def _schedule_write(self):
-        if self._writing is None and self._write_call is None and not self.stopping:
-            # At the next reactor turn: the changes of this turn go in one pipeline.
-            self._write_call = self.clock.callLater(0, self._write)
+    def _schedule_write(self, delay=0):
+        """Write soon: map changes at the next reactor turn (with the rest of
+        this turn's), increments after ``write_delay`` (those of one client
+        key and slot merged into one), unless a write is under way (then
+        everything meanwhile goes in the next pipeline)."""
+        if self._writing is not None or self.stopping:
+            return
+        if self._write_call is None:
+            self._write_call = self.clock.callLater(delay, self._write)
+        elif delay == 0 and self._write_call.getTime() > self.clock.seconds():
+            self._write_call.reset(0)
 
     def _write(self):
         self._write_call = None
         if not self.up or self._writing is not None or not self._pending:
             return
         batch, self._pending = self._pending[:BATCH_MAX], self._pending[BATCH_MAX:]
+        batch = _merged(batch)
         d = self._writing = self.run_in_thread(self._write_batch, batch)
         d.addCallbacks(self._written, self._write_failed, callbackArgs=(batch,),
                        errbackArgs=(batch,))
@@ -482,19 +521,34 @@ class RedisState:
         a change Redis refuses (a key of another type...) is left out, so one
         bad change cannot keep sharing off for ever."""
         pipe = self.client.pipeline(transaction=False)
-        maps, alerts = [], []
+        maps, alerts, run = [], [], []
+        replies_of = []         # per change: the index of its reply (a script's: its run)
         now_ms = int(self.clock.seconds() * 1000)
+
+        def counted():      # a run of increments: one script call
+            if run:
+                args = [CHANNEL, self.node]
+                for _, key, window, slot_ms, amount, full in run:
+                    slot = window / WINDOW_SLOTS
+                    args += [slot_ms, repr(float(amount)),
+                             slot_ms - int((window + slot) * 1000),
+                             int((window + 2 * slot) * 1000), key, repr(window),
+                             "1" if full else "0"]
+                pipe.evalsha(self._sha, len(run), *[window_key(c[1]) for c in run], *args)
+                run.clear()
+                return 1
+            return 0
+
+        commands = 0
         for change in batch:
             kind = change[0]
             if kind == "win":
-                _, key, window, slot_ms, amount, full = change
-                slot = window / WINDOW_SLOTS
-                cutoff = slot_ms - int((window + slot) * 1000)
-                ttl_ms = int((window + 2 * slot) * 1000)
-                pipe.evalsha(self._sha, 1, window_key(key), slot_ms, repr(float(amount)),
-                             cutoff, ttl_ms, CHANNEL, self.node, key, repr(window),
-                             "1" if full else "0")
-            elif kind == "put":
+                replies_of.append((commands, len(run)))
+                run.append(change)
+                continue
+            commands += counted()
+            replies_of.append(None)
+            if kind == "put":
                 _, name, field, value, expires = change
                 data = json.dumps([value, expires], separators=(",", ":"))
                 if expires is None:
@@ -516,6 +570,9 @@ class RedisState:
                 pipe.lpush(ALERTS_KEY, alert)
                 pipe.ltrim(ALERTS_KEY, 0, ALERTS_KEEP - 1)
                 alerts.append(change[1])
+                commands += 1
+            commands += 1
+        counted()
         if maps or alerts:
             message = {}
             if maps:
@@ -525,18 +582,13 @@ class RedisState:
             pipe.publish(CHANNEL, self.node + "\n" + json.dumps(message, separators=(",", ":"),
                                                                 default=str))
         replies = pipe.execute(raise_on_error=strict)
-        # Map the replies back to the batch: a window's script gives its slots.
-        out, i = [], 0
-        for change in batch:
-            if change[0] == "win":
-                out.append(None if isinstance(replies[i], Exception) else replies[i])
-                i += 1
-            elif change[0] == "alert":
+        out = []
+        for where in replies_of:
+            if where is None:
                 out.append(None)
-                i += 2
-            else:
-                out.append(None)
-                i += 1
+                continue
+            reply = replies[where[0]]
+            out.append(None if isinstance(reply, Exception) else reply[where[1]])
         return out
 
     # -- connecting, synchronising, falling back ----------------------------------------
@@ -718,9 +770,7 @@ class RedisState:
             return
         self.received += 1
         now = self.clock.seconds()
-        counted = message.get("w")
-        if counted is not None:
-            key, slot_ms, total, window = counted
+        for key, slot_ms, total, window in message.get("w", ()):
             window = float(window)
             others = self._others.get(key)
             if others is None or others.window != window:

@@ -15,8 +15,9 @@ from twisted.internet import task
 
 from appliance import config
 from appliance.defence.bans import BANS
-from appliance.defence.redis_state import (CHANNEL, PREFIX, RedisState, StateConfigError,
-                                           client_factory, redact, shared_state)
+from appliance.defence.redis_state import (CHANNEL, PREFIX, WRITE_DELAY, RedisState,
+                                           StateConfigError, _merged, client_factory, redact,
+                                           shared_state)
 from appliance.defence.service import PERSISTENT, Defences
 from appliance.defence.state import LocalState
 from appliance.threads import synchronous_runner
@@ -54,8 +55,10 @@ class Appliance:
 
 
 def pump(clock, turns=5):
+    """Five reactor turns of 10 ms: increments wait WRITE_DELAY (10 ms) to be
+    written together; each turn polls the subscriptions (every POLL)."""
     for _ in range(turns):
-        clock.advance(POLL)
+        clock.advance(WRITE_DELAY)
 
 
 @pytest.fixture
@@ -387,3 +390,26 @@ def test_the_journal_is_bounded_and_says_what_it_dropped(redis_server, clock, co
     # The replica kept all five; the sync pushed the two the journal dropped.
     client = redis_server.client()
     assert len(client.keys(f"{PREFIX}map:{BANS}:*")) == 5
+
+
+def test_increments_of_one_key_and_slot_go_as_one_but_not_across_a_clear():
+    win = ("win", "k", 60.0, 1000, 1, False)
+    other = ("win", "j", 60.0, 1000, 1, True)
+    put = ("put", "bans", "f", {}, None)
+    assert _merged([win, other, put, win, ("clear", "k"), win, win]) == [
+        ("win", "k", 60.0, 1000, 2, False), other, put, ("clear", "k"),
+        ("win", "k", 60.0, 1000, 2, False)]
+
+
+def test_increments_wait_for_company_a_ban_does_not(pair, clock, redis_server):
+    a, _ = pair()
+    client = redis_server.client()
+    for _ in range(3):
+        a.defences.rates.connection("192.0.2.95")
+    clock.advance(0)
+    assert client.keys(f"{PREFIX}win:*") == []          # waiting WRITE_DELAY
+    a.defences.bans.ban("192.0.2.96")
+    clock.advance(0)                                    # the ban takes them along at once
+    key = f"{PREFIX}win:connections_per_minute_per_ip:192.0.2.95/32"
+    assert sum(float(v) for v in client.hgetall(key).values()) == 3.0
+    assert client.get(f"{PREFIX}map:{BANS}:192.0.2.96/32") is not None
