@@ -20,8 +20,9 @@ by itself; see docs/redis.md):
 - the sliding windows (rate limits, AUTH failure counts): one hash per
   window key, ``win:<key>``, a field per slot (its start in ms) counting the
   events of every appliance, pruned and its expiry moved by a Lua script in
-  the same round trip as the increment (atomic). The script publishes the
-  slot's new total. A limit is decided on ``own events (exact, local) +
+  the same round trip as the increment (atomic; one call per batch of
+  increments, which wait ``WRITE_DELAY`` for company). The script publishes
+  the slots' new totals. A limit is decided on ``own events (exact, local) +
   other appliances' events`` where the latter are the totals last heard
   (published or returned by our own increments) minus our own share in
   them, merged by maximum: they are never overcounted and lag the truth by
