@@ -413,3 +413,19 @@ def test_increments_wait_for_company_a_ban_does_not(pair, clock, redis_server):
     key = f"{PREFIX}win:connections_per_minute_per_ip:192.0.2.95/32"
     assert sum(float(v) for v in client.hgetall(key).values()) == 3.0
     assert client.get(f"{PREFIX}map:{BANS}:192.0.2.96/32") is not None
+
+
+def test_reconnects_back_off_to_thirty_seconds_and_stop_ends_them(redis_server, clock,
+                                                                  collected):
+    redis_server.stop()
+    a = Appliance("a", redis_server.url, clock).start()
+    delays = []
+    for _ in range(8):
+        (call,) = clock.getDelayedCalls()
+        delays.append(round(call.getTime() - clock.seconds(), 3))
+        clock.advance(delays[-1])
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert len(collected.named("state.redis_down")) == 1       # one event per outage
+    assert a.defences.mail_allowed("192.0.2.97", user="erin@example.test")
+    a.state.stop()
+    assert clock.getDelayedCalls() == []
