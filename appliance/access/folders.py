@@ -36,6 +36,7 @@ every change.
 import bisect
 import codecs
 import errno
+import heapq
 import os
 import re
 import shutil
@@ -46,6 +47,7 @@ from collections import namedtuple
 from twisted.internet import defer
 from twisted.mail import imap4  # noqa: F401  (registers the imap4-utf-7 codec)
 
+from appliance.access.msgcache import MessageCache
 from appliance.durable.files import fsync_dir, write_atomic, write_new
 from appliance.maildir import SUBDIRS, crlf, crlf_size, maildir_path, split_name, to_stored, unique_name
 
@@ -230,25 +232,6 @@ class HeaderCache:
             self.octets -= len(self._entries.pop(oldest))
 
 
-class Memo:
-    """Values derived from messages by the protocol layers (an IMAP ENVELOPE,
-    decoded header fields for SEARCH), keyed by (kind, base name). Message
-    files never change, so entries never go stale; the count is bounded."""
-
-    def __init__(self, limit=50_000):
-        self.limit = limit
-        self._entries = {}
-
-    def get(self, key):
-        return self._entries.get(key)
-
-    def put(self, key, value):
-        if len(self._entries) >= self.limit:
-            for old in list(self._entries)[: self.limit // 2]:
-                del self._entries[old]
-        self._entries[key] = value
-
-
 FLAG_LOG_LIMIT = 20000
 
 
@@ -259,6 +242,20 @@ def _uid_of(message):
 def _info_of(message, base):
     """The flags we knew for a UID, if it is still the same file."""
     return message.info if message is not None and message.base == base else ""
+
+
+SORT_STEP = 4096
+
+
+def _sorted_in_steps(items):
+    """``sorted(items)``, without holding the GIL for the whole sort: one
+    sort of 100,000 tuples is one C call of a few hundred ms, which the
+    reactor thread would wait out. Runs of ``SORT_STEP`` are sorted, then
+    merged by heapq.merge (a Python loop: the GIL changes hands)."""
+    if len(items) <= SORT_STEP:
+        return sorted(items)
+    runs = [sorted(items[start:start + SORT_STEP]) for start in range(0, len(items), SORT_STEP)]
+    return list(heapq.merge(*runs))
 
 
 def _unlink_quietly(name, dir_fd):
@@ -332,7 +329,7 @@ class Folder:
         self._owner = None
         self._listeners = []
         self.headers = HeaderCache()
-        self.memo = Memo()
+        self.cache = MessageCache(path)  # ENVELOPE and SEARCH texts, kept on disk
         self._flag_log = []             # UIDs whose flags changed, oldest first
         self._flag_log_start = 0        # the serial number of _flag_log[0]
         self.removals = 0               # bumped whenever messages leave
@@ -449,6 +446,12 @@ class Folder:
     def read_headers(self, messages):
         """Deferred[list of bytes or None]: the header blocks (CRLF, with the blank line)."""
         return self._run(lambda: [self._header_or_none(m) for m in messages])
+
+    def save_cache(self):
+        """Deferred[bool]: write the message cache if it has news (on a thread)."""
+        if not self.cache.dirty:
+            return defer.succeed(False)
+        return self._run(self.cache.save, self.messages)
 
     def store(self, uids, flags, mode):
         """Set (``mode`` "set"), add ("add") or remove ("remove") IMAP ``flags``
@@ -636,7 +639,7 @@ class Folder:
                 arrived.append((measured[1], base, measured[0]))
                 if measured[2] is not None:
                     self.headers.put(base, measured[2])
-        for mtime, base, size in sorted(arrived):
+        for mtime, base, size in _sorted_in_steps(arrived):
             kept.append(Message(self.uidnext, base, in_cur[base], size, mtime))
             self.uidnext += 1
             dirty = True
