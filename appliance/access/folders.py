@@ -562,6 +562,7 @@ class Folder:
         self._log_flags([m.uid for m in messages if m.uid in old and old[m.uid].info != m.info])
         if len(new) < len(old) or any(uid not in new for uid in old):
             self.removals += 1
+            self.cache.forget([m.base for uid, m in old.items() if uid not in new])
 
     def _update(self, changed=(), added=(), removed=()):
         """Apply changes we know of without comparing every message (a STORE
@@ -571,6 +572,7 @@ class Folder:
         if removed:
             gone = set(removed)
             messages = tuple(m for m in messages if m.uid not in gone)
+            self.cache.forget([index[uid].base for uid in gone if uid in index])
             for uid in gone:
                 index.pop(uid, None)
         if changed:

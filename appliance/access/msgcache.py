@@ -161,6 +161,12 @@ class MessageCache:
         self._entries[base] = (size, envelope, fields)
         self.dirty = True
 
+    def forget(self, bases):
+        """Messages that left the folder: their entries go (from the file at the next save)."""
+        for base in bases:
+            if self._entries.pop(base, None) is not None:
+                self.dirty = True
+
     def __len__(self):
         return len(self._entries)
 

@@ -868,7 +868,7 @@ class IMAPServer(imap4.IMAP4Server):
         d = self._targets(range(1, len(view.uids) + 1))
         d.addCallback(lambda live: view.folder.expunge(
             [m.uid for seq, m in live if "T" in m.info and (chosen is None or seq in chosen)]))
-        d.addCallback(lambda _: None)
+        d.addCallback(lambda _: self.factory.save_cache_later(view.folder))
         return d
 
     def _writable(self):
