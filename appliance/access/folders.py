@@ -36,6 +36,7 @@ every change.
 import bisect
 import codecs
 import errno
+import gc
 import heapq
 import os
 import re
@@ -242,6 +243,30 @@ def _uid_of(message):
 def _info_of(message, base):
     """The flags we knew for a UID, if it is still the same file."""
     return message.info if message is not None and message.base == base else ""
+
+
+SETTLE_AFTER = 5000              # long-lived objects made before they are frozen
+_made = [0]
+
+
+def settle(count):
+    """``count`` long-lived objects were just made (Messages of a scan):
+    after ``SETTLE_AFTER`` of them, ``gc.freeze()``.
+
+    A Message is a namedtuple, which the cyclic collector tracks for good
+    (it untracks plain tuples only), and a full collection walks every
+    tracked object holding the GIL: at 100,000 messages one took hundreds of
+    ms, a stall of the reactor each time a FETCH or SEARCH made enough
+    short-lived objects to start one. Frozen objects are left out of every
+    collection; reference counting still frees them (a Message refers to no
+    container, so it is in no cycle). What the freeze leaks is cyclic
+    garbage that exists at that moment and is never freed: bounded by one
+    freeze per ``SETTLE_AFTER`` messages loaded.
+    """
+    _made[0] += count
+    if _made[0] >= SETTLE_AFTER:
+        _made[0] = 0
+        gc.freeze()
 
 
 SORT_STEP = 4096
@@ -525,6 +550,7 @@ class Folder:
         known = self._state[1]
         self._set_messages([Message(uid, base, _info_of(known.get(uid), base), size, mtime)
                             for uid, size, mtime, base in sorted(entries)])
+        settle(len(entries))
         self._loaded = True
         self._uidlist_stamp = stamp
         return stamp is None
@@ -641,11 +667,14 @@ class Folder:
                 arrived.append((measured[1], base, measured[0]))
                 if measured[2] is not None:
                     self.headers.put(base, measured[2])
-        for mtime, base, size in _sorted_in_steps(arrived):
+        for count, (mtime, base, size) in enumerate(_sorted_in_steps(arrived), 1):
             kept.append(Message(self.uidnext, base, in_cur[base], size, mtime))
             self.uidnext += 1
             dirty = True
+            if count % SETTLE_AFTER == 0:
+                settle(SETTLE_AFTER)
         self._set_messages(kept)
+        settle(len(arrived) % SETTLE_AFTER)
         if dirty:
             self._save_uidlist()
         recent_uids = frozenset(m.uid for m in kept if m.base in recent)
