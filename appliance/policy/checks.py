@@ -41,7 +41,6 @@ All of a message's DNS queries share a time budget (``BUDGET_TIMEOUTS`` times
 
 import random as random_module
 import re
-import time
 from collections import namedtuple
 from email.headerregistry import HeaderRegistry
 
@@ -50,6 +49,7 @@ import authres.dmarc
 from twisted.internet import defer
 
 from appliance import events
+from appliance.clock import default_clock
 from appliance.policy import dmarc as dmarc_module
 from appliance.policy.dkim_verify import verify_signatures
 from appliance.policy.lookup import Lookups
@@ -224,11 +224,11 @@ class InboundChecks:
     ``resolver``: the server's dnspython resolver; ``run_in_thread(f, *args)
     -> Deferred`` runs the blocking part (a thread pool of its own in the
     server, ``synchronous_runner`` in tests); ``random`` draws for DMARC pct;
-    ``monotonic`` times the budget.
+    ``clock`` (an IReactorTime) times the budget.
     """
 
     def __init__(self, config, resolver, run_in_thread, random=random_module.random,
-                 monotonic=time.monotonic):
+                 clock=None):
         self.hostname = config.server.hostname
         self.spf = config.checks.spf
         self.dkim = config.checks.dkim
@@ -238,7 +238,7 @@ class InboundChecks:
         self.resolver = resolver
         self.run_in_thread = run_in_thread
         self.random = random
-        self.monotonic = monotonic
+        self.clock = default_clock(clock)
 
     @property
     def enabled(self):
@@ -259,7 +259,7 @@ class InboundChecks:
 
     def evaluate(self, facts, message):
         """The Verdict; blocking (DNS, RSA): runs on a worker thread."""
-        lookups = Lookups(self.resolver, self.timeout, self.budget, self.monotonic)
+        lookups = Lookups(self.resolver, self.timeout, self.budget, self.clock)
         fields = header_fields(message)
         spf_results, mailfrom = [], None
         if self.spf != "off" or self.dmarc != "off":
