@@ -742,13 +742,13 @@ class Folder:
 
     def _open(self, message):
         try:
-            return open(self._cur(message.filename), "rb")
+            return open(self._cur(message.filename), "rb", buffering=0)
         except FileNotFoundError:
             filename = self._find(message)
             if filename is None:
                 raise MessageGone(f"message {message.uid} is gone") from None
             try:
-                return open(self._cur(filename), "rb")
+                return open(self._cur(filename), "rb", buffering=0)
             except FileNotFoundError:
                 raise MessageGone(f"message {message.uid} is gone") from None
 
@@ -764,7 +764,7 @@ class Folder:
         with self._open(message) as f:
             data = b""
             while True:
-                chunk = f.read(65536)
+                chunk = f.read(16384)
                 data += chunk
                 end = data.find(b"\n\n")
                 if end >= 0 or not chunk:
