@@ -11,7 +11,6 @@ kept the test waiting for a core.
 """
 
 import gc
-import os
 import time
 
 import pytest
@@ -26,7 +25,7 @@ from appliance.auth.sasl import Mechanisms
 from appliance.testing import FakeAccounts, TLSStringTransport, make_config
 
 from appliance.tap import GC_THRESHOLD
-from stall_probe import LIMIT, worst_wait_while
+from stall_probe import LIMIT, big_inbox, worst_wait_while
 
 MESSAGES = 20000
 
@@ -65,15 +64,12 @@ class TimedWork:
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imapbig")
-    new = root / "mail" / "example.test" / "alice" / "new"
-    os.makedirs(new)
-    for n in range(MESSAGES):
-        (new / f"{1700000000 + n}.Q{n:012x}.mx").write_bytes(
-            b"From: Sender %d <sender-%d@example.org>\nTo: Alice <alice@example.test>\n"
-            b"Subject: report %d\nDate: Mon, 1 Jan 2024 10:00:00 +0000\n"
-            b"Message-ID: <%d@example.org>\n\nbody %d\n" % (n % 50, n % 50, n, n, n))
-    return root
+    return big_inbox(
+        tmp_path_factory.mktemp("imapbig"), MESSAGES,
+        lambda n: (b"From: Sender %d <sender-%d@example.org>\nTo: Alice <alice@example.test>\n"
+                   b"Subject: report %d\nDate: Mon, 1 Jan 2024 10:00:00 +0000\n"
+                   b"Message-ID: <%d@example.org>\n\nbody %d\n" % (n % 50, n % 50, n, n, n)),
+        lambda n: f"{1700000000 + n}.Q{n:012x}.mx")
 
 
 def run(session, transport, work, command):
