@@ -42,7 +42,7 @@ import os
 import re
 import shutil
 import weakref
-from collections import namedtuple
+from collections import OrderedDict, namedtuple
 
 from twisted.internet import defer
 from twisted.mail import imap4  # noqa: F401  (registers the imap4-utf-7 codec)
@@ -218,7 +218,8 @@ class HeaderCache:
     def __init__(self, limit=16 * 1024 * 1024):
         self.limit = limit
         self.octets = 0
-        self._entries = {}
+        self._entries = OrderedDict()   # popitem(last=False) is O(1); next(iter(dict))
+                                        # walks the holes deletions leave at the front
 
     def get(self, base):
         return self._entries.get(base)
@@ -229,8 +230,7 @@ class HeaderCache:
         self._entries[base] = header
         self.octets += len(header)
         while self.octets > self.limit:
-            oldest = next(iter(self._entries))
-            self.octets -= len(self._entries.pop(oldest))
+            self.octets -= len(self._entries.popitem(last=False)[1])
 
 
 FLAG_LOG_LIMIT = 20000
