@@ -229,7 +229,7 @@ class HeaderCache:
             return
         self._entries[base] = header
         self.octets += len(header)
-        while self.octets > self.limit:
+        while self.octets > self.limit and self._entries:     # two render threads may put
             self.octets -= len(self._entries.popitem(last=False)[1])
 
 

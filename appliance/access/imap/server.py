@@ -91,6 +91,7 @@ PREAUTH_TIMEOUT = 60.0          # seconds before login ([limits] imap_idle_timeo
 IDLE_POLL = 5.0                 # seconds between two stat() checks while IDLE
 FETCH_BATCH = 200               # messages rendered per thread hop (bodies)
 HEADER_BATCH = 1000             # messages per thread hop when only headers are read
+FETCH_AHEAD = 2                 # batches rendering at once when the disk is read
 CACHE_SAVE_DELAY = 5.0          # seconds from a FETCH/SEARCH to writing the message cache
 INLINE_LOOKUPS = 5000           # messages a command looks up on the reactor; more on a thread
 FETCH_BATCH_OCTETS = 4 * 1024 * 1024
@@ -984,30 +985,45 @@ class IMAPServer(imap4.IMAP4Server):
     @defer.inlineCallbacks
     def _send_fetch(self, targets, items):
         """Render in batches (on a thread when the disk is needed), write each
-        batch as it is ready, and wait while the client is slow to read."""
+        batch as it is ready, and wait while the client is slow to read.
+        Batches that read the disk go ``FETCH_AHEAD`` at a time: one thread
+        waits for the disk while another parses (memory stays bounded)."""
         view = self.view
         need = fetch_needs(items)
         throttle = _Throttle()
         self.transport.registerProducer(throttle, True)
         gone = False
+        batches = _batches(targets, need, len(items))
+
+        def start(batch):
+            rows = []
+            for seq, old in batch:
+                message = view.folder.get(old.uid) or old
+                rows.append((seq, message, view.flag_bytes(message)))
+                view.shown(message)
+            if need == NEEDS_NOTHING and len(rows) * len(items) <= INLINE_WORK:
+                return defer.succeed(render_batch(view.folder, rows, items, need))
+            return self.factory.run_in_thread(render_batch, view.folder, rows, items, need)
+
+        ahead = []
         try:
-            for batch in _batches(targets, need, len(items)):
-                rows = []
-                for seq, old in batch:
-                    message = view.folder.get(old.uid) or old
-                    rows.append((seq, message, view.flag_bytes(message)))
-                    view.shown(message)
-                if need == NEEDS_NOTHING and len(rows) * len(items) <= INLINE_WORK:
-                    data, missing = render_batch(view.folder, rows, items, need)
-                else:
-                    data, missing = yield self.factory.run_in_thread(
-                        render_batch, view.folder, rows, items, need)
+            for batch in batches:
+                ahead.append(start(batch))
+                if need == NEEDS_NOTHING or len(ahead) >= FETCH_AHEAD:
+                    break
+            while ahead:
+                data, missing = yield ahead.pop(0)
                 gone = gone or bool(missing)
                 if self._closing:
                     break
                 self.transport.write(data)
                 yield throttle.wait()
+                batch = next(batches, None)
+                if batch is not None:
+                    ahead.append(start(batch))
         finally:
+            for abandoned in ahead:         # the client left: nobody reads these
+                abandoned.addErrback(lambda _: None)
             if not self._closing:
                 self.transport.unregisterProducer()
         return gone
