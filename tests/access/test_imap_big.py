@@ -11,6 +11,7 @@ kept the test waiting for a core.
 """
 
 import gc
+import shutil
 import time
 
 import pytest
@@ -96,42 +97,60 @@ def server_gc():
     gc.set_threshold(*before)
 
 
-def test_select_fetch_and_search_leave_the_reactor_free(big, monkeypatch, server_gc):
-    monkeypatch.setattr(imap_server, "CACHE_SAVE_DELAY", 3600.0)
+def one_attempt(root):
+    """SELECT, FETCH and SEARCH on a fresh copy of the mailbox: the answers
+    are checked; returns what went over ``LIMIT`` (empty when nothing did)."""
     work = TimedWork()
-    store = MaildirStore(str(big / "mail"), work)
+    store = MaildirStore(str(root / "mail"), work)
     accounts = FakeAccounts({"alice@example.test": "pw"})
 
     class TLS:
         context = object()
 
-    factory = IMAPFactory(make_config(str(big)), store, accounts, Mechanisms(accounts), TLS(),
+    factory = IMAPFactory(make_config(str(root)), store, accounts, Mechanisms(accounts), TLS(),
                           Clock(), implicit_tls=True, run_in_thread=work)
     factory.startFactory()
     transport = TLSStringTransport(peerAddress=IPv4Address("TCP", "192.0.2.10", 40000))
     session = factory.buildProtocol(None)
     session.makeConnection(transport)
+    over = []
     try:
         answer, _ = run(session, transport, work, b"a LOGIN alice@example.test pw\r\n")
         assert b"a OK" in answer
 
         answer, slice_ = run(session, transport, work, b"s SELECT INBOX\r\n")
         assert b"* %d EXISTS" % MESSAGES in answer and b"s OK" in answer
-        assert slice_ < LIMIT, f"SELECT held the reactor {slice_:.3f} s"
+        over += [f"SELECT held the reactor {slice_:.3f} s"] if slice_ >= LIMIT else []
 
         answer, slice_ = run(session, transport, work, b"f UID FETCH 1:* (FLAGS ENVELOPE)\r\n")
         lines = answer.split(b"\r\n")
         assert lines[-2].startswith(b"f OK")
         assert len(lines) == MESSAGES + 2
         assert b'(("Sender 7" NIL "sender-7" "example.org"))' in lines[7]
-        assert slice_ < LIMIT, f"FETCH held the reactor {slice_:.3f} s"
+        over += [f"FETCH held the reactor {slice_:.3f} s"] if slice_ >= LIMIT else []
 
         answer, slice_ = run(session, transport, work, b'r SEARCH FROM "sender-17@"\r\n')
         found = answer.split(b"\r\n")[0].split()[2:]
         assert found == [b"%d" % n for n in range(18, MESSAGES + 1, 50)]
-        assert slice_ < LIMIT, f"SEARCH held the reactor {slice_:.3f} s"
+        over += [f"SEARCH held the reactor {slice_:.3f} s"] if slice_ >= LIMIT else []
 
-        assert work.worst_wait < LIMIT, f"another client waited {work.worst_wait:.3f} s"
+        if work.worst_wait >= LIMIT:
+            over.append(f"another client waited {work.worst_wait:.3f} s")
     finally:
         session.connectionLost(None)
         factory.stopFactory()
+    return over
+
+
+def test_select_fetch_and_search_leave_the_reactor_free(big, tmp_path, monkeypatch, server_gc):
+    """A loaded machine makes waits that are noise, a stall stays: up to
+    three attempts, each on a fresh copy (the first SELECT is the work)."""
+    monkeypatch.setattr(imap_server, "CACHE_SAVE_DELAY", 3600.0)
+    for attempt in range(3):
+        copy = tmp_path / f"attempt-{attempt}"
+        shutil.copytree(big, copy)
+        over = one_attempt(copy)
+        shutil.rmtree(copy)
+        if not over:
+            break
+    assert not over, over
