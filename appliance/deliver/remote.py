@@ -17,6 +17,11 @@ The protocol itself (replies, commands, the body on the wire, TLS
 contexts) is ``appliance.deliver.smtpclient``.
 
 There are no smarthost credentials in SPEC §3, so no AUTH is sent.
+
+The route kind (``appliance.deliver.routes``) says where a group goes:
+REMOTE by MX (or smarthost), MAILBOX to an edge's ``[relay] mailbox_host``
+(no MTA-STS: the operator chose that host, as for a smarthost). The rest is
+the same: a mailbox host that is down defers, and the queue retries.
 """
 
 from dataclasses import dataclass
@@ -27,6 +32,7 @@ from twisted.logger import Logger
 from appliance import events
 from appliance.deliver import mtasts
 from appliance.deliver.mx import RoutingError
+from appliance.deliver.routes import REMOTE
 from appliance.deliver.smtpclient import (
     ClientFactory, HostFailure, Reply, Timeouts, default_tls_context, describe_error,
     ehlo_extensions, needs_utf8, quit_session, wire_address, wire_body)
@@ -119,11 +125,12 @@ class RemoteDelivery:
 
     # -- the public face -----------------------------------------------------
 
-    def deliver(self, envelope, message, recipients, domain):
-        """Deferred[list[RecipientResult]], one per recipient, in order."""
+    def deliver(self, envelope, message, recipients, domain, kind=REMOTE):
+        """Deferred[list[RecipientResult]], one per recipient, in order;
+        ``kind``: the route kind of the group (``appliance.deliver.routes``)."""
         if not recipients:
             return defer.succeed([])
-        d = self._deliver(envelope, message, list(recipients), domain)
+        d = self._deliver(envelope, message, list(recipients), domain, kind)
         d.addErrback(self._internal_error, envelope, recipients)
         return d
 
@@ -137,9 +144,10 @@ class RemoteDelivery:
         return results
 
     @defer.inlineCallbacks
-    def _deliver(self, envelope, message, recipients, domain):
+    def _deliver(self, envelope, message, recipients, domain, kind=REMOTE):
         try:
-            route = yield self.resolver.resolve(domain)
+            route = yield (self.resolver.resolve(domain) if kind == REMOTE
+                           else self.resolver.resolve(domain, kind))
         except RoutingError as e:
             results = [RecipientResult(r, e.code, e.status, e.text, from_remote=False)
                        for r in recipients]
@@ -147,7 +155,7 @@ class RemoteDelivery:
             return results
         body = wire_body(message)
         addresses, verified = route.addresses(), False
-        if self.mta_sts is not None and not route.smarthost:
+        if self.mta_sts is not None and not route.relay_host:
             policy = yield self.mta_sts.policy_for(domain)
             addresses, verified = mtasts.restrict(policy, addresses, envelope.queue_id, domain)
         last = HostFailure("4.4.1", f"no address to try for {domain}")
