@@ -968,15 +968,20 @@ class IMAPServer(imap4.IMAP4Server):
         if uid and not any(i.name == "UID" for i in items):
             items = [items_uid()] + items
         view = self.view
-        targets = yield self._targets(seqs)
-        gone = len(targets) != len(seqs)
         if view.readwrite and any(sets_seen(i) for i in items):
+            targets = yield self._targets(seqs)
+            gone = len(targets) != len(seqs)
             unseen = [m.uid for _, m in targets if "S" not in m.info]
             if unseen:
                 yield view.folder.store(unseen, ["\\Seen"], "add")
                 if not any(i.name == "FLAGS" for i in items):
                     items = items + [items_flags()]
+        else:
+            # Looked up batch by batch as they are sent: no list of 100,000
+            # (seq, Message) pairs for the cyclic collector to walk meanwhile.
+            targets, gone = _Live(view, seqs), False
         gone = (yield self._send_fetch(targets, items)) or gone
+        gone = gone or getattr(targets, "missing", 0) > 0
         self.factory.save_cache_later(view.folder)
         if gone:
             raise no(b"Some messages were expunged meanwhile", b"EXPUNGEISSUED")
@@ -1070,9 +1075,11 @@ def live_messages(view, seqs):
 
 
 def search_view(view, query, recent, count):
-    """SEARCH over the first ``count`` messages of ``view``: [(seq, uid)]."""
-    rows = [(seq, message, message.uid in recent)
-            for seq, message in live_messages(view, range(1, count + 1))]
+    """SEARCH over the first ``count`` messages of ``view``: [(seq, uid)].
+    The rows are made one at a time (a list of 100,000 would be objects
+    for the cyclic collector to walk)."""
+    rows = ((seq, message, message.uid in recent)
+            for seq, message in live_messages(view, range(1, count + 1)))
     return search_batch(view.folder, query, rows)
 
 
@@ -1096,24 +1103,41 @@ def items_flags():
 
 
 def _batches(targets, need, items=1):
-    """Split a FETCH into batches: big for flags only (but at most
-    ``BATCH_RENDERS`` items rendered: the answer is built in memory), bounded
-    by octets for bodies."""
+    """Split a FETCH (an iterable of (seq, Message)) into batches: big for
+    flags only (but at most ``BATCH_RENDERS`` items rendered: the answer is
+    built in memory), bounded by octets for bodies."""
     if need == NEEDS_NOTHING:
-        size = max(1, min(2000, BATCH_RENDERS // items))
-        for start in range(0, len(targets), size):
-            yield targets[start:start + size]
-        return
+        most = max(1, min(2000, BATCH_RENDERS // items))
+    else:
+        most = FETCH_BATCH if need == NEEDS_ALL else HEADER_BATCH
     batch, octets = [], 0
-    most = FETCH_BATCH if need == NEEDS_ALL else HEADER_BATCH
     for target in targets:
         batch.append(target)
-        octets += target[1].size if need == NEEDS_ALL else 2048
+        if need == NEEDS_ALL:
+            octets += target[1].size
         if len(batch) >= most or octets >= FETCH_BATCH_OCTETS:
             yield batch
             batch, octets = [], 0
     if batch:
         yield batch
+
+
+class _Live:
+    """The (seq, Message) of ``seqs``, looked up while iterating; ``missing``
+    counts those expunged meanwhile."""
+
+    def __init__(self, view, seqs):
+        self.view = view
+        self.seqs = seqs
+        self.missing = 0
+
+    def __iter__(self):
+        for seq in self.seqs:
+            message = self.view.message(seq)
+            if message is None:
+                self.missing += 1
+            else:
+                yield seq, message
 
 
 class _Idle:
