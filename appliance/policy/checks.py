@@ -41,7 +41,6 @@ All of a message's DNS queries share a time budget (``BUDGET_TIMEOUTS`` times
 
 import random as random_module
 import re
-import time
 from collections import namedtuple
 from email.headerregistry import HeaderRegistry
 
@@ -50,6 +49,8 @@ import authres.dmarc
 from twisted.internet import defer
 
 from appliance import events
+from appliance.address import is_ip
+from appliance.clock import default_clock
 from appliance.policy import dmarc as dmarc_module
 from appliance.policy.dkim_verify import verify_signatures
 from appliance.policy.lookup import Lookups
@@ -216,6 +217,25 @@ def authentication_results(hostname, verdict, sender):
     return field.encode("ascii", "replace")
 
 
+def site_names(config):
+    """The names whose Authentication-Results only our own site writes
+    (RFC 8601 §5): the local domains and every name under them (where a
+    site's appliances are named: edge1.example.test, mail.example.test),
+    and an edge's mailbox host. Mail from outside naming one of them as its
+    authserv-id is a forgery and loses that field; an edge's own results
+    reach the mailbox host only on mail from its trusted networks."""
+    names = set()
+    for domain in config.server.domains:
+        try:
+            names.add(domain.encode("idna").decode("ascii").lower())
+        except UnicodeError:
+            continue
+    mailbox_host = config.relay.mailbox_host
+    if mailbox_host is not None and not is_ip(mailbox_host.host):
+        names.add(mailbox_host.host.lower())
+    return tuple(sorted(names))
+
+
 # -- the checks -----------------------------------------------------------------
 
 class InboundChecks:
@@ -224,12 +244,13 @@ class InboundChecks:
     ``resolver``: the server's dnspython resolver; ``run_in_thread(f, *args)
     -> Deferred`` runs the blocking part (a thread pool of its own in the
     server, ``synchronous_runner`` in tests); ``random`` draws for DMARC pct;
-    ``monotonic`` times the budget.
+    ``clock`` (an IReactorTime) times the budget.
     """
 
     def __init__(self, config, resolver, run_in_thread, random=random_module.random,
-                 monotonic=time.monotonic):
+                 clock=None):
         self.hostname = config.server.hostname
+        self.site = site_names(config)
         self.spf = config.checks.spf
         self.dkim = config.checks.dkim
         self.dmarc = config.checks.dmarc
@@ -238,7 +259,7 @@ class InboundChecks:
         self.resolver = resolver
         self.run_in_thread = run_in_thread
         self.random = random
-        self.monotonic = monotonic
+        self.clock = default_clock(clock)
 
     @property
     def enabled(self):
@@ -253,7 +274,8 @@ class InboundChecks:
             # The work per message is bounded: no header section of megabytes.
             return defer.succeed(Verdict(message, refusal=HEADER_TOO_BIG, action="reject"))
         if not self.enabled:        # still a pass over every header line: not on the reactor
-            d = self.run_in_thread(lambda: Verdict(strip_forged(message, self.hostname)[0]))
+            d = self.run_in_thread(lambda: Verdict(strip_forged(message, self.hostname,
+                                                                site=self.site)[0]))
             return d
         d = self.run_in_thread(self.evaluate, facts, message, body)
         d.addCallback(self._report, context)
@@ -261,7 +283,7 @@ class InboundChecks:
 
     def evaluate(self, facts, message, body=None):
         """The Verdict; blocking (DNS, RSA): runs on a worker thread."""
-        lookups = Lookups(self.resolver, self.timeout, self.budget, self.monotonic)
+        lookups = Lookups(self.resolver, self.timeout, self.budget, self.clock)
         fields = header_fields(message)
         spf_results, mailfrom = [], None
         if self.spf != "off" or self.dmarc != "off":
@@ -277,7 +299,7 @@ class InboundChecks:
         verdict = Verdict(b"", spf=spf_results, dkim=dkim_results, dmarc=dmarc_results,
                           skipped_signatures=skipped)
         self._decide(verdict, mailfrom)
-        cleaned, _ = strip_forged(message, self.hostname, fields)
+        cleaned, _ = strip_forged(message, self.hostname, fields, self.site)
         verdict.message = authentication_results(self.hostname, verdict, facts.sender) + cleaned
         return verdict
 

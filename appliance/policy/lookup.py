@@ -11,12 +11,12 @@ NXDOMAIN and "no such record" are an empty answer; a timeout, SERVFAIL or
 any other failure to get an answer is ``TempDNSError``.
 """
 
-import time
-
 import dns.exception
 import dns.name
 import dns.rdatatype
 import dns.resolver
+
+from appliance.clock import default_clock
 
 
 class TempDNSError(Exception):
@@ -26,18 +26,18 @@ class TempDNSError(Exception):
 class Lookups:
     """DNS queries for one message's checks; use on one worker thread.
 
-    ``budget``: seconds for all the queries of the message together;
-    ``monotonic`` is injectable for tests.
+    ``budget``: seconds for all the queries of the message together, on
+    ``clock`` (an IReactorTime; reading its time is safe from any thread).
     """
 
-    def __init__(self, resolver, timeout, budget, monotonic=time.monotonic):
+    def __init__(self, resolver, timeout, budget, clock=None):
         self.resolver = resolver
         self.timeout = timeout
-        self.monotonic = monotonic
-        self.deadline = monotonic() + budget
+        self.clock = default_clock(clock)
+        self.deadline = self.clock.seconds() + budget
 
     def remaining(self):
-        return self.deadline - self.monotonic()
+        return self.deadline - self.clock.seconds()
 
     def query(self, name, rdtype):
         """The rdata of ``name``/``rdtype`` (CNAMEs followed); [] for none."""
