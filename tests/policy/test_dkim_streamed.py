@@ -15,6 +15,7 @@ from appliance.policy.dkim_body import BodyDigests, BodyHashes, split_message
 from appliance.policy.dkim_sign import sign_message
 from appliance.policy.dkim_verify import verify_signatures
 from appliance.policy.keys import KeyStore
+from appliance.testing import clock_at
 from dkim_tools import dkimpy_results, dnsfunc_from
 
 HEAD = (b"From: Alice <alice@example.test>\r\nTo: bob@remote.test\r\n"
@@ -71,7 +72,7 @@ def test_digests_from_pieces_are_computed_once_per_pass():
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     store = KeyStore(str(tmp_path_factory.mktemp("keys") / "dkim"), "ed25519-sha256", "mail",
-                     clock=lambda: 1768478400)
+                     clock=clock_at(1768478400))
     store.ensure(["example.test"])
     return store
 
