@@ -78,14 +78,6 @@ def inproc(size, streamed, workdir):
         files.shutdown()
 
 
-def peak_rss_kib(pid):
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM")
-
-
 def server(sizes, source):
     from harness import MailServer
     if source:
@@ -101,11 +93,11 @@ def server(sizes, source):
         try:
             for size in sizes:
                 message = HEAD + body(size * MiB)
-                before = peak_rss_kib(mail.pid)
+                before = mail.rss_kib("VmHWM")
                 with smtplib.SMTP(mail.host, mail.mx_port, timeout=120) as client:
                     client.sendmail("a@remote.test", ["alice@example.test"], message)
                 time.sleep(0.5)
-                results.append((size, before, peak_rss_kib(mail.pid) - before))
+                results.append((size, before, mail.rss_kib("VmHWM") - before))
         finally:
             mail.stop()
     finally:

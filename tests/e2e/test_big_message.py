@@ -23,14 +23,6 @@ def mailserver(module_mailserver_factory):
     return module_mailserver_factory()
 
 
-def peak_rss_kib(server):
-    with open(f"/proc/{server.pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmHWM")
-
-
 def big_message(to, marker, size):
     head = (f"From: {SENDER}\r\nTo: {to}\r\nSubject: big {marker}\r\n"
             f"Message-ID: <{marker}@client.example.org>\r\n\r\n").encode()
@@ -47,10 +39,10 @@ def leftovers(server):
 def test_twenty_mib_arrive_intact_in_the_maildir_and_over_imap(mailserver):
     marker = uuid.uuid4().hex
     message = big_message(mailserver.user, marker, 20 * MiB)
-    before = peak_rss_kib(mailserver)
+    before = mailserver.rss_kib("VmHWM")
     with smtplib.SMTP(mailserver.host, mailserver.mx_port, timeout=60) as client:
         assert client.sendmail(SENDER, [mailserver.user], message) == {}
-    grown = peak_rss_kib(mailserver) - before
+    grown = mailserver.rss_kib("VmHWM") - before
     print(f"peak RSS before {before} KiB, grown by {grown} KiB")
     wait_until(lambda: mailserver.messages(mailserver.user), 30, what="the delivery")
     [path] = mailserver.messages(mailserver.user)
