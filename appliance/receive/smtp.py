@@ -39,8 +39,8 @@ from appliance.net.peer import peer_ip
 from appliance.policy.checks import MAX_HEADER_OCTETS
 from appliance.policy.dkim_body import BodyDigests
 from appliance.policy.pipeline import Pipeline, Refused
-from appliance.queue.incoming import IncomingMessage
 from appliance.policy.relay import MXPolicy
+from appliance.queue.incoming import IncomingMessage
 from appliance.message import header_safe
 from appliance.receive.received import protocol_name, received_header
 from appliance.net.session import LineSession
