@@ -322,6 +322,21 @@ def ldap_url(raw):
     return value
 
 
+def redis_url(raw):
+    """``redis://[user:password@]host[:port][/db]`` or ``rediss://`` (TLS)."""
+    value = _single(raw).strip()
+    if urlsplit(value).scheme.lower() not in ("redis", "rediss") or not urlsplit(value).hostname:
+        raise ValueError(f"{_show(raw)} is not a redis:// or rediss:// URL")
+    parts = urlsplit(_url(raw, value, ("redis", "rediss")))     # a host, a valid port
+    if re.search(r"(^|&)ssl_(cert_reqs|check_hostname)=", parts.query):
+        raise ValueError(f"{_show(raw)}: the server certificate is always verified "
+                         "(leave out ssl_cert_reqs and ssl_check_hostname)")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"{_show(raw)} has no valid database number (e.g. /0)")
+    return value
+
+
 def https_url(raw):
     """An https:// URL with a host (the ACME directory)."""
     return _url(raw, _single(raw).strip(), ("https",))
@@ -498,6 +513,11 @@ SCHEMA = {
         Key("idle_timeout", "15m", positive_duration),
         Key("control_socket", "", path, True),    # empty: <data_dir>/control.sock
     ),
+    "state": _keys(
+        Key("backend", "local", choice("local", "redis")),
+        Key("redis_url", "redis://127.0.0.1:6379/0", redis_url),
+        Key("redis_password_file", "", path, True),
+    ),
     "log": _keys(
         Key("events", "./var/log/events.json", required_path, True),
     ),
@@ -545,6 +565,7 @@ class Config:
     admin: object
     log: object
     audit: object
+    state: object = None        # [state]: local, or shared through Redis (SPEC §7)
     path: str = None            # the file it came from, None for parse()
 
     @property

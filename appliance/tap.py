@@ -13,6 +13,7 @@ thread pool is added before the services that use it and outlives them)::
       pool-ldap-directory     LDAP recipient lookups (backend = ldap only)
       queue runner            local and remote delivery, retries, DSNs; recovery at start
       pool-defence-state, defences   bans, limits, greylist state loaded (before any listener)
+      pool-redis              [state] backend = redis: shared state written and heard
       auditor, queue-watch    the live IDS over the event stream ([audit] enabled)
       tls                     certificate and JWKS loaded; SIGHUP reloads the certificate
       dkim-keys               DKIM keys made if missing, loaded
@@ -69,6 +70,7 @@ from appliance.policy.keys import KeyService, KeyStore
 from appliance.policy.pipeline import Pipeline
 from appliance.defence.greylist import spf_checker
 from appliance.defence.bans import AuditorBans
+from appliance.defence.redis_state import StateConfigError
 from appliance.defence.service import Defences, DefenceService
 from appliance.defence.stages import DefenceStage, imap_refusal, pop3_refusal, smtp_refusal
 from appliance.durable.commit import GroupCommitWriter
@@ -296,6 +298,7 @@ POOLS = {
     "ldap": LDAP_POOL_SIZE,             # logins (backend = ldap)
     "ldap-directory": LDAP_POOL_SIZE,   # recipient lookups (backend = ldap)
     "defence-state": 1,         # durable writes of bans and greylist (appliance.defence)
+    "redis": 2,                 # [state] backend = redis: one writer, one subscriber
 }
 
 
@@ -444,6 +447,8 @@ def _auditor(app, reactor, top, pools):
     app.auditor = AuditService.from_config(cfg, reactor, spool=app.spool, runner=app.runner,
                                            bans=app.bans, write=pools.run("audit"))
     app.auditor.setServiceParent(top)
+    if cfg.state.backend == "redis":
+        app.auditor.share(app.defences.state)   # alerts of every appliance (SPEC §7)
     QueueWatch(app.spool, cfg.queue.delay_warning, reactor).setServiceParent(top)
 
 
@@ -483,7 +488,15 @@ def build(cfg, reactor):
     runner.setServiceParent(top)
     # Bans, limits, greylisting: their state is loaded before any listener
     # binds; the one gate asks them; the auditor bans through them.
-    app.defences = Defences.from_config(cfg, reactor, pools.run("defence-state"))
+    if cfg.state.backend == "redis":
+        # The pool stops once the shared state has written what it holds.
+        pools.pool("redis", drain=lambda: app.defences.state.stop())
+    try:
+        app.defences = Defences.from_config(
+            cfg, reactor, pools.run("defence-state"),
+            shared_run=pools.run("redis") if cfg.state.backend == "redis" else None)
+    except StateConfigError as exc:
+        fail(str(exc))
     DefenceService(app.defences, reactor).setServiceParent(top)
     app.gate.defences = app.defences
     app.bans = AuditorBans(app.defences.bans)   # AUTH brute force is banned in-process

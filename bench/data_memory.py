@@ -79,14 +79,15 @@ def inproc(size, streamed, workdir):
 
 
 def server(sizes, source):
-    from harness import MailServer
-    if source:
+    import harness
+    if source:      # the server runs in its tree (its cwd is first on sys.path)
+        harness.REPO_ROOT = str(Path(source).resolve())
         os.environ["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(Path(source).resolve()), os.environ.get("PYTHONPATH")) if p)
+            p for p in (harness.REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     workdir = Path(tempfile.mkdtemp(prefix="data-memory-"))
     results = []
     try:
-        mail = MailServer(workdir / "server", listeners=("mx",),
+        mail = harness.MailServer(workdir / "server", listeners=("mx",),
                           overrides={"server": {"max_message_size": "60M"}})
         mail.add_user("alice@example.test", "password", bcrypt_cost=4)
         mail.start()

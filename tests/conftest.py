@@ -52,3 +52,12 @@ def dns(request):
     import dns_server
     with dns_server.DNSServer(request.module.ZONES) as server:
         yield server
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A redis-server of the test's own on a loopback port (it may be stopped,
+    restarted empty, or frozen); see tests/redis_server.py."""
+    import redis_server as module
+    with module.RedisServer(tmp_path / "redis") as server:
+        yield server

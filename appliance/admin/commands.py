@@ -20,6 +20,7 @@ words, redacted when they did not parse), the result and the time it took.
 
 import argparse
 import dataclasses
+import inspect
 import os
 import time
 
@@ -202,6 +203,12 @@ class Arg:
     choices: tuple = None
 
 
+# Arguments several commands take.
+A_USER = Arg("address", "the user", metavar="ADDRESS", complete="user")
+AN_ALIAS = Arg("address", "the alias", metavar="ADDRESS", complete="alias")
+HOW_MANY = Arg("count", "how many", nargs="?", type=int, metavar="N")
+
+
 @dataclasses.dataclass
 class Command:
     words: tuple
@@ -274,6 +281,8 @@ DESTRUCTIVE = {"delete", "del", "remove"}
 def command(words, summary, *, args=(), readonly=False, offline=False, online=False,
             lists=False, aliases=(), hidden=False):
     def register(run):
+        if inspect.isgeneratorfunction(run):    # yields Deferreds: one inlineCallbacks here
+            run = defer.inlineCallbacks(run)
         cmd = Command(tuple(words.split()), summary, run, tuple(args), readonly, offline,
                       online, lists, tuple(tuple(a.split()) for a in aliases), hidden)
         for key in (cmd.words,) + cmd.aliases:
@@ -526,11 +535,17 @@ def _local_address(ctx, address):
 
 
 @defer.inlineCallbacks
-def _password(ctx):
+def _hashed_password(ctx):
+    """The hash of a password read from the caller (stdin or a prompt)."""
     password = yield ctx.read_secret("Password: ")
     if not password:
         raise Failed("empty password refused")
-    return password
+    hashed = yield ctx.blocking(hash_password, password)
+    return hashed
+
+
+PASSWORD_STDIN = Arg("--password-stdin", "read the password from the first line of stdin",
+                     flag=True)
 
 
 def _suspended(ctx):
@@ -541,7 +556,6 @@ def _suspended(ctx):
          "suspended ones marked",
          args=(Arg("--domain", "only this domain", metavar="DOMAIN", complete="domain"),),
          readonly=True, offline=True, lists=True)
-@defer.inlineCallbacks
 def cmd_user_list(ctx, args):
     domain = canonical_domain(args.domain) if args.domain else None
     suspended = _suspended(ctx)
@@ -592,7 +606,6 @@ def _ldap_mailbox(ctx, address):
          args=(Arg("address", "the user (with LDAP: any of its addresses)", metavar="ADDRESS",
                    complete="user"),),
          readonly=True, offline=True, lists=True)
-@defer.inlineCallbacks
 def cmd_user_show(ctx, args):
     address = canonical_address(args.address)
     info = {"address": address, "backend": ctx.cfg.auth.backend}
@@ -639,12 +652,10 @@ def cmd_user_show(ctx, args):
 
 @command("user add", "add a user; the password comes from stdin or a prompt, never argv",
          args=(Arg("address", "user@local.domain", metavar="ADDRESS"),
-               Arg("--password-stdin", "read the password from the first line of stdin",
-                   flag=True),
+               PASSWORD_STDIN,
                Arg("--if-missing", "if the user exists, leave it as it is and exit 0 (no "
                    "password is asked for)", flag=True)),
          offline=True)
-@defer.inlineCallbacks
 def cmd_user_add(ctx, args):
     users = _file_users(ctx, "add")
     address = _local_address(ctx, canonical_address(args.address))
@@ -653,35 +664,27 @@ def cmd_user_add(ctx, args):
             ctx.out(f"user exists, unchanged: {address}")
             return EXIT_OK
         raise Failed(f"{address} already exists")
-    password = yield _password(ctx)
-    hashed = yield ctx.blocking(hash_password, password)
+    hashed = yield _hashed_password(ctx)
     yield ctx.blocking(users.add, address, hashed)
     ctx.out(f"user added: {address}")
     return EXIT_OK
 
 
 @command("user passwd", "set a new password (stdin or a prompt)",
-         args=(Arg("address", "the user", metavar="ADDRESS", complete="user"),
-               Arg("--password-stdin", "read the password from the first line of stdin",
-                   flag=True)),
-         offline=True)
-@defer.inlineCallbacks
+         args=(A_USER, PASSWORD_STDIN), offline=True)
 def cmd_user_passwd(ctx, args):
     users = _file_users(ctx, "passwd")
     address = canonical_address(args.address)
     if users.lookup(address) is None:
         raise Failed(f"{address} does not exist")
-    password = yield _password(ctx)
-    hashed = yield ctx.blocking(hash_password, password)
+    hashed = yield _hashed_password(ctx)
     yield ctx.blocking(users.set_hash, address, hashed)
     ctx.out(f"password changed: {address}")
     return EXIT_OK
 
 
 @command("user del", "delete a user (its mail stays on disk)",
-         args=(Arg("address", "the user", metavar="ADDRESS", complete="user"),),
-         offline=True, aliases=("user delete",))
-@defer.inlineCallbacks
+         args=(A_USER,), offline=True, aliases=("user delete",))
 def cmd_user_del(ctx, args):
     users = _file_users(ctx, "del")
     address = canonical_address(args.address)
@@ -693,9 +696,7 @@ def cmd_user_del(ctx, args):
 
 
 @command("user suspend", "refuse the user's logins and hold its queued outbound mail",
-         args=(Arg("address", "the user", metavar="ADDRESS", complete="user"),),
-         online=True)
-@defer.inlineCallbacks
+         args=(A_USER,), online=True)
 def cmd_user_suspend(ctx, args):
     address = canonical_address(args.address)
     if _ldap_backend(ctx):
@@ -709,9 +710,7 @@ def cmd_user_suspend(ctx, args):
 
 
 @command("user resume", "undo suspend: logins work again, its held mail is released",
-         args=(Arg("address", "the user", metavar="ADDRESS", complete="user"),),
-         online=True)
-@defer.inlineCallbacks
+         args=(A_USER,), online=True)
 def cmd_user_resume(ctx, args):
     address = canonical_address(args.address)
     if address not in ctx.suspensions.list() and _ldap_backend(ctx):
@@ -759,10 +758,9 @@ def cmd_alias_list(ctx, args):
 
 
 @command("alias add", "add an alias (or more targets to one); @domain is the catch-all",
-         args=(Arg("address", "the alias", metavar="ADDRESS", complete="alias"),
+         args=(AN_ALIAS,
                Arg("targets", "where its mail goes", nargs="+", metavar="TARGET")),
          offline=True)
-@defer.inlineCallbacks
 def cmd_alias_add(ctx, args):
     address = _local_address(ctx, args.address)
     yield ctx.blocking(ctx.aliases.add, address, args.targets)
@@ -771,9 +769,8 @@ def cmd_alias_add(ctx, args):
 
 
 @command("alias del", "delete an alias",
-         args=(Arg("address", "the alias", metavar="ADDRESS", complete="alias"),),
+         args=(AN_ALIAS,),
          offline=True, aliases=("alias delete",))
-@defer.inlineCallbacks
 def cmd_alias_del(ctx, args):
     address = alias_key(args.address)
     yield ctx.blocking(ctx.aliases.delete, address)
@@ -854,7 +851,6 @@ def cmd_queue_list(ctx, args):
 @command("queue show", "one message: envelope, each recipient's state, its headers",
          args=(Arg("id", "queue id", metavar="ID", complete="queue_id"),),
          readonly=True, online=True, lists=True)
-@defer.inlineCallbacks
 def cmd_queue_show(ctx, args):
     info = yield ctx.queue.show(args.id)
     if args.json:
@@ -977,7 +973,6 @@ def cmd_queue_delete(ctx, args):
          args=(Arg("--check", "look them up and say, per record, present, missing or "
                               "different (exit 1 unless all are present)", flag=True),),
          readonly=True, offline=True, aliases=("dns records",))
-@defer.inlineCallbacks
 def cmd_dns_records(ctx, args):
     store = ctx.dkim
     made = yield _ensure_keys(ctx)
@@ -991,7 +986,6 @@ def cmd_dns_records(ctx, args):
 @command("dkim list", "the DKIM keys: domain, selector, algorithm, state",
          args=(Arg("domain", "only this domain", nargs="?", complete="domain"),),
          readonly=True, offline=True, lists=True)
-@defer.inlineCallbacks
 def cmd_dkim_list(ctx, args):
     yield _ensure_keys(ctx)
     keys = yield ctx.blocking(ctx.dkim.keys, args.domain)
@@ -1022,7 +1016,6 @@ def _known_domain(ctx, domain):
          "published) until removed",
          args=(Arg("domain", "a local domain", metavar="DOMAIN", complete="domain"),),
          offline=True)
-@defer.inlineCallbacks
 def cmd_dkim_rotate(ctx, args):
     domain = _known_domain(ctx, args.domain)
     yield _ensure_keys(ctx)
@@ -1041,7 +1034,6 @@ def cmd_dkim_rotate(ctx, args):
          args=(Arg("domain", "its domain", metavar="DOMAIN", complete="domain"),
                Arg("selector", "its selector", metavar="SELECTOR", complete="selector")),
          offline=True)
-@defer.inlineCallbacks
 def cmd_dkim_remove(ctx, args):
     yield _ensure_keys(ctx)
     key = yield ctx.blocking(ctx.dkim.remove, args.domain, args.selector)
@@ -1054,7 +1046,6 @@ def cmd_dkim_remove(ctx, args):
 
 @command("config check", "validate the configuration file on disk",
          readonly=True, offline=True, aliases=("check-config",))
-@defer.inlineCallbacks
 def cmd_config_check(ctx, args):
     path = ctx.cfg.path
     cfg = yield ctx.blocking(configmod.load, path)
@@ -1099,12 +1090,11 @@ def _event_text(record):
 
 
 @command("log tail", "the last events (default 20); --follow streams until Ctrl-C",
-         args=(Arg("count", "how many", nargs="?", type=int, metavar="N"),
+         args=(HOW_MANY,
                Arg("prefix", "only events whose name starts so (smtp., queue. ...)",
                    nargs="?", metavar="EVENT-PREFIX"),
                Arg("--follow", "keep streaming new events", flag=True)),
          readonly=True, online=True, lists=True)
-@defer.inlineCallbacks
 def cmd_log_tail(ctx, args):
     import json
     count, prefix = args.count, args.prefix
@@ -1151,7 +1141,6 @@ def cmd_log_tail(ctx, args):
 
 @command("server hostkey", "the SSH host key's fingerprint (check ssh's first-connect "
          "prompt against it)", readonly=True, offline=True, lists=True)
-@defer.inlineCallbacks
 def cmd_server_hostkey(ctx, args):
     from twisted.conch.ssh import keys
     path = ctx.cfg.admin.host_key
@@ -1198,7 +1187,7 @@ def _auditor(ctx):
 
 
 @command("alerts", "the auditor's latest findings, newest first (default 20)",
-         args=(Arg("count", "how many", nargs="?", type=int, metavar="N"),),
+         args=(HOW_MANY,),
          readonly=True, online=True, lists=True, aliases=("audit alerts",))
 def cmd_alerts(ctx, args):
     from appliance.audit.alerts import describe
@@ -1337,30 +1326,30 @@ def cmd_greylist_list(ctx, args):
     return EXIT_OK
 
 
-@command("greylist allow", "this client network passes greylisting from now on",
-         args=(Arg("network", "an address (its /24 or IPv6 prefix) or a network",
-                   metavar="NETWORK"),),
-         online=True)
-def cmd_greylist_allow(ctx, args):
-    greylist = _defences(ctx).greylist
+A_NETWORK = Arg("network", "an address (its /24 or IPv6 prefix) or a network",
+                metavar="NETWORK")
+
+
+def _greylist_change(ctx, verb, network):
+    """``greylist.<verb>(network)``; a bad network is a usage error."""
     try:
-        network = greylist.allow(args.network)
+        return getattr(_defences(ctx).greylist, verb)(network)
     except ValueError as exc:
-        raise UsageError(f"greylist allow: {exc}") from None
+        raise UsageError(f"greylist {verb}: {exc}") from None
+
+
+@command("greylist allow", "this client network passes greylisting from now on",
+         args=(A_NETWORK,), online=True)
+def cmd_greylist_allow(ctx, args):
+    network = _greylist_change(ctx, "allow", args.network)
     ctx.out(f"passes greylisting: {network}")
     return EXIT_OK
 
 
 @command("greylist forget", "forget a client network and its triplets (greylisted anew)",
-         args=(Arg("network", "an address (its /24 or IPv6 prefix) or a network",
-                   metavar="NETWORK"),),
-         online=True)
+         args=(A_NETWORK,), online=True)
 def cmd_greylist_forget(ctx, args):
-    greylist = _defences(ctx).greylist
-    try:
-        network, found = greylist.forget(args.network)
-    except ValueError as exc:
-        raise UsageError(f"greylist forget: {exc}") from None
+    network, found = _greylist_change(ctx, "forget", args.network)
     if not found:
         raise Failed(f"greylisting knows nothing of {network}")
     ctx.out(f"forgotten: {network}")

@@ -103,6 +103,10 @@ class AdminState:
             warnings.append(f"the admin shell listens on {admin.host}, not on loopback")
         if self.suspensions.list():
             warnings.append(f"{len(self.suspensions.list())} users suspended")
+        state = getattr(self.part("defences"), "state", None)
+        if getattr(state, "started", False) and not state.up:     # [state] backend = redis
+            warnings.append(f"the shared defence state ({state.url}) is unreachable: "
+                            "local state only, reconnecting")
         alerts = []
         auditor = self.part("auditor")
         if auditor is not None and getattr(auditor, "store", None) is not None:

@@ -32,7 +32,8 @@ send_spike         smtp.message.accepted of one authenticated   send_spike      
                    account
 server_trouble     spool.error, spool.corrupt, spool.space_low, 1 per kind         none
                    spool.writer.lost, ldap.unavailable,
-                   dkim.sign_failed, queue.stale
+                   dkim.sign_failed, queue.stale,
+                   state.redis_down
 =================  ===========================================  =================  ======
 
 After a finding, the rule forgets what it counted for that key and stays
@@ -62,7 +63,7 @@ PROTOCOL_LIMITS = {"imap.limit": {"line_length", "command_size"},
 PIPELINED_AFTER_TLS = ("smtp.starttls.discarded", "imap.starttls.discarded",
                        "pop3.stls.discarded")
 TROUBLE = ("spool.error", "spool.corrupt", "spool.space_low", "spool.writer.lost",
-           "ldap.unavailable", "dkim.sign_failed", "queue.stale")
+           "ldap.unavailable", "dkim.sign_failed", "queue.stale", "state.redis_down")
 MAX_KEYS = 200_000      # per rule; beyond it the oldest keys are dropped (at a purge)
 
 

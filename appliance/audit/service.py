@@ -55,6 +55,7 @@ class AuditService(service.Service):
         self.webhook = webhook
         self.holds = holds
         self.findings = 0
+        self.shared = None
 
     @classmethod
     def from_config(cls, cfg, reactor, spool=None, runner=None, bans=None, write=None):
@@ -76,6 +77,20 @@ class AuditService(service.Service):
         webhook = Webhook(cfg.audit.webhook, reactor) if cfg.audit.webhook else None
         return cls(Settings.from_config(cfg), Actions(bans, holds), AlertStore(directory, **files),
                    digest, webhook, holds)
+
+    def share(self, state):
+        """Alerts shared with the other appliances through ``state`` (a
+        ``RedisState``): ours are published, theirs kept in our store (with
+        ``origin``) so ``alerts`` on any appliance lists all. Digest and
+        webhook stay with the appliance that raised the alert."""
+        self.shared = state
+        state.on_alert(self._remote_alert)
+
+    def _remote_alert(self, alert, origin):
+        if self.store is None or not isinstance(alert, dict) or "rule" not in alert:
+            return
+        self.store.add(dict(alert, alert_id=self.store.new_id(), origin=origin,
+                            origin_alert_id=alert.get("alert_id")))
 
     def startService(self):
         if self.store is not None:
@@ -127,6 +142,8 @@ class AuditService(service.Service):
             self.digest.add(alert)
         if self.webhook is not None:
             self.webhook.send(alert)
+        if self.shared is not None:
+            self.shared.publish_alert(alert)
 
 
 class QueueWatch(service.Service):

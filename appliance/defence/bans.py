@@ -31,6 +31,9 @@ for _name, _description, _fields in (
     ("defence.ban.expired", "a ban ran out", ("network", "reason", "rule")),
     ("defence.ban.exempt", "a ban was asked for an allow or trusted network and not placed",
      ("network", "reason", "rule")),
+    ("defence.ban.remote", "a ban placed by another appliance arrived through the shared "
+     "state ([state] backend = redis); its open sessions here are ended too",
+     ("network", "reason", "rule", "until", "origin")),
     ("defence.ban.left", "the auditor's brute_force ban was left to the in-process AUTH "
      "failure count (identical passwords once, known logins half)", ("network", "rule")),
 ):
@@ -75,6 +78,8 @@ class Bans:
         self.on_ban = []            # callbacks(network: ip_network, ban: Ban)
         self._wide = {}             # network text -> ip_network, for bans wider than a key
         state.on_expire(BANS, self._expired)
+        if hasattr(state, "on_remote"):     # shared state: bans of other appliances
+            state.on_remote(BANS, self._remote)
         self.reindex()
 
     def reindex(self):
@@ -176,6 +181,23 @@ class Bans:
         ``ban_time_max`` after the last one ended)."""
         _, field = self._key(parse_network(str(network)))
         return self.state.map_get(OFFENCES, field) or 0
+
+    def _remote(self, field, record, origin):
+        """Another appliance banned (record) or unbanned (None) ``field``:
+        already in the state; index it and end the network's open sessions."""
+        if record is None:
+            self._wide.pop(field, None)
+            return
+        self._index(field)
+        ban = Ban(field, record)
+        events.emit("defence.ban.remote", network=field, reason=ban.reason, rule=ban.rule,
+                    until=ban.until, origin=origin)
+        try:
+            network = parse_network(field)
+        except ValueError:
+            return
+        for callback in list(self.on_ban):
+            callback(network, ban)
 
     def _expired(self, field, record):
         self._wide.pop(field, None)

@@ -57,9 +57,19 @@ class Defences:
                                    clock)
 
     @classmethod
-    def from_config(cls, config, clock, run_in_thread=None, spf=None):
-        """The server's: state persisted in ``<data_dir>/defence``."""
-        return cls(config, clock, directory=os.path.join(config.server.data_dir, "defence"),
+    def from_config(cls, config, clock, run_in_thread=None, spf=None, shared_run=None):
+        """The server's: state persisted in ``<data_dir>/defence``; with
+        ``[state] backend = redis`` that is the replica of the state shared
+        through Redis, whose work runs in ``shared_run`` (the ``redis`` pool)."""
+        directory = os.path.join(config.server.data_dir, "defence")
+        state = None
+        backend = getattr(config, "state", None)
+        if backend is not None and backend.backend == "redis":
+            from appliance.defence.redis_state import shared_state
+            kwargs = {} if run_in_thread is None else {"run_in_thread": run_in_thread}
+            local = LocalState(directory, clock, persistent=PERSISTENT, **kwargs)
+            state = shared_state(config, local, clock, shared_run, shared=PERSISTENT)
+        return cls(config, clock, state=state, directory=directory,
                    run_in_thread=run_in_thread, spf=spf)
 
     def load(self):
@@ -119,6 +129,8 @@ class DefenceService(service.Service):
 
     def startService(self):
         super().startService()
+        if hasattr(self.defences.state, "start"):
+            self.defences.state.start()     # shared state: connects in the background
         self._sweep = task.LoopingCall(self.defences.state.expire)
         self._sweep.clock = self.clock
         self._sweep.start(EXPIRE_INTERVAL, now=False).addErrback(
@@ -129,4 +141,7 @@ class DefenceService(service.Service):
         if self._sweep is not None and self._sweep.running:
             self._sweep.stop()
         self._sweep = None
-        return defer.maybeDeferred(self.defences.state.flush)
+        state = self.defences.state
+        d = defer.maybeDeferred(state.stop) if hasattr(state, "stop") else defer.succeed(None)
+        d.addCallback(lambda _: state.flush())
+        return d
