@@ -115,8 +115,8 @@ def main(argv=None):
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.server:
         label = args.source or "this tree"
-        print(f"server ({label}): growth of peak RSS (VmHWM) over one DATA, one message "
-              f"at a time on a fresh server")
+        print(f"server ({label}): growth of peak RSS (VmHWM) over each DATA; one server, "
+              f"the sizes in turn")
         for size, before, grown in server(sizes, args.source):
             print(f"  {size:3d} MiB body: peak RSS {before / 1024:6.1f} MiB before, "
                   f"+{grown / 1024:6.1f} MiB")
