@@ -265,9 +265,11 @@ class InboundChecks:
     def enabled(self):
         return self.spf != "off" or self.dkim or self.dmarc != "off"
 
-    def check(self, facts, message, context):
+    def check(self, facts, message, context, body=None):
         """A Deferred firing with the Verdict for ``message`` (bytes, CRLF);
-        ``context`` (session, peer_ip, queue_id) goes into the events."""
+        ``context`` (session, peer_ip, queue_id) goes into the events.
+        ``body``: the ``BodyDigests`` of the body when ``message`` is only
+        the header section (the body is in the spool's file, issue 17)."""
         if len(header_block(message)) > MAX_HEADER_OCTETS:
             # The work per message is bounded: no header section of megabytes.
             return defer.succeed(Verdict(message, refusal=HEADER_TOO_BIG, action="reject"))
@@ -275,11 +277,11 @@ class InboundChecks:
             d = self.run_in_thread(lambda: Verdict(strip_forged(message, self.hostname,
                                                                 site=self.site)[0]))
             return d
-        d = self.run_in_thread(self.evaluate, facts, message)
+        d = self.run_in_thread(self.evaluate, facts, message, body)
         d.addCallback(self._report, context)
         return d
 
-    def evaluate(self, facts, message):
+    def evaluate(self, facts, message, body=None):
         """The Verdict; blocking (DNS, RSA): runs on a worker thread."""
         lookups = Lookups(self.resolver, self.timeout, self.budget, self.clock)
         fields = header_fields(message)
@@ -290,7 +292,7 @@ class InboundChecks:
             spf_results = [mailfrom, helo]
         dkim_results, skipped = None, 0
         if self.dkim or self.dmarc != "off":
-            dkim_results, skipped = verify_signatures(message, lookups)
+            dkim_results, skipped = verify_signatures(message, lookups, body=body)
         dmarc_results = []
         if self.dmarc != "off":
             dmarc_results = self._dmarc(lookups, message, fields, mailfrom, dkim_results)

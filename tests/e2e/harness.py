@@ -342,13 +342,14 @@ class MailServer:
         self.stop()
         return self.start(timeout)
 
-    def rss_kib(self):
-        """Resident set size of the server process, KiB (Linux /proc)."""
+    def rss_kib(self, field="VmRSS"):
+        """Resident set size of the server process, KiB (Linux /proc);
+        ``field="VmHWM"``: its peak so far."""
         with open(f"/proc/{self.pid}/status", encoding="ascii") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
-        raise ServerError("no VmRSS in /proc status")
+        raise ServerError(f"no {field} in /proc status")
 
     def fd_limit_of_server(self):
         """The server's soft 'Max open files', as the kernel reports it."""
