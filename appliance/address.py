@@ -252,6 +252,19 @@ def parse_ip(text):
         return None
 
 
+@functools.lru_cache(maxsize=8192)
+def normal_ip(value):
+    """The one normal form of a client IP: the ``ipaddress`` address of text
+    (``[...]`` allowed) or of an address object, IPv4-mapped IPv6 as IPv4
+    (``::ffff:192.0.2.1`` must not slip past an IPv4 rule); None when it is
+    not an IP."""
+    if not isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        value = parse_ip(str(value).strip().strip("[]"))
+        if value is None:
+            return None
+    return getattr(value, "ipv4_mapped", None) or value
+
+
 def is_ip(text):
     """True when ``text`` is an IPv4 or IPv6 address (not a host name)."""
     return parse_ip(text) is not None

@@ -440,6 +440,7 @@ SCHEMA = {
     "relay": _keys(
         Key("trusted_networks", "", network_list),
         Key("smarthost", "", host_port(default_port=25)),
+        Key("mailbox_host", "", host_port(default_port=25)),
     ),
     "dns": _keys(
         Key("nameservers", "", nameserver_list),
@@ -555,6 +556,12 @@ class Config:
         """``{name: HostPort}`` of the enabled listeners, in SPEC order."""
         return {name: getattr(self.listen, name) for name in LISTENERS
                 if getattr(self.listen, name) is not None}
+
+    @property
+    def is_edge(self):
+        """True when this appliance is an edge (SPEC §7): mail for the local
+        domains is relayed to ``[relay] mailbox_host``, no Maildirs here."""
+        return self.relay.mailbox_host is not None
 
     @property
     def aliases_file(self):
@@ -713,6 +720,33 @@ def _listener_clashes(listen):
     return problems
 
 
+MAILBOX_LISTENERS = ("imap", "imaps", "pop3", "pop3s")
+
+
+def _edge_problems(raw_listen, values):
+    """An edge (``[relay] mailbox_host`` set) has no mailboxes: its IMAP and
+    POP3 listeners are off. Left at their defaults they are simply not
+    started; set in the file they are a problem (an operator who wrote
+    ``imap = ...`` expects it to serve mail, and it cannot). Its own SMTP
+    listener as the mailbox host would be a loop."""
+    mailbox_host = values["relay"]["mailbox_host"]
+    if mailbox_host is None:
+        return []
+    problems = []
+    listen = values["listen"]
+    for name in MAILBOX_LISTENERS:
+        if name in raw_listen and listen[name] is not None:
+            problems.append(f"[listen] {name}: this appliance is an edge ([relay] "
+                            "mailbox_host is set) and has no mailboxes to serve; "
+                            f"leave {name} empty (IMAP/POP3 run on the mailbox host)")
+        listen[name] = None
+    for name in ("mx", "submission", "submissions", "submission_alt"):
+        if listen[name] == mailbox_host:
+            problems.append(f"[relay] mailbox_host: {_format_host_port(mailbox_host)} is "
+                            f"this appliance's own [listen] {name} (mail would loop)")
+    return problems
+
+
 def _format_host_port(address):
     host = f"[{address.host}]" if ":" in address.host else address.host
     return f"{host}:{address.port}"
@@ -733,6 +767,7 @@ def parse(text, base_dir=None, path=None):
         if values["admin"][key] is None and values["server"]["data_dir"]:
             values["admin"][key] = os.path.join(values["server"]["data_dir"], name)
     problems.extend(_cross_problems(values))
+    problems.extend(_edge_problems(raw.get("listen", {}), values))
     if problems:
         raise ConfigError(problems)
     sections = {name: SECTION_CLASSES[name](**values[name]) for name in SCHEMA}

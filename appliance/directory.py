@@ -15,7 +15,6 @@ short cache); ``directory_from_config`` picks one.
 
 import dataclasses
 import functools
-import time
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -141,11 +140,11 @@ class Directory:
         self.aliases = aliases
 
     @classmethod
-    def from_config(cls, config, now=time.monotonic, run_in_thread=None):
+    def from_config(cls, config, clock=None, run_in_thread=None):
         """The file-backed directory of ``config`` (users file + aliases)."""
         extra = {} if run_in_thread is None else {"run_in_thread": run_in_thread}
-        users = UsersFile(config.auth.users_file, now=now, **extra)
-        aliases = AliasesFile(config.aliases_file, now=now)
+        users = UsersFile(config.auth.users_file, clock=clock, **extra)
+        aliases = AliasesFile(config.aliases_file, clock=clock)
         return cls(config, users, aliases)
 
     def is_local_domain(self, domain):

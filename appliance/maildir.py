@@ -116,11 +116,10 @@ def to_stored(data):
     return data.replace(b"\r\n", b"\n")
 
 
-def unique_name(clock, hostname, counter=[0]):
-    """A new base name for a message a client stores (IMAP APPEND, COPY):
-    ``<secs>.M<usecs>P<pid>Q<n>R<random>.<host>``."""
+def unique_name(now, hostname, counter=[0]):
+    """A new base name, at time ``now``, for a message a client stores (IMAP
+    APPEND, COPY): ``<secs>.M<usecs>P<pid>Q<n>R<random>.<host>``."""
     counter[0] += 1
-    now = clock()
     host = host_part(hostname)
     return (f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}Q{counter[0]}"
             f"R{os.urandom(4).hex()}.{host}")

@@ -107,20 +107,27 @@ def _without_comments(text):
     return "".join(out)
 
 
-def claims_authserv_id(value, hostname):
+def claims_authserv_id(value, hostname, site=()):
     """True when an Authentication-Results value names ``hostname`` as its
-    authserv-id (comments, quotes, case and a trailing dot not counting)."""
+    authserv-id (comments, quotes, case and a trailing dot not counting),
+    or, with ``site`` (lower-case ASCII names), one of them or a name under
+    one of them: the names of our own ADMD (RFC 8601 §5)."""
     head = _without_comments(value).split(";", 1)[0]
     ours = hostname.rstrip(".").lower()
-    return any(token.strip('"').rstrip(".").lower() == ours for token in head.split())
+    for token in head.split():
+        name = token.strip('"').rstrip(".").lower()
+        if name == ours or any(name == s or name.endswith("." + s) for s in site):
+            return True
+    return False
 
 
-def strip_forged(message, hostname, fields=None):
-    """``(message without our-hostname Authentication-Results fields, count removed)``."""
+def strip_forged(message, hostname, fields=None, site=()):
+    """``(message without our-hostname Authentication-Results fields, count removed)``;
+    with ``site``, without those naming our site either (``claims_authserv_id``)."""
     fields = header_fields(message) if fields is None else fields
     forged = [(start, end) for name, start, end in fields
               if name == b"authentication-results"
-              and claims_authserv_id(field_value(message, start, end), hostname)]
+              and claims_authserv_id(field_value(message, start, end), hostname, site)]
     if not forged:
         return message, 0
     parts, pos = [], 0

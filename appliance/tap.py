@@ -21,6 +21,7 @@ thread pool is added before the services that use it and outlives them)::
       listener submission, submission_alt   STARTTLS + AUTH
       listener submissions                  implicit TLS + AUTH
       listener pop3 (STLS), pop3s, imap (STARTTLS), imaps   over the Maildirs
+                              (none on an edge: [relay] mailbox_host, SPEC §7)
       acme-pool, acme         ACME client (acme = on): certificates into the tls service
       listener http, https    MTA-STS policy, client autoconfig, ACME challenges (appliance.web)
       admin-state, admin-control-socket, listener admin_ssh   the admin shell (appliance.admin)
@@ -60,6 +61,7 @@ from appliance.deliver.maildir import MaildirDeliverer
 from appliance.deliver.mtasts import MTASTSPolicies
 from appliance.deliver.mx import ROUTE_CACHE_SECONDS, MXResolver, build_resolver
 from appliance.deliver.remote import RemoteDelivery
+from appliance.deliver.routes import Routing
 from appliance.directory import AliasesFile, directory_from_config
 from appliance.policy.checks import WORKER_THREADS, InboundChecks
 from appliance.policy.dkim_sign import Signer
@@ -388,8 +390,11 @@ def _smtp_listeners(app, reactor, top, mechanisms):
 
 def _access_listeners(app, reactor, top, mechanisms, pools):
     """pop3 (STLS), pop3s, imap (STARTTLS), imaps, over one MaildirStore
-    (its folder objects, UID lists and the POP3 maildrop lock are shared)."""
+    (its folder objects, UID lists and the POP3 maildrop lock are shared).
+    An edge has no mailboxes: none of them (config.py turned them off)."""
     cfg = app.config
+    if cfg.is_edge:
+        return
     app.mailstore = MaildirStore(os.path.join(cfg.server.data_dir, "mail"), pools.run("maildir"),
                                  hostname=cfg.server.hostname)
     for name in ("pop3", "pop3s", "imap", "imaps"):
@@ -416,7 +421,8 @@ def _queue_manager(cfg, reactor, spool, directory, deliverer, resolver, pools):
     remote = RemoteDelivery(cfg, routes, reactor)
     remote.mta_sts = MTASTSPolicies(resolver, pools.run("mta-sts"), reactor)     # RFC 8461
     runner = QueueRunner(spool, directory, deliverer, reactor,
-                         settings=QueueSettings.from_config(cfg), remote=remote)
+                         settings=QueueSettings.from_config(cfg), remote=remote,
+                         routing=Routing.from_config(cfg, directory))     # edge: SPEC §7
     runner.bouncer = Bouncer.from_config(cfg, runner, reactor)     # DSNs queue like any mail
     return runner
 
@@ -465,7 +471,9 @@ def build(cfg, reactor):
         fail(str(exc))
     if directory_service is not None:   # LDAP lookups: stops after the runner and listeners
         directory_service.setServiceParent(top)
-    deliverer = MaildirDeliverer(os.path.join(data_dir, "mail"), writer, cfg.server.hostname)
+    # An edge ([relay] mailbox_host) relays the local domains: no Maildirs.
+    deliverer = None if cfg.is_edge else MaildirDeliverer(
+        os.path.join(data_dir, "mail"), writer, cfg.server.hostname)
     resolver = build_resolver(cfg)      # one for MX routing and the inbound checks
     runner = _queue_manager(cfg, reactor, spool, directory, deliverer, resolver, pools)
     app = top.appliance = Appliance(cfg, Gate(cfg.limits), writer, spool, users, aliases,

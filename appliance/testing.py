@@ -10,6 +10,7 @@
 
 import contextlib
 import errno
+import os
 import socket
 
 from twisted.internet import defer
@@ -201,6 +202,13 @@ _BASE_CONFIG = {
 }
 
 
+def clock_at(seconds):
+    """A ``task.Clock`` whose time is ``seconds`` (a Unix time)."""
+    clock = Clock()
+    clock.advance(seconds)
+    return clock
+
+
 def make_config(base_dir="/nonexistent/mailappliance-test", **sections):
     """A real Config: the minimal file plus ``section={key: value}`` overrides."""
     merged = {name: dict(keys) for name, keys in _BASE_CONFIG.items()}
@@ -290,6 +298,17 @@ def make_jwks(path, kid="k1"):
     with open(path, "w", encoding="utf-8") as handle:
         json.dump({"keys": [jwk]}, handle)
     return key
+
+
+def oauth2_issuer(directory, issuer, audience):
+    """(a loaded TokenVerifier, its signing key): an identity provider whose
+    JWKS is written under ``directory``."""
+    from appliance.auth.oauth2 import TokenVerifier
+    path = os.path.join(str(directory), "jwks.json")
+    key = make_jwks(path, "k1")
+    verifier = TokenVerifier(issuer, audience, path)
+    verifier.load()
+    return verifier, key
 
 
 class HandRunner:

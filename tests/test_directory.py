@@ -5,6 +5,7 @@ import stat
 
 import bcrypt
 import pytest
+from twisted.internet import task
 from twisted.logger import globalLogPublisher
 
 from appliance import config, events
@@ -12,14 +13,6 @@ from appliance.auth.users import AlreadyExists, NotFound, UsersError, UsersFile
 from appliance.directory import MAX_DEPTH, AliasesFile, Directory, alias_key
 
 HASH = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
-
-
-class Clock:
-    def __init__(self):
-        self.now = 50.0
-
-    def __call__(self):
-        return self.now
 
 
 @pytest.fixture
@@ -93,14 +86,14 @@ def test_aliases_file_skips_malformed_lines(tmp_path):
 
 
 def test_aliases_reload_on_change(tmp_path):
-    clock, collector = Clock(), events.EventCollector()
+    clock, collector = task.Clock(), events.EventCollector()
     events.add_observer(collector)
     try:
-        server = AliasesFile(str(tmp_path / "aliases"), now=clock)
+        server = AliasesFile(str(tmp_path / "aliases"), clock=clock)
         assert server.targets("sales@x.test") is None
         AliasesFile(server.path).add("sales@x.test", ["a@x.test"])
         assert server.targets("sales@x.test") is None     # checked < 1 s ago
-        clock.now += 1
+        clock.advance(1)
         assert server.targets("sales@x.test") == ("a@x.test",)
     finally:
         events.remove_observer(collector)
@@ -215,13 +208,13 @@ def test_may_send_as(directory):
 
 
 def test_directory_sees_cli_changes(cfg):
-    clock = Clock()
-    server = Directory.from_config(cfg, now=clock)
+    clock = task.Clock()
+    server = Directory.from_config(cfg, clock=clock)
     assert server.resolve("alice@example.test") == []
     cli = Directory.from_config(cfg)
     cli.users.add("alice@example.test", HASH)
     cli.aliases.add("info@example.test", ["alice@example.test"])
-    clock.now += 1
+    clock.advance(1)
     assert server.resolve("info@example.test") == ["alice@example.test"]
     with pytest.raises(AlreadyExists):
         cli.users.add("alice@example.test", HASH)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 from twisted.internet import defer, task
 
-from appliance.testing import CountingRunner
+from appliance.testing import CountingRunner, clock_at
 from appliance.auth.accounts import Account, BackendUnavailable
 from appliance.auth.ldap import LdapConfigError
 from appliance.deliver.maildir import MaildirDeliverer
@@ -225,11 +225,16 @@ def _mail_files(tmp_path, user):
             for name in os.listdir(box / sub)]
 
 
-def test_queue_delivers_alternates_to_the_primary_maildir(slapd, tmp_path):
-    clock = task.Clock()
-    clock.advance(1000)
-    directory = ldap_directory(slapd, tmp_path, clock=clock)
+def ldap_queue(server, tmp_path):
+    """(clock, spool, runner): a queue delivering through the LDAP directory."""
+    clock = clock_at(1000)
+    directory = ldap_directory(server, tmp_path, clock=clock)
     spool, runner = _queue(tmp_path, directory, clock)
+    return clock, spool, runner
+
+
+def test_queue_delivers_alternates_to_the_primary_maildir(slapd, tmp_path):
+    clock, spool, runner = ldap_queue(slapd, tmp_path)
     runner.startService()
     envelope = Envelope(queue_id="0005f1e2d3c4b5a6deadbee1", sender="x@remote.example",
                         recipients=["postmaster@example.test", "alice+tag@example.test",
@@ -243,10 +248,7 @@ def test_queue_delivers_alternates_to_the_primary_maildir(slapd, tmp_path):
 
 
 def test_ldap_down_at_delivery_defers_and_retries_never_bounces(own_slapd, tmp_path):
-    clock = task.Clock()
-    clock.advance(1000)
-    directory = ldap_directory(own_slapd, tmp_path, clock=clock)
-    spool, runner = _queue(tmp_path, directory, clock)
+    clock, spool, runner = ldap_queue(own_slapd, tmp_path)
     own_slapd.stop()
     runner.startService()
     qid = "0005f1e2d3c4b5a6deadbee2"

@@ -39,13 +39,13 @@ import errno
 import os
 import re
 import shutil
-import time
 import weakref
 from collections import namedtuple
 
 from twisted.internet import defer
 from twisted.mail import imap4  # noqa: F401  (registers the imap4-utf-7 codec)
 
+from appliance.clock import default_clock
 from appliance.durable.files import fsync_dir, write_atomic, write_new
 from appliance.maildir import SUBDIRS, crlf, crlf_size, maildir_path, split_name, to_stored, unique_name
 
@@ -313,12 +313,12 @@ class Folder:
     Mutating methods return Deferreds and run one at a time on a thread.
     """
 
-    def __init__(self, path, name, run_in_thread, clock=time.time, hostname="localhost"):
+    def __init__(self, path, name, run_in_thread, clock=None, hostname="localhost"):
         self.path = path
         self.name = name
         self.subfolder = name != "INBOX"
         self._run = run_in_thread
-        self.clock = clock
+        self.clock = default_clock(clock)
         self.hostname = hostname
         self.lock = defer.DeferredLock()
         self.uidvalidity = 0
@@ -539,7 +539,7 @@ class Folder:
                 floor = max(floor, int(found.group(1)) + 1)
         except OSError:
             pass
-        validity = max(int(self.clock()), floor)
+        validity = max(int(self.clock.seconds()), floor)
         return validity if 0 < validity < 2 ** 32 else 1
 
     def _save_uidlist(self):
@@ -845,11 +845,11 @@ class Folder:
             data.seek(0)
             data = data.read()
         stored = to_stored(data)
-        base = unique_name(self.clock, self.hostname)
+        base = unique_name(self.clock.seconds(), self.hostname)
         info = "".join(sorted(self._letters_for(flags, create=True)))
         tmp = os.path.join(self.path, "tmp", base)
         write_new(tmp, stored)
-        mtime = self.clock() if date is None else date
+        mtime = self.clock.seconds() if date is None else date
         os.utime(tmp, (mtime, mtime))
         message = Message(self.uidnext, base, info, crlf_size(stored), float(mtime))
         os.rename(tmp, self._cur(message.filename))
@@ -878,7 +878,7 @@ class Folder:
             flags = self.flags_of(message)
             info = "".join(sorted(dest._letters_for(flags, create=True)))
             base = message.base if move and dest is not self else \
-                unique_name(self.clock, self.hostname)
+                unique_name(self.clock.seconds(), self.hostname)
             copy = Message(0, base, info, message.size, message.mtime)
             if not self._transfer(message, dest, copy.filename, move and dest is not self):
                 continue
@@ -1070,10 +1070,10 @@ class MaildirStore:
     (``appliance.threads.synchronous_runner`` in tests).
     """
 
-    def __init__(self, root, run_in_thread, clock=time.time, hostname="localhost"):
+    def __init__(self, root, run_in_thread, clock=None, hostname="localhost"):
         self.root = root
         self.run_in_thread = run_in_thread
-        self.clock = clock
+        self.clock = default_clock(clock)
         self.hostname = hostname
         self._folders = weakref.WeakValueDictionary()
 

@@ -158,11 +158,7 @@ class _Replayer:
             name = name[:name.index(b'"')]
             if name in skip and line.endswith(skip[name]):
                 continue
-            record = _parse(line)
-            if record is None:
-                self.unreadable += 1
-            else:
-                feed(record)
+            self._take(line, feed)
         return None
 
     def _line_by_line(self, block):
@@ -176,11 +172,14 @@ class _Replayer:
             match = head(line)
             if match is not None and match.group(2) not in wanted:
                 continue
-            record = _parse(line)
-            if record is None:
-                self.unreadable += 1
-            else:
-                feed(record)
+            self._take(line, feed)
+
+    def _take(self, line, feed):
+        record = _parse(line)
+        if record is None:
+            self.unreadable += 1
+        else:
+            feed(record)
 
 
 def replay(paths, settings, sort=True):

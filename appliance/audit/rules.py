@@ -142,12 +142,20 @@ class _Counts:
         self.hits = {}          # key -> deque of ts (or dict item -> ts for distinct counts)
         self.quiet = {}         # key -> ts until which the key is not counted
 
+    def _quiet(self, key, ts):
+        """Is ``key`` still quiet after firing? (Its quiet time ends at ``ts``.)"""
+        until = self.quiet.get(key)
+        if until is None:
+            return False
+        if ts < until:
+            return True
+        del self.quiet[key]
+        return False
+
     def add(self, key, ts):
         """Count one hit; the count when it reaches the threshold, else 0."""
-        if key in self.quiet:
-            if ts < self.quiet[key]:
-                return 0
-            del self.quiet[key]
+        if self._quiet(key, ts):
+            return 0
         q = self.hits.get(key)
         if q is None:
             q = self.hits[key] = collections.deque()
@@ -161,10 +169,8 @@ class _Counts:
 
     def add_distinct(self, key, item, ts):
         """Count ``item`` once per key; the number of distinct items at the threshold."""
-        if key in self.quiet:
-            if ts < self.quiet[key]:
-                return 0
-            del self.quiet[key]
+        if self._quiet(key, ts):
+            return 0
         items = self.hits.get(key)
         if items is None:
             items = self.hits[key] = {}

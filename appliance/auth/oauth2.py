@@ -15,12 +15,12 @@ public key as the "secret") cannot pass.
 """
 
 import json
-import os
-import time
 
 import jwt
 
 from appliance.auth.accounts import BackendUnavailable, BadCredentials
+from appliance.clock import default_clock
+from appliance.durable.files import FileWatch
 
 ALGORITHMS = ("RS256", "ES256")
 LEEWAY = 60.0               # seconds of clock skew tolerated on exp and nbf
@@ -84,22 +84,19 @@ def _signing_key(entry):
 class TokenVerifier:
     """``verify(token) -> email`` for tokens of one issuer and audience.
 
-    ``now`` is wall-clock time (``time.time``, injected in tests);
-    ``monotonic`` paces the JWKS file checks.
+    ``clock`` (an IReactorTime, a ``task.Clock`` in tests) gives the time
+    for the token's ``exp``/``nbf`` and paces the JWKS file checks.
     """
 
-    def __init__(self, issuer, audience, jwks_path, now=time.time,
-                 monotonic=time.monotonic, check_interval=5.0, leeway=LEEWAY):
+    def __init__(self, issuer, audience, jwks_path, clock=None,
+                 check_interval=5.0, leeway=LEEWAY):
         self.issuer = issuer
         self.audience = audience
         self.jwks_path = jwks_path
-        self._now = now
-        self._monotonic = monotonic
-        self._check_interval = check_interval
+        self.clock = default_clock(clock)
+        self._watch = FileWatch([jwks_path], self.clock, check_interval)
         self._leeway = leeway
         self._keys = None
-        self._signature = None
-        self._checked_at = None
 
     @classmethod
     def from_config(cls, cfg):
@@ -112,8 +109,8 @@ class TokenVerifier:
     def load(self):
         """Read the JWKS now; JWKSError if it cannot be used (start-up)."""
         self._keys = load_jwks(self.jwks_path)
-        self._signature = self._stat()
-        self._checked_at = self._monotonic()
+        self._watch.loaded = self._watch.current()
+        self._watch.looked()
 
     def verify(self, token):
         """The token's email claim (a str); InvalidToken otherwise, or
@@ -128,26 +125,16 @@ class TokenVerifier:
     # -- keys -------------------------------------------------------------
 
     def _current_keys(self):
-        now = self._monotonic()
-        if self._keys is None or self._checked_at is None or \
-                now - self._checked_at >= self._check_interval:
-            self._checked_at = now
-            signature = self._stat()
-            if self._keys is None or signature != self._signature:
+        if self._watch.due() or self._keys is None:
+            signature = self._watch.current()
+            if self._keys is None or signature != self._watch.loaded:
                 try:
-                    self._keys, self._signature = load_jwks(self.jwks_path), signature
+                    self._keys, self._watch.loaded = load_jwks(self.jwks_path), signature
                 except JWKSError as exc:
                     if self._keys is None:
                         raise BackendUnavailable(str(exc)) from None
                     # A rotation caught half-written: keep the keys we have.
         return self._keys
-
-    def _stat(self):
-        try:
-            st = os.stat(self.jwks_path)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _key_for(self, token):
         try:
@@ -185,7 +172,7 @@ class TokenVerifier:
             raise InvalidToken("malformed token") from None
 
     def _check_times(self, claims):
-        now = self._now()
+        now = self.clock.seconds()
         exp, nbf = claims.get("exp"), claims.get("nbf")
         if not _is_number(exp) or (nbf is not None and not _is_number(nbf)):
             raise InvalidToken("malformed time claims")

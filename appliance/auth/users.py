@@ -17,7 +17,6 @@ import hashlib
 import hmac
 import os
 import re
-import time
 
 import argon2
 import bcrypt
@@ -27,7 +26,8 @@ from twisted.logger import Logger
 
 from appliance import events
 from appliance.address import canonical
-from appliance.durable.files import adopt_owner, write_atomic
+from appliance.clock import default_clock
+from appliance.durable.files import FileWatch, adopt_owner, write_atomic
 
 _log = Logger(namespace="mailappliance.users")
 
@@ -155,47 +155,36 @@ class WatchedFile:
     """A file of ``key<sep>value`` lines, cached and reloaded when it changes.
 
     Subclasses define ``_parse_line(line) -> (key, value)`` (ValueError for a
-    malformed line) and ``_format_line(key, value) -> str``. ``now`` is the
-    clock (injected for tests); ``check_interval`` bounds how often lookups
+    malformed line) and ``_format_line(key, value) -> str``. ``clock`` is an
+    IReactorTime (a ``task.Clock`` in tests); ``check_interval`` bounds how often lookups
     pay for an ``os.stat``.
     """
 
     reloaded_event = None
 
-    def __init__(self, path, now=time.monotonic, check_interval=1.0):
+    def __init__(self, path, clock=None, check_interval=1.0):
         self.path = path
-        self._now = now
-        self._check_interval = check_interval
-        self._checked_at = None
-        self._signature = None
+        self.clock = default_clock(clock)
+        self._watch = FileWatch([path], self.clock, check_interval, ignore=FileNotFoundError)
         self._entries = {}
 
     # -- reading ---------------------------------------------------------
 
     def _entries_now(self):
         """The current entries, reloading if the file changed."""
-        now = self._now()
-        if self._checked_at is None or now - self._checked_at >= self._check_interval:
-            self._checked_at = now
+        if self._watch.due():
             self._reload_if_changed()
         return self._entries
 
     def _reload_if_changed(self):
-        signature = self._stat()
-        if signature == self._signature:
+        signature = self._watch.current()
+        if signature == self._watch.loaded:
             return
         lines = self._read_lines()
         self._entries = self._parse(lines, warn=True)
-        self._signature = signature
+        self._watch.loaded = signature
         if self.reloaded_event:
             events.emit(self.reloaded_event, path=self.path, count=len(self._entries))
-
-    def _stat(self):
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _read_lines(self):
         try:
@@ -244,7 +233,7 @@ class WatchedFile:
             new_lines = edit(lines, self._parse(lines))
             write_atomic(self.path, "".join(line + "\n" for line in new_lines),
                          owner_like=self.path)
-        self._checked_at = None         # the next read sees our own change
+        self._watch.forget()            # the next read sees our own change
 
     @contextlib.contextmanager
     def _locked(self):
@@ -312,11 +301,11 @@ class UsersFile(WatchedFile):
 
     reloaded_event = "users.reloaded"
 
-    def __init__(self, path, now=time.monotonic, check_interval=1.0,
+    def __init__(self, path, clock=None, check_interval=1.0,
                  run_in_thread=deferToThread, cache_ttl=CACHE_TTL):
-        super().__init__(path, now, check_interval)
+        super().__init__(path, clock, check_interval)
         self._run_in_thread = run_in_thread
-        self._verified = VerifiedCache(now, cache_ttl)
+        self._verified = VerifiedCache(self.clock, cache_ttl)
 
     def _parse_line(self, line):
         address, sep, hashed = line.strip().rpartition(":")
@@ -384,8 +373,8 @@ class VerifiedCache:
     cached, so a guessing client pays the full hash cost every time.
     """
 
-    def __init__(self, now, ttl=CACHE_TTL, size=CACHE_SIZE):
-        self._now = now
+    def __init__(self, clock, ttl=CACHE_TTL, size=CACHE_SIZE):
+        self.clock = clock
         self._ttl = ttl
         self._size = size
         self._key = os.urandom(32)
@@ -399,17 +388,17 @@ class VerifiedCache:
         if self._ttl <= 0:
             return False
         expiry = self._entries.get(self._tag(address, password, hashed))
-        return expiry is not None and expiry > self._now()
+        return expiry is not None and expiry > self.clock.seconds()
 
     def add(self, address, password, hashed):
         if self._ttl <= 0:
             return
         if len(self._entries) >= self._size:
-            now = self._now()
+            now = self.clock.seconds()
             self._entries = {k: v for k, v in self._entries.items() if v > now}
             if len(self._entries) >= self._size:
                 self._entries.clear()
-        self._entries[self._tag(address, password, hashed)] = self._now() + self._ttl
+        self._entries[self._tag(address, password, hashed)] = self.clock.seconds() + self._ttl
 
 
 _BAD_HASH_CHARS = re.compile(r"[\s:\x00-\x1f\x7f]")

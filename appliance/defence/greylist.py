@@ -50,7 +50,7 @@ def spf_checker(checks):
     from appliance.policy.spf_check import SPFResult, check_mailfrom
 
     def evaluate(ip, sender):
-        lookups = Lookups(checks.resolver, checks.timeout, checks.budget, checks.monotonic)
+        lookups = Lookups(checks.resolver, checks.timeout, checks.budget, checks.clock)
         return check_mailfrom(lookups, ip, sender, SPFResult("helo", "", "none")).result
 
     def spf(ip, sender):

@@ -12,20 +12,9 @@ is not an IP (a UNIX socket in tests) is keyed by its text as given.
 import functools
 import ipaddress
 
+from appliance.address import normal_ip as normalise   # the one IP normal form
+
 GREYLIST_IPV4_PREFIX = 24
-
-
-@functools.lru_cache(maxsize=8192)
-def normalise(ip):
-    """The ``ipaddress`` address for ``ip`` (text or address), mapped IPv6
-    as IPv4; None when it is not an IP address."""
-    if not isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-        try:
-            ip = ipaddress.ip_address(str(ip).strip().strip("[]"))
-        except ValueError:
-            return None
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return mapped or ip
 
 
 @functools.lru_cache(maxsize=8192)

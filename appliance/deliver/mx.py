@@ -18,6 +18,11 @@ It runs every DNS query of one lookup in a thread (``run_in_thread``, usually
 ``[relay] smarthost`` replaces all of this with one host: its address if it is
 an IP, else its A/AAAA (never its MX). A smarthost that cannot be used is the
 operator's problem, not the recipient's: it always defers.
+
+``resolve(domain, MAILBOX)`` is the route of an edge (SPEC §7) for a local
+domain: ``[relay] mailbox_host``, the same way (its address, or its A/AAAA;
+always deferred, never bounced, when it cannot be used; a mailbox host that
+is this appliance itself is a loop, deferred too).
 """
 
 import ipaddress
@@ -33,6 +38,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from appliance import events
+from appliance.deliver.routes import MAILBOX, REMOTE
 
 events.register("dns.error", "a DNS lookup for outbound routing failed",
                 ("domain", "kind"))
@@ -53,7 +59,14 @@ class Route:
     hosts: list
     port: int = 25
     implicit: bool = False        # no MX: the domain's own addresses
-    smarthost: bool = False
+    smarthost: bool = False       # [relay] smarthost
+    mailbox: bool = False         # an edge's [relay] mailbox_host (SPEC §7)
+
+    @property
+    def relay_host(self):
+        """One host the operator chose (smarthost or mailbox host): no
+        MTA-STS policy of the recipient's domain applies to it."""
+        return self.smarthost or self.mailbox
 
     def addresses(self):
         """``(host, ip)`` pairs in try order."""
@@ -173,33 +186,37 @@ class MXResolver:
 
     # -- the public face -----------------------------------------------------
 
-    def resolve(self, domain):
-        """``Deferred[Route]`` for ``domain``; errback ``RoutingError``."""
+    def resolve(self, domain, kind=REMOTE):
+        """``Deferred[Route]`` for ``domain``; errback ``RoutingError``.
+        ``kind`` (``appliance.deliver.routes``): REMOTE by MX (or smarthost),
+        MAILBOX to ``[relay] mailbox_host``."""
         domain = domain.lower().rstrip(".")
+        args = (domain,) if kind == REMOTE else (domain, kind)
         if not self.cache_seconds:
-            return self.run_in_thread(self._route, domain).addErrback(self._failed, domain)
-        cached = self._routes.get(domain)
+            return self.run_in_thread(self._route, *args).addErrback(self._failed, domain)
+        key = domain if kind == REMOTE else (kind, domain)
+        cached = self._routes.get(key)
         if cached is not None and cached[0] > self.clock.seconds():
             return defer.succeed(cached[1])
-        waiting = self._in_flight.get(domain)
+        waiting = self._in_flight.get(key)
         if waiting is not None:
             d = defer.Deferred()
             waiting.append(d)
             return d
-        self._in_flight[domain] = []
-        d = self.run_in_thread(self._route, domain)
+        self._in_flight[key] = []
+        d = self.run_in_thread(self._route, *args)
         d.addErrback(self._failed, domain)
-        d.addBoth(self._settled, domain)
+        d.addBoth(self._settled, key)
         return d
 
-    def _settled(self, result, domain):
+    def _settled(self, result, key):
         """Remember a route found (not a failure) and answer those who waited."""
-        waiting = self._in_flight.pop(domain, [])
+        waiting = self._in_flight.pop(key, [])
         if not isinstance(result, Failure):
             now = self.clock.seconds()
             if len(self._routes) >= MAX_CACHED_ROUTES:
                 self._routes = {k: v for k, v in self._routes.items() if v[0] > now}
-            self._routes[domain] = (now + self.cache_seconds, result)
+            self._routes[key] = (now + self.cache_seconds, result)
         for d in waiting:
             if isinstance(result, Failure):
                 d.errback(result)
@@ -222,8 +239,10 @@ class MXResolver:
 
     # -- in the worker thread ------------------------------------------------
 
-    def _route(self, domain):
+    def _route(self, domain, kind=REMOTE):
         lookup = _Lookup(LOOKUP_BUDGET * self.timeout)
+        if kind == MAILBOX:
+            return self._mailbox_route(domain, lookup)
         smarthost = self.config.relay.smarthost
         if smarthost is not None:
             return self._smarthost_route(domain, smarthost.host.lower(), lookup)
@@ -247,19 +266,34 @@ class MXResolver:
         return self._finish(domain, self._addresses_of(ordered, lookup, domain), lookup)
 
     def _smarthost_route(self, domain, host, lookup):
-        """The one route through ``[relay] smarthost``.
+        """The one route through ``[relay] smarthost``."""
+        return self._operator_route(domain, "smarthost", host, None, lookup)
 
-        Its trouble is the operator's, not the recipient's: a smarthost
-        without an address, or one that is ourselves, defers (never bounces).
+    def _mailbox_route(self, domain, lookup):
+        """The route of an edge to ``[relay] mailbox_host`` for a local domain."""
+        mailbox_host = self.config.relay.mailbox_host
+        if mailbox_host is None:
+            raise RoutingError(False, "4.3.5", f"no [relay] mailbox_host for {domain}")
+        return self._operator_route(domain, "mailbox host", mailbox_host.host.lower(),
+                                    mailbox_host.port, lookup)
+
+    def _operator_route(self, domain, what, host, port, lookup):
+        """The one host the operator chose (``what``: smarthost or mailbox
+        host), on ``port`` (None: ``self.port``).
+
+        Its trouble is the operator's, not the recipient's: a host without an
+        address, or one that is ourselves, defers (never bounces); the mail
+        waits in the queue.
         """
         try:
-            hosts = self._addresses_of([(0, host)], lookup, domain)
-            return self._finish(domain, hosts, lookup, smarthost=True)
+            hosts = self._addresses_of([(0, host)], lookup, domain, port)
+            return self._finish(domain, hosts, lookup, port=port,
+                                smarthost=what == "smarthost", mailbox=what == "mailbox host")
         except RoutingError as e:
             if not e.permanent:
                 raise
             status = "4.4.6" if e.status == "5.4.6" else "4.4.3"
-            raise RoutingError(False, status, f"smarthost {host}: {e.text}") from None
+            raise RoutingError(False, status, f"{what} {host}: {e.text}") from None
 
     def _order(self, records):
         """MX records by preference, equal ones shuffled, duplicates dropped."""
@@ -273,11 +307,12 @@ class MXResolver:
                 ordered.append((preference, host))
         return ordered
 
-    def _addresses_of(self, records, lookup, domain):
+    def _addresses_of(self, records, lookup, domain, port=None):
         """``[(preference, host, [ip...])]``: A then AAAA of each host, bounded.
 
         A host that is this machine cuts the list there (RFC 5321 §5.1: only
-        MXes more preferred than ourselves may be used).
+        MXes more preferred than ourselves may be used). ``port``: the port
+        the hosts are reached on (default ``self.port``).
         """
         hosts, total = [], 0
         for preference, host in records:
@@ -288,7 +323,7 @@ class MXResolver:
                 ips = []
             else:
                 ips = [literal] if literal else self._host_addresses(host, lookup)
-            if host == self.hostname or any(self._is_self(ip) for ip in ips):
+            if host == self.hostname or any(self._is_self(ip, port) for ip in ips):
                 kept = [entry for entry in hosts if entry[0] < preference]
                 if not kept:
                     self._fail(True, "5.4.6", domain, "loop",
@@ -313,11 +348,11 @@ class MXResolver:
             ips.extend(records)
         return ips
 
-    def _is_self(self, ip):
+    def _is_self(self, ip, port=None):
         address = ipaddress.ip_address(ip)
         if address in self._own_ips:
             return True
-        port = self.port
+        port = self.port if port is None else port
         for listen_ip, listen_port in self._listeners:
             if listen_port != port:
                 continue
@@ -327,15 +362,18 @@ class MXResolver:
                 return True
         return False
 
-    def _finish(self, domain, hosts, lookup, implicit=False, smarthost=False):
+    def _finish(self, domain, hosts, lookup, implicit=False, smarthost=False, port=None,
+                mailbox=False):
         if not hosts:
             if lookup.temporary is not None:
                 self._temporary(domain, lookup.temporary)
-            what = "smarthost" if smarthost else ("domain" if implicit else "MX host")
+            what = ("smarthost" if smarthost else "mailbox host" if mailbox
+                    else "domain" if implicit else "MX host")
             self._fail(True, "5.4.4", domain, "no_address",
                        f"no address found for the {what} of {domain}")
         return Route(domain=domain, hosts=[(host, ips) for _pref, host, ips in hosts],
-                     port=self.port, implicit=implicit, smarthost=smarthost)
+                     port=self.port if port is None else port, implicit=implicit,
+                     smarthost=smarthost, mailbox=mailbox)
 
     def _temporary(self, domain, error):
         kind, text = error

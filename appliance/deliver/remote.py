@@ -13,36 +13,29 @@ any completed transaction), like Postfix's connection cache: under load a
 destination costs one connect, greeting and EHLO (and TLS handshake) per
 burst, not per message.
 
-The protocol is our own small client (``SMTPClientProtocol``), not
-twisted.mail's ``ESMTPClient``, because of TWISTED-TRAPS:
-
-- T12: the body is normalised and dot-stuffed line by line over the whole
-  message before it is cut into blocks: every line ends in CRLF (a bare CR or
-  LF becomes CRLF) and every line starting with "." is doubled, wherever a
-  16 KiB block boundary falls.
-- T13: bytes that follow the 220 reply to STARTTLS are discarded; the session
-  starts over under TLS with a new EHLO.
-- T14: every wait has a timeout (RFC 5321 §4.5.3.2), from ``Timeouts``.
-- A reply is capped (``MAX_REPLY_LINES`` lines, ``MAX_REPLY_BYTES`` bytes,
-  ``MAX_LINE`` a line): more is a protocol error, a temporary failure.
+The protocol itself (replies, commands, the body on the wire, TLS
+contexts) is ``appliance.deliver.smtpclient``.
 
 There are no smarthost credentials in SPEC §3, so no AUTH is sent.
+
+The route kind (``appliance.deliver.routes``) says where a group goes:
+REMOTE by MX (or smarthost), MAILBOX to an edge's ``[relay] mailbox_host``
+(no MTA-STS: the operator chose that host, as for a smarthost). The rest is
+the same: a mailbox host that is down defers, and the queue retries.
 """
 
-import re
 from dataclasses import dataclass
 
-from OpenSSL import SSL
-from twisted.internet import defer, endpoints, error, interfaces, protocol, ssl
+from twisted.internet import defer, endpoints
 from twisted.logger import Logger
-from zope.interface import implementer
 
-from appliance.address import is_ip
 from appliance import events
-from appliance.address import quote_local
 from appliance.deliver import mtasts
 from appliance.deliver.mx import RoutingError
-from appliance.net.write import write_now
+from appliance.deliver.routes import REMOTE
+from appliance.deliver.smtpclient import (
+    ClientFactory, HostFailure, Reply, Timeouts, default_tls_context, describe_error,
+    ehlo_extensions, needs_utf8, quit_session, wire_address, wire_body)
 
 _log = Logger(namespace="mailappliance.deliver.remote")
 
@@ -51,12 +44,7 @@ events.register("delivery.remote", "a remote MX answered for a recipient (or eve
 events.register("delivery.remote.attempt", "a connection to a remote MX failed; the next is tried",
                 ("queue_id", "domain", "host", "ip", "error"))
 
-MAX_LINE = 4096            # one reply line (RFC 5321 says 512; be lenient, not unbounded)
-MAX_REPLY_LINES = 100
-MAX_REPLY_BYTES = 65536
 MAX_ATTEMPTS = 20          # addresses tried per delivery
-BLOCK = 16384              # body bytes per transport write
-QUIT_WAIT = 10.0           # seconds to wait for the reply to QUIT before closing
 # Connection reuse, as Postfix's smtp_connection_cache_time_limit and
 # smtp_connection_reuse_time_limit: a connection whose transaction ended in a
 # 2xx waits IDLE_LIMIT seconds for the next message to the same host, and is
@@ -64,18 +52,6 @@ QUIT_WAIT = 10.0           # seconds to wait for the reply to QUIT before closin
 IDLE_LIMIT = 2.0
 REUSE_LIMIT = 300.0
 MAX_IDLE = 100             # idle connections kept in all
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """RFC 5321 §4.5.3.2 waits, in seconds (tests pass small ones with a Clock)."""
-
-    connect: float = 30.0
-    greeting: float = 300.0
-    command: float = 300.0        # EHLO, HELO, STARTTLS, MAIL, RCPT, RSET
-    data_init: float = 120.0      # the 354 after DATA
-    data_block: float = 180.0     # the transport accepting the next body block
-    data_end: float = 600.0       # the reply to the final dot
 
 
 @dataclass
@@ -114,385 +90,7 @@ class RecipientResult:
 
 
 # ---------------------------------------------------------------------------
-# Replies
-
-_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|$)(.*)", re.DOTALL)
-_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
-
-
-@dataclass
-class Reply:
-    code: int
-    lines: list          # the text after "ddd-" / "ddd " of each line, printable only
-    local: bool = False  # made up here (SIZE, SMTPUTF8 ...), not said by the server
-
-    @property
-    def text(self):
-        return " ".join(line for line in self.lines if line) or ""
-
-    @property
-    def status(self):
-        """The enhanced status code the reply carries, or one from its class."""
-        match = _ENHANCED.match(self.lines[0] if self.lines else "")
-        if match and match.group(1) == str(self.code)[0]:
-            return f"{match.group(1)}.{match.group(2)}.{match.group(3)}"
-        return f"{str(self.code)[0]}.0.0"
-
-    @property
-    def positive(self):
-        return 200 <= self.code < 300
-
-    def __str__(self):
-        return f"{self.code} {self.text}"
-
-
-class HostFailure(Exception):
-    """This host cannot take the message now: try the next one.
-
-    ``code`` is always 4xx (the message is deferred if no host works).
-    """
-
-    def __init__(self, status, text, code=451):
-        super().__init__(text)
-        self.status = status
-        self.text = text
-        self.code = code
-
-    @classmethod
-    def from_reply(cls, reply, context):
-        # A 5xx here (greeting, EHLO...) says nothing about the recipients:
-        # like Postfix (smtp_skip_5xx_greeting) we treat it as temporary.
-        status = "4" + reply.status[1:]
-        code = reply.code if 400 <= reply.code < 500 else 451
-        return cls(status, f"{context}: {reply}", code)
-
-
-# ---------------------------------------------------------------------------
-# The protocol: reads replies, writes commands and the body, keeps time.
-
-@implementer(interfaces.IPushProducer)
-class SMTPClientProtocol(protocol.Protocol):
-    """Replies in, commands out; the conversation itself is ``RemoteDelivery``'s.
-
-    ``command(line)`` writes one command; ``expect(timeout, what)`` returns a
-    Deferred for the next reply. Replies are matched to commands in order
-    (pipelining); a reply nobody asked for is a protocol error. Every failure
-    (timeout, lost connection, malformed or oversized reply) fails the
-    pending and all later ``expect``s with a ``HostFailure``.
-    """
-
-    def __init__(self, clock, peer_name):
-        self.clock = clock
-        self.peer_name = peer_name        # "host[ip]" for messages
-        self.tls = False                  # the session is under TLS
-        self._buffer = b""
-        self._lines = []                  # lines of the reply being read
-        self._size = 0
-        self._ready = []                  # replies read, not yet expected
-        self._waiting = None              # (Deferred, DelayedCall, what)
-        self._owed = 1                    # replies we may receive: the greeting
-        self._receivable = 0              # ... of them, in the bytes being read
-        self._failure = None
-        self._closed = False
-        self._body = None                 # the body being written, if any
-        self._paused = False
-        self._block_timer = None
-        self.replies = 0                  # replies received so far
-        self.extensions = {}              # of the session in use (RemoteDelivery's)
-        self.opened_at = None
-        self.on_lost = None               # called once the connection is gone
-
-    # -- connection ----------------------------------------------------------
-
-    def connectionLost(self, reason=None):
-        self._closed = True
-        on_lost, self.on_lost = self.on_lost, None
-        if on_lost is not None:
-            on_lost()
-        if self._failure is None:
-            why = "lost connection"
-            if reason is not None and reason.check(SSL.Error):
-                why = "TLS handshake failed"
-            self._fail(HostFailure("4.4.2", f"{why} with {self.peer_name}"), close=False)
-        self._stop_body()
-
-    def close(self):
-        if not self._closed:
-            self.transport.loseConnection()
-
-    @property
-    def usable(self):
-        """Still connected, nothing failed, no reply or body outstanding."""
-        return (not self._closed and self._failure is None and self._owed == 0
-                and self._body is None and not self._ready and not self._buffer)
-
-    def abort(self):
-        if not self._closed:
-            self._closed = True
-            self.transport.abortConnection()
-
-    def _fail(self, failure, close=True):
-        if self._failure is None:
-            self._failure = failure
-        waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            d, timer, _what = waiting
-            if timer.active():
-                timer.cancel()
-            d.errback(self._failure)
-        self._stop_body()
-        if close:
-            self.abort()
-
-    # -- replies -------------------------------------------------------------
-
-    def dataReceived(self, data):
-        # A command written while these bytes are read has not left yet: no
-        # reply to it can be among them (nor in what is still buffered).
-        self._receivable = self._owed
-        self._buffer += data
-        while self._failure is None:
-            end = self._buffer.find(b"\n")
-            if end < 0:
-                if len(self._buffer) > MAX_LINE:
-                    self._protocol_error("reply line too long")
-                return
-            line, self._buffer = self._buffer[:end], self._buffer[end + 1:]
-            if len(line) > MAX_LINE:
-                self._protocol_error("reply line too long")
-                return
-            self._line_received(line[:-1] if line.endswith(b"\r") else line)
-
-    def _line_received(self, line):
-        match = _REPLY_LINE.fullmatch(line)
-        if not match or (self._lines and int(match.group(1)) != self._lines[0][0]):
-            self._protocol_error("malformed reply")
-            return
-        self._size += len(line)
-        if len(self._lines) >= MAX_REPLY_LINES or self._size > MAX_REPLY_BYTES:
-            self._protocol_error("reply too long")
-            return
-        text = _UNPRINTABLE.sub("", match.group(3).decode("utf-8", "replace")).strip()
-        self._lines.append((int(match.group(1)), text))
-        if match.group(2) != b"-":
-            reply = Reply(self._lines[0][0], [t for _code, t in self._lines])
-            self._lines, self._size = [], 0
-            self._reply_received(reply)
-
-    def _reply_received(self, reply):
-        if self._receivable <= 0:
-            self._protocol_error(f"unexpected reply {reply}")
-            return
-        self._owed -= 1
-        self._receivable -= 1
-        self.replies += 1
-        if self._waiting is not None:
-            d, timer, _what = self._waiting
-            self._waiting = None
-            timer.cancel()
-            d.callback(reply)
-        else:
-            self._ready.append(reply)
-
-    def _protocol_error(self, what):
-        self._fail(HostFailure("4.5.0", f"{what} from {self.peer_name}"))
-
-    def expect(self, timeout, what):
-        """Deferred[Reply] for the next reply; ``what`` names it in errors."""
-        if self._ready:
-            return defer.succeed(self._ready.pop(0))
-        if self._failure is not None:
-            return defer.fail(self._failure)
-        d = defer.Deferred()
-        timer = self.clock.callLater(timeout, self._timed_out, what)
-        self._waiting = (d, timer, what)
-        return d
-
-    def _timed_out(self, what):
-        self._fail(HostFailure("4.4.2", f"conversation with {self.peer_name} timed out "
-                                        f"while {what}"))
-
-    def discard_input(self):
-        """Forget every byte received and not yet read (T13, after STARTTLS's 220)."""
-        self._buffer = b""
-        self._lines, self._size = [], 0
-        self._ready = []
-        self._owed = self._receivable = 0
-
-    # -- commands ------------------------------------------------------------
-
-    def command(self, *lines):
-        """Write command lines (str, no CRLF) in one go; a reply is owed for each."""
-        if self._failure is not None or self._closed:
-            return
-        self._owed += len(lines)
-        write_now(self.transport, "".join(line + "\r\n" for line in lines).encode("utf-8"))
-
-    def start_tls(self, connection_creator):
-        self.discard_input()
-        self.transport.startTLS(connection_creator)
-
-    # -- the body (IPushProducer: the transport tells us when it is full) ---
-
-    def send_body(self, data, timeout):
-        """Write ``data`` (already stuffed) and the final dot, block by block.
-
-        Fires when the dot is written. While the transport is full, each wait
-        for it to drain may last ``timeout`` seconds (the data block timeout).
-        """
-        if self._failure is not None:
-            return defer.fail(self._failure)
-        if len(data) <= BLOCK:          # the usual message: one write, no flow control
-            self._owed += 1
-            write_now(self.transport, bytes(data) + b".\r\n")
-            return defer.succeed(None)
-        body = self._body = _Body(memoryview(data), timeout, defer.Deferred())
-        self._paused = False
-        self.transport.registerProducer(self, True)
-        self._pump()
-        return body.done
-
-    def _pump(self):
-        body = self._body
-        while body is not None and not self._paused and body.offset < len(body.data):
-            block = body.data[body.offset:body.offset + BLOCK]
-            body.offset += len(block)
-            self.transport.write(bytes(block))
-        if body is not None and self._body is body and not self._paused:
-            self._body = None
-            self.transport.unregisterProducer()
-            self._owed += 1
-            self.transport.write(b".\r\n")
-            body.done.callback(None)
-
-    def pauseProducing(self):
-        self._paused = True
-        if self._body is not None and self._block_timer is None:
-            self._block_timer = self.clock.callLater(self._body.timeout, self._block_timeout)
-
-    def resumeProducing(self):
-        self._paused = False
-        self._cancel_block_timer()
-        self._pump()
-
-    def stopProducing(self):
-        self._stop_body()
-
-    def _block_timeout(self):
-        self._block_timer = None
-        self._fail(HostFailure("4.4.2", f"conversation with {self.peer_name} timed out "
-                                        "while sending the message body"))
-
-    def _cancel_block_timer(self):
-        if self._block_timer is not None:
-            if self._block_timer.active():
-                self._block_timer.cancel()
-            self._block_timer = None
-
-    def _stop_body(self):
-        self._cancel_block_timer()
-        body, self._body = self._body, None
-        if body is not None:
-            if not self._closed:
-                self.transport.unregisterProducer()
-            body.done.errback(self._failure or HostFailure(
-                "4.4.2", f"lost connection with {self.peer_name} while sending the message"))
-
-
-@dataclass
-class _Body:
-    data: memoryview
-    timeout: float
-    done: defer.Deferred
-    offset: int = 0
-
-
-class _ClientFactory(protocol.Factory):
-    def __init__(self, clock, peer_name):
-        self.clock = clock
-        self.peer_name = peer_name
-
-    def buildProtocol(self, addr):
-        proto = SMTPClientProtocol(self.clock, self.peer_name)
-        proto.factory = self
-        return proto
-
-
-# ---------------------------------------------------------------------------
-# The body on the wire (T12)
-
-_LINE_END = re.compile(rb"\r\n|\r|\n")
-_DOT_LINE = re.compile(rb"^\.", re.MULTILINE)
-
-
-def wire_body(message):
-    """``message`` as DATA content: CRLF lines only, dot-stuffed, CRLF-terminated.
-
-    Done over the whole message at once so no line can be split between two
-    blocks (T12); a bare CR or LF becomes CRLF, never travels raw. The final
-    ``.CRLF`` is not included.
-    """
-    crlf = message.count(b"\r\n")
-    if crlf == message.count(b"\n") == message.count(b"\r"):
-        data = message                  # every line ends in CRLF already (the usual)
-    else:
-        data = _LINE_END.sub(b"\r\n", message)
-    if data and not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    if b"\n." not in data and not data.startswith(b"."):
-        return data                     # no line to stuff
-    return _DOT_LINE.sub(b"..", data)
-
-
-# ---------------------------------------------------------------------------
-# TLS
-
-@implementer(interfaces.IOpenSSLClientConnectionCreator)
-class _UnverifiedTLS:
-    """Opportunistic TLS: encrypt, send SNI, accept any certificate (RFC 7435)."""
-
-    def __init__(self, hostname):
-        self.hostname = hostname
-        self._context = ssl.CertificateOptions().getContext()
-
-    def clientConnectionForTLS(self, tls_protocol):
-        connection = SSL.Connection(self._context, None)
-        connection.set_app_data(tls_protocol)
-        if self.hostname and not is_ip(self.hostname):   # SNI takes names only
-            connection.set_tlsext_host_name(self.hostname.encode("idna"))
-        return connection
-
-
-def default_tls_context(hostname, verify, trust_root=None):
-    """The TLS connection creator for ``hostname``.
-
-    ``verify``: the certificate must chain to ``trust_root`` (default the
-    system store) and name ``hostname`` (service-identity checks it).
-    """
-    if not verify:
-        return _UnverifiedTLS(hostname)
-    return ssl.optionsForClientTLS(hostname, trustRoot=trust_root or ssl.platformTrust())
-
-
-# ---------------------------------------------------------------------------
 # Delivery
-
-def _wire_address(address, utf8):
-    """``<local@domain>`` for the wire: A-label domain unless SMTPUTF8 is in use."""
-    if not address:
-        return "<>"
-    local, _, domain = address.rpartition("@")
-    if not utf8 and not domain.startswith("["):
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            pass      # kept as is; the local part decides whether SMTPUTF8 is needed
-    return f"<{quote_local(local)}@{domain}>"
-
-
-def _needs_utf8(address):
-    return not address.rpartition("@")[0].isascii()
 
 
 class RemoteDelivery:
@@ -527,11 +125,12 @@ class RemoteDelivery:
 
     # -- the public face -----------------------------------------------------
 
-    def deliver(self, envelope, message, recipients, domain):
-        """Deferred[list[RecipientResult]], one per recipient, in order."""
+    def deliver(self, envelope, message, recipients, domain, kind=REMOTE):
+        """Deferred[list[RecipientResult]], one per recipient, in order;
+        ``kind``: the route kind of the group (``appliance.deliver.routes``)."""
         if not recipients:
             return defer.succeed([])
-        d = self._deliver(envelope, message, list(recipients), domain)
+        d = self._deliver(envelope, message, list(recipients), domain, kind)
         d.addErrback(self._internal_error, envelope, recipients)
         return d
 
@@ -545,9 +144,10 @@ class RemoteDelivery:
         return results
 
     @defer.inlineCallbacks
-    def _deliver(self, envelope, message, recipients, domain):
+    def _deliver(self, envelope, message, recipients, domain, kind=REMOTE):
         try:
-            route = yield self.resolver.resolve(domain)
+            route = yield (self.resolver.resolve(domain) if kind == REMOTE
+                           else self.resolver.resolve(domain, kind))
         except RoutingError as e:
             results = [RecipientResult(r, e.code, e.status, e.text, from_remote=False)
                        for r in recipients]
@@ -555,7 +155,7 @@ class RemoteDelivery:
             return results
         body = wire_body(message)
         addresses, verified = route.addresses(), False
-        if self.mta_sts is not None and not route.smarthost:
+        if self.mta_sts is not None and not route.relay_host:
             policy = yield self.mta_sts.policy_for(domain)
             addresses, verified = mtasts.restrict(policy, addresses, envelope.queue_id, domain)
         last = HostFailure("4.4.1", f"no address to try for {domain}")
@@ -616,11 +216,11 @@ class RemoteDelivery:
                 self._done_with(key, proto, replies)
                 return replies, proto.tls
         peer = f"{host}[{ip}]" if host != ip else f"[{ip}]"
-        factory = _ClientFactory(self.reactor, peer)
+        factory = ClientFactory(self.reactor, peer)
         try:
             proto = yield self._connect(ip, port, factory, self.timeouts.connect)
         except Exception as e:        # refused, timed out, unreachable ...
-            raise HostFailure("4.4.1", f"connect to {peer}:{port}: {_describe(e)}") from None
+            raise HostFailure("4.4.1", f"connect to {peer}:{port}: {describe_error(e)}") from None
         proto.opened_at = self.reactor.seconds()
         try:
             replies = yield self._converse(proto, envelope, body, size, recipients, host,
@@ -648,7 +248,7 @@ class RemoteDelivery:
             self._idle.setdefault(key, []).append((proto, timer))
             proto.on_lost = lambda: self._forget_idle(key, proto)
             return
-        _quit(proto)
+        quit_session(proto)
 
     def _take_idle(self, key):
         """The most recently used idle connection to ``key``, or None."""
@@ -680,7 +280,7 @@ class RemoteDelivery:
 
     def _expire(self, key, proto):
         self._forget_idle(key, proto)
-        _quit(proto)
+        quit_session(proto)
 
     def stop(self):
         """QUIT every idle connection and keep none from now on (shutdown).
@@ -693,7 +293,7 @@ class RemoteDelivery:
             for proto, timer in entries:
                 if timer.active():
                     timer.cancel()
-                gone.append(_quit(proto))
+                gone.append(quit_session(proto))
         return defer.DeferredList(gone)
 
     @defer.inlineCallbacks
@@ -715,7 +315,7 @@ class RemoteDelivery:
         proto.command(f"EHLO {self.helo_name}")
         reply = yield proto.expect(t.command, "sending EHLO")
         if reply.positive:
-            return _extensions(reply)
+            return ehlo_extensions(reply)
         if reply.code >= 500:
             proto.command(f"HELO {self.helo_name}")
             reply = yield proto.expect(t.command, "sending HELO")
@@ -746,7 +346,7 @@ class RemoteDelivery:
             proto.start_tls(creator)       # drops whatever followed the 220 (T13)
         except Exception as e:
             raise HostFailure("4.7.5", f"cannot start TLS with {proto.peer_name}: "
-                                       f"{_describe(e)}") from None
+                                       f"{describe_error(e)}") from None
         # The first reply under TLS proves the handshake (and, when required,
         # the certificate check) succeeded; a failure is a lost connection.
         try:
@@ -769,7 +369,7 @@ class RemoteDelivery:
             return replies
         utf8 = "SMTPUTF8" in extensions
         mail = self._mail_command(envelope, size, sendable, extensions)
-        rcpts = [f"RCPT TO:{_wire_address(r, utf8)}" for r in sendable]
+        rcpts = [f"RCPT TO:{wire_address(r, utf8)}" for r in sendable]
         if "PIPELINING" in extensions:
             mail_reply, rcpt_replies, data_reply = yield self._pipelined(proto, mail, rcpts)
         else:
@@ -801,13 +401,13 @@ class RemoteDelivery:
 
     def _mail_command(self, envelope, size, sendable, extensions):
         utf8 = "SMTPUTF8" in extensions
-        mail = f"MAIL FROM:{_wire_address(envelope.sender, utf8)}"
+        mail = f"MAIL FROM:{wire_address(envelope.sender, utf8)}"
         if "SIZE" in extensions:
             mail += f" SIZE={size}"
         if "8BITMIME" in extensions and envelope.params.get("BODY") == "8BITMIME":
             mail += " BODY=8BITMIME"
         if utf8 and (envelope.params.get("SMTPUTF8") or
-                     any(_needs_utf8(a) for a in [envelope.sender] + sendable)):
+                     any(needs_utf8(a) for a in [envelope.sender] + sendable)):
             mail += " SMTPUTF8"
         return mail
 
@@ -842,18 +442,6 @@ class RemoteDelivery:
         return mail_reply, rcpt_replies, data_reply
 
 
-def _quit(proto):
-    """QUIT and close; a Deferred that fires once the connection is gone."""
-    if proto._closed:
-        proto.on_lost = None
-        return defer.succeed(None)
-    gone = defer.Deferred()
-    proto.on_lost = lambda: gone.callback(None)
-    proto.command("QUIT")       # no need to wait for its reply
-    proto.close()
-    return gone
-
-
 def _refused_before_mail(proto, envelope, size, recipients, extensions):
     """``{recipient: Reply}`` for those this host cannot take at all (SIZE, SMTPUTF8)."""
     limit = extensions.get("SIZE", "")
@@ -863,9 +451,9 @@ def _refused_before_mail(proto, envelope, size, recipients, extensions):
         return {r: reply for r in recipients}
     if "SMTPUTF8" in extensions:
         return {}
-    if _needs_utf8(envelope.sender):
+    if needs_utf8(envelope.sender):
         return {r: _no_utf8(proto) for r in recipients}
-    return {r: _no_utf8(proto) for r in recipients if _needs_utf8(r)}
+    return {r: _no_utf8(proto) for r in recipients if needs_utf8(r)}
 
 
 def _no_utf8(proto):
@@ -873,20 +461,3 @@ def _no_utf8(proto):
                        f"{proto.peer_name}"], local=True)
 
 
-def _extensions(reply):
-    """``{KEYWORD: argument text}`` from an EHLO reply (its first line is the greeting)."""
-    found = {}
-    for line in reply.lines[1:]:
-        keyword, _, argument = line.partition(" ")
-        if keyword:
-            found[keyword.upper()] = argument.strip()
-    return found
-
-
-def _describe(exc):
-    if isinstance(exc, error.ConnectionRefusedError):
-        return "Connection refused"
-    if isinstance(exc, (error.TimeoutError, defer.TimeoutError)):
-        return "Connection timed out"
-    text = str(exc).strip() or type(exc).__name__
-    return _UNPRINTABLE.sub(" ", text)[:200]

@@ -69,3 +69,58 @@ def write_atomic(path, data, mode=0o600, owner_like=None):
             os.unlink(temporary)
         raise
     fsync_dir(directory)
+
+
+def file_signature(*paths, ignore=OSError):
+    """What changes when any of ``paths`` is replaced or rewritten: (inode,
+    size, mtime_ns) of each; None when one cannot be looked at (an error of
+    class ``ignore``; other errors are raised)."""
+    signature = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except ignore:
+            return None
+        signature.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(signature)
+
+
+class FileWatch:
+    """Files read once and re-read when they change, looking (a ``stat`` each)
+    at most every ``interval`` seconds of ``clock``: the users and aliases
+    files, the JWKS, the TLS certificate and key.
+
+    ``loaded`` is the signature of what is in use; the owner sets it after a
+    successful read.
+    """
+
+    def __init__(self, paths, clock, interval, ignore=OSError):
+        self.paths = tuple(paths)
+        self.clock = clock
+        self.interval = interval
+        self.ignore = ignore
+        self.loaded = None
+        self._looked_at = None
+
+    def watch(self, *paths):
+        """Watch other files from now on (their change is seen at the next look)."""
+        self.paths = paths
+
+    def due(self):
+        """True, at most once an interval, when it is time to look again."""
+        now = self.clock.seconds()
+        if self._looked_at is not None and now - self._looked_at < self.interval:
+            return False
+        self._looked_at = now
+        return True
+
+    def looked(self):
+        """A look was just taken (a reload on demand): the interval starts now."""
+        self._looked_at = self.clock.seconds()
+
+    def forget(self):
+        """The next ``due()`` is True (we changed the file ourselves)."""
+        self._looked_at = None
+
+    def current(self):
+        return file_signature(*self.paths, ignore=self.ignore)

@@ -19,7 +19,6 @@ server cipher preference.
 import datetime
 import ipaddress
 import os
-import time
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,7 +30,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from appliance import events
-from appliance.durable.files import write_atomic
+from appliance.clock import default_clock
+from appliance.durable.files import FileWatch, write_atomic
 
 _log = Logger(namespace="mailappliance.net.tls")
 
@@ -58,33 +58,25 @@ def self_signed_paths(data_dir):
     return os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
 
 
-def ensure_self_signed(data_dir, hostname, now=None):
+def ensure_self_signed(data_dir, hostname):
     """The paths of the self-signed certificate and key, made if missing."""
     cert_path, key_path = self_signed_paths(data_dir)
     if os.path.exists(cert_path) and os.path.exists(key_path):
         return cert_path, key_path
     os.makedirs(os.path.dirname(cert_path), mode=0o700, exist_ok=True)
-    cert_pem, key_pem = make_self_signed(hostname, now)
+    cert_pem, key_pem = make_self_signed(hostname)
     write_atomic(key_path, key_pem)
     write_atomic(cert_path, cert_pem, mode=0o644)
     events.emit("tls.generated", certificate=cert_path, hostname=hostname)
     return cert_path, key_path
 
 
-def make_self_signed(hostname, now=None):
+def make_self_signed(hostname):
     """(certificate PEM, key PEM): ECDSA P-256, ``hostname`` as CN and SAN; a
     leaf (CA:FALSE, digitalSignature, serverAuth)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = now or datetime.datetime.now(datetime.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=SELF_SIGNED_DAYS))
-        .add_extension(x509.SubjectAlternativeName(_san(hostname)), critical=False)
+        self_signed_builder(hostname, key, SELF_SIGNED_DAYS)
         # A leaf, not a CA: a client told to trust it (Python's cafile,
         # nodemailer's tls.ca, OpenSSL 1.1.1+) takes a self-signed end-entity
         # certificate as its own anchor, and whoever holds this key must not
@@ -106,6 +98,23 @@ def make_self_signed(hostname, now=None):
                                 serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def self_signed_builder(hostname, key, days):
+    """A CertificateBuilder for ``key``'s self-signed certificate: ``hostname``
+    as CN and SAN, valid from five minutes ago for ``days``; the caller adds
+    its extensions and signs."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(_san(hostname)), critical=False)
+    )
 
 
 def _san(hostname):
@@ -161,31 +170,33 @@ def _describe(cert_path):
 class ServerTLS:
     """The server's TLS context, kept in step with the files on disk.
 
-    ``now`` is a monotonic clock (injected in tests); ``check_interval``
+    ``clock`` is an IReactorTime (a ``task.Clock`` in tests); ``check_interval``
     bounds how often a handshake pays for two ``os.stat`` calls. With
     ``self_signed=(data_dir, hostname)`` the files are the self-signed pair,
     made by ``load()`` when missing.
     """
 
-    def __init__(self, cert_path, key_path, now=time.monotonic, check_interval=5.0,
+    def __init__(self, cert_path, key_path, clock=None, check_interval=5.0,
                  self_signed=None):
-        self.cert_path = cert_path
-        self.key_path = key_path
         self._self_signed = self_signed
-        self._now = now
-        self._check_interval = check_interval
-        self._checked_at = None
-        self._signature = None
+        self.clock = default_clock(clock)
+        self._watch = FileWatch([cert_path, key_path], self.clock, check_interval)
         self._context = None
 
+    # The files in use; the ACME client points them at a new pair (then reload()).
+    cert_path = property(lambda self: self._watch.paths[0],
+                         lambda self, path: self._watch.watch(path, self.key_path))
+    key_path = property(lambda self: self._watch.paths[1],
+                        lambda self, path: self._watch.watch(self.cert_path, path))
+
     @classmethod
-    def from_config(cls, cfg, now=time.monotonic):
+    def from_config(cls, cfg, clock=None):
         """The configured files, or the self-signed ones (nothing is read or
         written before ``load()``)."""
         if cfg.tls.certificate:
-            return cls(cfg.tls.certificate, cfg.tls.private_key, now=now)
+            return cls(cfg.tls.certificate, cfg.tls.private_key, clock=clock)
         data_dir, hostname = cfg.server.data_dir, cfg.server.hostname
-        return cls(*self_signed_paths(data_dir), now=now, self_signed=(data_dir, hostname))
+        return cls(*self_signed_paths(data_dir), clock=clock, self_signed=(data_dir, hostname))
 
     def load(self):
         """Load the files now (making the self-signed pair if it is ours and
@@ -198,7 +209,7 @@ class ServerTLS:
                 raise TLSError(f"cannot write a self-signed certificate under "
                                f"{data_dir}/tls: {exc.strerror or exc}") from None
         self._load("start")
-        self._checked_at = self._now()
+        self._watch.looked()
 
     @property
     def context(self):
@@ -212,8 +223,8 @@ class ServerTLS:
     def reload(self):
         """Re-read the files if they changed (SIGHUP); keep the old context if
         the new files are not usable. True when a new context is in use."""
-        self._checked_at = self._now()
-        if self._context is not None and self._stat() == self._signature:
+        self._watch.looked()
+        if self._context is not None and self._watch.current() == self._watch.loaded:
             return False
         try:
             self._load("changed" if self._context is not None else "start")
@@ -227,31 +238,18 @@ class ServerTLS:
         return True
 
     def _maybe_reload(self):
-        now = self._now()
-        if (self._context is None or self._checked_at is None
-                or now - self._checked_at >= self._check_interval):
+        if self._watch.due() or self._context is None:
             self.reload()
 
     def _load(self, reason):
-        signature = self._stat()
+        signature = self._watch.current()
         if signature is None:
             raise TLSError(f"cannot read {self.cert_path} or {self.key_path}")
         self._context = make_context(self.cert_path, self.key_path)
-        self._signature = signature
+        self._watch.loaded = signature
         subject, not_after = _describe(self.cert_path)
         events.emit("tls.loaded", certificate=self.cert_path, subject=subject,
                     not_after=not_after, reason=reason)
-
-    def _stat(self):
-        """What changes when either file is replaced or rewritten."""
-        try:
-            signature = []
-            for path in (self.cert_path, self.key_path):
-                st = os.stat(path)
-                signature.append((st.st_ino, st.st_size, st.st_mtime_ns))
-            return tuple(signature)
-        except OSError:
-            return None
 
 
 def connection_info(transport):

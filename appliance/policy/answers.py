@@ -24,6 +24,8 @@ then run again on their thread, where DNS may be asked.
 import threading
 import time
 
+from appliance.clock import default_clock
+
 MAX_ENTRIES = 20000
 MAX_TTL = 86400.0           # no answer is kept longer than a day, whatever its TTL
 
@@ -33,11 +35,11 @@ class NotCached(Exception):
 
 
 class AnswerCache:
-    """See the module docstring; ``monotonic`` is injectable for tests."""
+    """See the module docstring; ``clock``: an IReactorTime (the reactor by default)."""
 
-    def __init__(self, max_entries=MAX_ENTRIES, monotonic=time.monotonic):
+    def __init__(self, max_entries=MAX_ENTRIES, clock=None):
         self.max_entries = max_entries
-        self.monotonic = monotonic
+        self.clock = default_clock(clock)
         self._entries = {}
         self._lock = threading.Lock()
 
@@ -50,7 +52,7 @@ class AnswerCache:
         if entry is None:
             return None
         value, expires = entry
-        if expires <= self.monotonic():
+        if expires <= self.clock.seconds():
             with self._lock:
                 if self._entries.get(key) is entry:
                     del self._entries[key]
@@ -61,7 +63,7 @@ class AnswerCache:
         """Keep ``value`` for ``ttl`` seconds (nothing for ttl <= 0)."""
         if ttl <= 0:
             return
-        expires = self.monotonic() + min(ttl, MAX_TTL)
+        expires = self.clock.seconds() + min(ttl, MAX_TTL)
         with self._lock:
             self._entries.pop(key, None)
             self._entries[key] = (value, expires)
@@ -70,7 +72,7 @@ class AnswerCache:
 
     def _evict(self):
         """Drop the expired entries, then the oldest down to 90 % of the bound."""
-        now = self.monotonic()
+        now = self.clock.seconds()
         for key in [k for k, (_v, expires) in self._entries.items() if expires <= now]:
             del self._entries[key]
         excess = len(self._entries) - int(self.max_entries * 0.9)

@@ -50,7 +50,6 @@ outcome.
 
 import random as random_module
 import re
-import time
 from collections import namedtuple
 from email.headerregistry import HeaderRegistry
 
@@ -59,6 +58,8 @@ import authres.dmarc
 from twisted.internet import defer
 
 from appliance import events
+from appliance.address import is_ip
+from appliance.clock import default_clock
 from appliance.policy import dmarc as dmarc_module
 from appliance.policy.answers import AnswerCache, NotCached
 from appliance.policy.dkim_verify import verify_signatures
@@ -243,6 +244,25 @@ def authentication_results(hostname, verdict, sender):
     return field.encode("ascii", "replace")
 
 
+def site_names(config):
+    """The names whose Authentication-Results only our own site writes
+    (RFC 8601 §5): the local domains and every name under them (where a
+    site's appliances are named: edge1.example.test, mail.example.test),
+    and an edge's mailbox host. Mail from outside naming one of them as its
+    authserv-id is a forgery and loses that field; an edge's own results
+    reach the mailbox host only on mail from its trusted networks."""
+    names = set()
+    for domain in config.server.domains:
+        try:
+            names.add(domain.encode("idna").decode("ascii").lower())
+        except UnicodeError:
+            continue
+    mailbox_host = config.relay.mailbox_host
+    if mailbox_host is not None and not is_ip(mailbox_host.host):
+        names.add(mailbox_host.host.lower())
+    return tuple(sorted(names))
+
+
 # -- the checks -----------------------------------------------------------------
 
 class InboundChecks:
@@ -251,12 +271,13 @@ class InboundChecks:
     ``resolver``: the server's dnspython resolver; ``run_in_thread(f, *args)
     -> Deferred`` runs the blocking part (a thread pool of its own in the
     server, ``synchronous_runner`` in tests); ``random`` draws for DMARC pct;
-    ``monotonic`` times the budget.
+    ``clock`` (an IReactorTime) times the budget.
     """
 
     def __init__(self, config, resolver, run_in_thread, random=random_module.random,
-                 monotonic=time.monotonic):
+                 clock=None):
         self.hostname = config.server.hostname
+        self.site = site_names(config)
         self.spf = config.checks.spf
         self.dkim = config.checks.dkim
         self.dmarc = config.checks.dmarc
@@ -265,8 +286,8 @@ class InboundChecks:
         self.resolver = resolver
         self.run_in_thread = run_in_thread
         self.random = random
-        self.monotonic = monotonic
-        self.answers = AnswerCache(monotonic=monotonic)
+        self.clock = default_clock(clock)
+        self.answers = AnswerCache(clock=self.clock)
 
     @property
     def enabled(self):
@@ -279,7 +300,8 @@ class InboundChecks:
             # The work per message is bounded: no header section of megabytes.
             return defer.succeed(Verdict(message, refusal=HEADER_TOO_BIG, action="reject"))
         if not self.enabled:        # still a pass over every header line: not on the reactor
-            d = self.run_in_thread(lambda: Verdict(strip_forged(message, self.hostname)[0]))
+            d = self.run_in_thread(lambda: Verdict(strip_forged(message, self.hostname,
+                                                                site=self.site)[0]))
             return d
         if len(message) <= REACTOR_OCTETS:
             try:
@@ -296,7 +318,7 @@ class InboundChecks:
         """The Verdict; blocking (DNS, RSA): runs on a worker thread. With
         ``cache_only`` it asks no DNS and parses no From: value the hard way
         (``NotCached`` instead), nor any DKIM signature: the reactor may call it."""
-        lookups = Lookups(self.resolver, self.timeout, self.budget, self.monotonic,
+        lookups = Lookups(self.resolver, self.timeout, self.budget, self.clock,
                           cache=self.answers, cache_only=cache_only)
         fields = header_fields(message)
         if cache_only and any(name == b"dkim-signature" for name, _s, _e in fields):
@@ -318,7 +340,7 @@ class InboundChecks:
         verdict = Verdict(b"", spf=spf_results, dkim=dkim_results, dmarc=dmarc_results,
                           skipped_signatures=skipped)
         self._decide(verdict, mailfrom)
-        cleaned, _ = strip_forged(message, self.hostname, fields)
+        cleaned, _ = strip_forged(message, self.hostname, fields, self.site)
         verdict.message = authentication_results(self.hostname, verdict, facts.sender) + cleaned
         return verdict
 

@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted.application import service
 
 from appliance import events
+from appliance.clock import default_clock
 from appliance.durable.files import adopt_owner, write_atomic
 
 events.register("dkim.key_created", "a DKIM key was made (first start, or a rotation)",
@@ -192,18 +193,18 @@ class KeyStore:
     """The keys under ``key_dir``; see the module docstring.
 
     ``algorithm`` and ``selector`` are ``[dkim] algorithm`` and ``selector``;
-    ``clock`` gives the time for ``created`` and for dated selectors;
+    ``clock`` (an IReactorTime) gives the time for ``created`` and for dated selectors;
     ``make_key(algorithm)`` is ``generate`` (tests may pass a faster one).
     """
 
-    def __init__(self, key_dir, algorithm="rsa-sha256", selector="mail", clock=time.time,
+    def __init__(self, key_dir, algorithm="rsa-sha256", selector="mail", clock=None,
                  make_key=generate):
         if algorithm not in ALGORITHMS:
             raise KeyStoreError(f"[dkim] algorithm: unknown {algorithm!r}")
         self.key_dir = key_dir
         self.algorithm = algorithm
         self.selector = selector
-        self.clock = clock
+        self.clock = default_clock(clock)
         self.make_key = make_key
         self._lock = threading.Lock()
         self._keys = []
@@ -371,7 +372,7 @@ class KeyStore:
         pem, public = self.make_key(algorithm)
         self._write(file, pem)
         return DKIMKey(domain=domain, selector=selector, algorithm=algorithm, file=file,
-                       public=public, created=round(self.clock(), 3))
+                       public=public, created=round(self.clock.seconds(), 3))
 
     def _free_selector(self, keys, domain, algorithm, dated):
         """The first unused selector: ``<selector>`` (if not ``dated``), then
@@ -379,7 +380,7 @@ class KeyStore:
         taken = {k.selector for k in keys if k.domain == domain}
         taken |= {f[len(domain) + 1:].rsplit(".", 2)[0]
                   for f in self._files() if f.startswith(domain + ".")}
-        day = time.strftime("%Y%m%d", time.gmtime(self.clock()))
+        day = time.strftime("%Y%m%d", time.gmtime(self.clock.seconds()))
         letters = [""] + [chr(c) for c in range(ord("b"), ord("a") + _MAX_SAME_DAY)]
         candidates = ([] if dated else [self.selector]) + \
             [f"{self.selector}-{day}{letter}" for letter in letters]

@@ -18,13 +18,12 @@ computation reads: the smallest TTL among them, and whether a TXT record had
 a macro, so that its result can be kept as long as they are valid.
 """
 
-import time
-
 import dns.exception
 import dns.name
 import dns.rdatatype
 import dns.resolver
 
+from appliance.clock import default_clock
 from appliance.policy.answers import NotCached, answer_ttl, negative_ttl
 
 
@@ -35,23 +34,23 @@ class TempDNSError(Exception):
 class Lookups:
     """DNS queries for one message's checks; use on one worker thread.
 
-    ``budget``: seconds for all the queries of the message together;
-    ``monotonic`` is injectable for tests; ``cache``: an AnswerCache (or
-    None); ``cache_only``: answer from ``cache`` alone (see the module docstring).
+    ``budget``: seconds for all the queries of the message together, on
+    ``clock`` (an IReactorTime; reading its time is safe from any thread);
+    ``cache``: an AnswerCache (or None); ``cache_only``: answer from
+    ``cache`` alone (see the module docstring).
     """
 
-    def __init__(self, resolver, timeout, budget, monotonic=time.monotonic, cache=None,
-                 cache_only=False):
+    def __init__(self, resolver, timeout, budget, clock=None, cache=None, cache_only=False):
         self.resolver = resolver
         self.timeout = timeout
-        self.monotonic = monotonic
-        self.deadline = monotonic() + budget
+        self.clock = default_clock(clock)
+        self.deadline = self.clock.seconds() + budget
         self.cache = cache
         self.cache_only = cache_only
         self._tracking = None           # [smallest TTL, macro seen] while tracking
 
     def remaining(self):
-        return self.deadline - self.monotonic()
+        return self.deadline - self.clock.seconds()
 
     def track(self):
         """Start following the answers read (see ``tracked``)."""
@@ -77,12 +76,12 @@ class Lookups:
             entry = self.cache.get(key)
             if entry is not None:
                 rdatas, expires = entry
-                return self._read(name, rdtype, rdatas, expires - self.monotonic())
+                return self._read(name, rdtype, rdatas, expires - self.clock.seconds())
             if self.cache_only:
                 raise NotCached(f"{name} {rdtype}")
         rdatas, ttl = self._ask(name, rdtype)
         if self.cache is not None:
-            self.cache.put(key, (rdatas, self.monotonic() + ttl), ttl)
+            self.cache.put(key, (rdatas, self.clock.seconds() + ttl), ttl)
         return self._read(name, rdtype, rdatas, ttl)
 
     def _ask(self, name, rdtype):

@@ -12,6 +12,13 @@ A message passes the same stages on every SMTP listener, in order:
   for mail from outside, or DKIM signing for ours (authenticated, or from
   ``[relay] trusted_networks``).
 
+Mail from a trusted network that no authenticated user sent and that goes
+to local recipients only is not signed: a signature vouches for mail that
+leaves the site, and this is what a mailbox host receives from its edges
+(SPEC §7), which checked it (their Authentication-Results come along) and
+signed what their own users sent. Nor is it checked again: SPF would judge
+the edge's address as the sender's.
+
 A stage answers a ``Reply`` (a refusal) or None (go on), or a Deferred of
 either. The first refusal ends the stage. Extra stages implement any of
 ``at_mail(session, sender)`` and ``at_rcpt(session, recipient)``.
@@ -22,7 +29,7 @@ from twisted.internet import defer
 from appliance.message import strip_forged
 from appliance.headers import header_block
 from appliance.net.peer import peer_in
-from appliance.policy.checks import HEADER_TOO_BIG, MAX_HEADER_OCTETS, Facts
+from appliance.policy.checks import HEADER_TOO_BIG, MAX_HEADER_OCTETS, Facts, site_names
 
 OURS = "ours"           # authenticated, or from a trusted network: signed, not checked
 OUTSIDE = "outside"     # everyone else: checked, not signed
@@ -55,6 +62,7 @@ class Pipeline:
         self.relay = relay
         config = getattr(relay, "config", None)
         self.hostname = config.server.hostname if config is not None else ""
+        self.site = site_names(config) if config is not None else ()
         self.trusted_networks = trusted_networks
         self.checks = checks
         self.signer = signer
@@ -105,17 +113,31 @@ class Pipeline:
             raise Refused(refusal)
         if origin(session, self.trusted_networks) == OURS:
             # Not checked, but an Authentication-Results naming us is a
-            # forgery here too: local mailboxes and readers trust it.
-            message = received + strip_forged(body, self.hostname)[0]
-            if self.signer is None:
+            # forgery here too: local mailboxes and readers trust it. A user
+            # writes none naming the site either; a trusted network's (an
+            # edge's, SPEC §7) are kept.
+            site = self.site if session.auth_user else ()
+            message = received + strip_forged(body, self.hostname, site=site)[0]
+            if self.signer is None or self._stays_here(session, envelope):
                 return message
             return self.signer.sign(message, context)
         if self.checks is None:
-            return received + strip_forged(body, self.hostname)[0]
+            return received + strip_forged(body, self.hostname, site=self.site)[0]
         facts = Facts(session.peer_ip, session.helo, envelope.sender)
         d = self.checks.check(facts, body, context)
         d.addCallback(self._checked, envelope, received)
         return d
+
+    def _stays_here(self, session, envelope):
+        """Relayed to us by a trusted network for local recipients only (an
+        edge's mail on its mailbox host): not ours to sign (module doc)."""
+        if session.auth_user:
+            return False
+        local = self.relay.directory.is_local_domain
+        try:
+            return all(local(rcpt.rpartition("@")[2]) for rcpt in envelope.recipients)
+        except Exception:  # noqa: BLE001 - in doubt, sign (as before this rule)
+            return False
 
     @staticmethod
     def _checked(verdict, envelope, received):

@@ -7,8 +7,10 @@ retry time comes (``WakeupSchedule``: one timer for the whole queue). A pass:
 1. delivers the due local recipients (``LocalDelivery``) and writes their new
    states; an alias that forwards off the box adds its remote targets to the
    entry as recipients of their own (``original`` names the alias);
-2. hands the due remote recipients, grouped by domain (one SMTP transaction
-   each), to the ``Dispatcher``, which runs at most ``[queue] concurrency``
+2. hands the due remote recipients, grouped by route kind and domain (one
+   SMTP transaction each; on an edge the local domains take the MAILBOX
+   route to ``[relay] mailbox_host``, appliance.deliver.routes), to the
+   ``Dispatcher``, which runs at most ``[queue] concurrency``
    deliveries in all and ``per_domain`` per domain; each result is written
    back as soon as it arrives;
 3. reports: one DSN for the recipients that failed since the last one, one
@@ -38,6 +40,7 @@ from twisted.python.failure import Failure
 
 from appliance import events
 from appliance.deliver.local import REMOTE_NOT_AVAILABLE, LocalDelivery
+from appliance.deliver.routes import LOCAL, REMOTE, Routing
 from appliance.queue.bounce import (DELAYED, FAILED as DSN_FAILED, FORWARD_UNVERIFIED, one_line,
                                     reports)
 from appliance.queue.manager import RETRY_SCHEDULE, Dispatcher, QueueSettings, WakeupSchedule
@@ -84,22 +87,29 @@ class QueueRunner(service.Service):
     """Delivers spooled messages; see the module docstring.
 
     ``spool``: appliance.queue.store.Spool; ``directory``: resolve /
-    is_local_domain; ``deliverer``: appliance.deliver.maildir.MaildirDeliverer;
+    is_local_domain; ``deliverer``: appliance.deliver.maildir.MaildirDeliverer
+    (None on an edge: no Maildirs);
     ``clock``: an IReactorTime (task.Clock in tests); ``settings``: a
     QueueSettings; ``remote``: ``deliver(envelope, message, recipients,
-    domain) -> Deferred[list of RecipientResult]`` (appliance.deliver.remote);
+    domain, kind) -> Deferred[list of RecipientResult]``
+    (appliance.deliver.remote; ``kind`` from appliance.deliver.routes);
     ``bouncer``: appliance.queue.bounce.Bouncer; ``random() -> [0, 1)`` for
-    the retry jitter.
+    the retry jitter; ``routing``: an ``appliance.deliver.routes.Routing``
+    (the route kind of each recipient; default: local domains here, the
+    rest by MX). An edge's routing sends the local domains to the mailbox
+    host, through ``remote`` like any remote delivery.
     """
 
     name = "queue-runner"
 
     def __init__(self, spool, directory, deliverer, clock, retry_schedule=None, *,
-                 settings=None, remote=None, bouncer=None, random=random_module.random):
+                 settings=None, remote=None, bouncer=None, random=random_module.random,
+                 routing=None):
         self.settings = settings or QueueSettings()
         self.spool = spool
         self.clock = clock
         self.directory = directory
+        self.routing = routing or Routing(directory)
         self.local = LocalDelivery(directory, deliverer, clock)
         self.remote = remote
         self.bouncer = bouncer
@@ -240,6 +250,8 @@ class QueueRunner(service.Service):
         first pass then finds its local deliveries done)."""
         if not self.running:
             return None
+        if self.routing.edge:
+            return None         # an edge has no Maildirs: nothing to link
         return self.local.route(entry)
 
     def _due(self, entry, now, force=False):
@@ -262,12 +274,8 @@ class QueueRunner(service.Service):
         return due
 
     def _is_remote(self, rcpt):
-        if self.remote is None:
-            return False
-        try:
-            return not self.directory.is_local_domain(_domain(rcpt))
-        except Exception:  # noqa: BLE001 - the local path defers on directory trouble
-            return False
+        """Sent by ``remote`` (by MX, or to the mailbox host from an edge)."""
+        return self.remote is not None and self.routing.kind(rcpt) != LOCAL
 
     def _finishes(self, entry, changes, settling=()):
         """Would ``changes`` leave nothing to do (every recipient delivered)?
@@ -357,30 +365,31 @@ class QueueRunner(service.Service):
     # -- remote delivery
 
     def _send_remote(self, entry, recipients):
-        """One dispatcher job per destination domain (and per 100 recipients)."""
+        """One dispatcher job per route kind and destination domain (and per
+        100 recipients)."""
         qid = entry.queue_id
         groups = {}
         for rcpt in recipients:
-            groups.setdefault(_domain(rcpt), []).append(rcpt)
+            groups.setdefault((self.routing.kind(rcpt), _domain(rcpt)), []).append(rcpt)
         busy = self._inflight.setdefault(qid, set())
-        for domain, rcpts in groups.items():
+        for (kind, domain), rcpts in groups.items():
             for chunk in _chunks(rcpts, MAX_RCPTS_PER_TRANSACTION):
                 busy.update(chunk)
-                d = self.outbound.submit(domain, _Attempt(self, qid, domain, chunk))
+                d = self.outbound.submit(domain, _Attempt(self, qid, domain, chunk, kind))
                 d.addCallbacks(self._attempted, self._attempt_failed,
                                callbackArgs=(qid, domain, chunk),
                                errbackArgs=(qid, domain, chunk))
                 d.addBoth(self._attempt_over, qid, chunk)
 
     @defer.inlineCallbacks
-    def _attempt(self, qid, domain, rcpts):
+    def _attempt(self, qid, domain, rcpts, kind=REMOTE):
         """In a dispatcher slot: the remote results, or None when the entry was
         held or deleted while the job waited for its slot."""
         entry = self.spool.get(qid)
         if entry is None or entry.held or not self.running:
             return None
         message = yield self.spool.read(qid)
-        results = yield self.remote.deliver(entry.envelope, message, list(rcpts), domain)
+        results = yield self.remote.deliver(entry.envelope, message, list(rcpts), domain, kind)
         return results
 
     def _attempted(self, results, qid, domain, rcpts):
@@ -563,13 +572,14 @@ class QueueRunner(service.Service):
 class _Attempt:
     """The work of one dispatcher job (a callable, so it starts only in its slot)."""
 
-    __slots__ = ("runner", "qid", "domain", "recipients")
+    __slots__ = ("runner", "qid", "domain", "recipients", "kind")
 
-    def __init__(self, runner, qid, domain, recipients):
+    def __init__(self, runner, qid, domain, recipients, kind=REMOTE):
         self.runner, self.qid, self.domain, self.recipients = runner, qid, domain, recipients
+        self.kind = kind
 
     def __call__(self):
-        return self.runner._attempt(self.qid, self.domain, self.recipients)
+        return self.runner._attempt(self.qid, self.domain, self.recipients, self.kind)
 
 
 def _remote_outcome(result):

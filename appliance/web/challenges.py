@@ -19,19 +19,18 @@ that very name (mta-sts./autoconfig./autodiscover.) is refused; mail
 listeners are never affected.
 """
 
-import datetime
 import hashlib
 import threading
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID, ObjectIdentifier
+from cryptography.x509.oid import ObjectIdentifier
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
-from appliance.net.tls import make_context
+from appliance.net.tls import make_context, self_signed_builder
 
 ACME_TLS_1 = b"acme-tls/1"
 HTTP_1_1 = b"http/1.1"
@@ -77,16 +76,8 @@ def alpn_challenge_certificate(name, key_authorization):
     critical acmeIdentifier extension = OCTET STRING(SHA-256(key authorization))."""
     key = ec.generate_private_key(ec.SECP256R1())
     digest = hashlib.sha256(key_authorization.encode("ascii")).digest()
-    now = datetime.datetime.now(datetime.timezone.utc)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        self_signed_builder(name, key, days=7)
         .add_extension(x509.UnrecognizedExtension(ACME_IDENTIFIER, b"\x04\x20" + digest),
                        critical=True)
         .sign(key, hashes.SHA256())

@@ -18,17 +18,16 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python import failure
 
-from appliance.testing import make_jwks
+from appliance.testing import oauth2_issuer
 from appliance.testing import HandRunner
 from appliance.access.folders import MaildirStore
 from appliance.access.pop3 import (
     MAX_AUTH_FAILURES, POP3Factory, dot_stuffed, top_of)
 from appliance.auth.accounts import BackendUnavailable
-from appliance.auth.oauth2 import TokenVerifier
 from appliance.auth.sasl import Mechanisms
 from appliance.maildir import SUBDIRS, maildir_path
 from appliance.threads import synchronous_runner
-from appliance.testing import FakeAccounts, TLSStringTransport, capture_events, make_config
+from appliance.testing import FakeAccounts, TLSStringTransport, capture_events, clock_at, make_config
 
 ALICE, PASSWORD = "alice@example.test", "correct horse"
 BOB, BOB_PASSWORD = "bob@example.test", "bobs password"
@@ -49,7 +48,7 @@ class World:
     def __init__(self, root, accounts=None, verifier=None, **limits):
         self.root = str(root)
         self.clock = Clock()
-        self.store = MaildirStore(self.root, synchronous_runner, clock=lambda: 1700000000.0)
+        self.store = MaildirStore(self.root, synchronous_runner, clock=clock_at(1700000000.0))
         self.accounts = accounts if accounts is not None else FakeAccounts(
             {ALICE: PASSWORD, BOB: BOB_PASSWORD})
         self.config = make_config(base_dir=self.root, limits=limits) if limits \
@@ -436,10 +435,7 @@ def test_a_long_sasl_line_ends_the_exchange(world):
 
 @pytest.fixture
 def oauth(tmp_path):
-    path = tmp_path / "jwks.json"
-    key = make_jwks(path, "k1")
-    verifier = TokenVerifier(ISSUER, AUDIENCE, str(path))
-    verifier.load()
+    verifier, key = oauth2_issuer(tmp_path, ISSUER, AUDIENCE)
     payload = {"iss": ISSUER, "aud": AUDIENCE, "exp": time.time() + 600, "email": ALICE,
                "email_verified": True,
                "scope": "x" * 600}

@@ -10,10 +10,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from twisted.internet import task
 
 from appliance.auth.accounts import BackendUnavailable
 from appliance.auth.oauth2 import InvalidToken, JWKSError, TokenVerifier, load_jwks
-from appliance.testing import make_config
+from appliance.testing import clock_at, make_config
 
 ISSUER = "https://id.example.test"
 AUDIENCE = "mail.example.test"
@@ -56,13 +57,12 @@ def issuer(tmp_path):
 
 @pytest.fixture
 def clock():
-    return {"now": NOW, "mono": 0.0}
+    return clock_at(NOW)
 
 
 @pytest.fixture
 def verifier(issuer, clock):
-    v = TokenVerifier(ISSUER, AUDIENCE, issuer.path, now=lambda: clock["now"],
-                      monotonic=lambda: clock["mono"])
+    v = TokenVerifier(ISSUER, AUDIENCE, issuer.path, clock=clock)
     v.load()
     return v
 
@@ -102,7 +102,7 @@ def test_refused_claims(issuer, verifier, claims, reason):
 
 def test_expiry_follows_the_injected_clock(issuer, verifier, clock):
     token = issuer.token()
-    clock["now"] = NOW + 3600 + 61
+    clock.advance(3600 + 61)
     with pytest.raises(InvalidToken, match="expired"):
         verifier.verify(token)
 
@@ -172,19 +172,19 @@ def test_key_rotation_is_picked_up(issuer, verifier, clock):
         verifier.verify(token)
     issuer.write([issuer.jwk(new_key, "rsa2")])
     os.utime(issuer.path, ns=(1, 1))          # a changed mtime whatever the clock
-    clock["mono"] += 10
+    clock.advance(10)
     assert verifier.verify(token) == "alice@example.test"
 
 
 def test_a_broken_rotation_keeps_the_old_keys(issuer, verifier, clock):
     with open(issuer.path, "w", encoding="utf-8") as handle:
         handle.write('{"keys": [')
-    clock["mono"] += 10
+    clock.advance(10)
     assert verifier.verify(issuer.token()) == "alice@example.test"
 
 
 def test_no_keys_at_all_is_a_temporary_failure(tmp_path, issuer):
-    v = TokenVerifier(ISSUER, AUDIENCE, str(tmp_path / "missing.json"), now=lambda: NOW)
+    v = TokenVerifier(ISSUER, AUDIENCE, str(tmp_path / "missing.json"), clock=task.Clock())
     with pytest.raises(BackendUnavailable):
         v.verify(issuer.token())
 

@@ -8,7 +8,7 @@ import sys
 import argon2
 import bcrypt
 import pytest
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher
 
 from appliance.auth import users
@@ -20,14 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Cheap hashes for the file tests (the format is what matters there).
 BCRYPT = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()
 ARGON2ID = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash("s3cret")
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 def result(d):
@@ -210,37 +202,37 @@ def test_comments_blank_and_malformed_lines(path, logged):
 
 
 def test_reload_on_change_seen_by_a_running_reader(path, collected):
-    clock = Clock()
-    server = UsersFile(path, now=clock)
+    clock = task.Clock()
+    server = UsersFile(path, clock=clock)
     assert server.lookup("bob@x.test") is None
     UsersFile(path).add("bob@x.test", BCRYPT)          # the CLI, elsewhere
     assert server.lookup("bob@x.test") is None          # checked < 1 s ago
-    clock.now += 1.0
+    clock.advance(1.0)
     assert server.lookup("bob@x.test") == BCRYPT
     UsersFile(path).delete("bob@x.test")
-    clock.now += 1.0
+    clock.advance(1.0)
     assert server.lookup("bob@x.test") is None
     assert [r["count"] for r in collected.named("users.reloaded")][-2:] == [1, 0]
 
 
 def test_no_reread_when_unchanged(path, collected):
     UsersFile(path).add("bob@x.test", BCRYPT)
-    clock = Clock()
-    server = UsersFile(path, now=clock)
+    clock = task.Clock()
+    server = UsersFile(path, clock=clock)
     for _ in range(3):
         server.lookup("bob@x.test")
-        clock.now += 2
+        clock.advance(2)
     assert len(collected.named("users.reloaded")) == 1
 
 
 def test_edit_in_place_is_noticed(path):
     UsersFile(path).add("bob@x.test", BCRYPT)
-    clock = Clock()
-    server = UsersFile(path, now=clock)
+    clock = task.Clock()
+    server = UsersFile(path, clock=clock)
     assert server.list() == ["bob@x.test"]
     with open(path, "a") as handle:                     # same inode, new size
         handle.write(f"carol@x.test:{BCRYPT}\n")
-    clock.now += 1
+    clock.advance(1)
     assert server.list() == ["bob@x.test", "carol@x.test"]
 
 
@@ -325,7 +317,7 @@ def cheap_hash(password):
 def _cached_users(tmp_path, clock):
     from appliance.auth.users import UsersFile
     runner = CountingThread()
-    users = UsersFile(str(tmp_path / "users"), now=clock, run_in_thread=runner)
+    users = UsersFile(str(tmp_path / "users"), clock=clock, run_in_thread=runner)
     users.add("amy@x.test", cheap_hash("right-pw"))
     return users, runner
 
@@ -337,25 +329,25 @@ def _result(d):
 
 
 def test_verified_login_is_cached_but_failures_are_not(tmp_path):
-    clock = [1000.0]
-    users, runner = _cached_users(tmp_path, lambda: clock[0])
+    clock = task.Clock()
+    users, runner = _cached_users(tmp_path, clock)
     assert _result(users.check_password("amy@x.test", "right-pw")) is True
     assert _result(users.check_password("amy@x.test", "right-pw")) is True
     assert runner.calls == 1                      # second login: no bcrypt
     assert _result(users.check_password("amy@x.test", "wrong")) is False
     assert _result(users.check_password("amy@x.test", "wrong")) is False
     assert runner.calls == 3                      # every failure pays the hash
-    clock[0] += 301                               # past the TTL
+    clock.advance(301)                               # past the TTL
     assert _result(users.check_password("amy@x.test", "right-pw")) is True
     assert runner.calls == 4
 
 
 def test_password_change_voids_the_cache_at_once(tmp_path):
     from appliance.auth.users import UsersFile
-    clock = [1000.0]
-    users, runner = _cached_users(tmp_path, lambda: clock[0])
+    clock = task.Clock()
+    users, runner = _cached_users(tmp_path, clock)
     assert _result(users.check_password("amy@x.test", "right-pw")) is True
     UsersFile(users.path).set_hash("amy@x.test", cheap_hash("new-pw"))
-    clock[0] += 2                                 # the file is re-read
+    clock.advance(2)                                 # the file is re-read
     assert _result(users.check_password("amy@x.test", "right-pw")) is False
     assert _result(users.check_password("amy@x.test", "new-pw")) is True

@@ -27,8 +27,9 @@ from zope.interface import implementer
 
 from appliance.deliver import remote
 from appliance.deliver.mx import MXResolver, Route, RoutingError
-from appliance.deliver.remote import (BLOCK, RemoteDelivery, Timeouts, default_tls_context,
-                                      wire_body)
+from appliance.deliver import smtpclient
+from appliance.deliver.remote import RemoteDelivery
+from appliance.deliver.smtpclient import BLOCK, Timeouts, default_tls_context, wire_body
 from appliance.envelope import Envelope
 from appliance.testing import StringTransport, capture_events, make_config
 from appliance.net.tls import make_context, make_self_signed
@@ -195,6 +196,14 @@ def greeted(*extensions):
     return h
 
 
+def at_rcpt():
+    """MAIL accepted, our RCPT read: the peer answers it next."""
+    h = greeted()
+    h.peer.send("250 Ok\r\n")
+    h.peer.lines()
+    return h
+
+
 def test_a_lockstep_delivery_says_every_command_in_order():
     h = Harness()
     with capture_events() as seen:
@@ -259,9 +268,7 @@ def test_pipelined_rejection_of_every_recipient_ends_an_invited_data_empty():
 
 
 def test_a_rejected_recipient_without_pipelining_sends_no_data():
-    h = greeted()
-    h.peer.send("250 Ok\r\n")
-    h.peer.lines()
+    h = at_rcpt()
     h.peer.send("550 5.7.1 relay denied\r\n")
     assert h.peer.lines() == ["QUIT"]
     [result] = h.results()
@@ -283,9 +290,7 @@ def test_the_final_reply_applies_to_every_accepted_recipient():
 
 
 def test_a_data_refusal_applies_to_the_accepted_recipients():
-    h = greeted()
-    h.peer.send("250 Ok\r\n")
-    h.peer.lines()
+    h = at_rcpt()
     h.peer.send("250 Ok\r\n")
     assert h.peer.lines() == ["DATA"]
     h.peer.send("451 4.3.0 not now\r\n")
@@ -504,7 +509,7 @@ def test_an_internal_error_defers_instead_of_losing_the_message():
 def test_a_reply_of_more_than_100_lines_is_refused():
     h = Harness()
     h.deliver()
-    h.peer.send("220-mx\r\n" * remote.MAX_REPLY_LINES)
+    h.peer.send("220-mx\r\n" * smtpclient.MAX_REPLY_LINES)
     assert not h.peers[0].closed                       # 100 lines are allowed
     h.peer.send("220-mx\r\n")
     assert h.peers[0].closed and len(h.peers) == 2     # moved on to the next host

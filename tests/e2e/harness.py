@@ -38,6 +38,17 @@ class ServerError(Exception):
     """The server did not start, or stopped when it should not have."""
 
 
+def email_message(sender, to, subject, body, marker, domain):
+    """A small text message with Message-ID ``<marker@domain>``."""
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{marker}@{domain}>"
+    msg.set_content(body)
+    return msg
+
+
 def wait_until(predicate, timeout, interval=0.05, what="condition"):
     """Poll ``predicate`` until it returns a true value or ``timeout`` s pass."""
     deadline = time.monotonic() + timeout
@@ -166,12 +177,7 @@ class MailServer:
     def send_through_mx(self, subject, body, recipient, sender="friend@example.net",
                         timeout=30):
         """A small message to ``recipient`` through the MX port, with smtplib."""
-        msg = EmailMessage()
-        msg["From"] = sender
-        msg["To"] = recipient
-        msg["Subject"] = subject
-        msg["Message-ID"] = f"<{uuid.uuid4().hex}@example.net>"
-        msg.set_content(body)
+        msg = email_message(sender, recipient, subject, body, uuid.uuid4().hex, "example.net")
         with smtplib.SMTP(self.host, self.mx_port, timeout=timeout) as client:
             client.sendmail(sender, [recipient], msg.as_bytes(policy=email.policy.SMTP))
 

@@ -13,8 +13,11 @@ a ``Delivered-To:`` header on each copy, which ``messages_for`` reads.
     mx.stop()
 """
 
+import contextlib
 import email.parser
 import email.policy
+import shutil
+import tempfile
 
 from postfix_peer import PostfixError, PostfixInstance, postfix_available  # noqa: F401
 
@@ -56,6 +59,20 @@ class PostfixMX(PostfixInstance):
                 found.extend(p for p in path.iterdir() if p.is_file()
                              and _delivered_to(p) == address.lower())
         return sorted(found)
+
+
+@contextlib.contextmanager
+def running_postfix_mx(port, host, prefix="postfix-mx-"):
+    """A started PostfixMX in a new temp dir, stopped and removed at the end.
+    Not under pytest's tmp dir: its 0700 parents keep Postfix's daemons out."""
+    workdir = tempfile.mkdtemp(prefix=prefix)
+    instance = PostfixMX(workdir, port, host=host)
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _delivered_to(path):

@@ -108,6 +108,19 @@ def submission_session(server, source):
     return client
 
 
+def fail_logins(server, source, sessions, tries, password):
+    """``sessions`` submission sessions from ``source``, each trying AUTH
+    ``tries`` times with ``password(n, session)``; the first line of each reply."""
+    replies = []
+    for session in range(sessions):
+        client = submission_session(server, source)
+        for n in range(tries):
+            client.send(f"AUTH PLAIN {plain(password(n, session))}")
+            replies.append(client.reply()[0])
+        client.close()
+    return replies
+
+
 def assert_refused_everywhere(server, source):
     assert greeting(server, "mx", source).startswith(b"421 4.7.0")
     assert greeting(server, "submission", source).startswith(b"421 4.7.0")
@@ -155,12 +168,8 @@ def test_submission_failures_ban_on_every_listener_end_open_sessions_and_survive
 
 def test_the_same_wrong_password_again_never_bans(server):
     source = "127.0.0.23"
-    for _ in range(3):
-        client = submission_session(server, source)
-        for _ in range(2):
-            client.send(f"AUTH PLAIN {plain('stale app password')}")
-            assert client.reply()[0].startswith(b"535")
-        client.close()
+    replies = fail_logins(server, source, 3, 2, lambda n, session: "stale app password")
+    assert all(reply.startswith(b"535") for reply in replies)
     assert greeting(server, "mx", source).startswith(b"220 ")
 
 
@@ -206,12 +215,7 @@ def test_pop3_pass_failures_ban(server):
 
 def test_the_allow_list_wins(server):
     source = "127.0.0.200"
-    for _ in range(3):
-        client = submission_session(server, source)
-        for n in range(3):
-            client.send(f"AUTH PLAIN {plain(f'wrong {n} {id(client)}')}")
-            client.reply()
-        client.close()
+    fail_logins(server, source, 3, 3, lambda n, session: f"wrong {n} {session}")
     assert greeting(server, "mx", source).startswith(b"220 ")
     assert server.events("defence.ban") == []
 

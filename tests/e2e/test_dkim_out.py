@@ -11,10 +11,8 @@ with dkimpy.
 
 import email.policy
 import email.utils
-import shutil
 import smtplib
 import ssl
-import tempfile
 import uuid
 from email.message import EmailMessage
 
@@ -26,7 +24,7 @@ import pytest
 from dkim_tools import (  # noqa: E402
     dkimpy_results, dnsfunc_server, mail_dkim_missing, mail_dkim_verify)
 from harness import free_ports, wait_until  # noqa: E402
-from postfix_mx import PostfixMX, postfix_available  # noqa: E402
+from postfix_mx import postfix_available, running_postfix_mx  # noqa: E402
 
 POSTFIX_IP = "127.0.0.2"
 ALICE, PASSWORD = "alice@example.test", "alice's password"
@@ -44,15 +42,8 @@ def postfix():
     if why:
         pytest.skip(why)
     port = free_ports(1, POSTFIX_IP)[0]
-    # Not under pytest's tmp dir: its 0700 parents keep Postfix's daemons out.
-    workdir = tempfile.mkdtemp(prefix="dkim-postfix-")
-    instance = PostfixMX(workdir, port, host=POSTFIX_IP)
-    try:
-        instance.start()
+    with running_postfix_mx(port, POSTFIX_IP, "dkim-postfix-") as instance:
         yield instance
-    finally:
-        instance.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def publish_dns_records(server, dns):

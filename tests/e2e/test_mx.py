@@ -9,11 +9,10 @@ import socket
 import subprocess
 import uuid
 from email import policy
-from email.message import EmailMessage
 
 import pytest
 
-from harness import HOSTNAME, header_values, wait_until
+from harness import HOSTNAME, email_message, header_values, wait_until
 
 SENDER = "sender@example.org"
 CLIENT_NAME = "client.example.org"
@@ -25,13 +24,8 @@ def mailserver(module_mailserver_factory):
 
 
 def make_message(to, subject, marker):
-    msg = EmailMessage()
-    msg["From"] = SENDER
-    msg["To"] = to
-    msg["Subject"] = subject
-    msg["Message-ID"] = f"<{marker}@client.example.org>"
-    msg.set_content(f"marker {marker}\n")
-    return msg
+    return email_message(SENDER, to, subject, f"marker {marker}\n", marker,
+                         "client.example.org")
 
 
 def send(server, msg, to):

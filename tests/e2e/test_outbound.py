@@ -17,11 +17,9 @@ her Maildir where the test reads it.
 import email
 import email.policy
 import json
-import shutil
 import smtplib
 import socket
 import socketserver
-import tempfile
 import threading
 import uuid
 from email.message import EmailMessage
@@ -30,7 +28,7 @@ import pytest
 
 
 from harness import free_ports, wait_until  # noqa: E402
-from postfix_mx import PostfixMX, postfix_available  # noqa: E402
+from postfix_mx import postfix_available, running_postfix_mx  # noqa: E402
 
 POSTFIX_IP, SCRIPTED_IP, DEAD_IP = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 SENDER = "alice@example.test"
@@ -188,15 +186,8 @@ def postfix(mx_port):
     why = postfix_available()
     if why:
         pytest.skip(why)
-    # Not under pytest's tmp dir: its 0700 parents keep Postfix's daemons out.
-    workdir = tempfile.mkdtemp(prefix="outbound-postfix-")
-    instance = PostfixMX(workdir, mx_port, host=POSTFIX_IP)
-    try:
-        instance.start()
+    with running_postfix_mx(mx_port, POSTFIX_IP, "outbound-postfix-") as instance:
         yield instance
-    finally:
-        instance.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ import subprocess
 import time
 import uuid
 from email import policy
-from email.message import EmailMessage
 from pathlib import Path
 
 import jwt
@@ -32,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import ldap_server
 from appliance.testing import make_jwks
-from harness import HOSTNAME, header_values, wait_until  # noqa: E402
+from harness import HOSTNAME, email_message, header_values, wait_until  # noqa: E402
 
 ALICE, ALICE_PW = "alice@example.test", "alice password"
 BOB, BOB_PW = "bob@example.test", "bob password"
@@ -127,12 +126,7 @@ def context(srv):
 
 
 def message(sender, to, marker, subject="submitted"):
-    msg = EmailMessage()
-    msg["From"] = sender
-    msg["To"] = to
-    msg["Subject"] = subject
-    msg["Message-ID"] = f"<{marker}@client.example.test>"
-    msg.set_content(f"marker {marker}\n")
+    msg = email_message(sender, to, subject, f"marker {marker}\n", marker, "client.example.test")
     return msg.as_bytes(policy=policy.SMTP)
 
 

@@ -53,6 +53,29 @@ def complete(data):
     return data.split(b"\r\n")[:-1]
 
 
+class Conversation:
+    """Lines in, complete reply lines out, over a StringTransport and a Clock."""
+
+    def __init__(self, protocol, transport, clock):
+        self.protocol, self.transport, self.clock = protocol, transport, clock
+        self.seen = len(transport.value())
+
+    def send(self, line):
+        self.protocol.dataReceived(line + b"\r\n")
+        self.clock.advance(SETTLE)
+        new = complete(self.transport.value()[self.seen:])
+        self.seen = len(self.transport.value())
+        return new
+
+    def say(self, line, cancel):
+        """The replies to ``line``; a continuation ("+ ": a literal or a SASL
+        challenge) that it opens is answered with ``cancel``."""
+        new = self.send(line)
+        if new and new[-1].startswith(b"+ "):
+            new += self.send(cancel)
+        return new
+
+
 # -- SMTP ---------------------------------------------------------------------------------
 
 SMTP_VERBS = [b"EHLO", b"HELO", b"MAIL FROM:", b"RCPT TO:", b"DATA", b"RSET", b"NOOP",
@@ -146,24 +169,14 @@ def test_fuzz_imap(guard, tmp_path_factory, lines, logged_in):
     with guard.check("IMAP"):
         factory, protocol, transport, clock = imap_session(tmp_path_factory.mktemp("imap"))
         try:
-            seen = len(transport.value())
+            talk = Conversation(protocol, transport, clock)
             if logged_in:
                 lines = [b"l LOGIN " + ALICE.encode() + b" \"" + PASSWORD.encode() + b"\"",
                          b"s SELECT INBOX"] + lines
             for line in lines:
                 if transport.disconnecting:
                     break
-                protocol.dataReceived(line + b"\r\n")
-                clock.advance(SETTLE)
-                new = complete(transport.value()[seen:])
-                seen = len(transport.value())
-                if new and new[-1].startswith(b"+ "):
-                    # A literal or an exchange waits for more: cancel it.
-                    protocol.dataReceived(b"*\r\n" if b"AUTHENTICATE" in line.upper()
-                                          else b"DONE\r\n")
-                    clock.advance(SETTLE)
-                    new += complete(transport.value()[seen:])
-                    seen = len(transport.value())
+                new = talk.say(line, b"*" if b"AUTHENTICATE" in line.upper() else b"DONE")
                 tagged = [r for r in new if re.match(rb"(?![*+] )\S+ (OK|NO|BAD)\b", r)]
                 other = [r for r in new if r.startswith((b"* BYE", b"* BAD"))]
                 pending = protocol._literal is not None or bool(protocol._segments)
@@ -197,21 +210,13 @@ def test_fuzz_pop3(guard, tmp_path_factory, lines, logged_in):
         protocol = factory.buildProtocol(None)
         protocol.makeConnection(transport)
         try:
-            seen = len(transport.value())
+            talk = Conversation(protocol, transport, clock)
             if logged_in:
                 lines = [b"USER " + ALICE.encode(), b"PASS " + PASSWORD.encode()] + lines
             for line in lines:
                 if transport.disconnecting:
                     break
-                protocol.dataReceived(line + b"\r\n")
-                clock.advance(SETTLE)
-                new = complete(transport.value()[seen:])
-                seen = len(transport.value())
-                if new and new[-1].startswith(b"+ "):      # a SASL challenge: cancel
-                    protocol.dataReceived(b"*\r\n")
-                    clock.advance(SETTLE)
-                    new += complete(transport.value()[seen:])
-                    seen = len(transport.value())
+                new = talk.say(line, b"*")
                 status = [r for r in new if r.startswith((b"+OK", b"-ERR"))]
                 assert len(status) >= 1, (line, new)
         finally:

@@ -103,13 +103,6 @@ def test_key_of_another_certificate(tmp_path):
 
 # -- reloads ---------------------------------------------------------------------------
 
-class FakeMonotonic:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
 
 def replace_pair(cert_path, key_path, hostname):
     """What a renewal does: new files renamed over the old ones."""
@@ -122,14 +115,14 @@ def replace_pair(cert_path, key_path, hostname):
 
 def test_a_renewed_certificate_is_used_at_the_next_check(tmp_path):
     cert_path, key_path = write_pair(tmp_path)
-    clock = FakeMonotonic()
-    tls = ServerTLS(cert_path, key_path, now=clock, check_interval=5.0)
+    clock = task.Clock()
+    tls = ServerTLS(cert_path, key_path, clock=clock, check_interval=5.0)
     tls.load()
     first = tls.context
     replace_pair(cert_path, key_path, "renewed.example.test")
-    clock.now = 4.0
+    clock.advance(4.0)
     assert tls.context is first                  # not yet: stat at most every 5 s
-    clock.now = 5.0
+    clock.advance(1.0)
     with capture_events() as events:
         assert tls.context is not first
     [loaded] = events.named("tls.loaded")
@@ -137,18 +130,18 @@ def test_a_renewed_certificate_is_used_at_the_next_check(tmp_path):
 
 
 def test_unchanged_files_are_not_reloaded(tmp_path):
-    clock = FakeMonotonic()
-    tls = ServerTLS(*write_pair(tmp_path), now=clock)
+    clock = task.Clock()
+    tls = ServerTLS(*write_pair(tmp_path), clock=clock)
     tls.load()
     first = tls.context
-    clock.now = 100.0
+    clock.advance(100.0)
     assert tls.context is first
     assert tls.reload() is False
 
 
 def test_reload_on_demand_sighup(tmp_path):
     cert_path, key_path = write_pair(tmp_path)
-    tls = ServerTLS(cert_path, key_path, now=FakeMonotonic())
+    tls = ServerTLS(cert_path, key_path, clock=task.Clock())
     tls.load()
     first = tls.context
     replace_pair(cert_path, key_path, "renewed.example.test")
@@ -158,7 +151,7 @@ def test_reload_on_demand_sighup(tmp_path):
 
 def test_a_half_written_renewal_keeps_the_previous_context(tmp_path):
     cert_path, key_path = write_pair(tmp_path)
-    tls = ServerTLS(cert_path, key_path, now=FakeMonotonic())
+    tls = ServerTLS(cert_path, key_path, clock=task.Clock())
     tls.load()
     first = tls.context
     _, other_key = write_pair(tmp_path, name="other")
@@ -193,8 +186,8 @@ class LoopbackTLSTests(unittest.TestCase):
         tmp = tempfile.mkdtemp(prefix="mailappliance-tls-")   # not trial's cwd-relative mktemp
         self.addCleanup(shutil.rmtree, tmp, True)
         self.cert_path, self.key_path = ensure_self_signed(tmp, HOST)
-        self.clock = FakeMonotonic()
-        self.tls = ServerTLS(self.cert_path, self.key_path, now=self.clock)
+        self.clock = task.Clock()
+        self.tls = ServerTLS(self.cert_path, self.key_path, clock=self.clock)
         self.tls.load()
         self.spool = FakeSpool()
         self.config = make_config(server={"hostname": HOST, "domains": "example.test"})
@@ -344,7 +337,7 @@ class LoopbackTLSTests(unittest.TestCase):
         _, _, _, before = yield self.in_thread(
             self.handshake, port, client_context(self.cert_path))
         replace_pair(self.cert_path, self.key_path, HOST)
-        self.clock.now += 60
+        self.clock.advance(60)
         _, _, _, after = yield self.in_thread(
             self.handshake, port, client_context(self.cert_path))
         self.assertNotEqual(before, after)

@@ -8,7 +8,7 @@ where RFC 2308 caching is the point), the real resolver, pyspf and dkimpy.
 from email.headerregistry import HeaderRegistry
 
 import pytest
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from appliance.deliver.mx import build_resolver
 from appliance.policy.answers import AnswerCache, NotCached
@@ -29,14 +29,6 @@ ZONES = {
     "alice.ok.macro.test": {"A": ["127.0.0.2"]},
     "servfail.test": "SERVFAIL",
 }
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +58,12 @@ def asked(server, name):
 # -- AnswerCache ----------------------------------------------------------------------
 
 def test_an_entry_lives_its_ttl_and_the_bound_holds():
-    clock = Clock()
-    cache = AnswerCache(max_entries=10, monotonic=clock)
+    clock = task.Clock()
+    cache = AnswerCache(max_entries=10, clock=clock)
     cache.put("a", 1, 30)
     cache.put("never", 2, 0)
     assert cache.get("a") == 1 and cache.get("never") is None
-    clock.now += 30
+    clock.advance(30)
     assert cache.get("a") is None and len(cache) == 0
     for n in range(25):
         cache.put(n, n, 60)
@@ -81,8 +73,8 @@ def test_an_entry_lives_its_ttl_and_the_bound_holds():
 # -- Lookups with the cache --------------------------------------------------------------
 
 def test_answers_are_kept_for_their_ttl_negative_ones_for_the_soa_minimum(dns_server):
-    clock = Clock()
-    cache = AnswerCache(monotonic=clock)
+    clock = task.Clock()
+    cache = AnswerCache(clock=clock)
 
     def lookups():
         return Lookups(resolver_for(dns_server), 2.0, 8.0, clock, cache=cache)
@@ -95,11 +87,11 @@ def test_answers_are_kept_for_their_ttl_negative_ones_for_the_soa_minimum(dns_se
     assert lookups().txt("_dmarc.nodmarc.test") == []
     assert lookups().txt("alice.ok.macro.test") == []
     assert len(dns_server.queries) == before                     # all three kept
-    clock.now += 121                                            # past the SOA minimum
+    clock.advance(121)                                           # past the SOA minimum
     assert lookups().txt("_dmarc.nodmarc.test") == []
     assert lookups().txt("good.test")
     assert len(dns_server.queries) == before + 1                 # the positive one lives on
-    clock.now += 200
+    clock.advance(200)
     lookups().txt("good.test")
     assert len(dns_server.queries) == before + 2
 

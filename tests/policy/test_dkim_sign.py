@@ -29,7 +29,7 @@ from appliance.receive.submission import SubmissionFactory
 from appliance.policy.pipeline import OURS, OUTSIDE, origin
 from appliance.testing import (
     FakeAccounts, FakeDirectory, FakeSpool, SMTPHarness, TLSStringTransport, capture_events,
-    make_config)
+    clock_at, make_config)
 from dkim_tools import (
     dkimpy_results, dnsfunc_from, mail_dkim_missing, mail_dkim_verify, zones_for)
 
@@ -56,8 +56,8 @@ def key_dir(tmp_path):
     return str(tmp_path / "dkim")
 
 
-def store_in(key_dir, algorithm="rsa-sha256", clock=lambda: DAY):
-    return KeyStore(key_dir, algorithm, "mail", clock=clock)
+def store_in(key_dir, algorithm="rsa-sha256", clock=None):
+    return KeyStore(key_dir, algorithm, "mail", clock=clock or clock_at(DAY))
 
 
 def tags_of(signature):
@@ -358,7 +358,7 @@ def test_a_foreign_from_is_told_apart_without_a_thread(from_header, decided):
 
 def mx_factory(key_dir, threads, trusted="192.0.2.0/24", spool=None):
     cfg = make_config(relay={"trusted_networks": trusted}, dkim={"key_dir": key_dir})
-    store = KeyStore.from_config(cfg, clock=lambda: DAY)
+    store = KeyStore.from_config(cfg, clock=clock_at(DAY))
     store.ensure(cfg.server.domains)
     factory = SMTPFactory(cfg, FakeDirectory(["alice@example.test"]),
                           spool if spool is not None else FakeSpool(), Clock(), "mx")

@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from appliance.deliver.maildir import MaildirDeliverer
 from appliance.deliver.mx import RoutingError
 from appliance.deliver.remote import RecipientResult
+from appliance.deliver.routes import REMOTE
 from appliance.envelope import Envelope
 from appliance.queue.bounce import BOUNCE_LISTENER, Bouncer
 from appliance.durable.commit import GroupCommitWriter
@@ -50,8 +51,8 @@ class FakeRemote:
     def __init__(self):
         self.calls = []
 
-    def deliver(self, envelope, message, recipients, domain):
-        call = Call(envelope, message, list(recipients), domain)
+    def deliver(self, envelope, message, recipients, domain, kind=REMOTE):
+        call = Call(envelope, message, list(recipients), domain, kind)
         self.calls.append(call)
         return call.d
 
@@ -64,9 +65,10 @@ class FakeRemote:
 
 
 class Call:
-    def __init__(self, envelope, message, recipients, domain):
+    def __init__(self, envelope, message, recipients, domain, kind=None):
         self.envelope, self.message, self.recipients, self.domain = (
             envelope, message, recipients, domain)
+        self.kind = kind
         self.d = defer.Deferred()
 
     def answer(self, code=250, text="2.0.0 ok", per_recipient=None):
@@ -321,7 +323,7 @@ def test_max_age_expiry_fails_with_4_4_7_and_bounces(tmp_path):
 
 def test_null_mx_routing_error_is_a_5_1_10_bounce_and_servfail_defers(tmp_path):
     class RoutingRemote(FakeRemote):
-        def deliver(self, envelope, message, recipients, domain):
+        def deliver(self, envelope, message, recipients, domain, kind=REMOTE):
             self.calls.append(domain)
             if domain == "nullmx.example":
                 return defer.fail(RoutingError(True, "5.1.10",

@@ -488,16 +488,21 @@ def test_an_entry_whose_link_failed_is_not_retired(tmp_path):
     assert sorted(os.listdir(queue)) == [QID + ".json", QID + ".msg"]
 
 
+def killed_linking_run(tmp_path, step):
+    """(queue dir, mail dir, FaultyFS, spool, linking router) of a run whose
+    file system is killed at ``step``."""
+    queue, mail = tmp_path / f"run{step}" / "queue", tmp_path / f"run{step}" / "mail"
+    fs = FaultyFS(at=step)
+    return queue, mail, fs, make_spool(queue, fs=fs), linking_router(mail)
+
+
 def test_a_kill_at_any_step_of_a_direct_commit_leaves_no_partial_message(tmp_path):
     """One recipient linked at commit, no state file: a kill leaves no 250,
     no truncated Maildir file and, after recovery, nothing in the queue."""
     full = maildir_bytes("alice@example.org", MESSAGE)
     outcomes = set()
     for step in range(100):
-        queue, mail = tmp_path / f"run{step}" / "queue", tmp_path / f"run{step}" / "mail"
-        fs = FaultyFS(at=step)
-        spool = make_spool(queue, fs=fs)
-        router = linking_router(mail)
+        queue, mail, fs, spool, router = killed_linking_run(tmp_path, step)
         route = completing(router)
         answered = []
         try:
@@ -565,10 +570,7 @@ def test_a_kill_at_any_step_of_a_linking_commit_links_only_committed_messages(tm
     """Links come after the commit rename: no Maildir ever holds an uncommitted message."""
     outcomes = set()
     for step in range(50):
-        queue, mail = tmp_path / f"run{step}" / "queue", tmp_path / f"run{step}" / "mail"
-        fs = FaultyFS(at=step)
-        spool = make_spool(queue, fs=fs)
-        route = linking_router(mail)
+        queue, mail, fs, spool, route = killed_linking_run(tmp_path, step)
         result_of(spool.accept(envelope(recipients=("bob@example.test", "carol@example.test")),
                                MESSAGE, router=route))
         committed = (queue / (QID + ".json")).exists()

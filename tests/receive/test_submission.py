@@ -13,9 +13,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.task import Clock
 
-from appliance.testing import make_jwks
+from appliance.testing import oauth2_issuer
 from appliance.auth.accounts import BackendUnavailable
-from appliance.auth.oauth2 import TokenVerifier
 from appliance.auth.sasl import Mechanisms
 from appliance.receive.smtp import SMTPFactory
 from appliance.message import AmbiguousFrom, from_addresses
@@ -480,10 +479,7 @@ ISSUER, AUDIENCE = "https://id.example.test", "mail.example.test"
 
 @pytest.fixture
 def oauth(tmp_path):
-    path = tmp_path / "jwks.json"
-    key = make_jwks(path, "k1")
-    verifier = TokenVerifier(ISSUER, AUDIENCE, str(path))
-    verifier.load()
+    verifier, key = oauth2_issuer(tmp_path, ISSUER, AUDIENCE)
 
     def token(signing_key=key, **claims):
         payload = {"iss": ISSUER, "aud": AUDIENCE, "exp": time.time() + 600,

@@ -17,8 +17,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import defer, task
+from twisted.internet import defer
 
+from appliance.testing import clock_at
 from appliance.web import acme_client
 from appliance.web.acme_client import AcmeFailure, AcmeService, retry_delay
 from appliance.web.acme_store import AcmeStore
@@ -80,10 +81,16 @@ def make(tmp_path, clock, ca, tls=None, names=NAMES, rand=lambda: 0.5):
     return service
 
 
+def started(tmp_path, clock, ca, *args, **kwargs):
+    """A service made and started; its first turn taken."""
+    service = make(tmp_path, clock, ca, *args, **kwargs)
+    service.startService()
+    clock.advance(0)
+    return service
+
+
 def started_clock():
-    clock = task.Clock()
-    clock.advance(START)
-    return clock
+    return clock_at(START)
 
 
 def test_retry_delays_back_off_with_jitter_and_the_first_is_within_a_minute():
@@ -97,9 +104,7 @@ def test_first_order_at_start_then_renewal_at_two_thirds(tmp_path, collected):
     clock = started_clock()
     ca = FakeCA(clock, lifetime=90 * 86400)
     tls = FakeTLS()
-    service = make(tmp_path, clock, ca, tls)
-    service.startService()
-    clock.advance(0)
+    service = started(tmp_path, clock, ca, tls)
     assert len(ca.orders) == 1
     [issued] = collected.named("acme.issued")
     assert issued["names"] == sorted(NAMES)
@@ -123,9 +128,7 @@ def test_failures_back_off_and_are_remembered_across_a_restart(tmp_path, collect
     clock = started_clock()
     ca = FakeCA(clock)
     ca.errors = ["mail.example.test: connection refused", "rate limited"]
-    service = make(tmp_path, clock, ca)
-    service.startService()
-    clock.advance(0)
+    service = started(tmp_path, clock, ca)
     [failed] = collected.named("acme.failed")
     assert failed["failures"] == 1 and failed["retry_in"] == 30.0
     assert failed["error"] == "mail.example.test: connection refused"
@@ -135,9 +138,7 @@ def test_failures_back_off_and_are_remembered_across_a_restart(tmp_path, collect
 
     # A restart 10 s later waits for the remembered retry time.
     clock.advance(10)
-    service = make(tmp_path, clock, ca)
-    service.startService()
-    clock.advance(0)
+    service = started(tmp_path, clock, ca)
     assert len(ca.orders) == 1
     clock.advance(20)
     assert len(ca.orders) == 2
@@ -152,23 +153,17 @@ def test_failures_back_off_and_are_remembered_across_a_restart(tmp_path, collect
 def test_changed_names_order_at_once_despite_old_failures(tmp_path, collected):
     clock = started_clock()
     ca = FakeCA(clock)
-    service = make(tmp_path, clock, ca)
-    service.startService()
-    clock.advance(0)
+    service = started(tmp_path, clock, ca)
     service.stopService()
     ca.errors = ["boom"]
     # A stored certificate not covering a new domain's names: a new order.
     more = NAMES + ["mta-sts.example.org"]
-    service = make(tmp_path, clock, ca, names=more)
-    service.startService()
-    clock.advance(0)
+    service = started(tmp_path, clock, ca, names=more)
     assert [e["reason"] for e in collected.named("acme.ordered")] == ["first", "names"]
     assert len(ca.orders) == 2
     service.stopService()
     # The failure was for these names; with the old names there is nothing to retry.
-    service = make(tmp_path, clock, ca)
-    service.startService()
-    clock.advance(0)
+    service = started(tmp_path, clock, ca)
     assert len(ca.orders) == 2
     service.stopService()
 
@@ -199,9 +194,7 @@ def test_never_two_orders_in_flight(tmp_path, collected):
 def test_a_stored_certificate_serves_from_the_start(tmp_path):
     clock = started_clock()
     ca = FakeCA(clock)
-    service = make(tmp_path, clock, ca)
-    service.startService()
-    clock.advance(0)
+    service = started(tmp_path, clock, ca)
     service.stopService()
     tls = FakeTLS()
     make(tmp_path, clock, ca, tls)
