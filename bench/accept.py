@@ -107,10 +107,22 @@ def clear_maildir(maildir):
 class Target:
     """One server under test: where to connect and which Maildir fills."""
 
-    def __init__(self, name, port, maildir):
+    def __init__(self, name, port, maildir, pid=None):
         self.name = name
         self.port = port
         self.maildir = Path(maildir)
+        self.pid = pid          # ours: one process, whose CPU time the runs report
+
+    def cpu_seconds(self):
+        """user + system CPU seconds of the server process so far (None: not known)."""
+        if self.pid is None:
+            return None
+        try:
+            with open(f"/proc/{self.pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def split(total, parts):
@@ -227,14 +239,16 @@ def main(argv=None):
         targets = []
         if "off" in modes:
             ours = servers["appliance-off"] = start_ours(workdir, "appliance-off")
-            targets.append(Target("appliance-off", ours.mx_port, ours.maildir(ADDRESS)))
+            targets.append(Target("appliance-off", ours.mx_port, ours.maildir(ADDRESS),
+                                  ours.process.pid))
         if "defaults" in modes:
             dns_host = free_loopback_53()
             dns_server = BenchDNS(sender_zones(SENDERS, CLIENT_NAME, MISSING_DMARC),
                                   dns_host).start()
             ours = servers["appliance-defaults"] = start_ours(
                 workdir, "appliance-defaults", f"{dns_host}:53")
-            targets.append(Target("appliance-defaults", ours.mx_port, ours.maildir(ADDRESS)))
+            targets.append(Target("appliance-defaults", ours.mx_port, ours.maildir(ADDRESS),
+                                  ours.process.pid))
         postfix = start_postfix(workdir)
         postfixes.append(postfix)
         targets.append(Target("postfix", postfix.port, postfix.maildir(LOCAL)))
@@ -257,10 +271,15 @@ def main(argv=None):
             for c in concurrencies:
                 messages = args.messages_c1 if c == 1 else args.messages
                 for target in targets:
+                    cpu_before, started = target.cpu_seconds(), time.monotonic()
                     accept, e2e = run_once(target, c, messages, args.size, args.timeout, rep)
+                    cpu_after, wall = target.cpu_seconds(), time.monotonic() - started
                     results[(c, target.name)].append((accept, e2e))
+                    # Is the server bound by its one Python core? (issue 16, target 6)
+                    cpu = ("" if cpu_before is None or cpu_after is None else
+                           f"  server CPU {100 * (cpu_after - cpu_before) / wall:4.0f}% of a core")
                     print(f"rep {rep} c={c:<3} {target.name:<20} {messages:>5} msgs  "
-                          f"accept {accept:8.1f} msg/s  end-to-end {e2e:8.1f} msg/s",
+                          f"accept {accept:8.1f} msg/s  end-to-end {e2e:8.1f} msg/s{cpu}",
                           flush=True)
         names = [t.name for t in targets]
         comparisons = [(name, "postfix") for name in names if name.startswith("appliance")]
