@@ -114,15 +114,19 @@ class Target:
         self.pid = pid          # ours: one process, whose CPU time the runs report
 
     def cpu_seconds(self):
-        """user + system CPU seconds of the server process so far (None: not known)."""
+        """``(on a CPU, runnable but waiting for one)`` in seconds, summed over the
+        server process's threads (/proc schedstat); None when not known."""
         if self.pid is None:
             return None
+        running = waiting = 0
         try:
-            with open(f"/proc/{self.pid}/stat") as stat:
-                fields = stat.read().rpartition(")")[2].split()
-        except OSError:
+            for task in os.listdir(f"/proc/{self.pid}/task"):
+                with open(f"/proc/{self.pid}/task/{task}/schedstat") as stat:
+                    on_cpu, queued, _slices = stat.read().split()
+                running, waiting = running + int(on_cpu), waiting + int(queued)
+        except (OSError, ValueError):
             return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return running / 1e9, waiting / 1e9
 
 
 def split(total, parts):
@@ -275,9 +279,11 @@ def main(argv=None):
                     accept, e2e = run_once(target, c, messages, args.size, args.timeout, rep)
                     cpu_after, wall = target.cpu_seconds(), time.monotonic() - started
                     results[(c, target.name)].append((accept, e2e))
-                    # Is the server bound by its one Python core? (issue 16, target 6)
+                    # Is the server bound by one core, or by a busy machine? (issue 16, target 6)
                     cpu = ("" if cpu_before is None or cpu_after is None else
-                           f"  server CPU {100 * (cpu_after - cpu_before) / wall:4.0f}% of a core")
+                           f"  server on a CPU {100 * (cpu_after[0] - cpu_before[0]) / wall:3.0f}%"
+                           f", waiting for one {100 * (cpu_after[1] - cpu_before[1]) / wall:3.0f}%"
+                           f" of the time")
                     print(f"rep {rep} c={c:<3} {target.name:<20} {messages:>5} msgs  "
                           f"accept {accept:8.1f} msg/s  end-to-end {e2e:8.1f} msg/s{cpu}",
                           flush=True)
