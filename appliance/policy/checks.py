@@ -333,6 +333,10 @@ class InboundChecks:
         dkim_results, skipped = None, 0
         if self.dkim or self.dmarc != "off":
             dkim_results, skipped = verify_signatures(message, lookups)
+            if cache_only and (dkim_results or skipped):
+                # A signature dkimpy found (or a header it could not split):
+                # verified on the thread, where its key may be fetched.
+                raise NotCached("a DKIM signature to verify")
         dmarc_results = []
         if self.dmarc != "off":
             dmarc_results = self._dmarc(lookups, message, fields, mailfrom, dkim_results,

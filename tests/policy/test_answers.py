@@ -199,6 +199,14 @@ def test_signed_big_or_oddly_addressed_messages_still_take_the_thread(dns_server
     verdict_of(checks, message(from_="alice@good.test (Alice)"))
     verdict_of(checks, message() + b"x" * (64 * 1024))
     assert len(ran) == 4
+    # A signature field dkimpy reads but the field scan names otherwise: the thread too.
+    odd = message(extra=signature.replace(b"DKIM-Signature:", b"DKIM-Signature :"))
+    assert verdict_of(checks, odd).dkim == run_on_thread(checks, odd).dkim
+    assert len(ran) == 5
+
+
+def run_on_thread(checks, msg):
+    return checks.evaluate(Facts(IP, "client.good.test", "bounce@good.test"), msg)
 
 
 @pytest.mark.parametrize("value", [
