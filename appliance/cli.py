@@ -6,6 +6,9 @@ The offline ones (``check-config``, ``user``, ``alias``, ``dkim``,
 without a server; the others (``status``, ``queue ...``, ``log tail``,
 ``reload`` ...) are sent to the running server over its control socket
 (``appliance.admin.control``): a clear one-line error when it is not running.
+With ``[auth] backend = ldap``, ``user list`` and ``user show`` ask the
+running server (its LDAP connections, the same answer as the admin shell's)
+and, when none runs, the directory itself from this process.
 
 Exit codes: 0 success, 1 an operation failed (the user exists, the disk is
 full ...), 2 bad usage or a bad config, 3 a bulk operation partly failed.
@@ -111,10 +114,23 @@ def _login():
         return str(os.getuid())
 
 
+# Offline commands that, with LDAP, the running server answers when there is one.
+LDAP_READS = {("user", "list"), ("user", "show")}
+
+
 def _run_offline(cmd, args, io):
     cfg = configmod.load(args.config)
+    if cmd.words in LDAP_READS and cfg.auth.backend == "ldap":
+        try:
+            return _run_online(args, io)
+        except control.NotRunning:
+            pass                        # then this process asks the directory
     ctx = offline_context(cfg, io, "--password-stdin" in args.words)
-    return _finish(commands.dispatch(args.words, ctx))
+    try:
+        return _finish(commands.dispatch(args.words, ctx))
+    finally:
+        if ctx.ldap_users is not None:
+            ctx.ldap_users.close()
 
 
 def _finish(d):

@@ -13,7 +13,11 @@ Then, with ``--queue N`` (default 0: skipped), N messages for an unreachable
 remote domain are queued (the MX relays for 127.0.0.1) and the time to the
 first line of ``queue list`` over the control socket is measured.
 
-Run:  .venv/bin/python bench/admin.py [--sessions 50] [--runs 40] [--queue 100000]
+With ``--no-load`` only the queue part runs (``--queue N`` then times
+``status`` ``--runs`` times on that queue, p50/p95, and once more after a
+restart of the server with the queue on disk).
+
+Run:  .venv/bin/python bench/admin.py [--sessions 50] [--runs 40] [--queue 100000] [--no-load]
 It prints figures; it is not a test. The machine may be shared: say so with them.
 """
 
@@ -51,6 +55,9 @@ def parse_args(argv):
     parser.add_argument("--queue", type=int, default=0,
                         help="also fill the queue with N messages and time queue list's "
                              "first line")
+    parser.add_argument("--no-load", action="store_true",
+                        help="skip the latency under load; with --queue: status on the "
+                             "full queue, before and after a restart")
     return parser.parse_args(argv)
 
 
@@ -145,34 +152,61 @@ def main(argv=None):
         server.start()
         path = str(server.data_dir / "control.sock")
         try:
-            idle = {("socket", c): [time_socket(path, c.split()) for _ in range(args.runs)]
-                    for c in ("status", "queue list")}
-            idle.update({("ssh", c): [time_ssh(server, key, c.split())
-                                      for _ in range(args.runs)]
-                         for c in ("status", "queue list")})
-            with Load(server, args.sessions) as load:
-                loaded = {}
-                for c in ("status", "queue list"):
-                    loaded[("socket", c)] = [time_socket(path, c.split())
-                                             for _ in range(args.runs)]
-                    loaded[("ssh", c)] = [time_ssh(server, key, c.split())
-                                          for _ in range(args.runs)]
-            print(f"admin latency, {args.runs} runs each; load: smtp-source -s "
-                  f"{args.sessions} on the MX port ({load.messages} messages sent)")
-            print(f"{'door':<7} {'command':<11} {'idle p95':>9} {'load p50':>9} {'load p95':>9}")
-            for (door, c), values in loaded.items():
-                idle_p95 = f"{p95(idle[(door, c)]) * 1000:.1f}"
-                print(f"{door:<7} {c:<11} {idle_p95:>9} {statistics.median(values) * 1000:>9.1f} "
-                      f"{p95(values) * 1000:>9.1f}   (ms)")
+            if not args.no_load:
+                latency_under_load(server, key, path, args)
             if args.queue:
                 fill(server, args.queue)
                 first, total, lines = first_line(path, ["queue", "list"])
                 print(f"queue list on {args.queue} queued messages: first line after "
                       f"{first * 1000:.0f} ms, all {lines - 2} lines after {total:.2f} s")
-                print(f"status with that queue: {time_socket(path, ['status']) * 1000:.0f} ms")
+                times = [time_socket(path, ["status"]) for _ in range(args.runs)]
+                print(f"status with that queue, {args.runs} runs: p50 "
+                      f"{statistics.median(times) * 1000:.1f} ms, p95 "
+                      f"{p95(times) * 1000:.1f} ms")
+                if args.no_load:
+                    server.stop(timeout=120)
+                    started = time.monotonic()
+                    server.start(timeout=300)
+                    wait_until(lambda: queued_count(path) >= args.queue, 600, interval=0.2,
+                               what="the queue counted after the restart")
+                    print(f"restart with {args.queue} queued: status counts them all "
+                          f"{time.monotonic() - started:.1f} s after the start")
+                    times = [time_socket(path, ["status"]) for _ in range(args.runs)]
+                    print(f"status after the restart, {args.runs} runs: p50 "
+                          f"{statistics.median(times) * 1000:.1f} ms, p95 "
+                          f"{p95(times) * 1000:.1f} ms")
         finally:
             server.stop()
     return 0
+
+
+def latency_under_load(server, key, path, args):
+    idle = {("socket", c): [time_socket(path, c.split()) for _ in range(args.runs)]
+            for c in ("status", "queue list")}
+    idle.update({("ssh", c): [time_ssh(server, key, c.split()) for _ in range(args.runs)]
+                 for c in ("status", "queue list")})
+    with Load(server, args.sessions) as load:
+        loaded = {}
+        for c in ("status", "queue list"):
+            loaded[("socket", c)] = [time_socket(path, c.split()) for _ in range(args.runs)]
+            loaded[("ssh", c)] = [time_ssh(server, key, c.split()) for _ in range(args.runs)]
+    print(f"admin latency, {args.runs} runs each; load: smtp-source -s "
+          f"{args.sessions} on the MX port ({load.messages} messages sent)")
+    print(f"{'door':<7} {'command':<11} {'idle p95':>9} {'load p50':>9} {'load p95':>9}")
+    for (door, c), values in loaded.items():
+        idle_p95 = f"{p95(idle[(door, c)]) * 1000:.1f}"
+        print(f"{door:<7} {c:<11} {idle_p95:>9} {statistics.median(values) * 1000:>9.1f} "
+              f"{p95(values) * 1000:>9.1f}   (ms)")
+
+
+def queued_count(path):
+    import json
+    lines = []
+    try:
+        control.call(path, ["status", "--json"], lines.append, lines.append, timeout=60)
+        return json.loads(lines[0])["queue"]["messages"]
+    except (control.NotRunning, OSError, ValueError, IndexError):
+        return 0
 
 
 def fill(server, count):
@@ -185,13 +219,8 @@ def fill(server, count):
                         f"127.0.0.1:{server.mx_port}"], capture_output=True, timeout=3600)
         done += batch
     path = str(server.data_dir / "control.sock")
-
-    def queued():
-        lines = []
-        control.call(path, ["status", "--json"], lines.append, lines.append, timeout=60)
-        import json
-        return json.loads(lines[0])["queue"]["messages"] >= count
-    wait_until(queued, 600, interval=1.0, what=f"{count} queued messages")
+    wait_until(lambda: queued_count(path) >= count, 600, interval=1.0,
+               what=f"{count} queued messages")
 
 
 if __name__ == "__main__":

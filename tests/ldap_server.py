@@ -259,6 +259,20 @@ access to *
 """
 
 
+def _stopped(pid):
+    """Are all threads of process ``pid`` stopped (Linux /proc)? None if unknown."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        states = []
+        for task in tasks:
+            with open(f"/proc/{pid}/task/{task}/stat", encoding="ascii",
+                      errors="replace") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+    except (OSError, IndexError):
+        return None
+    return all(state in ("T", "t") for state in states)
+
+
 def _accepts(host, port):
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -412,9 +426,16 @@ class SlapdServer:
         self.stop()
         self.start()
 
-    def pause(self):
-        """Freeze slapd: connections are accepted by the kernel, never answered."""
+    def pause(self, timeout=STOP_TIMEOUT):
+        """Freeze slapd: connections are accepted by the kernel, never answered.
+        Returns once the process is stopped (a signal is delivered a moment
+        later, and a busy machine may let slapd answer one more request)."""
         self.process.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while _stopped(self.process.pid) is False:
+            if time.monotonic() >= deadline:
+                raise SlapdError(f"slapd did not stop within {timeout:g}s")
+            time.sleep(0.01)
 
     def resume(self):
         self.process.send_signal(signal.SIGCONT)

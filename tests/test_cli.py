@@ -201,14 +201,23 @@ def test_user_passwd_and_del(run, data):
     assert run("user", "list") == (0, "", "")
 
 
-def test_user_commands_refused_with_ldap_backend(tmp_path):
+def test_user_commands_with_ldap_backend(tmp_path):
+    """With LDAP and no server running, user list asks the directory from
+    this process (here nobody answers: one line); user add is refused."""
     path = tmp_path / "ldap.ini"
     path.write_text("[server]\nhostname = m.example.test\ndomains = example.test\n"
-                    "[auth]\nbackend = ldap\nldap_base_dn = dc=example,dc=test\n")
-    code, _, err = cli_main("user", "list", "--config", str(path))
-    assert code == 1
-    assert err == ("mailappliance: [auth] backend is ldap: manage users in the "
-                   "directory server, not with this command\n")
+                    f"data_dir = {tmp_path / 'data'}\n"
+                    "[auth]\nbackend = ldap\nldap_url = ldap://127.0.0.1:9\n"
+                    "ldap_starttls = off\nldap_base_dn = dc=example,dc=test\n")
+    code, out, err = cli_main("user", "list", "--config", str(path))
+    assert (code, out) == (1, "")
+    assert err.startswith("mailappliance: the LDAP directory ldap://127.0.0.1:9 did not "
+                          "answer: ") and err.count("\n") == 1
+    code, out, err = cli_main("user", "add", "a@example.test", "--config", str(path))
+    assert (code, out) == (1, "")
+    assert err == ("mailappliance: user add: the users live in the LDAP directory "
+                   "ldap://127.0.0.1:9 ([auth] backend = ldap) and are managed there; "
+                   "here user list and user show read it\n")
 
 
 def test_operational_os_error_is_one_line(run, data):

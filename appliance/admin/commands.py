@@ -29,6 +29,7 @@ from appliance import config as configmod
 from appliance import dnsrecords, events
 from appliance.admin.output import duration, safe, size, table
 from appliance.admin.output import dumps as json_line
+from appliance.admin.userinfo import DirectoryUnavailable, LdapUsers, aliases_of, mailbox_usage
 from appliance.auth.users import UsersError, canonical_address, hash_password
 from appliance.directory import alias_key, canonical_domain, domain_of
 from appliance.policy.keys import KeyStoreError, announce
@@ -102,6 +103,9 @@ class Context:
     (KeyStore), ``suspensions``: the files; ``queue`` (QueueAdmin),
     ``state`` (appliance.admin.service.AdminState: uptime, listeners,
     counters, TLS) exist only in the running server (``online``).
+    ``ldap_users`` (appliance.admin.userinfo.LdapUsers) reads the users of
+    an LDAP directory (``[auth] backend = ldap``; the offline CLI makes its
+    own when it needs one).
     ``blocking(f, *args) -> Deferred`` runs file, hash and key work (a
     thread in the server; a direct call offline). ``read_secret(prompt)``
     and ``confirm(question)`` return Deferreds; ``cancelled`` fires when the
@@ -111,8 +115,9 @@ class Context:
     def __init__(self, cfg, sink, *, users=None, aliases=None, directory=None, dkim=None,
                  suspensions=None, queue=None, state=None, blocking=None,
                  identity=Identity(), read_secret=None, confirm=None, interactive=False,
-                 audit=False, clock=None, cooperate=None):
+                 audit=False, clock=None, cooperate=None, ldap_users=None):
         self.cfg = cfg
+        self.ldap_users = ldap_users
         self.sink = sink
         self.users = users
         self.aliases = aliases
@@ -366,7 +371,7 @@ def _failed(failure, ctx):
         for problem in error.problems:
             ctx.err(f"error: {problem}")
         return EXIT_USAGE
-    if failure.check(Failed, UsersError, KeyStoreError, QueueError):
+    if failure.check(Failed, UsersError, KeyStoreError, QueueError, DirectoryUnavailable):
         ctx.err(f"error: {error}")
         return EXIT_FAILED
     if failure.check(OSError):
@@ -485,11 +490,31 @@ def cmd_status(ctx, args):
 # ---------------------------------------------------------------------------
 # users
 
-def _file_users(ctx):
-    if ctx.cfg.auth.backend != "file":
-        raise Failed(f"[auth] backend is {ctx.cfg.auth.backend}: manage users in the "
-                     "directory server, not with this command")
+def _ldap_backend(ctx):
+    return ctx.cfg.auth.backend == "ldap"
+
+
+def _file_users(ctx, verb):
+    """The users file, for the commands that change users; with LDAP the
+    directory is managed elsewhere (as doveadm says of an LDAP userdb)."""
+    if _ldap_backend(ctx):
+        raise Failed(f"user {verb}: the users live in the LDAP directory "
+                     f"{ctx.cfg.auth.ldap_url} ([auth] backend = ldap) and are managed "
+                     "there; here user list and user show read it")
     return ctx.users
+
+
+def _ldap_users(ctx):
+    """The LDAP directory's users: the server's, or (offline CLI) our own."""
+    if ctx.ldap_users is None:
+        if ctx.online:
+            raise Failed("the LDAP directory is not set up in this server")
+        from appliance.auth.ldap import LdapConfigError
+        try:
+            ctx.ldap_users = LdapUsers.offline(ctx.cfg)
+        except LdapConfigError as exc:
+            raise Failed(str(exc)) from None
+    return ctx.ldap_users
 
 
 def _local_address(ctx, address):
@@ -508,22 +533,107 @@ def _password(ctx):
     return password
 
 
-@command("user list", "list the users (file backend), suspended ones marked",
+def _suspended(ctx):
+    return ctx.suspensions.list() if ctx.suspensions is not None else {}
+
+
+@command("user list", "list the users (the users file, or the LDAP directory read-only), "
+         "suspended ones marked",
          args=(Arg("--domain", "only this domain", metavar="DOMAIN", complete="domain"),),
          readonly=True, offline=True, lists=True)
+@defer.inlineCallbacks
 def cmd_user_list(ctx, args):
-    users = _file_users(ctx)
-    suspended = ctx.suspensions.list() if ctx.suspensions is not None else {}
-    rows = []
-    for address in users.list():
-        if args.domain and domain_of(address) != canonical_domain(args.domain):
-            continue
-        rows.append({"address": address, "suspended": address in suspended})
+    domain = canonical_domain(args.domain) if args.domain else None
+    suspended = _suspended(ctx)
+    warning = None
+    if _ldap_backend(ctx):
+        accounts, warning = yield _ldap_users(ctx).list()
+        rows = [{"address": a.address, "alternates": list(a.addresses[1:]),
+                 "suspended": a.address in suspended} for a in accounts
+                if domain is None or domain_of(a.address) == domain]
+    else:
+        rows = [{"address": address, "suspended": address in suspended}
+                for address in ctx.users.list()
+                if domain is None or domain_of(address) == domain]
     if args.json:
         ctx.json(rows)
     else:
         for row in rows:
-            ctx.out(row["address"] + ("  (suspended)" if row["suspended"] else ""))
+            also = row.get("alternates")
+            ctx.out(row["address"] + (f"  (also: {', '.join(also)})" if also else "")
+                    + ("  (suspended)" if row["suspended"] else ""))
+    if warning:
+        ctx.err(f"warning: {warning}")
+    return EXIT_OK
+
+
+def _one_entry(ldap, address, entries):
+    if not entries:
+        raise Failed(f"{address}: no such user in {ldap.url}")
+    if len(entries) > 1:
+        raise Failed(f"{address}: ambiguous, several entries of {ldap.url} hold it: "
+                     + ", ".join(e["dn"] for e in entries))
+    [entry] = entries
+    if not entry["addresses"]:
+        raise Failed(f"{address}: the entry {entry['dn']} holds no address")
+    return entry
+
+
+@defer.inlineCallbacks
+def _ldap_mailbox(ctx, address):
+    """The primary address of the one LDAP entry holding ``address``."""
+    ldap = _ldap_users(ctx)
+    entries = yield ldap.describe(address)
+    return _one_entry(ldap, address, entries)["addresses"][0]
+
+
+@command("user show", "one user: its addresses, the aliases that reach it, suspended or "
+         "not, its mailbox's size",
+         args=(Arg("address", "the user (with LDAP: any of its addresses)", metavar="ADDRESS",
+                   complete="user"),),
+         readonly=True, offline=True, lists=True)
+@defer.inlineCallbacks
+def cmd_user_show(ctx, args):
+    address = canonical_address(args.address)
+    info = {"address": address, "backend": ctx.cfg.auth.backend}
+    if _ldap_backend(ctx):
+        ldap = _ldap_users(ctx)
+        entries = yield ldap.describe(address)
+        entry = _one_entry(ldap, address, entries)
+        info["address"] = entry["addresses"][0]
+        info["dn"] = entry["dn"]
+        info["alternates"] = entry["addresses"][1:]
+    else:
+        if ctx.users.lookup(address) is None:
+            raise Failed(f"{address} does not exist")
+        info["alternates"] = []
+    mailbox = info["address"]
+    info["suspended_since"] = _suspended(ctx).get(mailbox)
+    info["aliases"] = [{"address": a, "targets": t} for a, t in
+                       aliases_of(ctx.aliases, [mailbox] + info["alternates"])]
+    info["mailbox"] = yield ctx.blocking(
+        mailbox_usage, os.path.join(ctx.cfg.server.data_dir, "mail"), mailbox)
+    if args.json:
+        ctx.json(info)
+        return EXIT_OK
+    ctx.out(f"user:       {info['address']}")
+    if "dn" in info:
+        ctx.out(f"entry:      {info['dn']} ({ctx.ldap_users.url})")
+    if info["alternates"]:
+        ctx.out(f"also:       {', '.join(info['alternates'])}")
+    for alias in info["aliases"]:
+        ctx.out(f"alias:      {alias['address']} -> {', '.join(alias['targets'])}")
+    since = info["suspended_since"]
+    ctx.out("suspended:  " + ("no" if since is None else
+                              f"yes, for {duration(ctx.seconds() - since)}"))
+    box = info["mailbox"]
+    if box["exists"]:
+        more = "" if box["complete"] else " (at least: counting stopped)"
+        folders = f" in the inbox and {box['folders']} folders" if box["folders"] else ""
+        ctx.out(f"mailbox:    {box['messages']} messages, {size(box['bytes'])}{folders}"
+                f"{more}")
+    else:
+        ctx.out("mailbox:    empty (nothing delivered yet)")
     return EXIT_OK
 
 
@@ -536,7 +646,7 @@ def cmd_user_list(ctx, args):
          offline=True)
 @defer.inlineCallbacks
 def cmd_user_add(ctx, args):
-    users = _file_users(ctx)
+    users = _file_users(ctx, "add")
     address = _local_address(ctx, canonical_address(args.address))
     if users.lookup(address) is not None:
         if args.if_missing:
@@ -557,7 +667,7 @@ def cmd_user_add(ctx, args):
          offline=True)
 @defer.inlineCallbacks
 def cmd_user_passwd(ctx, args):
-    users = _file_users(ctx)
+    users = _file_users(ctx, "passwd")
     address = canonical_address(args.address)
     if users.lookup(address) is None:
         raise Failed(f"{address} does not exist")
@@ -573,7 +683,7 @@ def cmd_user_passwd(ctx, args):
          offline=True, aliases=("user delete",))
 @defer.inlineCallbacks
 def cmd_user_del(ctx, args):
-    users = _file_users(ctx)
+    users = _file_users(ctx, "del")
     address = canonical_address(args.address)
     yield ctx.blocking(users.delete, address)
     if ctx.suspensions is not None and address in ctx.suspensions.list():
@@ -588,7 +698,9 @@ def cmd_user_del(ctx, args):
 @defer.inlineCallbacks
 def cmd_user_suspend(ctx, args):
     address = canonical_address(args.address)
-    if ctx.cfg.auth.backend == "file" and ctx.users.lookup(address) is None:
+    if _ldap_backend(ctx):
+        address = yield _ldap_mailbox(ctx, address)     # the entry's own address
+    elif ctx.users.lookup(address) is None:
         raise Failed(f"{address} does not exist")
     yield ctx.blocking(ctx.suspensions.suspend, address, ctx.seconds())
     held = yield _hold_all(ctx, _outbound_of(ctx, address), hold=True)
@@ -602,6 +714,8 @@ def cmd_user_suspend(ctx, args):
 @defer.inlineCallbacks
 def cmd_user_resume(ctx, args):
     address = canonical_address(args.address)
+    if address not in ctx.suspensions.list() and _ldap_backend(ctx):
+        address = yield _ldap_mailbox(ctx, address)     # named by another of its addresses
     if address not in ctx.suspensions.list():
         raise Failed(f"{address} is not suspended")
     yield ctx.blocking(ctx.suspensions.resume, address)
@@ -1311,6 +1425,14 @@ def _number(value):
 # ---------------------------------------------------------------------------
 # Tab completion of live values
 
+def prepare_completion(ctx):
+    """At the start of an interactive session: fetch in the background the
+    values Tab offers that live elsewhere (the LDAP directory's users), so
+    the first Tab finds them."""
+    if ctx.ldap_users is not None:
+        ctx.ldap_users.names()
+
+
 def complete(ctx, line_words, partial):
     """Candidates for the word ``partial`` after ``line_words`` (the words
     before it): command words first, then the values an argument takes."""
@@ -1350,6 +1472,8 @@ def _values(ctx, kind, given):
     try:
         if kind == "queue_id" and ctx.queue is not None:
             return ctx.queue.ids()
+        if kind == "user" and ctx.cfg.auth.backend == "ldap":
+            return ctx.ldap_users.names() if ctx.ldap_users is not None else []
         if kind == "user" and ctx.users is not None:
             return ctx.users.list()
         if kind == "alias" and ctx.aliases is not None:

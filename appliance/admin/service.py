@@ -20,6 +20,7 @@ from appliance import events
 from appliance.admin import control, keys as keymod, ssh
 from appliance.admin.commands import Context
 from appliance.admin.suspend import Suspensions, suspensions_path
+from appliance.admin.userinfo import LdapUsers
 from appliance.net.gate import Gate, GateFront
 
 events.register("admin.reloaded", "an admin reloaded users, aliases, certificate and keys",
@@ -43,6 +44,11 @@ class AdminState:
             Suspensions(suspensions_path(self.cfg))
         self._day = None
         self.today = {"in": 0, "out": 0}
+        # With LDAP, user list / show / Tab read the directory through its
+        # recipient lookups (their pool, timeouts and deadline).
+        accounts = getattr(getattr(app, "directory", None), "accounts", None)
+        self.ldap_users = LdapUsers(accounts, reactor) \
+            if self.cfg.auth.backend == "ldap" and accounts is not None else None
 
     # -- counters (an event observer: cheap, it sees every event)
 
@@ -89,24 +95,7 @@ class AdminState:
         queue = {"messages": 0, "held": 0, "deferred": 0, "oldest_age": 0.0}
         spool = self.part("spool")
         if spool is not None:
-            held = deferred = 0
-            oldest = None
-            entries = [spool.get(qid) for qid in spool.queue_ids()]
-            for entry in entries:
-                if entry is None:
-                    continue
-                if entry.flags.get("held"):
-                    held += 1
-                for st in entry.recipients.values():
-                    if st["state"] == "deferred":
-                        deferred += 1
-                        break
-                received = entry.envelope.received_at
-                if oldest is None or received < oldest:
-                    oldest = received
-            queue.update(messages=len(entries), held=held, deferred=deferred,
-                         oldest_age=0.0 if oldest is None
-                         else max(0.0, self.reactor.seconds() - oldest))
+            queue.update(spool.totals())    # kept as the queue changes: O(1)
         listeners = self.listeners()
         warnings = []
         admin = self.cfg.listen.admin_ssh
@@ -158,7 +147,8 @@ class AdminState:
                        suspensions=self.suspensions, queue=self.queue, state=self,
                        blocking=self.blocking, identity=identity, read_secret=read_secret,
                        confirm=confirm, interactive=interactive, audit=audit,
-                       clock=self.reactor, cooperate=task.cooperate)
+                       clock=self.reactor, cooperate=task.cooperate,
+                       ldap_users=self.ldap_users)
 
 
 def _loopback(host):

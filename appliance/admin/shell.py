@@ -105,6 +105,7 @@ class PtyShell(recvline.HistoricRecvLine):
         self.keyHandlers[CTRL_L] = self.handle_FF
         self.idle = _Idle(self.realm.clock, self.realm.idle_timeout, self._idle_out)
         self.idle.touch()
+        commands.prepare_completion(self._context_for_completion())
 
     def initializeScreen(self):
         # No terminal reset (stock recvline wipes the admin's screen).

@@ -71,12 +71,21 @@ MACS = [m for m in (b"hmac-sha2-512", b"hmac-sha2-256") if m in _base.supportedM
 # ---------------------------------------------------------------------------
 # Host key
 
+def _host_key(data):
+    try:
+        return keys.Key.fromString(data)
+    except keys.BadKeyError as exc:     # not a ValueError
+        raise ValueError(f"not an SSH private key ({exc})") from None
+
+
 def ensure_host_key(path):
     """The Ed25519 host key at ``path`` (a Conch Key), made once if missing:
-    OpenSSH format, mode 0600, written with O_EXCL and fsynced."""
+    OpenSSH format, mode 0600, written with O_EXCL and fsynced. A file that
+    holds no key is ValueError (it is never replaced: the fingerprint the
+    admins trust would change)."""
     try:
         with open(path, "rb") as handle:
-            return keys.Key.fromString(handle.read())
+            return _host_key(handle.read())
     except FileNotFoundError:
         pass
     from cryptography.hazmat.primitives import serialization
@@ -90,7 +99,7 @@ def ensure_host_key(path):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:         # made meanwhile by someone else: use theirs
         with open(path, "rb") as handle:
-            return keys.Key.fromString(handle.read())
+            return _host_key(handle.read())
     try:
         os.write(fd, data)
         os.fsync(fd)

@@ -340,10 +340,10 @@ class LdapClient:
             return self._search_on(conn, search_filter, size_limit)
         return self._with(self._searchers, self._connect_service, operation)
 
-    def find(self, address):
-        """The one entry whose filter matches ``address``, or None."""
+    def _matching(self, address, limit):
+        """The entries (at most ``limit``) the filter matches for ``address``."""
         result, entries = self._search(
-            user_filter(self.settings.user_filter, address), size_limit=2)
+            user_filter(self.settings.user_filter, address), size_limit=limit)
         code = result.get("result")
         if code == NO_SUCH_OBJECT:
             # nobody can log in: the operator's problem, reported as an outage
@@ -351,6 +351,11 @@ class LdapClient:
                                      "does not exist")
         if code not in (SUCCESS, SIZE_LIMIT_EXCEEDED):
             raise BackendUnavailable(f"search failed: {result.get('description')}")
+        return entries[:limit]
+
+    def find(self, address):
+        """The one entry whose filter matches ``address``, or None."""
+        entries = self._matching(address, 2)
         if len(entries) > 1:
             raise _Ambiguous(f"{len(entries)} or more entries match")
         return entries[0] if entries else None
@@ -380,6 +385,17 @@ class LdapClient:
         if code == INVALID_CREDENTIALS:
             return False
         raise BackendUnavailable(f"bind failed: {result.get('description')}")
+
+    def entries(self, address, limit=2):
+        """What ``user show`` needs: ``[{"dn", "addresses"}]`` of the entries
+        the filter matches for ``address`` (escaped), at most ``limit`` (more
+        than one: the address is ambiguous)."""
+        found = []
+        for entry in self._matching(address, limit):
+            account = account_from_entry(entry, self.settings.address_attributes)
+            found.append({"dn": entry.get("dn", ""),
+                          "addresses": list(account.addresses) if account else []})
+        return found
 
     def _find_one(self, address):
         """find(), with several matching entries counted as none."""
@@ -411,26 +427,37 @@ class LdapClient:
 
     def list_accounts(self, limit=LIST_LIMIT):
         """Every account the filter matches, at most ``limit``, by address."""
+        return self.listing(limit)[0]
+
+    def listing(self, limit=LIST_LIMIT):
+        """``(accounts, cut)``: as ``list_accounts``; ``cut`` is True when the
+        directory ended the paged search with its own size limit
+        (``sizeLimitExceeded``: OpenLDAP's default is 500 entries), so more
+        entries may exist than were listed."""
         search_filter = presence_filter(self.settings.user_filter)
 
         def operation(conn):
             # all pages on one connection: a paging cookie belongs to it
-            accounts, cookie = {}, None
+            accounts, cookie, cut = {}, None, False
             for _ in range(limit // PAGE_SIZE + 1):     # bounded, whatever the cookie says
                 result, entries = self._search_on(conn, search_filter, limit,
                                                   PAGE_SIZE, cookie)
-                if result.get("result") not in (SUCCESS, SIZE_LIMIT_EXCEEDED):
+                code = result.get("result")
+                if code not in (SUCCESS, SIZE_LIMIT_EXCEEDED):
                     raise BackendUnavailable(f"search failed: {result.get('description')}")
                 for entry in entries:
                     account = account_from_entry(entry, self.settings.address_attributes)
                     if account is not None:
                         accounts.setdefault(account.address, account)
                 cookie = _paged_cookie(result)
+                if code == SIZE_LIMIT_EXCEEDED:
+                    cut = True
+                    break
                 if not cookie or len(accounts) >= limit:
                     break
-            return accounts
-        accounts = self._with(self._searchers, self._connect_service, operation)
-        return [accounts[key] for key in sorted(accounts)][:limit]
+            return accounts, cut
+        accounts, cut = self._with(self._searchers, self._connect_service, operation)
+        return [accounts[key] for key in sorted(accounts)][:limit], cut
 
     def close(self):
         self._searchers.close_all()
@@ -532,6 +559,17 @@ class LdapAccounts:
     def list_accounts(self, limit=LIST_LIMIT):
         """Deferred[list[Account]] sorted by address, at most ``limit``."""
         return self._call(self._client.list_accounts, limit)
+
+    def listing(self, limit=LIST_LIMIT):
+        """Deferred[(list[Account], cut)]: ``LdapClient.listing``."""
+        return self._call(self._client.listing, limit)
+
+    def entries(self, address, limit=2):
+        """Deferred[list[{"dn", "addresses"}]]: ``LdapClient.entries``."""
+        name = login_name(address)
+        if name is None:
+            return defer.succeed([])
+        return self._call(self._client.entries, name, limit)
 
     def close(self):
         """Deferred: the pooled connections are unbound."""

@@ -55,6 +55,7 @@ from twisted.logger import Logger
 
 from appliance import events
 from appliance.maildir import SpoolFile, maildir_bytes, round_trips, wire_bytes
+from appliance.queue.counts import QueueCounts, classify_all
 from appliance.envelope import (DELIVERED, FAILED, STATES, Envelope, new_queue_id,
                                 new_recipient_state)
 from appliance.durable.commit import Durable, StorageError, makedirs
@@ -121,6 +122,7 @@ class SpoolEntry:
         self.resolved = None
         self.linked = None
         self.retired = False
+        self.counted = None         # (held, deferred) while QueueCounts counts it
 
     @property
     def held(self):
@@ -236,6 +238,7 @@ class Spool:
         self.statvfs = statvfs
         self.reserve = reserve
         self._entries = {}
+        self.counts = QueueCounts(self._is_live)    # for `status`: kept, never recounted
         self._removing = set()
         self._temp_names = itertools.count()
         self._dir_ready = False
@@ -438,6 +441,7 @@ class Spool:
                 entry.retired = bool(retire) and route.links.all_prepared and not result[1]
         self._release_spare(spare, entry.retired)
         self._entries[qid] = entry
+        self.counts.add(entry)
         if not entry.retired:
             self._keep_hot(qid, message)
         return qid
@@ -479,7 +483,9 @@ class Spool:
         """Drop an entry its commit's batch retired (``SpoolEntry.retired``):
         its files are gone already."""
         self._cool(qid)
-        if self._entries.pop(qid, None) is not None:
+        entry = self._entries.pop(qid, None)
+        if entry is not None:
+            self.counts.removed(entry)
             events.emit("queue.removed", queue_id=qid)
 
     def _storage_failed(self, failure, operation):
@@ -490,6 +496,16 @@ class Spool:
     def get(self, qid):
         """The committed SpoolEntry for ``qid``, or None."""
         return self._entries.get(qid)
+
+    def _is_live(self, received_at, qid):
+        entry = self._entries.get(qid)
+        return entry is not None and entry.counted is not None and \
+            entry.envelope.received_at == received_at
+
+    def totals(self):
+        """``{"messages", "held", "deferred", "oldest_age"}`` in O(1) (amortised):
+        what ``status`` shows of the queue (``appliance.queue.counts``)."""
+        return self.counts.snapshot(self.clock.seconds())
 
     def queue_ids(self):
         return sorted(self._entries)
@@ -534,6 +550,7 @@ class Spool:
             state = entry.recipients.setdefault(address, new_recipient_state(now))
             state.update(fields, updated_at=now)
         entry.flags.update(flags or {})
+        self.counts.changed(entry)
         d = self.writer.submit(self._state_plan(qid, entry.dumps(), result=entry),
                                "spool.update", light=True)
         d.addErrback(self._storage_failed, "update")
@@ -575,7 +592,9 @@ class Spool:
 
     def _removed(self, result, qid, spare):
         self._removing.discard(qid)
-        self._entries.pop(qid, None)
+        entry = self._entries.pop(qid, None)
+        if entry is not None:
+            self.counts.removed(entry)
         self._release_spare(spare, True)
         events.emit("queue.removed", queue_id=qid)
         return qid
@@ -612,7 +631,9 @@ class Spool:
             except ValueError as e:
                 corrupt.append((qid, str(e)))
                 self._set_aside(fs, qid)
-        return Durable(sync_dirs=parents, result=(found, corrupt, len(orphans)))
+        # Counted here, off the reactor: the reactor only adds the totals.
+        totals = classify_all(found)
+        return Durable(sync_dirs=parents, result=(found, corrupt, len(orphans), totals))
 
     def _load(self, fs, qid):
         """Read and check one committed entry (writer thread); ValueError if broken."""
@@ -646,7 +667,7 @@ class Spool:
                 pass
 
     def _recovered(self, result):
-        found, corrupt, orphans = result
+        found, corrupt, orphans, totals = result
         for qid, reason in corrupt:
             events.emit("spool.corrupt", queue_id=qid, reason=reason)
         if orphans:
@@ -654,6 +675,11 @@ class Spool:
         fresh = [entry for entry in found if entry.queue_id not in self._entries]
         for entry in fresh:
             self._entries[entry.queue_id] = entry
+        if len(fresh) == len(found):
+            self.counts.merge(totals)
+        else:                           # a recovery after a failed one: some known
+            for entry in fresh:
+                self.counts.add(entry)
         return fresh
 
 

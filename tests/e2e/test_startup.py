@@ -87,6 +87,13 @@ def test_a_configured_admin_ssh_gets_the_admin_shell(tmp_path):
         server.stop()
 
 
+def test_a_host_key_file_that_holds_no_key(tmp_path):
+    server = MailServer(tmp_path, listeners=("mx", "admin_ssh"))
+    (server.data_dir / "ssh_host_ed25519_key").write_text("not a key\n")
+    result = run_twistd(server)
+    assert_one_clear_line(result, "[admin] host_key", "not an SSH private key")
+
+
 def test_ctrl_c_stops_the_server_without_a_traceback(tmp_path):
     """Ctrl-C in the terminal: SIGINT to the whole foreground process group."""
     server = MailServer(tmp_path, listeners=("mx",))
