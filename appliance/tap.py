@@ -9,7 +9,7 @@ thread pool is added before the services that use it and outlives them)::
     ApplianceService          its ``appliance`` (an ``Appliance``) holds the parts
       event log               JSON events to [log] events
       pool-group-commit       the spool's batches (fsyncs in the writer child)
-      pool-spool-read, pool-password-hash, pool-dns   (appliance.threads; POOLS below)
+      pool-spool-read, pool-spool-incoming, pool-password-hash, pool-dns   (POOLS below)
       pool-ldap-directory     LDAP recipient lookups (backend = ldap only)
       queue runner            local and remote delivery, retries, DSNs; recovery at start
       pool-defence-state, defences   bans, limits, greylist state loaded (before any listener)
@@ -286,6 +286,7 @@ class TLSService(service.Service):
 POOLS = {
     "group-commit": 1,          # the spool's batches (their fsyncs run in the writer child)
     "spool-read": 4,            # spool entries read back for delivery
+    "spool-incoming": 4,        # DATA bodies too big for memory, written as they arrive
     "maildir": 8,               # IMAP and POP3 folder work
     "password-hash": 4,         # bcrypt / argon2 of the users file
     "dkim-sign": 2,             # RSA / Ed25519 signatures of our users' mail
@@ -466,7 +467,8 @@ def build(cfg, reactor):
     commit_pool = pools.pool("group-commit", drain=lambda: writer.drain(), helpers=files)
     writer = GroupCommitWriter(pool_runner(reactor, commit_pool), files)
     spool = Spool(os.path.join(data_dir, "queue"), writer, pools.run("spool-read"), reactor,
-                  spare=os.path.join(data_dir, "queue.spare"))
+                  spare=os.path.join(data_dir, "queue.spare"),
+                  incoming=pools.run("spool-incoming"))
     users = UsersFile(cfg.auth.users_file, run_in_thread=pools.run("password-hash"))
     aliases = AliasesFile(os.path.join(data_dir, "aliases"))
     try:

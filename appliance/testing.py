@@ -155,16 +155,32 @@ class FakeSpool:
     ``accepted`` lists ``(envelope, message)`` that were acknowledged.
     ``hold=True`` keeps each accept pending in ``held`` until ``release()``
     (success) or ``fail()``; ``error`` fails every accept with that exception.
-    ``space`` is what ``space_available`` answers.
+    ``space`` is what ``space_available`` answers. ``body_dir``: bodies
+    too big for memory go to files there (``body_file``), written through
+    ``body_runner`` (default: at once).
     """
 
-    def __init__(self, *, space=True, hold=False, error=None):
+    def __init__(self, *, space=True, hold=False, error=None, body_dir=None,
+                 body_runner=None):
         self.space = space
         self.hold = hold
         self.error = error
         self.accepted = []
         self.held = []
         self.space_queries = []
+        self.body_dir = body_dir
+        self.body_runner = body_runner
+        self.body_files = []
+
+    def body_file(self, on_drain=None):
+        if self.body_dir is None:
+            return None
+        from appliance.queue.incoming import BodyFile
+        from appliance.threads import synchronous_runner
+        path = os.path.join(self.body_dir, f"incoming.{len(self.body_files)}.tmp")
+        body = BodyFile(path, self.body_runner or synchronous_runner, on_drain)
+        self.body_files.append(body)
+        return body
 
     def space_available(self, size):
         self.space_queries.append(size)

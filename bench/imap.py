@@ -10,20 +10,29 @@ then driven by imaplib over implicit TLS on loopback, in this order:
   body       FETCH n BODY[] (median of 20 different n)
   search     SEARCH FROM "sender-17" (a header search over every message)
 
-Sizes default to 2500 and 10000 messages, so the growth of each step shows:
-``growth`` is log(t_big / t_small) / log(big / small), 1.0 being linear.
-Each size runs ``--reps`` times on fresh copies (appliance and Dovecot in
-turn, so drift on the machine hits both alike); the figures are medians, and
-the ratio is the median of the per-rep ratios appliance / Dovecot (target: at
-most 2 on every step).
+Sizes default to 10,000 and 100,000 messages, so the growth of each step
+shows: ``growth`` is log(t_big / t_small) / log(big / small), 1.0 being
+linear. Each size runs ``--reps`` times on fresh copies (appliance and Dovecot
+in turn, so drift on the machine hits both alike); the figures are medians,
+and the ratio is the median of the per-rep ratios appliance / Dovecot (issue
+16's target: at most 1.0 on select, envelopes and search).
 
-Needs the Debian package dovecot-imapd. Run:  python bench/imap.py [--sizes 2500,10000] [--reps 3]
+While the steps run, a second client (its own process, logged in, nothing
+selected) sends NOOP every 20 ms and records each reply time: ``lag`` is the
+worst reply time seen during a step, worst over the reps. A server whose
+reactor blocks for 300 ms shows a NOOP answered after about 300 ms (target:
+under 100 ms). The appliance's own watchdog (``server.stall`` events, at
+250 ms) is counted too.
+
+Needs the Debian package dovecot-imapd. Run:
+  python bench/imap.py [--sizes 10000,100000] [--reps 3]
 It prints figures; it is not a test.
 """
 
 import argparse
 import imaplib
 import math
+import multiprocessing
 import os
 import pwd
 import shutil
@@ -49,8 +58,8 @@ WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="2500,10000",
-                        help="mailbox sizes, comma-separated (default 2500,10000)")
+    parser.add_argument("--sizes", default="10000,100000",
+                        help="mailbox sizes, comma-separated (default 10000,100000)")
     parser.add_argument("--reps", type=int, default=3, help="runs per size (default 3)")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
     return parser.parse_args(argv)
@@ -201,13 +210,54 @@ service stats {{
             self.process.wait()
 
 
+# -- the reactor-lag probe ----------------------------------------------------------
+
+PROBE_INTERVAL = 0.02
+
+
+def _probe(port, stop, results):
+    """In its own process (no GIL shared with the client under test): NOOP
+    every 20 ms; ``results`` gets [(monotonic send time, reply seconds)]."""
+    samples, error = [], None
+    try:
+        client = imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=tls_context(), timeout=600)
+        client.login(ADDRESS, PASSWORD)
+        while not stop.is_set():
+            sent = time.monotonic()
+            client.noop()
+            samples.append((sent, time.monotonic() - sent))
+            time.sleep(max(0.0, PROBE_INTERVAL - (time.monotonic() - sent)))
+        client.logout()
+    except Exception as exc:        # reported by the parent, with what was measured
+        error = repr(exc)
+    results.put((samples, error))
+
+
+class LagProbe:
+    def __init__(self, port):
+        context = multiprocessing.get_context("fork")
+        self._stop = context.Event()
+        self._results = context.Queue()
+        self._process = context.Process(target=_probe, args=(port, self._stop, self._results),
+                                        daemon=True)
+        self._process.start()
+        self.samples = None
+
+    def finish(self):
+        self._stop.set()
+        self.samples, error = self._results.get(timeout=600)
+        self._process.join(30)
+        if error is not None:
+            raise RuntimeError(f"the NOOP probe failed: {error}")
+        return self.samples
+
+    def worst(self, start, end):
+        """The worst NOOP reply time of probes in flight during [start, end]."""
+        return max((lag for sent, lag in self.samples if sent <= end and sent + lag >= start),
+                   default=0.0)
+
+
 # -- the steps ----------------------------------------------------------------------
-
-def timed(f):
-    start = time.perf_counter()
-    result = f()
-    return time.perf_counter() - start, result
-
 
 def check(response):
     typ, data = response
@@ -217,19 +267,42 @@ def check(response):
 
 
 def run_steps(server, count):
+    """{step: seconds} and {step: worst NOOP reply seconds during the step}."""
+    probe = LagProbe(server.port)
+    try:
+        times, windows = _steps(server, count)
+    finally:
+        probe.finish()
+    lags = {step: probe.worst(*windows[step]) for step in STEPS}
+    return times, lags
+
+
+def _steps(server, count):
     client = imaplib.IMAP4_SSL("127.0.0.1", server.port, ssl_context=tls_context(),
                                timeout=600)
     client.login(ADDRESS, PASSWORD)
-    times = {}
+    time.sleep(0.2)                     # the probe is logged in and ticking
+    times, windows = {}, {}
+
+    def timed(f):
+        start = time.monotonic()
+        result = f()
+        windows[step] = (start, time.monotonic())
+        return windows[step][1] - start, result
+
+    step = "select"
     times["select"], data = timed(lambda: check(client.select("INBOX")))
     if int(data[0]) != count:
         raise RuntimeError(f"{server.name}: SELECT says {data[0]!r}, expected {count}")
+    step = "envelopes"
     times["envelopes"], data = timed(
         lambda: check(client.uid("FETCH", "1:*", "(FLAGS ENVELOPE)")))
     fetched = sum(1 for item in data if isinstance(item, tuple) or b"ENVELOPE" in item)
     if fetched != count:
         raise RuntimeError(f"{server.name}: {fetched} envelopes for {count} messages")
+    step = "body"
     samples = []
+    body_start = time.monotonic()
     for i in range(20):
         n = 1 + (i * 7919) % count
         elapsed, data = timed(lambda: check(client.fetch(str(n), "(BODY[])")))
@@ -237,21 +310,25 @@ def run_steps(server, count):
             raise RuntimeError(f"{server.name}: wrong body for message {n}")
         samples.append(elapsed)
     times["body"] = statistics.median(samples)
+    windows["body"] = (body_start, time.monotonic())
+    step = "search"
     times["search"], data = timed(lambda: check(client.search(None, 'FROM "sender-17"')))
     expected = sum(1 for n in range(1, count + 1) if n % 50 == 17)
     if len(data[0].split()) != expected:
         raise RuntimeError(f"{server.name}: SEARCH found {len(data[0].split())}, "
                            f"expected {expected}")
     client.logout()
-    return times
+    return times, windows
 
 
 def bench_once(base, source, count, rep):
-    """One run of each server on fresh copies of ``source``: {name: {step: s}}."""
+    """One run of each server on fresh copies of ``source``:
+    {name: ({step: s}, {step: worst lag s})}, and the appliance's server.stall count."""
     results = {}
     appliance = Appliance(base / f"appliance-{count}-{rep}", source)
     try:
         results["mailappliance"] = run_steps(appliance, count)
+        stalls = appliance.server.events("server.stall")
         dovecot = Dovecot(base / f"dovecot-{count}-{rep}", source, appliance.cert, appliance.key)
     finally:
         appliance.stop()
@@ -261,29 +338,45 @@ def bench_once(base, source, count, rep):
         dovecot.stop()
     shutil.rmtree(base / f"appliance-{count}-{rep}", ignore_errors=True)
     shutil.rmtree(base / f"dovecot-{count}-{rep}", ignore_errors=True)
-    return results
+    return results, stalls
 
 
 def bench_size(base, count, reps):
-    """Medians over ``reps`` runs: {name: {step: s}}, and {step: median ratio}."""
+    """Medians over ``reps`` runs: {name: {step: s}}, {step: median ratio},
+    {name: {step: worst lag s}} and the appliance's server.stall events."""
     source = base / f"source-{count}"
     make_maildir(source, count)
-    runs = [bench_once(base, source, count, rep) for rep in range(reps)]
-    medians = {name: {step: statistics.median(run[name][step] for run in runs)
-                      for step in STEPS} for name in ("mailappliance", "dovecot")}
-    ratios = {step: statistics.median(run["mailappliance"][step] / run["dovecot"][step]
+    runs, stalls = [], []
+    for rep in range(reps):
+        run, stalled = bench_once(base, source, count, rep)
+        runs.append(run)
+        stalls.extend(stalled)
+    shutil.rmtree(source, ignore_errors=True)
+    names = ("mailappliance", "dovecot")
+    medians = {name: {step: statistics.median(run[name][0][step] for run in runs)
+                      for step in STEPS} for name in names}
+    ratios = {step: statistics.median(run["mailappliance"][0][step] / run["dovecot"][0][step]
                                       for run in runs) for step in STEPS}
-    return medians, ratios
+    lags = {name: {step: max(run[name][1][step] for run in runs) for step in STEPS}
+            for name in names}
+    return medians, ratios, lags, stalls
 
 
-def report(all_results, sizes):
-    print(f"{'messages':>9} {'step':<10} {'appliance':>11} {'dovecot':>11} {'ratio':>7}")
+def report(all_results, sizes, reps):
+    print(f"median of {reps} reps; lag = worst NOOP reply during the step over the reps")
+    print(f"{'messages':>9} {'step':<10} {'appliance':>11} {'dovecot':>11} {'ratio':>7} "
+          f"{'lag ours':>9} {'lag dovecot':>11}")
     for count in sizes:
-        medians, ratios = all_results[count]
+        medians, ratios, lags, stalls = all_results[count]
         ours, theirs = medians["mailappliance"], medians["dovecot"]
         for step in STEPS:
             print(f"{count:>9} {step:<10} {ours[step] * 1000:>9.1f}ms "
-                  f"{theirs[step] * 1000:>9.1f}ms {ratios[step]:>7.2f}")
+                  f"{theirs[step] * 1000:>9.1f}ms {ratios[step]:>7.2f} "
+                  f"{lags['mailappliance'][step] * 1000:>7.1f}ms "
+                  f"{lags['dovecot'][step] * 1000:>9.1f}ms")
+        worst = max((s.get("late_ms", 0) for s in stalls), default=0)
+        print(f"{count:>9} server.stall events (appliance, all reps): {len(stalls)}"
+              + (f", worst {worst} ms" if stalls else ""))
     if len(sizes) >= 2:
         small, big = sizes[0], sizes[-1]
         print(f"\ngrowth from {small} to {big} messages (1.0 = linear):")
@@ -306,7 +399,7 @@ def main(argv=None):
     os.chmod(base, 0o755)
     try:
         results = {count: bench_size(base, count, args.reps) for count in sizes}
-        report(results, sizes)
+        report(results, sizes, args.reps)
     finally:
         if args.keep:
             print(f"kept {base}")

@@ -19,6 +19,11 @@ rdata text for every type (``"10 mx.example.net."`` works for MX too). A CNAME
 is followed inside the zones, as an authoritative server does, at most
 ``MAX_CHAIN`` steps (so a CNAME loop comes back as a long chain).
 
+Answers carry ``ttl`` seconds (default ``TTL``). With ``negative_ttl`` a
+negative answer (NXDOMAIN, NODATA) carries the zone's SOA in its authority
+section with that MINIMUM, so a resolver may cache it (RFC 2308); without it,
+as by default, negative answers have no SOA and are not cacheable.
+
 A UDP answer too big for the query's payload (512 bytes without EDNS) is sent
 truncated (TC), and the client retries over TCP, like a real server. The
 server runs in daemon threads, so it serves unit tests that block in
@@ -72,8 +77,10 @@ def _rdata_text(rdtype, value):
 class DNSServer:
     """See the module docstring. ``start()``/``stop()`` or use as a context manager."""
 
-    def __init__(self, zones=None, host="127.0.0.1", port=0):
+    def __init__(self, zones=None, host="127.0.0.1", port=0, ttl=TTL, negative_ttl=None):
         self.zones = dict(zones or {})
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
         self.host = host
         self.requested_port = port
         self.port = None
@@ -213,6 +220,12 @@ class DNSServer:
         response.flags |= dns.flags.AA
         if self._fill(response, question.name, question.rdtype) == "HANG":
             return None
+        if (self.negative_ttl is not None and not response.answer
+                and response.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN)):
+            zone = question.name.parent() if len(question.name) > 2 else question.name
+            response.authority.append(dns.rrset.from_text(
+                zone, self.negative_ttl, dns.rdataclass.IN, "SOA",
+                f"ns.{zone} hostmaster.{zone} 1 3600 600 86400 {self.negative_ttl}"))
         limit = 65535 if transport == "tcp" else (query.payload if query.edns >= 0 else 512)
         try:
             return response.to_wire(max_size=limit)
@@ -249,11 +262,10 @@ class DNSServer:
             return None
         return None
 
-    @staticmethod
-    def _rrset(name, rdtype, values):
+    def _rrset(self, name, rdtype, values):
         if isinstance(values, str):
             values = [values]
-        return dns.rrset.from_text_list(name, TTL, dns.rdataclass.IN, rdtype,
+        return dns.rrset.from_text_list(name, self.ttl, dns.rdataclass.IN, rdtype,
                                         [_rdata_text(rdtype, v) for v in values])
 
 

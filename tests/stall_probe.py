@@ -15,6 +15,7 @@ measurement is repeated (up to ``tries`` times) while it is over ``limit``
 returned.
 """
 
+import os
 import sys
 import threading
 import time
@@ -80,3 +81,13 @@ def reactor_wait(work, limit=LIMIT, tries=3):
         if best[0] <= limit or took >= STALL:
             break
     return best
+
+
+def big_inbox(root, count, message, name):
+    """alice@example.test's Maildir under ``root``/mail with ``count``
+    messages in new/: ``message(n)`` the bytes, ``name(n)`` the file name."""
+    new = root / "mail" / "example.test" / "alice" / "new"
+    os.makedirs(new)
+    for n in range(count):
+        (new / name(n)).write_bytes(message(n))
+    return root

@@ -7,7 +7,6 @@ Only APIs that were there before the fixes are used, so each test also
 runs (and fails) on the old code.
 """
 
-import os
 import time
 
 import pytest
@@ -27,7 +26,7 @@ from appliance.policy.dkim_sign import sign_message
 from appliance.policy.dkim_verify import verify_signatures
 from appliance.policy.keys import KeyStore
 from dkim_tools import dnsfunc_from
-from stall_probe import LIMIT, STALL, reactor_wait, worst_wait_while
+from stall_probe import LIMIT, STALL, big_inbox, reactor_wait, worst_wait_while
 
 HEAD = (b"From: Alice <alice@example.test>\r\nTo: bob@remote.test\r\n"
         b"Subject: spaces\r\nDate: Thu, 15 Jan 2026 12:00:00 +0000\r\n"
@@ -172,13 +171,9 @@ class HeldWork:
 
 @pytest.fixture(scope="module")
 def big_mailbox(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imap")
-    new = root / "mail" / "example.test" / "alice" / "new"
-    os.makedirs(new)
-    for n in range(MESSAGES):
-        (new / f"{1000 + n}.Q{n:08x}.mx").write_bytes(
-            b"From: bob@example.org\nSubject: m%d\n\nbody %d\n" % (n, n))
-    return root
+    return big_inbox(tmp_path_factory.mktemp("imap"), MESSAGES,
+                     lambda n: b"From: bob@example.org\nSubject: m%d\n\nbody %d\n" % (n, n),
+                     lambda n: f"{1000 + n}.Q{n:08x}.mx")
 
 
 @pytest.fixture

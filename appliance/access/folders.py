@@ -36,15 +36,18 @@ every change.
 import bisect
 import codecs
 import errno
+import gc
+import heapq
 import os
 import re
 import shutil
 import weakref
-from collections import namedtuple
+from collections import OrderedDict, namedtuple
 
 from twisted.internet import defer
 from twisted.mail import imap4  # noqa: F401  (registers the imap4-utf-7 codec)
 
+from appliance.access.msgcache import MessageCache
 from appliance.clock import default_clock
 from appliance.durable.files import fsync_dir, write_atomic, write_new
 from appliance.maildir import SUBDIRS, crlf, crlf_size, maildir_path, split_name, to_stored, unique_name
@@ -215,7 +218,8 @@ class HeaderCache:
     def __init__(self, limit=16 * 1024 * 1024):
         self.limit = limit
         self.octets = 0
-        self._entries = {}
+        self._entries = OrderedDict()   # popitem(last=False) is O(1); next(iter(dict))
+                                        # walks the holes deletions leave at the front
 
     def get(self, base):
         return self._entries.get(base)
@@ -225,28 +229,8 @@ class HeaderCache:
             return
         self._entries[base] = header
         self.octets += len(header)
-        while self.octets > self.limit:
-            oldest = next(iter(self._entries))
-            self.octets -= len(self._entries.pop(oldest))
-
-
-class Memo:
-    """Values derived from messages by the protocol layers (an IMAP ENVELOPE,
-    decoded header fields for SEARCH), keyed by (kind, base name). Message
-    files never change, so entries never go stale; the count is bounded."""
-
-    def __init__(self, limit=50_000):
-        self.limit = limit
-        self._entries = {}
-
-    def get(self, key):
-        return self._entries.get(key)
-
-    def put(self, key, value):
-        if len(self._entries) >= self.limit:
-            for old in list(self._entries)[: self.limit // 2]:
-                del self._entries[old]
-        self._entries[key] = value
+        while self.octets > self.limit and self._entries:     # two render threads may put
+            self.octets -= len(self._entries.popitem(last=False)[1])
 
 
 FLAG_LOG_LIMIT = 20000
@@ -259,6 +243,44 @@ def _uid_of(message):
 def _info_of(message, base):
     """The flags we knew for a UID, if it is still the same file."""
     return message.info if message is not None and message.base == base else ""
+
+
+SETTLE_AFTER = 5000              # long-lived objects made before they are frozen
+_made = [0]
+
+
+def settle(count):
+    """``count`` long-lived objects were just made (Messages of a scan):
+    after ``SETTLE_AFTER`` of them, ``gc.freeze()``.
+
+    A Message is a namedtuple, which the cyclic collector tracks for good
+    (it untracks plain tuples only), and a full collection walks every
+    tracked object holding the GIL: at 100,000 messages one took hundreds of
+    ms, a stall of the reactor each time a FETCH or SEARCH made enough
+    short-lived objects to start one. Frozen objects are left out of every
+    collection; reference counting still frees them (a Message refers to no
+    container, so it is in no cycle). What the freeze leaks is cyclic
+    garbage that exists at that moment and is never freed: bounded by one
+    freeze per ``SETTLE_AFTER`` messages loaded.
+    """
+    _made[0] += count
+    if _made[0] >= SETTLE_AFTER:
+        _made[0] = 0
+        gc.freeze()
+
+
+SORT_STEP = 4096
+
+
+def _sorted_in_steps(items):
+    """``sorted(items)``, without holding the GIL for the whole sort: one
+    sort of 100,000 tuples is one C call of a few hundred ms, which the
+    reactor thread would wait out. Runs of ``SORT_STEP`` are sorted, then
+    merged by heapq.merge (a Python loop: the GIL changes hands)."""
+    if len(items) <= SORT_STEP:
+        return sorted(items)
+    runs = [sorted(items[start:start + SORT_STEP]) for start in range(0, len(items), SORT_STEP)]
+    return list(heapq.merge(*runs))
 
 
 def _unlink_quietly(name, dir_fd):
@@ -332,7 +354,7 @@ class Folder:
         self._owner = None
         self._listeners = []
         self.headers = HeaderCache()
-        self.memo = Memo()
+        self.cache = MessageCache(path)  # ENVELOPE and SEARCH texts, kept on disk
         self._flag_log = []             # UIDs whose flags changed, oldest first
         self._flag_log_start = 0        # the serial number of _flag_log[0]
         self.removals = 0               # bumped whenever messages leave
@@ -450,6 +472,12 @@ class Folder:
         """Deferred[list of bytes or None]: the header blocks (CRLF, with the blank line)."""
         return self._run(lambda: [self._header_or_none(m) for m in messages])
 
+    def save_cache(self):
+        """Deferred[bool]: write the message cache if it has news (on a thread)."""
+        if not self.cache.dirty:
+            return defer.succeed(False)
+        return self._run(self.cache.save, self.messages)
+
     def store(self, uids, flags, mode):
         """Set (``mode`` "set"), add ("add") or remove ("remove") IMAP ``flags``
         on ``uids``. Deferred[list of the changed Messages]. Keywords beyond
@@ -522,6 +550,7 @@ class Folder:
         known = self._state[1]
         self._set_messages([Message(uid, base, _info_of(known.get(uid), base), size, mtime)
                             for uid, size, mtime, base in sorted(entries)])
+        settle(len(entries))
         self._loaded = True
         self._uidlist_stamp = stamp
         return stamp is None
@@ -559,6 +588,7 @@ class Folder:
         self._log_flags([m.uid for m in messages if m.uid in old and old[m.uid].info != m.info])
         if len(new) < len(old) or any(uid not in new for uid in old):
             self.removals += 1
+            self.cache.forget([m.base for uid, m in old.items() if uid not in new])
 
     def _update(self, changed=(), added=(), removed=()):
         """Apply changes we know of without comparing every message (a STORE
@@ -568,6 +598,7 @@ class Folder:
         if removed:
             gone = set(removed)
             messages = tuple(m for m in messages if m.uid not in gone)
+            self.cache.forget([index[uid].base for uid in gone if uid in index])
             for uid in gone:
                 index.pop(uid, None)
         if changed:
@@ -636,11 +667,14 @@ class Folder:
                 arrived.append((measured[1], base, measured[0]))
                 if measured[2] is not None:
                     self.headers.put(base, measured[2])
-        for mtime, base, size in sorted(arrived):
+        for count, (mtime, base, size) in enumerate(_sorted_in_steps(arrived), 1):
             kept.append(Message(self.uidnext, base, in_cur[base], size, mtime))
             self.uidnext += 1
             dirty = True
+            if count % SETTLE_AFTER == 0:
+                settle(SETTLE_AFTER)
         self._set_messages(kept)
+        settle(len(arrived) % SETTLE_AFTER)
         if dirty:
             self._save_uidlist()
         recent_uids = frozenset(m.uid for m in kept if m.base in recent)
@@ -708,13 +742,13 @@ class Folder:
 
     def _open(self, message):
         try:
-            return open(self._cur(message.filename), "rb")
+            return open(self._cur(message.filename), "rb", buffering=0)
         except FileNotFoundError:
             filename = self._find(message)
             if filename is None:
                 raise MessageGone(f"message {message.uid} is gone") from None
             try:
-                return open(self._cur(filename), "rb")
+                return open(self._cur(filename), "rb", buffering=0)
             except FileNotFoundError:
                 raise MessageGone(f"message {message.uid} is gone") from None
 
@@ -730,7 +764,7 @@ class Folder:
         with self._open(message) as f:
             data = b""
             while True:
-                chunk = f.read(65536)
+                chunk = f.read(16384)
                 data += chunk
                 end = data.find(b"\n\n")
                 if end >= 0 or not chunk:

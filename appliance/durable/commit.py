@@ -30,6 +30,7 @@ fails) does not fail its item, it is reported with the result and redone later
 by whoever asked for it.
 """
 
+import errno
 import os
 
 from twisted.internet import defer
@@ -45,10 +46,67 @@ class StorageError(Exception):
         self.error = str(error)
 
 
+COPY_CHUNK = 8 * 1024 * 1024      # octets per copy_file_range call
+
+
+class Spliced:
+    """The data of a write: ``head`` (bytes) followed by the whole content of
+    the file ``source``, ``size`` octets in all. The copy is the kernel's
+    (``copy_file_range``): a message body that is in a spool file (issue 17)
+    is never in this process's memory, nor in the writer child's, and
+    crosses the pipe to the child as a path. A source that no longer has
+    the size it had fails the write."""
+
+    __slots__ = ("head", "source", "size")
+
+    def __init__(self, head, source, size):
+        self.head, self.source, self.size = head, source, size
+
+    def __reduce__(self):
+        return (Spliced, (self.head, self.source, self.size))
+
+
+def octets(data):
+    """The size of a write's data (bytes or Spliced)."""
+    return data.size if isinstance(data, Spliced) else len(data)
+
+
+def _copy_file(source, fd, expected):
+    """Append the content of ``source`` to ``fd``; OSError unless it was
+    exactly ``expected`` octets."""
+    copied = 0
+    with open(source, "rb") as src:
+        fast = hasattr(os, "copy_file_range")
+        while True:
+            n = 0
+            if fast:
+                try:
+                    n = os.copy_file_range(src.fileno(), fd, COPY_CHUNK)
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
+                                       errno.EOPNOTSUPP):
+                        raise
+                    fast = False
+            if not fast:
+                chunk = src.read(1024 * 1024)
+                n = len(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            if n == 0:
+                break
+            copied += n
+            if copied > expected:
+                break
+    if copied != expected:
+        raise OSError(errno.EIO, f"{source}: {copied} octets, expected {expected}")
+
+
 class Durable:
     """What one request asks the writer to make durable, and what its Deferred fires with.
 
-    ``writes``: (path, bytes) files created (truncated if present) and fsynced.
+    ``writes``: (path, bytes or ``Spliced``) files created (truncated if
+    present) and fsynced.
     ``renames``: (src, dst) done after every file of the batch is fsynced.
     ``unlinks``: paths removed after the renames (a missing file is fine).
     ``sync_dirs``: directories whose entries changed; fsynced once per batch.
@@ -99,6 +157,10 @@ class FileSystem:
         os.ftruncate(fd, length)
 
     def write_all(self, fd, data):
+        if isinstance(data, Spliced):
+            self.write_all(fd, data.head)
+            _copy_file(data.source, fd, data.size - len(data.head))
+            return
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]

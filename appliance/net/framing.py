@@ -116,20 +116,41 @@ class LineFramer:
         del self._buffer[:excess]
 
 
+class _InMemory:
+    """The default sink of a DataBody: the lines in a list."""
+
+    def __init__(self):
+        self._parts = []
+
+    def write(self, data):
+        self._parts.append(data)
+
+    def drop(self):
+        self._parts = []
+
+    def message(self):
+        return b"".join(self._parts)
+
+
 class DataBody:
     """The DATA body as it arrives: dot-unstuffed lines, size and faults.
 
-    Stops keeping lines as soon as the message cannot be accepted (bare CR or
-    LF, a line too long, over ``max_size``) but keeps counting until the final
-    dot, so the reply comes after the whole body, in step with the client.
+    The lines go to ``sink`` as they come (``write(data)``: whole lines with
+    their CRLF), by default a list in memory; the SMTP server's sink keeps a
+    big body in the spool's file instead (``appliance.queue.incoming``).
+    Stops keeping lines as soon as the message cannot be accepted (bare CR
+    or LF, a line too long, over ``max_size``: ``sink.drop()``) but keeps
+    counting until the final dot, so the reply comes after the whole body,
+    in step with the client.
     """
 
-    def __init__(self, max_size):
+    def __init__(self, max_size, sink=None):
         self.max_size = max_size
         self.size = 0
         self.bare = self.too_long = False
         self.slow = False       # LineFramer.take_body found a line it must not take whole
-        self._lines = []
+        self.sink = sink if sink is not None else _InMemory()
+        self._dropped = False
 
     def add(self, line):
         """Take one line; True when it is the final ``.``."""
@@ -139,10 +160,7 @@ class DataBody:
         self.size += line.length - stuffed + 2
         self.bare = self.bare or line.bare
         self.too_long = self.too_long or line.too_long
-        if self.fault is None:
-            self._lines.append(line.data[1:] if stuffed else line.data)
-        else:
-            self._lines = []
+        self._keep((line.data[1:] if stuffed else line.data) + CRLF)
         return False
 
     def add_block(self, block):
@@ -152,10 +170,14 @@ class DataBody:
         if unstuffed.startswith(b"."):
             unstuffed = unstuffed[1:]
         self.size += len(unstuffed)
+        self._keep(unstuffed)
+
+    def _keep(self, data):
         if self.fault is None:
-            self._lines.append(unstuffed[:-2])
-        else:
-            self._lines = []
+            self.sink.write(data)
+        elif not self._dropped:
+            self._dropped = True
+            self.sink.drop()
 
     @property
     def fault(self):
@@ -169,7 +191,5 @@ class DataBody:
         return None
 
     def message(self):
-        """The body with CRLF line ends, as it will be stored."""
-        if not self._lines:
-            return b""
-        return CRLF.join(self._lines) + CRLF
+        """The body with CRLF line ends, as it will be stored (a sink in memory)."""
+        return self.sink.message()

@@ -22,6 +22,8 @@ The hooks, for what differs between the protocols:
 - ``_arm_timeout()``: the client's turn again (after a line, after an answer);
 - ``_disarm_timeout()``: an answer is pending, the wait is ours, not the client's;
 - ``_input_flood()``: more than ``max_pending_input`` buffered: answer and close;
+- ``_input_held()``: the protocol itself stopped reading for a reason of
+  its own (SMTP: a DATA body waiting for its file); no resume meanwhile;
 - ``_reply_internal_error()``: answer a line whose handler failed;
 - ``_line_too_long(octets)``: answer a line over its limit (``octets``: its
   length, or None while it is still arriving); ``_line_flood()``: close on a
@@ -84,6 +86,9 @@ class LineSession:
 
     def _input_flood(self):
         raise NotImplementedError
+
+    def _input_held(self):
+        return False
 
     def _reply_internal_error(self):
         raise NotImplementedError
@@ -177,7 +182,7 @@ class LineSession:
         self._pending = False
         if self._paused:
             self._paused = False
-            if not self._closing:
+            if not self._closing and not self._input_held():
                 self.transport.resumeProducing()
         if self._closing:
             return
@@ -196,7 +201,7 @@ class LineSession:
         never sees, and the connection would linger.
         """
         self._closing = True
-        if self._paused:
+        if self._paused or self._input_held():
             self._paused = False
             self.transport.resumeProducing()
         self.transport.loseConnection()

@@ -13,8 +13,8 @@ thread (``run_in_thread``: dnspython, pyspf and dkimpy block, T24):
 
 The work per message is bounded (issue 17): a header section over
 ``MAX_HEADER_OCTETS`` is refused (552 5.3.4) before any check, DKIM and the
-From: parse have their own caps, and nothing loops over client data on the
-reactor thread.
+From: parse have their own caps, and nothing loops over more than
+``REACTOR_OCTETS`` of client data on the reactor thread (below).
 
 What ``[checks]`` does with them:
 
@@ -37,6 +37,15 @@ domain, selector or address token (no CR, LF, ``;`` or comments).
 
 All of a message's DNS queries share a time budget (``BUDGET_TIMEOUTS`` times
 ``[dns] timeout``); what is still undone when it is spent is ``temperror``.
+
+Answers and SPF results are kept for their TTLs (``appliance.policy.answers``,
+negative answers too, RFC 2308). A message of at most ``REACTOR_OCTETS``
+without a DKIM-Signature whose every answer is kept, and whose From: fields
+are plain (``Name <local@domain>``, ``local@domain``), is checked on the
+reactor thread at once: no DNS, no thread hop, bounded work (a few dict
+look-ups and one pass over at most ``REACTOR_OCTETS``). Any miss
+(``NotCached``) sends it to the worker thread as before, with the same
+outcome.
 """
 
 import random as random_module
@@ -52,6 +61,7 @@ from appliance import events
 from appliance.address import is_ip
 from appliance.clock import default_clock
 from appliance.policy import dmarc as dmarc_module
+from appliance.policy.answers import AnswerCache, NotCached
 from appliance.policy.dkim_verify import verify_signatures
 from appliance.policy.lookup import Lookups
 from appliance.policy.spf_check import check_helo, check_mailfrom
@@ -79,6 +89,7 @@ MAX_HEADER_OCTETS = 1024 * 1024     # a bigger header section is refused before 
 HEADER_TOO_BIG = replies.Reply(552, "5.3.4", "Message header section too large")
 BUDGET_TIMEOUTS = 4             # the checks of one message: four [dns] timeouts in all
 MIN_BUDGET = 5.0
+REACTOR_OCTETS = 64 * 1024      # a bigger message is always checked on the worker thread
 
 _DOMAIN = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9])?\Z")
 _LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}\Z")
@@ -86,6 +97,13 @@ _SELECTOR = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,62})\Z")
 _ALGORITHM = re.compile(r"[a-z0-9-]{1,20}\Z")
 _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9 .,:=/-]")
 _DOMAIN_IN_TEXT = re.compile(r"@([^\s<>\"(),;:@\[\]\\]+)")
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ADDR = rf"{_ATOM}(?:\.{_ATOM})*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)"
+# A From: value the email package parses without defects to this one domain:
+# "local@domain", "<local@domain>", "Name <local@domain>", "\"Name\" <local@domain>".
+# Unambiguous (no backtracking blow-up): atoms are separated by blanks.
+_PLAIN_FROM = re.compile(rf"[ \t]*(?:{_ADDR}|(?:{_ATOM}(?:[ \t]+{_ATOM})*[ \t]*"
+                         rf"|\"[^\"\\\r\n@]*\"[ \t]*)?<{_ADDR}>)[ \t]*\Z")
 
 Facts = namedtuple("Facts", "peer_ip helo sender")
 Facts.__doc__ = """What the session knows: the client's IP, its HELO name, the MAIL FROM
@@ -113,7 +131,7 @@ class Verdict:
         self.action = action
 
 
-def from_domains(message, fields):
+def from_domains(message, fields, plain_only=False):
     """The distinct domains of the From: fields, A-label form, in order, at
     most ``MAX_FROM_DOMAINS``.
 
@@ -122,7 +140,10 @@ def from_domains(message, fields):
     so it must not slip past DMARC by being malformed. The parse is bounded:
     only the first ``MAX_FROM_FIELDS`` values of at most ``MAX_FROM_OCTETS``
     go to the email package (about a millisecond per 60 octets); the others
-    are searched for ``@domain`` only (one linear pass).
+    are searched for ``@domain`` only (one linear pass). A plain value
+    (``_PLAIN_FROM``) is read by a regular expression, with the email
+    package's outcome; with ``plain_only`` any other value parse is
+    ``NotCached`` (the reactor thread parses no more).
     """
     seen, parsed = [], 0
     for name, start, end in fields:
@@ -130,7 +151,13 @@ def from_domains(message, fields):
             continue
         text = field_value(message, start, end)
         domains, defective = [], True
-        if parsed < MAX_FROM_FIELDS and len(text) <= MAX_FROM_OCTETS:
+        plain = _PLAIN_FROM.match(text) if len(text) <= MAX_FROM_OCTETS else None
+        if parsed < MAX_FROM_FIELDS and plain is not None:
+            parsed += 1
+            domains, defective = [plain.group(1) or plain.group(2)], False
+        elif parsed < MAX_FROM_FIELDS and len(text) <= MAX_FROM_OCTETS:
+            if plain_only:
+                raise NotCached("a From: value for the email package")
             parsed += 1
             try:
                 header = HeaderRegistry()("from", text)
@@ -260,14 +287,17 @@ class InboundChecks:
         self.run_in_thread = run_in_thread
         self.random = random
         self.clock = default_clock(clock)
+        self.answers = AnswerCache(clock=self.clock)
 
     @property
     def enabled(self):
         return self.spf != "off" or self.dkim or self.dmarc != "off"
 
-    def check(self, facts, message, context):
+    def check(self, facts, message, context, body=None):
         """A Deferred firing with the Verdict for ``message`` (bytes, CRLF);
-        ``context`` (session, peer_ip, queue_id) goes into the events."""
+        ``context`` (session, peer_ip, queue_id) goes into the events.
+        ``body``: the ``BodyDigests`` of the body when ``message`` is only
+        the header section (the body is in the spool's file, issue 17)."""
         if len(header_block(message)) > MAX_HEADER_OCTETS:
             # The work per message is bounded: no header section of megabytes.
             return defer.succeed(Verdict(message, refusal=HEADER_TOO_BIG, action="reject"))
@@ -275,14 +305,29 @@ class InboundChecks:
             d = self.run_in_thread(lambda: Verdict(strip_forged(message, self.hostname,
                                                                 site=self.site)[0]))
             return d
-        d = self.run_in_thread(self.evaluate, facts, message)
+        if body is None and len(message) <= REACTOR_OCTETS:
+            try:
+                verdict = self.evaluate(facts, message, cache_only=True)
+            except NotCached:
+                pass                # DNS to ask, or more to parse: the worker thread
+            else:
+                return defer.succeed(self._report(verdict, context))
+        d = self.run_in_thread(self.evaluate, facts, message, body)
         d.addCallback(self._report, context)
         return d
 
-    def evaluate(self, facts, message):
-        """The Verdict; blocking (DNS, RSA): runs on a worker thread."""
-        lookups = Lookups(self.resolver, self.timeout, self.budget, self.clock)
+    def evaluate(self, facts, message, body=None, cache_only=False):
+        """The Verdict; blocking (DNS, RSA): runs on a worker thread. With
+        ``cache_only`` it asks no DNS and parses no From: value the hard way
+        (``NotCached`` instead), nor any DKIM signature: the reactor may call it.
+        ``body``: the ``BodyDigests`` of a streamed body (``message`` is then the header section)."""
+        lookups = Lookups(self.resolver, self.timeout, self.budget, self.clock,
+                          cache=self.answers, cache_only=cache_only)
         fields = header_fields(message)
+        if cache_only and any(name == b"dkim-signature" for name, _s, _e in fields):
+            raise NotCached("a DKIM signature to verify")
+        if cache_only and self.dmarc != "off" and not dmarc_module.suffixes_loaded():
+            raise NotCached("the Public Suffix List is not loaded yet")
         spf_results, mailfrom = [], None
         if self.spf != "off" or self.dmarc != "off":
             helo = check_helo(lookups, facts.peer_ip, facts.helo)
@@ -290,10 +335,15 @@ class InboundChecks:
             spf_results = [mailfrom, helo]
         dkim_results, skipped = None, 0
         if self.dkim or self.dmarc != "off":
-            dkim_results, skipped = verify_signatures(message, lookups)
+            dkim_results, skipped = verify_signatures(message, lookups, body=body)
+            if cache_only and (dkim_results or skipped):
+                # A signature dkimpy found (or a header it could not split):
+                # verified on the thread, where its key may be fetched.
+                raise NotCached("a DKIM signature to verify")
         dmarc_results = []
         if self.dmarc != "off":
-            dmarc_results = self._dmarc(lookups, message, fields, mailfrom, dkim_results)
+            dmarc_results = self._dmarc(lookups, message, fields, mailfrom, dkim_results,
+                                        cache_only)
         verdict = Verdict(b"", spf=spf_results, dkim=dkim_results, dmarc=dmarc_results,
                           skipped_signatures=skipped)
         self._decide(verdict, mailfrom)
@@ -301,8 +351,8 @@ class InboundChecks:
         verdict.message = authentication_results(self.hostname, verdict, facts.sender) + cleaned
         return verdict
 
-    def _dmarc(self, lookups, message, fields, mailfrom, dkim_results):
-        domains = from_domains(message, fields)[:MAX_FROM_DOMAINS]
+    def _dmarc(self, lookups, message, fields, mailfrom, dkim_results, cache_only=False):
+        domains = from_domains(message, fields, plain_only=cache_only)[:MAX_FROM_DOMAINS]
         if not domains:
             return [dmarc_module.DMARCResult("", "permerror", "", "none",
                                              "no usable From domain")]

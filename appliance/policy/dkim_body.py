@@ -19,8 +19,15 @@ Here:
 - ``dkim_object(message)`` builds a ``dkim.DKIM`` from the header section
   alone and gives it the body (line ends made CRLF as dkimpy does, in
   slices) without dkimpy's line split of the body.
+- ``BodyHashes`` does the same canonicalisations incrementally, piece by
+  piece as a body arrives or is read back, and hashes them: a body of any
+  size is hashed in bounded memory (issue 17: a DATA body that outgrew
+  memory is in the spool's file, ``appliance.queue.incoming``).
+  ``BodyDigests`` answers the digests a signer or verifier asks for, from a
+  body in memory or from its file, one pass for all of them.
 """
 
+import hashlib
 import re
 
 import dkim
@@ -132,6 +139,150 @@ def dkim_object(message, **options):
         raise dkim.MessageFormatError("a continuation line before any field") from None
     signer.body = crlf_lines(body)
     return signer
+
+
+class _Simple:
+    """``simple_body`` over pieces: trailing CRLF pairs are held back (as a
+    count) until something else follows them. A piece never ends inside a
+    CRLF (the stages before hold a trailing CR back)."""
+
+    def __init__(self, out):
+        self.out = out              # called with each canonical piece
+        self.pairs = 0
+        self.emitted = False        # anything but CRLF pairs so far
+
+    def feed(self, piece):
+        if not piece:
+            return
+        pairs = trailing_crlf_pairs(piece)
+        if 2 * pairs == len(piece):
+            self.pairs += pairs
+            return
+        self._flush_pairs()
+        self.out(piece[:len(piece) - 2 * pairs])
+        self.emitted = True
+        self.pairs = pairs
+
+    def _flush_pairs(self):
+        while self.pairs:
+            run = min(self.pairs, max(1, SLICE // 2))
+            self.out(b"\r\n" * run)
+            self.pairs -= run
+
+    def close(self, relaxed=False):
+        if relaxed and not self.emitted:
+            return                  # relaxed: an empty body is empty (RFC 6376 §3.4.4)
+        self.out(b"\r\n")
+
+
+class _Relaxed:
+    """``relaxed_body`` over pieces (the held part as in ``relaxed_body``)."""
+
+    def __init__(self, out):
+        self.simple = _Simple(out)
+        self.held = b""
+
+    def feed(self, piece):
+        done, self.held = _split_held(self.held + piece)
+        self.simple.feed(_relaxed_piece(done))
+
+    def close(self):
+        self.simple.feed(_relaxed_piece(self.held))
+        self.simple.close(relaxed=True)
+
+
+class BodyHashes:
+    """The DKIM body hashes of a body fed in pieces of any size and split.
+
+    ``wanted``: ``(canonicalisation, hash name)`` pairs, e.g. ``(b"relaxed",
+    "sha256")``. ``update(piece)`` takes the body as dkimpy would see it
+    (bare LF made CRLF here, as ``crlf_lines`` does); ``digests()`` ends the
+    body: ``{(canonicalisation, hash name): digest}``, exactly the hashes of
+    dkimpy's canonical forms (``relaxed_body``/``simple_body`` of
+    ``crlf_lines(body)``). Memory: a few octets held between pieces.
+    """
+
+    def __init__(self, wanted):
+        self._hashers = {}
+        self._stages = []
+        for canon in {canon for canon, _ in wanted}:
+            hashers = [(name, hashlib.new(name)) for c, name in wanted if c == canon]
+            self._hashers.update(((canon, name), h) for name, h in hashers)
+
+            def out(piece, hashers=hashers):
+                for _, h in hashers:
+                    h.update(piece)
+            self._stages.append(_Relaxed(out) if canon == b"relaxed" else _Simple(out))
+        self._cr = b""              # a CR at the end of the last piece: its LF may follow
+
+    def update(self, piece):
+        for start in range(0, len(piece), SLICE):
+            self._feed(piece[start:start + SLICE])
+
+    def _feed(self, piece):
+        piece = self._cr + piece
+        self._cr = b"\r" if piece.endswith(b"\r") else b""
+        if self._cr:
+            piece = piece[:-1]
+        if piece.count(b"\n") != piece.count(b"\r\n"):
+            piece = piece.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        for stage in self._stages:
+            stage.feed(piece)
+
+    def digests(self):
+        for stage in self._stages:
+            stage.feed(self._cr)
+            stage.close()
+        self._cr = b""
+        return {key: h.digest() for key, h in self._hashers.items()}
+
+
+def hash_name(algorithm):
+    """The hashlib name of a DKIM a= value (bytes), or None if unknown."""
+    constructor = dkim.HASH_ALGORITHMS.get(algorithm)
+    return constructor().name if constructor is not None else None
+
+
+class BodyDigests:
+    """The DKIM body digests of one message body, computed when asked.
+
+    ``pieces()`` gives the body (after the blank line, as dkimpy sees it)
+    as an iterable of pieces, each time it is called: slices of a body in
+    memory (``of_message``) or reads of a spool file. ``digests(wanted)``
+    hashes every missing pair in one pass and keeps the results; blocking:
+    call it on a worker thread.
+    """
+
+    def __init__(self, pieces):
+        self._pieces = pieces
+        self._known = {}
+
+    @classmethod
+    def of_message(cls, message):
+        body = split_message(message)[1]
+        return cls(lambda: (body[start:start + SLICE] for start in range(0, len(body), SLICE)))
+
+    def digests(self, wanted):
+        missing = {pair for pair in wanted if pair not in self._known}
+        if missing:
+            hashes = BodyHashes(missing)
+            for piece in self._pieces():
+                hashes.update(piece)
+            self._known.update(hashes.digests())
+        return {pair: self._known[pair] for pair in wanted}
+
+    def digest(self, canonicalization, name):
+        return self.digests({(canonicalization, name)})[(canonicalization, name)]
+
+
+def header_object(message, **options):
+    """A ``dkim.DKIM`` for the header section of ``message`` only, its body
+    empty: for signing and verifying with ``BodyDigests``."""
+    head, _ = split_message(message)
+    try:
+        return dkim.DKIM(head + b"\r\n" if head else None, **options)
+    except IndexError:
+        raise dkim.MessageFormatError("a continuation line before any field") from None
 
 
 def install():

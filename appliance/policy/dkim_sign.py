@@ -18,18 +18,35 @@ dkimpy's header logic and canonicalisation, with the RSA step in OpenSSL
 the keys loaded once per selector by the key store. It still blocks (the
 signature, a key file read after a rotation): ``sign`` runs it through
 ``run_in_thread`` and answers with a Deferred (T24).
+
+The body hash (bh=) is ours (``appliance.policy.dkim_body.BodyDigests``: a
+body in memory, or in the spool's file when it never was in memory, issue
+17); dkimpy builds, hashes and signs the header field from it
+(``DKIM.gen_header``, the rest of its ``sign``), with the same tags in the
+same order as its own ``sign``.
 """
 
+import base64
 import re
+import time
 
 import dkim
+from dkim.canonicalization import CanonicalizationPolicy
+from dkim.crypto import UnparsableKeyError, parse_pem_private_key
+
+try:
+    import nacl.encoding
+    import nacl.exceptions
+    import nacl.signing
+except ImportError:         # dkimpy's own condition: no Ed25519 without PyNaCl
+    nacl = None
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from appliance import events
 from appliance.address import canonical_domain
 from appliance.policy import dkim_crypto
-from appliance.policy.dkim_body import dkim_object
+from appliance.policy.dkim_body import BodyDigests, hash_name, header_object
 from appliance.policy.keys import KeyStoreError
 from appliance import replies
 from appliance.message import (MAX_FROM_FIELDS, AmbiguousFrom, from_addresses, header_block,
@@ -142,22 +159,73 @@ def signing_domain(message, local_domains):
     return domain if domain in local_domains else None
 
 
-def sign_message(message, signing_keys, canonicalize=CANONICALIZE):
+def sign_message(message, signing_keys, body=None, canonicalize=CANONICALIZE):
     """``message`` with one DKIM-Signature per key on top; dkim.DKIMException
     if dkimpy refuses the message or a key. The body is canonicalised in
-    linear time, in slices (``appliance.policy.dkim_body``); RSA is signed
-    by OpenSSL (``appliance.policy.dkim_crypto``)."""
+    linear time, in slices (``appliance.policy.dkim_body``). ``body``: the
+    ``BodyDigests`` of the body when ``message`` holds only its header
+    section (the body in the spool's file); by default the rest of
+    ``message``. RSA is signed by OpenSSL (``appliance.policy.dkim_crypto``);
+    ``canonicalize``: relaxed/relaxed unless a test asks otherwise."""
     dkim_crypto.install()       # a no-op once done (at import)
     include = headers_to_sign(message)
+    if body is None:
+        body = BodyDigests.of_message(message)
     signatures = []
     for signing_key in signing_keys:
         key = signing_key.key
-        signer = dkim_object(message, signature_algorithm=key.algorithm.encode("ascii"))
-        signatures.append(signer.sign(
-            key.selector.encode("ascii"), key.domain.encode("ascii"),
-            signing_key.private, canonicalize=canonicalize,
-            include_headers=include, length=False))
+        algorithm = key.algorithm.encode("ascii")
+        signer = header_object(message, signature_algorithm=algorithm)
+        signatures.append(sign_header(
+            signer, key.selector.encode("ascii"), key.domain.encode("ascii"),
+            signing_key.private, include, body, canonicalize))
     return b"".join(signatures) + message
+
+
+def _private_key(algorithm, private):
+    """The private key as dkimpy's ``sign`` parses it; an RSA key the key
+    store loaded into OpenSSL as it is (``dkim_crypto.OpenSSLKey``)."""
+    if isinstance(private, dkim_crypto.OpenSSLKey):
+        return private
+    if algorithm == b"ed25519-sha256":
+        if nacl is None:
+            raise dkim.NaClNotFoundError("pynacl module required for ed25519 signing")
+        try:
+            return nacl.signing.SigningKey(private, encoder=nacl.encoding.Base64Encoder)
+        except nacl.exceptions.ValueError:
+            raise dkim.KeyFormatError("invalid ed25519 private key or format") from None
+    try:
+        return parse_pem_private_key(private)
+    except UnparsableKeyError as exc:
+        raise dkim.KeyFormatError(str(exc)) from None
+
+
+def sign_header(signer, selector, domain, private, include, body,
+                canonicalize=CANONICALIZE):
+    """The DKIM-Signature field (``canonicalize``, no l=) that dkimpy's
+    ``signer.sign`` would make, with the body hash from ``body`` (a
+    ``BodyDigests``) instead of dkimpy's own pass over a body in memory."""
+    algorithm = signer.signature_algorithm
+    pk = _private_key(algorithm, private)
+    policy = CanonicalizationPolicy.from_c_value(b"/".join(canonicalize))
+    include = tuple(name.lower() for name in include)
+    if b"from" not in include:
+        raise dkim.ParameterError("The From header field MUST be signed")
+    signer.include_headers = include
+    signer.hasher = dkim.HASH_ALGORITHMS[algorithm]
+    bodyhash = base64.b64encode(body.digest(policy.body_algorithm.name,
+                                            hash_name(algorithm)))
+    fields = [
+        (b"v", b"1"), (b"a", algorithm), (b"c", policy.to_c_value()), (b"d", domain),
+        (b"i", b"@" + domain), (b"q", b"dns/txt"), (b"s", selector),
+        (b"t", str(int(time.time())).encode("ascii")), (b"h", b" : ".join(include)),
+        (b"bh", bodyhash),
+        (b"b", b"0" * 60),      # dkimpy's placeholder: b= folds onto a line of its own
+    ]
+    value = signer.gen_header(fields, include, policy, b"DKIM-Signature", pk)
+    signer.domain, signer.selector = domain, selector
+    signer.signature_fields = dict(fields)
+    return b"DKIM-Signature: " + value
 
 
 class Signer:
@@ -175,20 +243,21 @@ class Signer:
         self.local_domains = frozenset(config.server.domains)
         self._local_forms = ascii_forms(self.local_domains)
 
-    def sign(self, message, context):
+    def sign(self, message, context, body=None):
         """A Deferred firing with the message to queue (mail from our users:
         the policy pipeline decides that): signed, or unchanged when its From:
         names no local domain; SigningFailed if it cannot be signed.
         ``context`` (session, peer_ip, queue_id) goes into the events."""
         if cannot_be_local(message, self._local_forms):
             return defer.succeed(message)
-        d = self.run_in_thread(self.sign_blocking, message)
+        d = self.run_in_thread(self.sign_blocking, message, body)
         d.addCallbacks(self._signed, self._failed, callbackArgs=(context,),
                        errbackArgs=(context,))
         return d
 
-    def sign_blocking(self, message):
-        """(message to queue, [DKIMKey used]); runs in a thread."""
+    def sign_blocking(self, message, body=None):
+        """(message to queue, [DKIMKey used]); runs in a thread. ``body``:
+        see ``sign_message``."""
         domain = signing_domain(message, self.local_domains)
         if domain is None:
             return message, []
@@ -199,7 +268,7 @@ class Signer:
         if not keys:
             raise SigningFailed(domain, f"no active DKIM key for {domain}")
         try:
-            return sign_message(message, keys), [k.key for k in keys]
+            return sign_message(message, keys, body), [k.key for k in keys]
         except dkim.MessageFormatError as exc:
             raise SigningFailed(domain, f"dkimpy: {exc}", replies.HEADER_MALFORMED) from None
         except dkim.DKIMException as exc:

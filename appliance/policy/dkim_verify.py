@@ -19,7 +19,13 @@ Stock dkimpy accepts what we refuse here:
 
 The body is canonicalised in linear time, in slices that let the reactor
 have the GIL (``appliance.policy.dkim_body``: dkimpy's own regular
-expressions are quadratic on some bodies and hold the GIL throughout).
+expressions are quadratic on some bodies and hold the GIL throughout), and
+hashed by us (``BodyDigests``: from memory, or from the spool file of a body
+that never was in memory, issue 17). dkimpy gets the header section only:
+it checks the header signature (b=) as ever; the body hash (bh=) is ours to
+compare, and dkimpy sees the outcome at the point where it would have
+compared it itself (the tag removed when it matched, a body that cannot
+match when it did not), so every other check keeps dkimpy's order.
 
 Keys come from our ``Lookups`` (shared resolver, the message's time budget);
 a signature whose key cannot be fetched now is ``temperror``, one whose key
@@ -34,10 +40,11 @@ import re
 from collections import namedtuple
 
 import dkim
+from dkim.canonicalization import CanonicalizationPolicy
 from dkim.crypto import UnparsableKeyError, parse_public_key
 from dkim.util import parse_tag_value
 
-from appliance.policy.dkim_body import dkim_object
+from appliance.policy.dkim_body import BodyDigests, hash_name, header_object
 from appliance.policy.lookup import TempDNSError
 
 MAX_SIGNATURES = 5
@@ -115,11 +122,15 @@ class _KeyFetch:
         return record
 
 
-def verify_signatures(message, lookups, max_signatures=MAX_SIGNATURES):
+def verify_signatures(message, lookups, max_signatures=MAX_SIGNATURES, body=None):
     """``([DKIMResult], skipped)`` for the DKIM-Signature fields of
-    ``message`` (bytes), top first; ``skipped`` counts those past the cap."""
+    ``message`` (bytes), top first; ``skipped`` counts those past the cap.
+
+    ``body``: the ``BodyDigests`` of the message body when ``message``
+    holds only its header section (a body in the spool's file); by default
+    the body is the rest of ``message``."""
     try:
-        verifier = dkim_object(message, logger=_quiet, minkey=1024)
+        verifier = header_object(message, logger=_quiet, minkey=1024)
     except Exception:               # dkimpy on a header block it cannot split
         return [DKIMResult("permerror", "", "", "", "message not parsable")], 0
     signatures = [value for name, value in verifier.headers
@@ -128,9 +139,56 @@ def verify_signatures(message, lookups, max_signatures=MAX_SIGNATURES):
         checked = min(len(signatures), max_signatures)
         return ([DKIMResult("permerror", "", "", "", "header section too large")] * checked,
                 len(signatures) - checked)
-    results = [_verify_one(verifier, index, value, lookups)
-               for index, value in enumerate(signatures[:max_signatures])]
+    if body is None:
+        body = BodyDigests.of_message(message)
+    checked = signatures[:max_signatures]
+    body.digests(set(filter(None, map(_body_hash_wanted, checked))))    # one pass
+    results = [_verify_one(verifier, index, value, lookups, body)
+               for index, value in enumerate(checked)]
     return results, len(signatures) - len(results)
+
+
+def _body_hash_wanted(value):
+    """The (canonicalisation, hash name) the signature ``value`` hashes its
+    body with, or None when it is not one we would check."""
+    try:
+        tags = parse_tag_value(value)
+        if b"l" in tags or signature_refusal(value, tags) is not None:
+            return None
+        name = hash_name(tags.get(b"a", b"").strip().lower())
+        if name is None or name == "sha1":
+            return None
+        policy = CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
+        return policy.body_algorithm.name, name
+    except Exception:               # a malformed signature: dkimpy reports it
+        return None
+
+
+def _body_matches(sig, body):
+    """True or False: does the body hash of the parsed signature ``sig``
+    match the body? None when dkimpy fails this signature before it would
+    compare (a bad c= or bh=): it then needs no body at all."""
+    try:
+        policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+        name = hash_name(sig[b"a"])
+        expected = base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"]))
+    except Exception:
+        return None
+    if name is None:
+        return None
+    return body.digest(policy.body_algorithm.name, name) == expected
+
+
+def _unmatched_body(sig):
+    """A body whose hash is not the signature's bh= (dkimpy then reports
+    the body hash mismatch itself, after the key, as ever)."""
+    policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+    expected = base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"]))
+    for body in (b"", b"x\r\n"):
+        canonical = policy.canonicalize_body(body)
+        if dkim.HASH_ALGORITHMS[sig[b"a"]](canonical).digest() != expected:
+            return body
+    raise AssertionError("two bodies with one hash")
 
 
 def signature_refusal(value, tags):
@@ -145,7 +203,7 @@ def signature_refusal(value, tags):
     return None
 
 
-def _verify_one(verifier, index, value, lookups):
+def _verify_one(verifier, index, value, lookups, body):
     try:
         tags = parse_tag_value(value)
     except Exception:
@@ -167,7 +225,14 @@ def _verify_one(verifier, index, value, lookups):
         return result("temperror", "time budget for the checks spent")
     fetch = _KeyFetch(lookups)
     try:
-        verified = verifier.verify(index, dnsfunc=fetch)
+        sig, include_headers, sig_fields = verifier.verify_headerprep(index)
+        matches = _body_matches(sig, body)
+        verifier.body = b""
+        if matches:
+            sig = {tag: tag_value for tag, tag_value in sig.items() if tag != b"bh"}
+        elif matches is not None:
+            verifier.body = _unmatched_body(sig)
+        verified = verifier.verify_sig(sig, include_headers, sig_fields[index], fetch)
     except dkim.ValidationError as exc:
         if "body hash mismatch" in str(exc):
             return result("fail", "body hash did not verify")

@@ -15,6 +15,7 @@
   injected so tests choose the draw.
 """
 
+import functools
 import re
 import threading
 from collections import namedtuple
@@ -48,6 +49,12 @@ def _public_suffixes():
         return _psl
 
 
+def suffixes_loaded():
+    """Whether the Public Suffix List is parsed already (the reactor may not parse it)."""
+    return _psl is not None
+
+
+@functools.lru_cache(maxsize=4096)
 def organizational_domain(domain):
     """RFC 7489 §3.2: the registrable domain of ``domain`` (itself if none)."""
     domain = domain.rstrip(".").lower()

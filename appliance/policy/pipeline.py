@@ -94,21 +94,25 @@ class Pipeline:
         d.addCallback(lambda answer: reply if answer is None else answer)
         return d
 
-    def at_data(self, session, envelope, body, received, context):
+    def at_data(self, session, envelope, body, received, context, body_digests=None):
         """A Deferred firing with the message to store: ``received`` (our
         trace header, bytes) + ``body``, checked or signed by origin; fails
         with ``Refused`` (or a signing error carrying its ``smtp_reply``).
         ``envelope.params["folder"]`` may be set (DMARC quarantine).
-        ``context`` (session, peer_ip, queue_id) goes into the events."""
+        ``context`` (session, peer_ip, queue_id) goes into the events.
+        ``body_digests``: when ``body`` is only the header section and its
+        blank line (the rest is in the spool's file: issue 17), the
+        ``BodyDigests`` that DKIM signing and verification hash it with."""
         if len(header_block(body)) > MAX_HEADER_OCTETS:
             # Bounded work per message, whatever its origin: the passes over
             # the header lines below run on the reactor for our own mail.
             return defer.fail(Refused(HEADER_TOO_BIG))
         d = defer.maybeDeferred(self.relay.check_message, session, body)
-        d.addCallback(self._content_checked, session, envelope, body, received, context)
+        d.addCallback(self._content_checked, session, envelope, body, received, context,
+                      {} if body_digests is None else {"body": body_digests})
         return d
 
-    def _content_checked(self, refusal, session, envelope, body, received, context):
+    def _content_checked(self, refusal, session, envelope, body, received, context, digests):
         if refusal is not None:
             raise Refused(refusal)
         if origin(session, self.trusted_networks) == OURS:
@@ -120,11 +124,11 @@ class Pipeline:
             message = received + strip_forged(body, self.hostname, site=site)[0]
             if self.signer is None or self._stays_here(session, envelope):
                 return message
-            return self.signer.sign(message, context)
+            return self.signer.sign(message, context, **digests)
         if self.checks is None:
             return received + strip_forged(body, self.hostname, site=self.site)[0]
         facts = Facts(session.peer_ip, session.helo, envelope.sender)
-        d = self.checks.check(facts, body, context)
+        d = self.checks.check(facts, body, context, **digests)
         d.addCallback(self._checked, envelope, received)
         return d
 

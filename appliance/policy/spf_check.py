@@ -9,6 +9,11 @@ documented hook. We replace it once, at import, by a dispatcher: on a thread
 that is running one of our checks it asks that check's ``Lookups`` (the
 shared resolver, the message's time budget); anywhere else it calls pyspf's
 own function, so nothing else in the process changes behaviour.
+
+With an ``AnswerCache`` on the ``Lookups`` the result of a check is kept per
+(identity, client IP, domain, HELO domain) for as long as every answer it
+read (``appliance.policy.answers``); a cache-only ``Lookups`` takes results
+from there alone.
 """
 
 import contextlib
@@ -18,6 +23,7 @@ from collections import namedtuple
 
 import spf as pyspf
 
+from appliance.policy.answers import NotCached
 from appliance.policy.lookup import TempDNSError
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
@@ -89,13 +95,33 @@ def _evaluate(lookups, ip, sender, helo):
     return result if result in RESULTS else "permerror"
 
 
+def _kept_or_evaluated(lookups, key, ip, sender, helo):
+    """The result kept under ``key`` in the lookups' cache, else ``_evaluate``'s
+    (kept when it may be: see the module docstring)."""
+    cache = lookups.cache
+    if cache is None:
+        return _evaluate(lookups, ip, sender, helo)
+    result = cache.get(key)
+    if result is not None:
+        return result
+    if lookups.cache_only:
+        raise NotCached(f"SPF {key}")
+    lookups.track()
+    result = _evaluate(lookups, ip, sender, helo)
+    ttl, macro = lookups.tracked()
+    if result != "temperror" and not macro:
+        cache.put(key, result, ttl)
+    return result
+
+
 def check_helo(lookups, ip, helo):
     """The HELO identity (RFC 7208 §2.3); "none" for an address literal or a
     name that is not a domain."""
     domain = _dns_domain(helo) if helo and not helo.startswith("[") else None
     if domain is None:
         return SPFResult("helo", helo, "none")
-    return SPFResult("helo", domain, _evaluate(lookups, ip, "", domain))
+    return SPFResult("helo", domain,
+                     _kept_or_evaluated(lookups, ("spf-helo", ip, domain), ip, "", domain))
 
 
 def check_mailfrom(lookups, ip, sender, helo_result):
@@ -109,5 +135,7 @@ def check_mailfrom(lookups, ip, sender, helo_result):
         return SPFResult("mailfrom", domain, "none")
     # The local part only feeds %{l} macros; pyspf splits at the first "@".
     local = _NOT_ATEXT.sub("_", local) or "postmaster"
+    key = ("spf-mailfrom", ip, ascii_domain, helo_result.domain)
     return SPFResult("mailfrom", ascii_domain,
-                     _evaluate(lookups, ip, f"{local}@{ascii_domain}", helo_result.domain))
+                     _kept_or_evaluated(lookups, key, ip, f"{local}@{ascii_domain}",
+                                        helo_result.domain))

@@ -180,6 +180,11 @@ class QueueRunner(service.Service):
     def space_available(self, size):
         return self.spool.space_available(size)
 
+    def body_file(self, on_drain=None):
+        """A spool file for a DATA body too big for memory, or None
+        (``Spool.body_file``)."""
+        return self.spool.body_file(on_drain)
+
     def _accepted(self, qid):
         self.process(qid)       # a failure here is the pass's: the message is queued
         return qid

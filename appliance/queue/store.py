@@ -58,7 +58,8 @@ from appliance.maildir import SpoolFile, maildir_bytes, round_trips, wire_bytes
 from appliance.queue.counts import QueueCounts, classify_all
 from appliance.envelope import (DELIVERED, FAILED, STATES, Envelope, new_queue_id,
                                 new_recipient_state)
-from appliance.durable.commit import Durable, StorageError, makedirs
+from appliance.durable.commit import Durable, StorageError, makedirs, octets
+from appliance.queue.incoming import BodyFile, SpooledMessage
 
 __all__ = ["Spool", "SpoolEntry"]
 
@@ -224,8 +225,10 @@ class Spool:
     """
 
     def __init__(self, directory, writer, reader, clock, statvfs=os.statvfs,
-                 reserve=RESERVE_BYTES, spare=None, max_spares=MAX_SPARES):
+                 reserve=RESERVE_BYTES, spare=None, max_spares=MAX_SPARES, incoming=None):
         self.directory = directory
+        self.incoming = incoming    # run_in_thread for BodyFile writes (None: none)
+        self._body_names = itertools.count()
         self.spare = spare
         self.max_spares = max_spares
         # Spare state files ready for reuse: appended on the reactor thread once
@@ -300,6 +303,16 @@ class Spool:
 
     # -- operations
 
+    def body_file(self, on_drain=None):
+        """A new ``BodyFile`` in the queue directory for a DATA body too big
+        for memory (``appliance.queue.incoming``), or None when this spool
+        has no thread for them. Its name ends in ``.tmp``: recovery removes
+        what a crash left."""
+        if self.incoming is None or not self._dir_ready:
+            return None
+        name = f"incoming.{os.getpid()}.{next(self._body_names)}{TEMP_SUFFIX}"
+        return BodyFile(self._path(name), self.incoming, on_drain)
+
     def space_available(self, size):
         """True if ``size`` more bytes fit with room to spare.
 
@@ -337,6 +350,11 @@ class Spool:
     def accept(self, envelope, message, router=None, held=False):
         """Commit a new entry; fires with the queue id once durable, else StorageError.
 
+        ``message``: bytes, or a ``SpooledMessage`` (its body in a
+        ``BodyFile``: the message file is its front plus a kernel copy of
+        the body file, which the same batch removes; on a failure the
+        caller discards it).
+
         ``router(entry) -> Route | Deferred[Route] | None`` (the queue
         runner's) is asked first: the message is then also linked into the
         Maildirs the route names, in the same batch, after the commit rename
@@ -348,15 +366,22 @@ class Spool:
             return defer.fail(ValueError(f"queue id {qid!r} is not a spool file name"))
         if qid in self._entries:
             return defer.fail(ValueError(f"queue id {qid} already spooled"))
-        message = bytes(message)
         envelope = dataclasses.replace(envelope, queue_id=qid,
                                        recipients=list(envelope.recipients))
-        if round_trips(message):
-            form, stored = MAILDIR_FORM, maildir_bytes(envelope.sender, message)
+        if isinstance(message, SpooledMessage):     # the body in a BodyFile
+            try:
+                form, stored, size = MAILDIR_FORM, message.stored(envelope.sender), message.size
+            except ValueError as e:
+                return defer.fail(e)
         else:
-            form, stored = WIRE_FORM, message
-        entry = SpoolEntry(envelope, len(message), self.clock.seconds(),
-                           message_form=form, stored_size=len(stored),
+            message = bytes(message)
+            size = len(message)
+            if round_trips(message):
+                form, stored = MAILDIR_FORM, maildir_bytes(envelope.sender, message)
+            else:
+                form, stored = WIRE_FORM, message
+        entry = SpoolEntry(envelope, size, self.clock.seconds(),
+                           message_form=form, stored_size=octets(stored),
                            flags={"held": True} if held else None)
         route = None if held else self._route(router, entry)
         if isinstance(route, defer.Deferred):
@@ -391,6 +416,8 @@ class Spool:
             retire = [("rename", state_path, spare) if spare else ("unlink", state_path),
                       ("unlink", msg_path)]
         direct = []                 # the plan's choice, read back once the batch is done
+        # A body file is copied into <id>.msg by the writer, then removed.
+        body = [message.body.path] if isinstance(message, SpooledMessage) else []
 
         def plan(fs):
             parents = self._ensure_dir(fs)
@@ -398,19 +425,19 @@ class Spool:
             if complete and links.all_prepared and len(pairs) == 1:
                 # Straight into the one Maildir: no state file (module docstring).
                 direct.append(True)
-                return Durable(writes=[(msg_path, stored)], links=pairs,
+                return Durable(writes=[(msg_path, stored)], links=pairs, unlinks=body,
                                sync_dirs=parents + created, result=qid,
                                retire=[("unlink", msg_path)])
             # Made here, only when needed: the entry is nobody else's until
             # the batch is done.
             writes, rewrites, temp = self._state_write(qid, entry.dumps())
             return Durable(writes=[(msg_path, stored)] + writes, rewrites=rewrites,
-                           renames=[(temp, state_path)], links=pairs,
+                           renames=[(temp, state_path)], links=pairs, unlinks=body,
                            sync_dirs=parents + [self.directory] + created,
                            rollback=[state_path, msg_path], result=qid,
                            retire=retire if links is not None and links.all_prepared else [])
 
-        d = self.writer.submit(plan, "spool.accept", light=len(stored) <= LIGHT_WRITE)
+        d = self.writer.submit(plan, "spool.accept", light=octets(stored) <= LIGHT_WRITE)
         d.addCallbacks(self._committed, self._accept_failed,
                        callbackArgs=(entry, route, retire, spare, message, direct),
                        errbackArgs=(spare,))
@@ -447,7 +474,7 @@ class Spool:
         return qid
 
     def _keep_hot(self, qid, message):
-        if len(message) > HOT_MESSAGE:
+        if not isinstance(message, bytes) or len(message) > HOT_MESSAGE:
             return
         self._hot[qid] = message
         self._hot_bytes += len(message)

@@ -36,8 +36,11 @@ from appliance.defence import stages
 from appliance.defence.junk import JUNK_VERBS
 from appliance.net.gate import DENIED, GatedFactory
 from appliance.net.peer import peer_ip
+from appliance.policy.checks import MAX_HEADER_OCTETS
+from appliance.policy.dkim_body import BodyDigests
 from appliance.policy.pipeline import Pipeline, Refused
 from appliance.policy.relay import MXPolicy
+from appliance.queue.incoming import IncomingMessage
 from appliance.message import header_safe
 from appliance.receive.received import protocol_name, received_header
 from appliance.net.session import LineSession
@@ -107,6 +110,7 @@ class Transaction:
         self.recipients = []        # canonical addresses, no duplicates
         self.accepted = 0           # RCPTs answered 250, duplicates included (SPEC §4)
         self.body = None            # a DataBody once DATA is under way
+        self.incoming = None        # its sink: an IncomingMessage (appliance.queue.incoming)
 
     @property
     def utf8(self):
@@ -163,6 +167,7 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         self._errors = 0
         self._timer = None
         self._junk = None           # a JunkCounter once connected (None: no defences)
+        self._body_held = False     # not reading: the DATA body waits for its file
         if factory.tls is not None and not factory.implicit_tls:
             self.commands = self.commands | {"STARTTLS"}
             self.unimplemented = self.unimplemented - {"STARTTLS"}
@@ -192,6 +197,8 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
                       error=header_safe(str(reason.value))[:200])
         self._closing = True
         self._cancel_timer()
+        if self._txn is not None and self._txn.incoming is not None:
+            self._txn.incoming.discard()    # mid-DATA: no body file stays behind
         if self._registered:
             self._registered = False
             self.factory.release(self)
@@ -238,7 +245,26 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         done = self._framer.take_body(self._txn.body, TEXT_LINE_LIMIT)
         if done is None:
             return self._framer.next_line(TEXT_LINE_LIMIT)
+        if not done and self._txn.incoming.backlogged:
+            self._hold_body()
         return DATA_END if done else None
+
+    def _hold_body(self):
+        """Stop reading while the body file is behind (bounded memory: the
+        framer has no complete line left, more input would only wait)."""
+        if not self._body_held:
+            self._body_held = True
+            if not self._paused:
+                self.transport.pauseProducing()
+
+    def _body_drained(self):
+        if self._body_held:
+            self._body_held = False
+            if not self._paused and not self._closing:
+                self.transport.resumeProducing()
+
+    def _input_held(self):
+        return self._body_held
 
     def _line_limit(self):
         return TEXT_LINE_LIMIT if self.mode == smtp.DATA else COMMAND_LINE_LIMIT
@@ -498,7 +524,8 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
             raise ProtocolError(replies.NEED_MAIL, "sequence", "DATA before MAIL")
         if not self._txn.recipients:
             raise ProtocolError(replies.NEED_RCPT, "sequence", "DATA before RCPT")
-        self._txn.body = DataBody(self.config.server.max_message_size)
+        self._txn.incoming = IncomingMessage(self._body_file, max_head=MAX_HEADER_OCTETS)
+        self._txn.body = DataBody(self.config.server.max_message_size, self._txn.incoming)
         self.mode = smtp.DATA
         self._arm(self.config.limits.data_timeout, "data")
         self.reply(replies.START_DATA)
@@ -568,13 +595,24 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
 
     # -- end of DATA: refuse, or spool and answer when it is on disk -----------
 
+    def _body_file(self):
+        """A spool file for a body that outgrew memory, or None (a queue without)."""
+        open_file = getattr(self.factory.queue, "body_file", None)
+        return open_file(self._body_drained) if open_file is not None else None
+
     def _end_of_data(self):
         txn, self._txn = self._txn, None
         self.mode = smtp.COMMAND
         self._cancel_timer()
+        self._body_drained()
+        incoming = txn.incoming
         fault = txn.body.fault
         if fault is not None:
-            return self._refuse_message(fault)
+            if incoming.file is None:
+                return self._refuse_message(fault)
+            d = incoming.discard()          # no body file after the reply
+            d.addBoth(lambda _: self._refuse_message(fault))
+            return d
         now = self.clock.seconds()
         envelope = Envelope(
             queue_id=new_queue_id(now), sender=txn.sender.canonical(),
@@ -584,18 +622,26 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         context = dict(session=self.session_id, peer_ip=self.session.peer_ip,
                        queue_id=envelope.queue_id)
         # The policy pipeline checks (mail from outside) or signs (ours) it,
-        # off the reactor thread; then the spool.
-        d = self.factory.pipeline.at_data(self.session, envelope, txn.body.message(),
-                                          self._received(txn, envelope), context)
-        d.addCallback(self._store, envelope)
+        # off the reactor thread; then the spool. A body in a file is read
+        # back by the checks' thread (BodyDigests), never into memory whole.
+        received = self._received(txn, envelope)
+        d = incoming.finish()
+        d.addCallback(self._at_data, envelope, received, context)
+        d.addCallback(self._store, envelope, incoming)
         d.addCallbacks(self._queued, self._not_queued,
-                       callbackArgs=(envelope,), errbackArgs=(envelope,))
+                       callbackArgs=(envelope,), errbackArgs=(envelope, incoming))
         return d
 
-    def _store(self, message, envelope):
+    def _at_data(self, incoming, envelope, received, context):
+        digests = None if incoming.file is None else BodyDigests(incoming.file.pieces)
+        return self.factory.pipeline.at_data(self.session, envelope, incoming.front(),
+                                             received, context, body_digests=digests)
+
+    def _store(self, front, envelope, incoming):
         if self._closing:
+            incoming.discard()
             return None     # the client left without a 250: it will send again
-        envelope.size = len(message)
+        message, envelope.size = incoming.to_spool(front)
         return self.factory.queue.accept(envelope, message)
 
     def _received(self, txn, envelope):
@@ -627,10 +673,18 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
                   account=envelope.auth_user)
         self.reply(replies.queued(queue_id))
 
-    def _not_queued(self, failure, envelope):
+    def _not_queued(self, failure, envelope, incoming):
         """T10: a storage failure is temporary (451), never stock's permanent 550.
         A step before the spool (DKIM signing) may fail with an exception
-        carrying its own ``smtp_reply``; it has logged its reason itself."""
+        carrying its own ``smtp_reply``; it has logged its reason itself.
+        A body file is gone before the reply."""
+        if incoming.file is None:
+            return self._refuse_stored(failure, envelope)
+        d = incoming.discard()
+        d.addBoth(lambda _: self._refuse_stored(failure, envelope))
+        return d
+
+    def _refuse_stored(self, failure, envelope):
         if failure.check(Refused):
             self.emit("smtp.message.rejected", code=failure.value.reply.code,
                       reason=failure.value.reply.text)

@@ -65,14 +65,17 @@ def dns_zone(text):
     return dnszone.from_text(text, origin=".", relativize=False, check_origin=False)
 
 
-def submit(server, marker):
+def submit(server, marker, big=False):
     msg = EmailMessage()
     msg["From"] = f"Alice <{ALICE}>"
     msg["To"] = BOB
     msg["Subject"] = f"signed {marker}"
     msg["Message-ID"] = f"<{marker}@example.test>"
     msg["Date"] = email.utils.formatdate()
-    msg.set_content(f"marker {marker}\n.a leading dot\ntrailing spaces   \n")
+    text = f"marker {marker}\n.a leading dot\ntrailing spaces   \n"
+    if big:     # past what DATA keeps in memory: signed from the spool file (issue 17)
+        text += "a long body line with  double  spaces\t and a tab \n" * 60000
+    msg.set_content(text)
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE          # the self-signed certificate of data_dir
@@ -91,12 +94,13 @@ def delivered(postfix, marker):
     return path.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
-@pytest.mark.parametrize("algorithm, expected", [
-    ("rsa-sha256", {("mail", "rsa-sha256")}),
-    ("ed25519-sha256", {("mail", "rsa-sha256"), ("mail-ed25519", "ed25519-sha256")}),
+@pytest.mark.parametrize("algorithm, expected, big", [
+    ("rsa-sha256", {("mail", "rsa-sha256")}, False),
+    ("ed25519-sha256", {("mail", "rsa-sha256"), ("mail-ed25519", "ed25519-sha256")}, False),
+    ("ed25519-sha256", {("mail", "rsa-sha256"), ("mail-ed25519", "ed25519-sha256")}, True),
 ])
 def test_submitted_mail_verifies_at_the_remote_end(mailserver_factory, dns, postfix,
-                                                   algorithm, expected):
+                                                   algorithm, expected, big):
     server = mailserver_factory(
         listeners=("mx", "submission"), users=((ALICE, PASSWORD),),
         overrides={"dns": {"nameservers": dns.address, "timeout": "2s"},
@@ -105,8 +109,9 @@ def test_submitted_mail_verifies_at_the_remote_end(mailserver_factory, dns, post
     printed = publish_dns_records(server, dns)
     assert "new DKIM key" not in printed          # made at start-up, before the first message
     marker = uuid.uuid4().hex
-    submit(server, marker)
+    submit(server, marker, big)
     stored = delivered(postfix, marker)
+    assert len(stored) > 2 * 1024 * 1024 if big else len(stored) < 64 * 1024
 
     overall, signatures = mail_dkim_verify(stored, dns.host, dns.port)
     assert overall == "pass"

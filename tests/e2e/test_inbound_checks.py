@@ -213,3 +213,40 @@ def test_other_sessions_are_answered_while_a_check_is_slow(server, sender, selec
         spf = wait_until(lambda: [e for e in server.events("check.spf", since=server.since)
                                   if e["identity"] == "mailfrom"], 10, what="check.spf")
         assert spf[0]["result"] == "temperror"
+
+
+def big_body(marker):
+    """A body past what DATA keeps in memory (issue 17): it streams to a spool file."""
+    line = b"a line of a big message, signed all the way down \t \r\n"
+    return line * (3 * 1024 * 1024 // len(line)) + f"marker {marker}\r\n".encode()
+
+
+def body_files(server):
+    return [p for p in (server.data_dir / "queue").iterdir() if p.name.startswith("incoming.")]
+
+
+def test_a_big_signed_message_streamed_to_the_spool_passes_dkim(server):
+    marker = uuid.uuid4().hex
+    head = (f"From: Alice <alice@good.test>\r\nTo: {server.user}\r\nSubject: big {marker}\r\n"
+            f"Message-ID: <{marker}@good.test>\r\n\r\n").encode()
+    data = sign(head + big_body(marker))
+    assert send(server, "bounce@good.test", server.user, data) == {}
+    path = delivered(server, server.user, marker)
+    [ours] = header_values(path, "Authentication-Results")
+    assert "dkim=pass header.d=good.test" in " ".join(ours.split()), ours
+    assert path.read_bytes().endswith(data.replace(b"\r\n", b"\n"))
+    assert body_files(server) == []
+
+
+def test_a_big_message_with_a_changed_body_is_refused_and_leaves_no_file(server):
+    marker = uuid.uuid4().hex
+    head = (f"From: Alice <alice@good.test>\r\nTo: {server.user}\r\nSubject: big {marker}\r\n"
+            f"Message-ID: <{marker}@good.test>\r\n\r\n").encode()
+    data = sign(head + big_body(marker)).replace(b"signed all the way", b"changed on the way", 1)
+    with pytest.raises(smtplib.SMTPDataError) as refused:     # SPF is not aligned here:
+        send(server, "bounce@soft.test", server.user, data)    # DMARC rests on DKIM
+    assert refused.value.smtp_code == 550       # DKIM fails, so DMARC p=reject
+    wait_until(lambda: server.events("check.dkim", since=server.since), 10, what="check.dkim")
+    [dkim_event] = server.events("check.dkim", since=server.since)
+    assert (dkim_event["result"], dkim_event["reason"]) == ("fail", "body hash did not verify")
+    assert body_files(server) == [] and not server.messages(server.user)

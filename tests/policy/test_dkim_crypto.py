@@ -85,7 +85,7 @@ def test_openssl_signs_the_same_bytes_as_dkimpys_python_rsa(store, monkeypatch,
                                                             canonicalize):
     monkeypatch.setattr(dkim.time, "time", lambda: DAY)       # t= the same in both
     rsa = key_of(store, "rsa")
-    ours = sign_message(MESSAGE, [rsa], canonicalize)
+    ours = sign_message(MESSAGE, [rsa], canonicalize=canonicalize)
     pem = pem_of(rsa)
     theirs = dkim.sign(MESSAGE, b"mail", b"example.test", pem, canonicalize=canonicalize,
                        include_headers=[b"from", b"to", b"subject", b"date", b"message-id",
@@ -103,7 +103,7 @@ def test_a_pem_still_signs_with_dkimpys_own_code(store):
 
 @pytest.mark.parametrize("canonicalize", CANONICALISATIONS, ids=lambda c: c[0].decode())
 def test_dkimpy_verifies_both_algorithms(store, no_python_rsa, canonicalize):
-    signed = sign_message(MESSAGE, store.signing_keys("example.test"), canonicalize)
+    signed = sign_message(MESSAGE, store.signing_keys("example.test"), canonicalize=canonicalize)
     assert dkimpy_results(signed, dnsfunc_from(store.keys())) == {
         ("mail", "rsa-sha256"): True, ("mail-ed25519", "ed25519-sha256"): True}
 
@@ -113,7 +113,7 @@ def test_mail_dkim_verifies_rsa_through_dns(store, no_python_rsa, canonicalize):
     missing = mail_dkim_missing()
     if missing:
         pytest.skip(missing)
-    signed = sign_message(MESSAGE, [key_of(store, "rsa")], canonicalize)
+    signed = sign_message(MESSAGE, [key_of(store, "rsa")], canonicalize=canonicalize)
     with dns_server.DNSServer(zones_for(store.keys())) as dns:
         overall, signatures = mail_dkim_verify(signed, dns.host, dns.port)
         forged, _ = mail_dkim_verify(signed.replace(b"Hello Bob", b"Hello Eve"),
@@ -127,7 +127,7 @@ def test_opendkim_verifies_rsa_and_ed25519(store, no_python_rsa, canonicalize):
     missing = opendkim_missing()
     if missing:
         pytest.skip(missing)
-    signed = sign_message(MESSAGE, store.signing_keys("example.test"), canonicalize)
+    signed = sign_message(MESSAGE, store.signing_keys("example.test"), canonicalize=canonicalize)
     assert opendkim_verify(signed, store.keys()) == {
         ("mail", "rsa-sha256"): "pass", ("mail-ed25519", "ed25519-sha256"): "pass"}
     forged = signed.replace(b"Hello Bob", b"Hello Eve")

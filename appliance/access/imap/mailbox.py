@@ -127,6 +127,8 @@ class MailboxView:
         self.uids = []
         self.recent = set()
         self._shown = {}
+        self._shown_base = {}
+        self._first_unseen = None
         self._removals = 0
         self._flag_serial = 0
         self._listeners = []
@@ -139,9 +141,16 @@ class MailboxView:
         return d
 
     def _opened(self, result):
-        self.uids = [m.uid for m in self.folder.messages]
-        self._shown = {m.uid: m.info for m in self.folder.messages}
-        self.recent = self.folder.take_recent() & set(self.uids)
+        messages = self.folder.messages
+        self.uids = [m.uid for m in messages]
+        # What the client was shown: the folder's index as of now (swapped
+        # whole, never mutated) plus what changed since; not a copy of 100,000
+        # entries made on the reactor.
+        self._shown_base = self.folder.index
+        self._shown = {}
+        self._first_unseen = next((seq for seq, m in enumerate(messages, 1)
+                                   if "S" not in m.info), None)
+        self.recent = self.folder.take_recent()     # UIDs of the folder as of now
         self._removals = self.folder.removals
         self._flag_serial = self.folder.flag_serial
         self.folder.add_listener(self._changed)
@@ -175,6 +184,13 @@ class MailboxView:
         """The client now knows ``message``'s current flags."""
         self._shown[message.uid] = message.info
 
+    def _shown_info(self, uid):
+        info = self._shown.get(uid)
+        if info is None:
+            message = self._shown_base.get(uid)
+            info = None if message is None else message.info
+        return info
+
     def pending(self, allow_expunge=True):
         """Untagged lines telling the client what changed since it last heard:
         EXPUNGE (only when allowed), FETCH FLAGS, EXISTS and RECENT. Work is
@@ -198,7 +214,7 @@ class MailboxView:
             for uid in candidates:
                 message = index.get(uid)
                 seq = self.seq_of(uid) if message is not None else None
-                if seq is not None and message.info != self._shown.get(uid):
+                if seq is not None and message.info != self._shown_info(uid):
                     self._shown[uid] = message.info
                     lines.append(b"* %d FETCH (FLAGS %s)" % (seq, self.flag_bytes(message)))
             self._flag_serial = serial
@@ -245,11 +261,8 @@ class MailboxView:
         return sum(1 for m in self.folder.messages if "S" not in m.info)
 
     def first_unseen(self):
-        for seq, uid in enumerate(self.uids, 1):
-            message = self.folder.get(uid)
-            if message is not None and "S" not in message.info:
-                return seq
-        return None
+        """The first unseen message's number when the view was opened (SELECT's answer)."""
+        return self._first_unseen
 
     def isWriteable(self):
         return self.readwrite
@@ -402,15 +415,16 @@ class _Source:
 
 
 def envelope_of(source):
-    """The ENVELOPE, remembered per message; SEARCH's decoded header fields
-    are remembered on the way (a client searches right after fetching)."""
-    memo, base = source.folder.memo, source.message.base
-    envelope = memo.get(("envelope", base))
-    if envelope is None:
-        headers = source.root.headers
-        envelope = imapmime.envelope(headers)
-        memo.put(("envelope", base), envelope)
-        memo.put(("search", base), search_fields(headers))
+    """The ENVELOPE, from the folder's message cache or computed and put
+    there with SEARCH's decoded header fields (a client searches right after
+    fetching; one header parse serves both)."""
+    cache, message = source.folder.cache, source.message
+    cached = cache.get(message.base, message.size)
+    if cached is not None and cached[0] is not None:
+        return cached[0]
+    headers = source.root.headers
+    envelope = imapmime.envelope(headers)
+    cache.put(message.base, message.size, envelope, search_fields(headers))
     return envelope
 
 

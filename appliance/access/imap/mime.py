@@ -20,6 +20,7 @@ from appliance import headers as mailheaders
 CRLF = b"\r\n"
 MAX_DEPTH = 20
 _QUOTED_SAFE_MATCH = re.compile(rb'[\x01-\x09\x0b\x0c\x0e-\x7f]*\Z').match
+_PLAIN_MATCH = re.compile(rb'[\x01-\x09\x0b\x0c\x0e-\x21\x23-\x5b\x5d-\x7f]*\Z').match   # no " or \
 _TOKEN = re.compile(rb'\s*(?:"((?:[^"\\]|\\.)*)"|([^;"]*))', re.S)
 
 
@@ -36,8 +37,11 @@ def astring_out(data):
     """``data`` as an IMAP string: quoted when 7-bit and short, else a literal."""
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogateescape")
-    if len(data) < 1000 and _QUOTED_SAFE_MATCH(data):
-        return quoted(data)
+    if len(data) < 1000:
+        if _PLAIN_MATCH(data):          # the usual case: nothing to escape
+            return b'"' + data + b'"'
+        if _QUOTED_SAFE_MATCH(data):
+            return quoted(data)
     return b"{%d}\r\n" % len(data) + data
 
 

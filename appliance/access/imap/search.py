@@ -15,6 +15,7 @@ import email.header
 import email.utils
 
 from appliance.access.imap import mime as imapmime
+from appliance.access.msgcache import SEARCH_FIELDS
 
 from appliance.access.imap.syntax import (SyntaxError_, bounds, is_set, is_string, parse_date,
                                          parse_set)
@@ -34,14 +35,14 @@ _FLAG_KEYS = {
 _ADDRESS_KEYS = {b"BCC": "bcc", b"CC": "cc", b"FROM": "from", b"TO": "to", b"SUBJECT": "subject"}
 
 
-SEARCH_FIELDS = (b"from", b"to", b"cc", b"bcc", b"subject")
+_SEARCH_POSITION = {name: position for position, name in enumerate(SEARCH_FIELDS)}
 
 
 class Candidate:
     """One message as a query sees it. Flags, the header and the text are
     loaded on first use (on the searching thread), so a query reads no more
-    than it needs; decoded header fields come from the folder's memo when an
-    earlier FETCH ENVELOPE or SEARCH left them there."""
+    than it needs; decoded header fields come from the folder's message cache
+    when an earlier FETCH ENVELOPE left them there."""
 
     __slots__ = ("seq", "uid", "message", "recent", "folder", "_flags", "_headers", "_raw")
 
@@ -82,23 +83,27 @@ class Candidate:
 
     def header_values(self, name):
         """Decoded, case-folded values of the fields called ``name`` (bytes)."""
-        if name in SEARCH_FIELDS:
-            key = ("search", self.message.base)
-            fields = self.folder.memo.get(key)
-            if fields is None:
-                fields = search_fields(self.headers)
-                self.folder.memo.put(key, fields)
-            return fields[name]
+        position = _SEARCH_POSITION.get(name)
+        if position is not None:
+            message = self.message
+            cached = self.folder.cache.get(message.base, message.size)
+            if cached is not None:
+                return cached[1][position]
+            fields = search_fields(self.headers)
+            self.folder.cache.put(message.base, message.size, None, fields)
+            return fields[position]
         return _decoded_values(self.headers, name)
 
 
 def search_fields(headers):
-    """The decoded values SEARCH FROM/TO/CC/BCC/SUBJECT look at, by name."""
-    found = {name: () for name in SEARCH_FIELDS}
+    """The decoded values SEARCH FROM/TO/CC/BCC/SUBJECT look at: a tuple
+    (in ``SEARCH_FIELDS`` order) of tuples of text."""
+    found = [() for _ in SEARCH_FIELDS]
     for field, raw in headers.fields:
-        if field in found:
-            found[field] += (decode_header_text(imapmime.field_value(raw)),)
-    return found
+        position = _SEARCH_POSITION.get(field)
+        if position is not None:
+            found[position] += (decode_header_text(imapmime.field_value(raw)),)
+    return tuple(found)
 
 
 def _decoded_values(headers, name):

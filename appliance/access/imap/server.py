@@ -89,7 +89,11 @@ MAX_LINE = 16384                # octets of one line (Twisted's limit, kept)
 MAX_AUTH_FAILURES = 3           # per connection; the auditor bans across connections
 PREAUTH_TIMEOUT = 60.0          # seconds before login ([limits] imap_idle_timeout after)
 IDLE_POLL = 5.0                 # seconds between two stat() checks while IDLE
-FETCH_BATCH = 200               # messages rendered per thread hop
+FETCH_BATCH = 200               # messages rendered per thread hop (bodies)
+HEADER_BATCH = 1000             # messages per thread hop when only headers are read
+FETCH_AHEAD = 2                 # batches rendering at once when the disk is read
+CACHE_SAVE_DELAY = 5.0          # seconds from a FETCH/SEARCH to writing the message cache
+INLINE_LOOKUPS = 5000           # messages a command looks up on the reactor; more on a thread
 FETCH_BATCH_OCTETS = 4 * 1024 * 1024
 
 # RFC 3501 tag: ASTRING-CHARs but "+"; not "%" or "*" (list-wildcards): a "*" tag
@@ -862,12 +866,10 @@ class IMAPServer(imap4.IMAP4Server):
         else:
             _no_args(args)
             chosen = None
-        targets = []
-        for seq, message in self._live(range(1, len(view.uids) + 1)):
-            if "T" in message.info and (chosen is None or seq in chosen):
-                targets.append(message.uid)
-        d = view.folder.expunge(targets)
-        d.addCallback(lambda _: None)
+        d = self._targets(range(1, len(view.uids) + 1))
+        d.addCallback(lambda live: view.folder.expunge(
+            [m.uid for seq, m in live if "T" in m.info and (chosen is None or seq in chosen)]))
+        d.addCallback(lambda _: self.factory.save_cache_later(view.folder))
         return d
 
     def _writable(self):
@@ -888,11 +890,14 @@ class IMAPServer(imap4.IMAP4Server):
 
     def _live(self, seqs):
         """(seq, Message) for messages not expunged by someone else meanwhile."""
-        view = self.view
-        for seq in seqs:
-            message = view.message(seq)
-            if message is not None:
-                yield seq, message
+        return live_messages(self.view, seqs)
+
+    def _targets(self, seqs):
+        """Deferred[[(seq, Message)]] of ``seqs``: on a thread when there are
+        many (100,000 lookups would hold the reactor for tens of ms)."""
+        if len(seqs) <= INLINE_LOOKUPS:
+            return defer.succeed(list(self._live(seqs)))
+        return self.factory.run_in_thread(lambda view=self.view: list(live_messages(view, seqs)))
 
     @defer.inlineCallbacks
     def cmd_STORE(self, tag, args, uid=False):
@@ -908,7 +913,7 @@ class IMAPServer(imap4.IMAP4Server):
             raise bad(b"Unknown STORE item")
         values = args[2] if len(args) == 3 and isinstance(args[2], list) else args[2:]
         flags = _flag_list(values)
-        targets = list(self._live(seqs))
+        targets = yield self._targets(seqs)
         gone = len(targets) != len(seqs)
         yield view.folder.store([m.uid for _, m in targets], flags, mode)
         for seq, old in targets:
@@ -938,7 +943,7 @@ class IMAPServer(imap4.IMAP4Server):
         seqs = self._resolve(args[0], uid)
         name = _mailbox(args[1])
         dest = self.user.folder(name)
-        targets = list(self._live(seqs))
+        targets = yield self._targets(seqs)
         view = self.view
         try:
             pairs = yield view.folder.copy_to([m.uid for _, m in targets], dest, move=move)
@@ -963,15 +968,21 @@ class IMAPServer(imap4.IMAP4Server):
         if uid and not any(i.name == "UID" for i in items):
             items = [items_uid()] + items
         view = self.view
-        targets = list(self._live(seqs))
-        gone = len(targets) != len(seqs)
         if view.readwrite and any(sets_seen(i) for i in items):
+            targets = yield self._targets(seqs)
+            gone = len(targets) != len(seqs)
             unseen = [m.uid for _, m in targets if "S" not in m.info]
             if unseen:
                 yield view.folder.store(unseen, ["\\Seen"], "add")
                 if not any(i.name == "FLAGS" for i in items):
                     items = items + [items_flags()]
+        else:
+            # Looked up batch by batch as they are sent: no list of 100,000
+            # (seq, Message) pairs for the cyclic collector to walk meanwhile.
+            targets, gone = _Live(view, seqs), False
         gone = (yield self._send_fetch(targets, items)) or gone
+        gone = gone or getattr(targets, "missing", 0) > 0
+        self.factory.save_cache_later(view.folder)
         if gone:
             raise no(b"Some messages were expunged meanwhile", b"EXPUNGEISSUED")
         return None
@@ -979,30 +990,45 @@ class IMAPServer(imap4.IMAP4Server):
     @defer.inlineCallbacks
     def _send_fetch(self, targets, items):
         """Render in batches (on a thread when the disk is needed), write each
-        batch as it is ready, and wait while the client is slow to read."""
+        batch as it is ready, and wait while the client is slow to read.
+        Batches that read the disk go ``FETCH_AHEAD`` at a time: one thread
+        waits for the disk while another parses (memory stays bounded)."""
         view = self.view
         need = fetch_needs(items)
         throttle = _Throttle()
         self.transport.registerProducer(throttle, True)
         gone = False
+        batches = _batches(targets, need, len(items))
+
+        def start(batch):
+            rows = []
+            for seq, old in batch:
+                message = view.folder.get(old.uid) or old
+                rows.append((seq, message, view.flag_bytes(message)))
+                view.shown(message)
+            if need == NEEDS_NOTHING and len(rows) * len(items) <= INLINE_WORK:
+                return defer.succeed(render_batch(view.folder, rows, items, need))
+            return self.factory.run_in_thread(render_batch, view.folder, rows, items, need)
+
+        ahead = []
         try:
-            for batch in _batches(targets, need, len(items)):
-                rows = []
-                for seq, old in batch:
-                    message = view.folder.get(old.uid) or old
-                    rows.append((seq, message, view.flag_bytes(message)))
-                    view.shown(message)
-                if need == NEEDS_NOTHING and len(rows) * len(items) <= INLINE_WORK:
-                    data, missing = render_batch(view.folder, rows, items, need)
-                else:
-                    data, missing = yield self.factory.run_in_thread(
-                        render_batch, view.folder, rows, items, need)
+            for batch in batches:
+                ahead.append(start(batch))
+                if need == NEEDS_NOTHING or len(ahead) >= FETCH_AHEAD:
+                    break
+            while ahead:
+                data, missing = yield ahead.pop(0)
                 gone = gone or bool(missing)
                 if self._closing:
                     break
                 self.transport.write(data)
                 yield throttle.wait()
+                batch = next(batches, None)
+                if batch is not None:
+                    ahead.append(start(batch))
         finally:
+            for abandoned in ahead:         # the client left: nobody reads these
+                abandoned.addErrback(lambda _: None)
             if not self._closing:
                 self.transport.unregisterProducer()
         return gone
@@ -1026,16 +1052,35 @@ class IMAPServer(imap4.IMAP4Server):
             raise no(b"Unsupported charset", b"BADCHARSET (US-ASCII UTF-8)") from None
         except SyntaxError_ as exc:
             raise bad(str(exc).encode("ascii")) from None
-        recent = view.recent
-        rows = [(seq, message, message.uid in recent)
-                for seq, message in self._live(range(1, len(view.uids) + 1))]
-        if query.needs >= HEADER or len(rows) * query.cost > INLINE_WORK:
-            found = yield self.factory.run_in_thread(search_batch, view.folder, query, rows)
+        recent = frozenset(view.recent)
+        count = len(view.uids)
+        if query.needs >= HEADER or count * max(query.cost, 1) > INLINE_WORK:
+            # The rows are made on the thread too: a lookup per message is
+            # too much for the reactor at 100,000 messages.
+            found = yield self.factory.run_in_thread(search_view, view, query, recent, count)
         else:
-            found = search_batch(view.folder, query, rows)
+            found = search_view(view, query, recent, count)
         numbers = [u if uid else seq for seq, u in found]
         self.untagged(b"SEARCH" + b"".join(b" %d" % n for n in numbers))
+        self.factory.save_cache_later(view.folder)
         return None
+
+
+def live_messages(view, seqs):
+    """(seq, Message) of ``seqs`` in ``view``, leaving out what was expunged meanwhile."""
+    for seq in seqs:
+        message = view.message(seq)
+        if message is not None:
+            yield seq, message
+
+
+def search_view(view, query, recent, count):
+    """SEARCH over the first ``count`` messages of ``view``: [(seq, uid)].
+    The rows are made one at a time (a list of 100,000 would be objects
+    for the cyclic collector to walk)."""
+    rows = ((seq, message, message.uid in recent)
+            for seq, message in live_messages(view, range(1, count + 1)))
+    return search_batch(view.folder, query, rows)
 
 
 def _token_count(tokens):
@@ -1058,23 +1103,41 @@ def items_flags():
 
 
 def _batches(targets, need, items=1):
-    """Split a FETCH into batches: big for flags only (but at most
-    ``BATCH_RENDERS`` items rendered: the answer is built in memory), bounded
-    by octets for bodies."""
+    """Split a FETCH (an iterable of (seq, Message)) into batches: big for
+    flags only (but at most ``BATCH_RENDERS`` items rendered: the answer is
+    built in memory), bounded by octets for bodies."""
     if need == NEEDS_NOTHING:
-        size = max(1, min(2000, BATCH_RENDERS // items))
-        for start in range(0, len(targets), size):
-            yield targets[start:start + size]
-        return
+        most = max(1, min(2000, BATCH_RENDERS // items))
+    else:
+        most = FETCH_BATCH if need == NEEDS_ALL else HEADER_BATCH
     batch, octets = [], 0
     for target in targets:
         batch.append(target)
-        octets += target[1].size if need == NEEDS_ALL else 2048
-        if len(batch) >= FETCH_BATCH or octets >= FETCH_BATCH_OCTETS:
+        if need == NEEDS_ALL:
+            octets += target[1].size
+        if len(batch) >= most or octets >= FETCH_BATCH_OCTETS:
             yield batch
             batch, octets = [], 0
     if batch:
         yield batch
+
+
+class _Live:
+    """The (seq, Message) of ``seqs``, looked up while iterating; ``missing``
+    counts those expunged meanwhile."""
+
+    def __init__(self, view, seqs):
+        self.view = view
+        self.seqs = seqs
+        self.missing = 0
+
+    def __iter__(self):
+        for seq in self.seqs:
+            message = self.view.message(seq)
+            if message is None:
+                self.missing += 1
+            else:
+                yield seq, message
 
 
 class _Idle:
@@ -1253,12 +1316,32 @@ class IMAPFactory(GatedFactory):
         self.hostname = config.server.hostname
         self.use_gate(gate, config.limits)
         self._rescans = {}          # folder path -> another scan wanted after this one
+        self._cache_saves = {}      # folder path -> the DelayedCall that saves its cache
 
     def startFactory(self):
         events.add_observer(self._delivered)
 
     def stopFactory(self):
         events.remove_observer(self._delivered)
+        for call in self._cache_saves.values():
+            if call.active():
+                call.cancel()       # the file is only a cache: the next session rebuilds it
+        self._cache_saves.clear()
+
+    def save_cache_later(self, folder):
+        """Write ``folder``'s message cache ``CACHE_SAVE_DELAY`` seconds from
+        now, if it has news then: one write for a burst of FETCHes, and not
+        while the client is still reading the answer."""
+        if not folder.cache.dirty or folder.path in self._cache_saves:
+            return
+        self._cache_saves[folder.path] = self.clock.callLater(
+            CACHE_SAVE_DELAY, self._save_cache, folder)
+
+    def _save_cache(self, folder):
+        self._cache_saves.pop(folder.path, None)
+        d = folder.save_cache()
+        d.addErrback(lambda f: _log.failure("saving the IMAP message cache failed", f))
+        return d
 
     def _delivered(self, event):
         """A local delivery: sessions with that INBOX open hear of it at once."""
