@@ -34,7 +34,6 @@ It prints figures; it is not a test.
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from harness import MailServer, ServerError, free_ports, raise_fd_limit  # noqa:
 from postfix_peer import PostfixError, PostfixInstance, postfix_available  # noqa: E402
 from checks_peer import (BenchDNS, CheckingPostfix, free_loopback_53, peer_missing,  # noqa: E402
                          sender_zones)
+from workdirs import leave  # noqa: E402
 
 LOCAL = "alice"
 DOMAIN = "example.test"
@@ -311,10 +311,7 @@ def main(argv=None):
             postfix.stop()
         if dns_server is not None:
             dns_server.stop()
-        if args.keep:
-            print(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        leave(workdir, args.keep)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ It prints figures; it is not a test.
 import argparse
 import os
 import re
-import shutil
 import socket
 import statistics
 import subprocess
@@ -51,6 +50,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from dns_server import DNSServer  # noqa: E402
 from harness import MailServer, ServerError, free_ports, raise_fd_limit  # noqa: E402
 from postfix_peer import PostfixError, PostfixInstance, postfix_available  # noqa: E402
+from workdirs import leave  # noqa: E402
 
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -406,10 +406,7 @@ def main(argv=None):
             dns.stop()
         for sink in sinks:
             sink.stop()
-        if args.keep:
-            print(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        leave(workdir, args.keep)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ It prints figures; it is not a test. The machine may be shared: say so.
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 from harness import MailServer, ServerError, raise_fd_limit, wait_until  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 from test_defences_e2e import greeting, plain, submission_session  # noqa: E402
+from workdirs import leave  # noqa: E402
 
 ADDRESS = "alice@example.test"
 PASSWORD = "bench password"
@@ -187,10 +187,7 @@ def main(argv=None):
         print(f"bench/state_redis.py: {error}", file=sys.stderr)
         return 1
     finally:
-        if args.keep:
-            print(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        leave(workdir, args.keep)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from harness import MailServer, ServerError, free_ports, raise_fd_limit  # noqa: E402
 from submission_peer import PeerError, SubmissionPeer, peer_missing  # noqa: E402
+from workdirs import leave  # noqa: E402
 
 SENDER = "alice@example.test"
 FILE_PASSWORD = "bench password"
@@ -292,10 +293,7 @@ def main(argv=None):
         print(f"bench/submission.py: {error}", file=sys.stderr)
         return 1
     finally:
-        if args.keep:
-            print(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        leave(workdir, args.keep)
 
 
 if __name__ == "__main__":
