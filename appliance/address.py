@@ -244,6 +244,11 @@ def canonical(addr):
 # -- IP addresses (clients, literals, config values) ------------------------------------
 
 @functools.lru_cache(maxsize=4096)
+def domain_of(address):
+    """The domain part of ``address`` (as written; "" when it has none)."""
+    return address.rpartition("@")[2]
+
+
 def parse_ip(text):
     """The parsed address (asked several times per connection), or None."""
     try:

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from appliance import events
+from appliance.address import domain_of
 from appliance.auth.users import (UsersError, UsersFile, WatchedFile,
                                   base_address, canonical_address)
 from appliance.config import unicode_domain
@@ -51,10 +52,6 @@ def alias_key(address):
     if value.startswith("@"):
         return "@" + canonical_domain(value[1:])
     return canonical_address(value)
-
-
-def domain_of(address):
-    return address.rpartition("@")[2]
 
 
 class AliasesFile(WatchedFile):

@@ -32,7 +32,8 @@ from appliance.admin.output import duration, safe, size, table
 from appliance.admin.output import dumps as json_line
 from appliance.admin.userinfo import DirectoryUnavailable, LdapUsers, aliases_of, mailbox_usage
 from appliance.auth.users import UsersError, canonical_address, hash_password
-from appliance.directory import alias_key, canonical_domain, domain_of
+from appliance.address import domain_of
+from appliance.directory import alias_key, canonical_domain
 from appliance.policy.keys import KeyStoreError, announce
 from appliance.queue.admin import QueueError
 

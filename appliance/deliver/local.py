@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from appliance import events
+from appliance.address import domain_of
 from appliance.deliver.maildir import Delivered
 from appliance.envelope import DEFERRED, DELIVERED, FAILED, Route
 
@@ -30,10 +31,6 @@ events.register("delivery.deferred", "a recipient could not be delivered now and
 
 USER_UNKNOWN = "5.1.1 user unknown"
 REMOTE_NOT_AVAILABLE = "remote delivery not yet available"
-
-
-def _domain(address):
-    return address.rpartition("@")[2]
 
 
 def _answer(lookup, *args):
@@ -140,7 +137,7 @@ class LocalDelivery:
         return found
 
     def _is_local(self, target):
-        return self.directory.is_local_domain(_domain(target))
+        return self.directory.is_local_domain(domain_of(target))
 
     def _mailboxes(self, entry, targets):
         """Local mailboxes still lacking the message, each once (alias dedupe)."""

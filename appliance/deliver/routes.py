@@ -17,13 +17,11 @@ Every recipient of a spool entry takes one of three routes:
 ``MXResolver.resolve(domain, MAILBOX)``) and a ``REMOTE`` one by MX.
 """
 
+from appliance.address import domain_of
+
 LOCAL = "local"
 MAILBOX = "mailbox"
 REMOTE = "remote"
-
-
-def _domain(address):
-    return address.rpartition("@")[2]
 
 
 class Routing:
@@ -48,7 +46,7 @@ class Routing:
         directory that cannot answer is LOCAL on a mailbox host (the local
         path defers it) and MAILBOX on an edge (the mailbox host decides)."""
         try:
-            local = self.directory.is_local_domain(_domain(recipient))
+            local = self.directory.is_local_domain(domain_of(recipient))
         except Exception:  # noqa: BLE001 - see above: a safe route, never a bounce
             local = True
         if not local:

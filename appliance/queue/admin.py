@@ -13,6 +13,7 @@ import re
 from twisted.internet import defer
 
 from appliance import events
+from appliance.address import domain_of
 from appliance.queue.store import QUEUE_ID
 
 events.register("queue.held", "an admin put a message on hold", ("queue_id",))
@@ -28,10 +29,6 @@ __all__ = ["QueueAdmin", "QueueError", "HEADERS_SHOWN"]
 
 class QueueError(Exception):
     """An admin request that cannot be done (unknown id ...); the text is one line."""
-
-
-def _domain(address):
-    return address.rpartition("@")[2].lower()
 
 
 class QueueAdmin:
@@ -85,11 +82,11 @@ class QueueAdmin:
             if sender is not None:
                 mine = env.sender.lower()
                 if sender.startswith("@"):
-                    if _domain(mine) != sender[1:] or not mine:
+                    if domain_of(mine).lower() != sender[1:] or not mine:
                         continue
                 elif mine != sender:
                     continue
-            if domain is not None and not any(_domain(r) == domain
+            if domain is not None and not any(domain_of(r).lower() == domain
                                               for r in entry.recipients):
                 continue
             if held is not None and entry.held != held:

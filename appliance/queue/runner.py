@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from appliance import events
+from appliance.address import domain_of
 from appliance.deliver.local import REMOTE_NOT_AVAILABLE, LocalDelivery
 from appliance.deliver.routes import LOCAL, REMOTE, Routing
 from appliance.queue.bounce import (DELAYED, FAILED as DSN_FAILED, FORWARD_UNVERIFIED, one_line,
@@ -64,10 +65,6 @@ MAX_RCPTS_PER_TRANSACTION = 100    # RFC 5321 4.5.3.1.8: servers must take at le
 EXPIRED = "4.4.7"
 
 __all__ = ["QueueRunner", "QueueError", "RETRY_SCHEDULE"]
-
-
-def _domain(address):
-    return address.rpartition("@")[2].lower()
 
 
 def _status_of(text, default):
@@ -375,7 +372,8 @@ class QueueRunner(service.Service):
         qid = entry.queue_id
         groups = {}
         for rcpt in recipients:
-            groups.setdefault((self.routing.kind(rcpt), _domain(rcpt)), []).append(rcpt)
+            key = (self.routing.kind(rcpt), domain_of(rcpt).lower())
+            groups.setdefault(key, []).append(rcpt)
         busy = self._inflight.setdefault(qid, set())
         for (kind, domain), rcpts in groups.items():
             for chunk in _chunks(rcpts, MAX_RCPTS_PER_TRANSACTION):
