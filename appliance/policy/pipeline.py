@@ -50,6 +50,10 @@ def origin(session, trusted_networks):
     return OUTSIDE
 
 
+def _kept_unless_answered(answer, reply):
+    return reply if answer is None else answer
+
+
 class Pipeline:
     """The stages of one listener; see the module docstring.
 
@@ -69,30 +73,46 @@ class Pipeline:
         self.stages = list(stages)
 
     def at_mail(self, session, sender):
-        """A Deferred firing with the Reply to MAIL FROM ``sender``."""
-        d = defer.maybeDeferred(self.relay.check_sender, session, sender)
-        return self._then(d, "at_mail", session, sender)
+        """The Reply to MAIL FROM ``sender``: a Reply when every stage
+        answered at once (the usual case), else a Deferred firing with it.
+        A stage that raises gives a failed Deferred."""
+        try:
+            reply = self.relay.check_sender(session, sender)
+            return self._staged(reply, "at_mail", (session, sender), 0)
+        except Exception:  # noqa: BLE001 - the caller's errback reports it
+            return defer.fail()
 
     def at_rcpt(self, session, recipient):
-        """A Deferred firing with the Reply to RCPT TO ``recipient``."""
-        d = defer.maybeDeferred(self.relay.check_recipient, session, recipient)
-        return self._then(d, "at_rcpt", session, recipient)
+        """The Reply to RCPT TO ``recipient``, or a Deferred firing with it
+        (as ``at_mail``)."""
+        try:
+            reply = self.relay.check_recipient(session, recipient)
+            return self._staged(reply, "at_rcpt", (session, recipient), 0)
+        except Exception:  # noqa: BLE001 - the caller's errback reports it
+            return defer.fail()
 
-    def _then(self, d, step, *args):
-        """After a positive reply, each stage with ``step`` in turn."""
-        for stage in self.stages:
-            method = getattr(stage, step, None)
-            if method is not None:
-                d.addCallback(self._unless_refused, method, args)
-        return d
-
-    @staticmethod
-    def _unless_refused(reply, method, args):
-        if not reply.positive:
-            return reply
-        d = defer.maybeDeferred(method, *args)
-        d.addCallback(lambda answer: reply if answer is None else answer)
-        return d
+    def _staged(self, reply, step, args, first):
+        """``reply``, then after a positive one each stage with ``step`` in
+        turn from ``self.stages[first]``: a stage's None keeps the reply, a
+        Reply replaces it. Answers that are plain values are taken here, in
+        this call (no Deferred per stage: every MAIL and RCPT pays for
+        them); from the first Deferred on, the rest follows it."""
+        stages = self.stages
+        for n in range(first, len(stages)):
+            if isinstance(reply, defer.Deferred):
+                return reply.addCallback(self._staged, step, args, n)
+            if not reply.positive:
+                return reply
+            method = getattr(stages[n], step, None)
+            if method is None:
+                continue
+            answer = method(*args)
+            if isinstance(answer, defer.Deferred):
+                answer.addCallback(_kept_unless_answered, reply)
+                return answer.addCallback(self._staged, step, args, n + 1)
+            if answer is not None:
+                reply = answer
+        return reply
 
     def at_data(self, session, envelope, body, received, context, body_digests=None):
         """A Deferred firing with the message to store: ``received`` (our

@@ -7,6 +7,7 @@ ports' (AUTH required, sender ownership, any recipient domain).
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from appliance.auth.accounts import BackendUnavailable
 from appliance.auth.ownership import may_send_as, may_send_as_all
@@ -16,6 +17,11 @@ from appliance.message import AmbiguousFrom, from_mailboxes
 from appliance.net.peer import peer_in
 
 _log = Logger()
+
+
+def _known(targets):
+    """The reply to a local recipient the directory resolved to ``targets``."""
+    return replies.RECIPIENT_OK if targets else replies.USER_UNKNOWN
 
 
 class MXPolicy:
@@ -34,23 +40,30 @@ class MXPolicy:
         return replies.SENDER_OK
 
     def check_recipient(self, session, recipient):
-        """A Deferred firing with the Reply for RCPT TO ``recipient`` (a Path)."""
+        """The Reply for RCPT TO ``recipient`` (a Path): a Reply when the
+        directory answered at once, else a Deferred firing with one."""
         address = recipient.canonical()
-        d = defer.maybeDeferred(self.directory.is_local_domain,
-                                address.rpartition("@")[2])
-        d.addCallback(self._local_or_relay, session, address)
-        d.addErrback(self._lookup_failed, address)
-        return d
+        try:
+            is_local = self.directory.is_local_domain(address.rpartition("@")[2])
+            if isinstance(is_local, defer.Deferred):
+                is_local.addCallback(self._local_or_relay, session, address)
+                return is_local.addErrback(self._lookup_failed, address)
+            answer = self._local_or_relay(is_local, session, address)
+        except Exception:  # noqa: BLE001 - as a failed lookup, like the Deferred path
+            return self._lookup_failed(Failure(), address)
+        if isinstance(answer, defer.Deferred):
+            answer.addErrback(self._lookup_failed, address)
+        return answer
 
     def _local_or_relay(self, is_local, session, address):
         if not is_local:
             if peer_in(self.config.relay.trusted_networks, session.peer_ip):
                 return replies.RECIPIENT_OK
             return replies.RELAY_DENIED
-        d = defer.maybeDeferred(self.directory.resolve, address)
-        d.addCallback(lambda targets: replies.RECIPIENT_OK if targets
-                      else replies.USER_UNKNOWN)
-        return d
+        targets = self.directory.resolve(address)
+        if isinstance(targets, defer.Deferred):
+            return targets.addCallback(_known)
+        return _known(targets)
 
     def check_message(self, session, body):
         """A Reply refusing the message ``body`` (bytes, CRLF) after DATA, or

@@ -20,7 +20,7 @@ AUTH (stock: T4-T6) is refused here and added by the submission profile
 import re
 
 from OpenSSL import SSL
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IHandshakeListener, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -413,9 +413,11 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
             return None
         if not self._space_for(size):
             return None
-        d = self.factory.pipeline.at_mail(self.session, sender)
-        d.addCallback(self._sender_checked, sender, kept, size)
-        return d
+        answer = self.factory.pipeline.at_mail(self.session, sender)
+        if isinstance(answer, defer.Deferred):
+            return answer.addCallback(self._sender_checked, sender, kept, size)
+        self._sender_checked(answer, sender, kept, size)
+        return None
 
     def _space_for(self, size):
         """Answer 452 4.3.1 (or 451 on an error) unless the spool has room."""
@@ -496,9 +498,11 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
                 self._txn.accepted += 1
                 self.reply(replies.RECIPIENT_OK)
             return None
-        d = self.factory.pipeline.at_rcpt(self.session, recipient)
-        d.addCallback(self._recipient_checked, address)
-        return d
+        answer = self.factory.pipeline.at_rcpt(self.session, recipient)
+        if isinstance(answer, defer.Deferred):
+            return answer.addCallback(self._recipient_checked, address)
+        self._recipient_checked(answer, address)
+        return None
 
     def _recipient_checked(self, reply, address):
         if reply.positive:
