@@ -184,6 +184,9 @@ def _default_creator(hostname):
     return ssl.optionsForClientTLS(hostname, trustRoot=ssl.platformTrust())
 
 
+ASK = object()      # MTASTSPolicies.known: the answer needs policy_for
+
+
 class MTASTSPolicies:
     """Fetches and caches recipient domains' policies (see the module docstring).
 
@@ -203,6 +206,26 @@ class MTASTSPolicies:
         self._cache = {}        # domain -> [policy, fetched_at, expires_at]
         self._txt = {}          # domain -> (id or None, checked_at)
         self._fetching = {}     # domain -> Deferred (one fetch per domain at a time)
+
+    def known(self, domain):
+        """What ``policy_for`` would answer without asking anything (the TXT
+        record checked within TXT_RECHECK, no fetch or refresh due): the
+        Policy or None, or ``ASK`` when only ``policy_for`` can tell. Every
+        outbound message asks this first: the answer at hand costs no
+        Deferred."""
+        domain = domain.rstrip(".").lower()
+        now = self.reactor.seconds()
+        checked = self._txt.get(domain)
+        if checked is None or now - checked[1] >= TXT_RECHECK:
+            return ASK
+        cached = self._cache.get(domain)
+        if cached is None:
+            return None if checked[0] is None else ASK
+        policy, fetched_at, expires_at = cached
+        if (expires_at <= now or now - fetched_at >= REFRESH_AFTER
+                or checked[0] not in (None, policy.id)):
+            return ASK
+        return policy
 
     @defer.inlineCallbacks
     def policy_for(self, domain):

@@ -156,7 +156,9 @@ class RemoteDelivery:
         body = wire_body(message)
         addresses, verified = route.addresses(), False
         if self.mta_sts is not None and not route.relay_host:
-            policy = yield self.mta_sts.policy_for(domain)
+            policy = self.mta_sts.known(domain)
+            if policy is mtasts.ASK:
+                policy = yield self.mta_sts.policy_for(domain)
             addresses, verified = mtasts.restrict(policy, addresses, envelope.queue_id, domain)
         last = HostFailure("4.4.1", f"no address to try for {domain}")
         if verified and not addresses:

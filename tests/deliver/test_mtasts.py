@@ -133,6 +133,31 @@ def test_a_policy_is_fetched_once_cached_per_id_and_refetched_when_the_id_change
     assert len(fetch.asked) == 2
 
 
+def test_known_answers_as_policy_for_while_nothing_is_to_ask(collected):
+    policies, clock, resolver, fetch = make()
+    assert policies.known("example.net") is mtasts.ASK          # never looked up
+    assert value_of(policies.policy_for("example.net")) is None
+    assert policies.known("Example.NET.") is None               # no record, checked
+    resolver.txt["_mta-sts.example.net"] = "v=STSv1; id=one"
+    clock.advance(mtasts.TXT_RECHECK)
+    assert policies.known("example.net") is mtasts.ASK          # TXT recheck due
+    policy = value_of(policies.policy_for("example.net"))
+    assert policies.known("example.net") is policy
+    clock.advance(mtasts.TXT_RECHECK)
+    assert policies.known("example.net") is mtasts.ASK
+    queries = len(resolver.queries)
+    assert value_of(policies.policy_for("example.net")) is policy
+    assert policies.known("example.net") is policy and len(resolver.queries) == queries + 1
+    # TXT checked again shortly before the policy is REFRESH_AFTER old:
+    clock.advance(mtasts.REFRESH_AFTER - mtasts.TXT_RECHECK - 10)
+    assert value_of(policies.policy_for("example.net")) is policy
+    assert policies.known("example.net") is policy
+    clock.advance(10)
+    assert policies.known("example.net") is mtasts.ASK          # a refetch is due
+    assert value_of(policies.policy_for("example.net")).id == "one"
+    assert len(fetch.asked) == 2
+
+
 def test_a_failed_fetch_keeps_the_cached_policy_until_it_expires(collected):
     policies, clock, resolver, fetch = make()
     resolver.txt["_mta-sts.example.net"] = "v=STSv1; id=one"
