@@ -84,6 +84,12 @@ def header_fields(message):
     return [tuple(field) for field in fields]
 
 
+def _head(message):
+    """The header section of ``message`` as ``header_fields`` bounds it."""
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[:end + 2]
+
+
 def field_value(message, start, end):
     """A field's value, unfolded, as text."""
     raw = message[start:end].split(b":", 1)[1]
@@ -124,7 +130,10 @@ def claims_authserv_id(value, hostname, site=()):
 def strip_forged(message, hostname, fields=None, site=()):
     """``(message without our-hostname Authentication-Results fields, count removed)``;
     with ``site``, without those naming our site either (``claims_authserv_id``)."""
-    fields = header_fields(message) if fields is None else fields
+    if fields is None:
+        if b"authentication-results" not in _head(message).lower():
+            return message, 0       # the usual message: no field to look at, no parse
+        fields = header_fields(message)
     forged = [(start, end) for name, start, end in fields
               if name == b"authentication-results"
               and claims_authserv_id(field_value(message, start, end), hostname, site)]
