@@ -200,6 +200,10 @@ class QueueRunner(service.Service):
             self._again.add(qid)
             return self._active[qid]
         self.wakeups.cancel(qid)
+        if entry is None:
+            # Gone (removed by its last delivery's record, or deleted): the
+            # pass would find nothing. Every relayed message ends here.
+            return defer.succeed(None)
         d = defer.maybeDeferred(self._pass, qid)
         d.addErrback(self._pass_failed, qid)
         self._active[qid] = d
@@ -456,13 +460,19 @@ class QueueRunner(service.Service):
 
     # -- reports (DSNs)
 
-    @defer.inlineCallbacks
     def _report(self, entry):
-        """One DSN for newly failed recipients, one delay warning when due."""
+        """One DSN for newly failed recipients, one delay warning when due: a
+        Deferred, or None when there is neither (the usual pass)."""
         if self.bouncer is None:
-            return
+            return None
         failed = [r for r, st in entry.recipients.items()
                   if st["state"] == FAILED and not st.get("dsn")]
+        if not failed and not self._delayed(entry, self.clock.seconds()):
+            return None
+        return self._send_reports(entry, failed)
+
+    @defer.inlineCallbacks
+    def _send_reports(self, entry, failed):
         if failed:
             yield self._report_failed(entry, failed)
         delayed = self._delayed(entry, self.clock.seconds())
