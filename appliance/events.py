@@ -67,14 +67,25 @@ def emit(name, /, **fields):
     """
     if name not in EVENTS:
         raise KeyError(f"unregistered event name {name!r}")
+    now = time.time()
+    # The record (as_record's) is made here, once, from the caller's fields
+    # alone: the event file and every observer that asks for it share it.
+    record = {"ts": round(now, 6), "event": name}
+    for key, value in fields.items():
+        if key not in _NOT_FIELDS and not key.startswith("log_"):
+            record[key] = value
     fields["event"] = name
     fields["log_logger"] = _log
     fields["log_level"] = LogLevel.info
     fields["log_namespace"] = NAMESPACE
     fields["log_source"] = None
     fields["log_format"] = "{event}"
-    fields["log_time"] = time.time()
+    fields["log_time"] = now
+    fields["log_record"] = record
     publisher(fields)
+
+
+_NOT_FIELDS = ("event", "ts")
 
 
 def _echo_to_text_log(event):
@@ -89,10 +100,20 @@ publisher.addObserver(_echo_to_text_log)
 
 
 def as_record(event):
-    """The JSON-able record for a logger event dict, or None if not ours."""
+    """The JSON-able record for a logger event dict, or None if not ours
+    (a dict of the caller's own: it may keep or change it)."""
+    record = _record_of(event)
+    return None if record is None else dict(record)
+
+
+def _record_of(event):
+    """``as_record``'s answer, shared (``emit`` made it): to read only."""
     name = event.get("event")
     if name is None or event.get("log_namespace") != NAMESPACE:
         return None
+    record = event.get("log_record")
+    if record is not None:
+        return record
     record = {"ts": round(event.get("log_time", time.time()), 6), "event": name}
     for key, value in event.items():
         if key.startswith("log_") or key in ("event", "ts"):
@@ -126,7 +147,7 @@ class JsonEventFile:
         self._file = open(path, "a", encoding="utf-8", buffering=BUFFER_BYTES)
 
     def __call__(self, event):
-        record = as_record(event)
+        record = _record_of(event)
         if record is None:
             return
         try:
