@@ -553,6 +553,8 @@ class GroupCommitWriter:
         # While a batch's callbacks run, what they submit waits and goes
         # together in the next batch instead of one request at a time.
         while self._pending and not self._on_thread and not self._completing:
+            if self._in_flight and self._in_flight >= self.pipeline:
+                return              # no room either way (below): spare the checks
             here = self._can_run_here()
             if here:
                 if self._in_flight >= self.pipeline:
