@@ -208,8 +208,8 @@ class RemoteDelivery:
         if proto is not None:
             answered = proto.replies
             try:
-                replies = yield self._transaction(proto, envelope, body, size, recipients,
-                                                  proto.extensions)
+                replies = yield from self._transaction(proto, envelope, body, size,
+                                                       recipients, proto.extensions)
             except HostFailure:
                 proto.abort()
                 if proto.replies != answered:
@@ -307,7 +307,8 @@ class RemoteDelivery:
                                                    "to me")
         extensions = yield self._hello(proto)
         extensions = proto.extensions = yield self._tls(proto, extensions, host, verified)
-        replies = yield self._transaction(proto, envelope, body, size, recipients, extensions)
+        replies = yield from self._transaction(proto, envelope, body, size, recipients,
+                                               extensions)
         return replies
 
     @defer.inlineCallbacks
@@ -361,7 +362,10 @@ class RemoteDelivery:
         proto.tls = True
         return extensions
 
-    @defer.inlineCallbacks
+    # _transaction, _pipelined and _lockstep are steps of the conversation's
+    # generator (``yield from``), not inlineCallbacks of their own: a Deferred
+    # and a generator driver fewer for each message.
+
     def _transaction(self, proto, envelope, body, size, recipients, extensions):
         """MAIL, RCPT..., DATA, body: ``{recipient: Reply}`` for all recipients."""
         t = self.timeouts
@@ -373,9 +377,10 @@ class RemoteDelivery:
         mail = self._mail_command(envelope, size, sendable, extensions)
         rcpts = [f"RCPT TO:{wire_address(r, utf8)}" for r in sendable]
         if "PIPELINING" in extensions:
-            mail_reply, rcpt_replies, data_reply = yield self._pipelined(proto, mail, rcpts)
+            mail_reply, rcpt_replies, data_reply = yield from self._pipelined(proto, mail,
+                                                                              rcpts)
         else:
-            mail_reply, rcpt_replies, data_reply = yield self._lockstep(proto, mail, rcpts)
+            mail_reply, rcpt_replies, data_reply = yield from self._lockstep(proto, mail, rcpts)
         if not mail_reply.positive:
             if mail_reply.code < 500:
                 raise HostFailure.from_reply(mail_reply,
@@ -413,7 +418,6 @@ class RemoteDelivery:
             mail += " SMTPUTF8"
         return mail
 
-    @defer.inlineCallbacks
     def _pipelined(self, proto, mail, rcpts):
         """RFC 2920: every command in one go, then the replies in order."""
         t = self.timeouts
@@ -425,7 +429,6 @@ class RemoteDelivery:
         data_reply = yield proto.expect(t.data_init, "sending DATA")
         return mail_reply, rcpt_replies, data_reply
 
-    @defer.inlineCallbacks
     def _lockstep(self, proto, mail, rcpts):
         """One command, one reply; DATA only when a recipient was accepted."""
         t = self.timeouts
