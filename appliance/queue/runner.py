@@ -388,16 +388,18 @@ class QueueRunner(service.Service):
                                errbackArgs=(qid, domain, chunk))
                 d.addBoth(self._attempt_over, qid, chunk)
 
-    @defer.inlineCallbacks
     def _attempt(self, qid, domain, rcpts, kind=REMOTE):
-        """In a dispatcher slot: the remote results, or None when the entry was
-        held or deleted while the job waited for its slot."""
+        """In a dispatcher slot: (a Deferred of) the remote results, or None
+        when the entry was held or deleted while the job waited for its slot."""
         entry = self.spool.get(qid)
         if entry is None or entry.held or not self.running:
             return None
-        message = yield self.spool.read(qid)
-        results = yield self.remote.deliver(entry.envelope, message, list(rcpts), domain, kind)
-        return results
+        d = self.spool.read(qid)
+        d.addCallback(self._deliver_remote, entry, domain, list(rcpts), kind)
+        return d
+
+    def _deliver_remote(self, message, entry, domain, rcpts, kind):
+        return self.remote.deliver(entry.envelope, message, rcpts, domain, kind)
 
     def _attempted(self, results, qid, domain, rcpts):
         if results is None:
