@@ -4,7 +4,8 @@
   able to answer at once, fail, or hold its answer in an unfired Deferred so a
   test decides when (and how) it arrives.
 - ``make_config``: a real ``appliance.config`` object from a few overrides.
-- ``SMTPHarness``: one SMTP session on a StringTransport, driven by a Clock.
+- ``Conversation``: a protocol on a StringTransport (bytes in, bytes out);
+  ``SMTPHarness``: one SMTP session on it, driven by a Clock.
 - ``capture_events``: the structured events emitted inside a ``with`` block.
 """
 
@@ -32,8 +33,8 @@ from appliance.auth.accounts import Account, BadCredentials
 from appliance import events
 from appliance.events import EventCollector
 
-__all__ = ["FakeAccounts", "FakeDirectory", "FakeSpool", "SMTPHarness", "StringTransport",
-           "TLSStringTransport",
+__all__ = ["Conversation", "FakeAccounts", "FakeDirectory", "FakeSpool", "SMTPHarness",
+           "StringTransport", "TLSStringTransport",
            "capture_events", "make_config"]
 
 
@@ -249,14 +250,48 @@ class TLSStringTransport(StringTransport):
         self.written_before_tls = self.value()
 
 
-class SMTPHarness:
-    """One SMTP session of ``factory`` on a StringTransport.
+class Conversation:
+    """A protocol under test, connected to a StringTransport (``transport``).
 
-    ``send`` feeds bytes (str is encoded as UTF-8); ``replies`` returns the
-    reply lines written since the last call; ``codes`` the codes of the
-    complete replies among them. The factory is built from the other
-    arguments unless given, so several harnesses can share one factory.
-    ``transport_class`` is ``TLSStringTransport`` for STARTTLS tests.
+    ``send`` feeds it bytes (str is encoded as UTF-8); ``output`` returns the
+    bytes it wrote since the last call, ``lines`` those as text lines (CRLF
+    ends a line); ``closed``: it closed the connection; ``lose``: the
+    connection ends (as the reactor would report it).
+    """
+
+    def __init__(self, protocol, transport):
+        self.protocol = protocol
+        self.transport = transport
+        self._seen = 0
+        protocol.makeConnection(transport)
+
+    def send(self, data):
+        self.protocol.dataReceived(data.encode("utf-8") if isinstance(data, str) else data)
+
+    def output(self):
+        """Bytes written since the last call."""
+        value = self.transport.value()
+        new, self._seen = value[self._seen:], len(value)
+        return new
+
+    def lines(self):
+        return self.output().decode("utf-8").split("\r\n")[:-1]
+
+    @property
+    def closed(self):
+        return self.transport.disconnecting or self.transport.disconnected
+
+    def lose(self, reason=None):
+        self.protocol.connectionLost(failure.Failure(reason or ConnectionDone()))
+
+
+class SMTPHarness(Conversation):
+    """One SMTP session of ``factory`` on a StringTransport (a Conversation).
+
+    ``replies`` returns the reply lines written since the last call; ``codes``
+    the codes of the complete replies among them. The factory is built from
+    the other arguments unless given, so several harnesses can share one
+    factory. ``transport_class`` is ``TLSStringTransport`` for STARTTLS tests.
     """
 
     def __init__(self, factory=None, *, config=None, directory=None, spool=None,
@@ -272,33 +307,13 @@ class SMTPHarness:
         self.clock = factory.clock
         address_class = IPv6Address if ":" in peer else IPv4Address
         address = address_class("TCP", peer, port)
-        self.transport = transport_class(peerAddress=address)
-        self.protocol = factory.buildProtocol(address)
-        self.protocol.makeConnection(self.transport)
-        self._seen = 0
-
-    def send(self, data):
-        self.protocol.dataReceived(data.encode("utf-8") if isinstance(data, str) else data)
-
-    def output(self):
-        """Bytes written since the last call."""
-        value = self.transport.value()
-        new, self._seen = value[self._seen:], len(value)
-        return new
+        super().__init__(factory.buildProtocol(address), transport_class(peerAddress=address))
 
     def replies(self):
         return self.output().decode("utf-8").splitlines()
 
     def codes(self):
         return [int(line[:3]) for line in self.replies() if line[3:4] == " "]
-
-    @property
-    def closed(self):
-        return self.transport.disconnecting
-
-    def lose(self):
-        """The connection ends (as the reactor would report it)."""
-        self.protocol.connectionLost(failure.Failure(ConnectionDone()))
 
 
 def make_jwks(path, kid="k1"):

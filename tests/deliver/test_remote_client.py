@@ -31,7 +31,7 @@ from appliance.deliver import smtpclient
 from appliance.deliver.remote import RemoteDelivery
 from appliance.deliver.smtpclient import BLOCK, Timeouts, default_tls_context, wire_body
 from appliance.envelope import Envelope
-from appliance.testing import StringTransport, capture_events, make_config
+from appliance.testing import Conversation, StringTransport, capture_events, make_config
 from appliance.net.tls import make_context, make_self_signed
 from dns_server import DNSServer
 
@@ -76,29 +76,13 @@ class FakeResolver:
         return defer.succeed(self.outcome)
 
 
-class Peer:
-    """The far end of one connection: what the client wrote, what we answer."""
+class Peer(Conversation):
+    """The far end of one connection: what the client wrote (``output``,
+    ``lines``), what we answer (``send``)."""
 
     def __init__(self, ip, protocol, transport):
         self.ip = ip
-        self.protocol = protocol
-        self.transport = transport
-        self._seen = 0
-
-    def send(self, text):
-        self.protocol.dataReceived(text.encode() if isinstance(text, str) else text)
-
-    def written(self):
-        value = self.transport.value()
-        new, self._seen = value[self._seen:], len(value)
-        return new
-
-    def lines(self):
-        return self.written().decode("utf-8").split("\r\n")[:-1]
-
-    @property
-    def closed(self):
-        return self.transport.disconnecting
+        super().__init__(protocol, transport)
 
     def greet(self, *extensions):
         """220, then answer the EHLO with ``extensions``."""
@@ -107,7 +91,7 @@ class Peer:
         self.send(ehlo_reply(*extensions))
 
     def lose(self):
-        self.protocol.connectionLost(failure.Failure(error.ConnectionLost()))
+        super().lose(error.ConnectionLost())
 
 
 def ehlo_reply(*extensions):
@@ -138,9 +122,7 @@ class Harness:
             return defer.fail(error.ConnectionRefusedError())
         address = IPv4Address("TCP", ip, port)
         protocol = factory.buildProtocol(address)
-        transport = TLSStringTransport(peerAddress=address)
-        protocol.makeConnection(transport)
-        self.peers.append(Peer(ip, protocol, transport))
+        self.peers.append(Peer(ip, protocol, TLSStringTransport(peerAddress=address)))
         return defer.succeed(protocol)
 
     def deliver(self, recipients=("bob@remote.test",), message=MESSAGE,
@@ -171,7 +153,7 @@ def deliver_plainly(peer, body_reply="250 2.0.0 Ok: queued as X", rcpt_reply="25
     peer.send(rcpt_reply + "\r\n")
     assert peer.lines() == ["DATA"]
     peer.send("354 go ahead\r\n")
-    body = peer.written()
+    body = peer.output()
     peer.send(body_reply + "\r\n")
     return body
 
@@ -246,7 +228,7 @@ def test_pipelining_sends_mail_rcpt_and_data_at_once_and_reads_replies_in_order(
                               "DATA"]
     h.peer.send("250 Ok\r\n250 Ok\r\n550 5.1.1 <nobody@remote.test>: no such user\r\n"
                 "450 4.2.1 carol is over quota\r\n354 go\r\n")
-    assert h.peer.written() == MESSAGE + b".\r\n"
+    assert h.peer.output() == MESSAGE + b".\r\n"
     h.peer.send("250 2.0.0 queued\r\n")
     bob, nobody, carol = h.results()
     assert bob.delivered and bob.response == "250 2.0.0 queued"
@@ -260,7 +242,7 @@ def test_pipelined_rejection_of_every_recipient_ends_an_invited_data_empty():
     # A server that says 354 although no recipient was accepted gets only
     # the final dot, never the message (RFC 2920 §3.1).
     h.peer.send("250 Ok\r\n550 5.1.1 no\r\n354 go\r\n")
-    assert h.peer.written() == b".\r\n"
+    assert h.peer.output() == b".\r\n"
     h.peer.send("554 5.5.1 no valid recipients\r\n")
     assert h.peer.lines() == ["QUIT"]
     [result] = h.results()
@@ -282,7 +264,7 @@ def test_the_final_reply_applies_to_every_accepted_recipient():
         h.peer.greet("PIPELINING")
         h.peer.lines()
         h.peer.send("250 Ok\r\n250 Ok\r\n250 Ok\r\n354 go\r\n")
-        h.peer.written()
+        h.peer.output()
         h.peer.send(final + "\r\n")
         results = h.results()
         assert [getattr(r, check) for r in results] == [True, True]
@@ -370,7 +352,7 @@ def test_a_non_ascii_local_part_needs_smtputf8():
     assert h.peer.lines() == ["MAIL FROM:<alice@example.test>", "RCPT TO:<bob@remote.test>",
                               "DATA"]
     h.peer.send("250 Ok\r\n250 Ok\r\n354 go\r\n")
-    h.peer.written()
+    h.peer.output()
     h.peer.send("250 Ok\r\n")
     jorg, bob = h.results()
     assert (jorg.code, jorg.status) == (553, "5.6.7") and bob.delivered
@@ -593,11 +575,11 @@ def test_a_large_body_is_written_in_blocks_and_waits_while_the_transport_is_full
     h.peer.lines()
     h.peer.transport.fill_at = 1
     h.peer.send("354 go\r\n")
-    first = h.peer.written()
+    first = h.peer.output()
     assert len(first) == BLOCK                     # one block, then it waits
     h.clock.advance(179)
     h.peer.protocol.resumeProducing()
-    wire = first + h.peer.written()
+    wire = first + h.peer.output()
     assert unstuff(wire) == message and wire.endswith(b"\r\n.\r\n")
     assert h.peer.transport.producer is None
 
@@ -618,7 +600,7 @@ def test_bytes_after_the_starttls_220_are_discarded():
     h.peer.send(ehlo_reply("PIPELINING", "SIZE 100000"))
     assert h.peer.lines()[0] == f"MAIL FROM:<alice@example.test> SIZE={len(MESSAGE)}"
     h.peer.send("250 Ok\r\n250 Ok\r\n354 go\r\n")
-    h.peer.written()
+    h.peer.output()
     h.peer.send("250 Ok\r\n")
     [result] = h.results()
     assert result.delivered and result.tls
@@ -780,7 +762,7 @@ def deliver_pipelined(h, peer, body_reply="250 2.0.0 Ok"):
     lines = peer.lines()
     assert lines[0].startswith("MAIL FROM:") and lines[-1] == "DATA", lines
     peer.send("250 Ok\r\n250 Ok\r\n354 go\r\n")
-    body = peer.written()
+    body = peer.output()
     peer.send(body_reply + "\r\n")
     return body
 
@@ -803,7 +785,7 @@ def test_the_next_message_to_the_same_host_reuses_the_idle_connection():
     lines = h.peer.lines()          # no greeting, no EHLO: MAIL straight away
     assert lines == ["MAIL FROM:<alice@example.test>", "RCPT TO:<carol@remote.test>", "DATA"]
     h.peer.send("250 Ok\r\n250 Ok\r\n354 go\r\n")
-    assert h.peer.written() == MESSAGE + b".\r\n"
+    assert h.peer.output() == MESSAGE + b".\r\n"
     h.peer.send("250 2.0.0 Ok: second\r\n")
     [result] = h.results()
     assert result.delivered and result.response == "250 2.0.0 Ok: second"
