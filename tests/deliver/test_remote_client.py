@@ -40,6 +40,7 @@ from postfix_mx import PostfixMX, postfix_available
 MESSAGE = b"From: alice@example.test\r\nSubject: hi\r\n\r\nbody\r\n"
 ROUTE = Route("remote.test", [("mx1.remote.test", ["127.0.0.2"]),
                               ("mx2.remote.test", ["127.0.0.3"])], port=25)
+ONE_HOST = Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])])
 
 
 class TLSStringTransport(StringTransport):
@@ -144,6 +145,13 @@ class Harness:
         return self.outcome[0]
 
 
+def started(**options):
+    """A Harness of ``options`` delivering MESSAGE to bob: connected, not yet greeted."""
+    h = Harness(**options)
+    h.deliver()
+    return h
+
+
 def deliver_plainly(peer, body_reply="250 2.0.0 Ok: queued as X", rcpt_reply="250 Ok"):
     """The lock-step conversation after EHLO, for one recipient."""
     lines = peer.lines()
@@ -171,8 +179,7 @@ def unstuff(wire):
 
 def greeted(*extensions):
     """A delivery under way: the peer greeted with ``extensions``, our EHLO read."""
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.greet(*extensions)
     h.peer.lines()
     return h
@@ -209,12 +216,10 @@ def test_a_lockstep_delivery_says_every_command_in_order():
 
 
 def test_mail_from_carries_size_when_offered_and_not_otherwise():
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.greet("SIZE 10000000")
     assert h.peer.lines() == [f"MAIL FROM:<alice@example.test> SIZE={len(MESSAGE)}"]
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.greet()
     assert h.peer.lines() == ["MAIL FROM:<alice@example.test>"]
 
@@ -302,8 +307,7 @@ def test_mail_refused_temporarily_moves_to_the_next_host():
 
 
 def test_ehlo_refused_falls_back_to_helo_without_extensions():
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.send("220 old ESMTP\r\n")
     assert h.peer.lines() == ["EHLO mx.example.test"]
     h.peer.send("502 5.5.2 what?\r\n")
@@ -314,8 +318,7 @@ def test_ehlo_refused_falls_back_to_helo_without_extensions():
 
 
 def test_helo_refused_as_well_moves_on():
-    h = Harness(route=Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])]))
-    h.deliver()
+    h = started(route=ONE_HOST)
     h.peer.send("220 old\r\n")
     h.peer.lines()
     h.peer.send("500 no\r\n")
@@ -406,8 +409,7 @@ def test_every_host_failing_defers_every_recipient_with_the_last_error():
 
 
 def test_greetings_that_are_not_2xx_move_on_and_a_5xx_one_only_defers():
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.send("421 4.7.0 too busy\r\n")
     assert h.peers[0].closed
     h.peer.send("554 5.7.1 go away\r\n")
@@ -428,8 +430,7 @@ def test_a_lost_connection_mid_transaction_moves_on():
 
 
 def test_a_lost_connection_while_the_body_is_sent_defers():
-    h = Harness(route=Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])]))
-    h.deliver()
+    h = started(route=ONE_HOST)
     h.peer.greet()
     h.peer.lines()
     h.peer.send("250 Ok\r\n")
@@ -456,16 +457,14 @@ def test_routing_errors_become_results_without_any_connection():
 
 
 def test_an_unsolicited_reply_is_a_protocol_error():
-    h = Harness(route=Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])]))
-    h.deliver()
+    h = started(route=ONE_HOST)
     h.peer.send("220 mx\r\n250 surprise\r\n")
     [result] = h.results()
     assert result.deferred and result.status == "4.5.0" and "unexpected reply" in result.text
 
 
 def test_a_malformed_reply_is_a_protocol_error():
-    h = Harness(route=Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])]))
-    h.deliver()
+    h = started(route=ONE_HOST)
     h.peer.send("hello there\r\n")
     [result] = h.results()
     assert result.status == "4.5.0" and "malformed reply" in result.text
@@ -489,8 +488,7 @@ def test_an_internal_error_defers_instead_of_losing_the_message():
 # The unbounded multi-line reply
 
 def test_a_reply_of_more_than_100_lines_is_refused():
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.send("220-mx\r\n" * smtpclient.MAX_REPLY_LINES)
     assert not h.peers[0].closed                       # 100 lines are allowed
     h.peer.send("220-mx\r\n")
@@ -504,16 +502,14 @@ def test_a_reply_of_more_than_100_lines_is_refused():
 
 
 def test_a_reply_of_more_than_64_kib_is_refused():
-    h = Harness()
-    h.deliver()
+    h = started()
     line = "220-" + "x" * 1000 + "\r\n"
     h.peer.send(line * 70)
     assert h.peers[0].closed and len(h.peers) == 2
 
 
 def test_an_endless_reply_line_is_refused():
-    h = Harness(route=Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])]))
-    h.deliver()
+    h = started(route=ONE_HOST)
     for _ in range(10):
         h.peer.send("220 " + "x" * 1000)
     [result] = h.results()
@@ -588,8 +584,7 @@ def test_a_large_body_is_written_in_blocks_and_waits_while_the_transport_is_full
 # T13: nothing after STARTTLS's 220 is read
 
 def test_bytes_after_the_starttls_220_are_discarded():
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.greet("STARTTLS", "PIPELINING")
     assert h.peer.lines() == ["STARTTLS"]
     # An attacker in the path appends a forged EHLO reply (without STARTTLS,
@@ -607,8 +602,7 @@ def test_bytes_after_the_starttls_220_are_discarded():
 
 
 def test_starttls_refused_continues_in_plain_text_when_opportunistic():
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.greet("STARTTLS")
     assert h.peer.lines() == ["STARTTLS"]
     h.peer.send("454 4.7.0 TLS not available\r\n")
@@ -618,15 +612,13 @@ def test_starttls_refused_continues_in_plain_text_when_opportunistic():
 
 
 def test_tls_off_never_sends_starttls():
-    h = Harness(tls="off")
-    h.deliver()
+    h = started(tls="off")
     h.peer.greet("STARTTLS")
     assert h.peer.lines()[0].startswith("MAIL FROM:")
 
 
 def test_tls_required_asks_for_a_verified_connection():
-    h = Harness(tls="required")
-    h.deliver()
+    h = started(tls="required")
     h.peer.greet("STARTTLS")
     h.peer.lines()
     h.peer.send("220 go\r\n")
@@ -634,8 +626,7 @@ def test_tls_required_asks_for_a_verified_connection():
 
 
 def test_tls_required_but_not_offered_defers():
-    h = Harness(tls="required")
-    h.deliver()
+    h = started(tls="required")
     h.peer.greet()
     assert h.peers[0].closed
     h.peer.greet("SIZE 1000")
@@ -645,9 +636,7 @@ def test_tls_required_but_not_offered_defers():
 
 
 def test_tls_required_and_starttls_refused_defers():
-    h = Harness(tls="required", route=Route("remote.test", [("mx1.remote.test",
-                                                              ["127.0.0.2"])]))
-    h.deliver()
+    h = started(tls="required", route=ONE_HOST)
     h.peer.greet("STARTTLS")
     h.peer.lines()
     h.peer.send("454 4.7.0 not now\r\n")
@@ -672,14 +661,12 @@ def test_rfc_5321_timeouts_are_the_defaults():
     t = Timeouts()
     assert (t.connect, t.greeting, t.command, t.data_init, t.data_block, t.data_end) == \
         (30.0, 300.0, 300.0, 120.0, 180.0, 600.0)
-    h = Harness()
-    h.deliver()
+    h = started()
     assert h.connect_timeout == 30.0
 
 
 def test_a_silent_server_times_out_after_five_minutes():
-    h = Harness(route=Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])]))
-    h.deliver()
+    h = started(route=ONE_HOST)
     h.clock.advance(299)
     assert h.outcome == [] and not h.peer.closed
     h.clock.advance(1)
@@ -699,8 +686,7 @@ def test_each_stage_has_its_own_timeout():
                                         p.send("354 go\r\n"))),
     ]
     for what, seconds, reach in stages:
-        h = Harness(route=Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])]))
-        h.deliver()
+        h = started(route=ONE_HOST)
         reach(h.peer)
         h.clock.advance(seconds - 1)
         assert h.outcome == [], what
@@ -711,7 +697,7 @@ def test_each_stage_has_its_own_timeout():
 
 
 def test_a_transport_that_stays_full_times_out_after_three_minutes():
-    h = Harness(route=Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])]))
+    h = Harness(route=ONE_HOST)
     h.deliver(message=b"y" * 100_000)
     h.peer.greet()
     h.peer.send("250 Ok\r\n")
@@ -727,9 +713,7 @@ def test_a_transport_that_stays_full_times_out_after_three_minutes():
 
 
 def test_timeouts_are_constructor_arguments():
-    h = Harness(route=Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])]),
-                timeouts=Timeouts(greeting=2))
-    h.deliver()
+    h = started(route=ONE_HOST, timeouts=Timeouts(greeting=2))
     h.clock.advance(2)
     assert h.results()[0].status == "4.4.2"
 
@@ -746,8 +730,7 @@ def test_no_timer_is_left_behind_after_a_delivery():
 
 @pytest.mark.parametrize("reason", [error.ConnectionDone(), error.ConnectionLost()])
 def test_a_connection_closed_after_quit_is_quiet(reason):
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.greet()
     deliver_plainly(h.peer)
     h.peer.protocol.connectionLost(failure.Failure(reason))
@@ -769,8 +752,7 @@ def deliver_pipelined(h, peer, body_reply="250 2.0.0 Ok"):
 
 def with_an_idle_connection():
     """A Harness whose first message went through and left its connection idle."""
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.greet("PIPELINING")
     deliver_pipelined(h, h.peer)
     return h
@@ -794,8 +776,7 @@ def test_the_next_message_to_the_same_host_reuses_the_idle_connection():
 
 
 def test_a_failed_transaction_does_not_keep_its_connection():
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.greet("PIPELINING")
     deliver_pipelined(h, h.peer, body_reply="451 4.3.0 try later")
     assert h.results()[0].deferred
@@ -838,8 +819,7 @@ def test_a_reused_connection_that_answered_is_not_retried():
 
 def test_a_connection_is_not_reused_past_the_reuse_limit(monkeypatch):
     monkeypatch.setattr(remote, "REUSE_LIMIT", 60.0)
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.greet("PIPELINING")
     h.clock.advance(60)
     deliver_pipelined(h, h.peer)
