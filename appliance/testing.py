@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import socket
+import threading
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -401,6 +402,18 @@ class CountingRunner(HandRunner):
 
     def __init__(self):
         super().__init__(hold=False)
+
+
+def thread_recorder(function):
+    """(recording, threads): ``recording`` calls ``function`` and first appends
+    the thread it runs on to ``threads`` (what ran where, for a test that a
+    step runs off the reactor thread)."""
+    threads = []
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return function(*args, **kwargs)
+    return recording, threads
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from appliance.testing import HandRunner as CountingRunner
 from appliance.deliver import mx
 from appliance.deliver.mx import MXResolver, RoutingError, build_resolver
 from appliance.deliver.routes import MAILBOX, REMOTE
-from appliance.testing import capture_events, error_of, make_config, value_of
+from appliance.testing import capture_events, error_of, make_config, thread_recorder, value_of
 from appliance.threads import synchronous_runner
 from dns_server import DNSServer
 
@@ -304,14 +304,7 @@ class ThreadedLookupTests(unittest.TestCase):
     def test_lookup_runs_off_the_reactor_thread(self):
         config = make_config(dns={"nameservers": self.server.address, "timeout": "2s"})
         resolver = MXResolver(config)
-        threads = []
-        original = resolver._route
-
-        def spy(domain):
-            threads.append(threading.current_thread())
-            return original(domain)
-
-        resolver._route = spy
+        resolver._route, threads = thread_recorder(resolver._route)
         d = resolver.resolve("example.net")
         self.assertFalse(d.called)          # nothing blocked the caller
 
