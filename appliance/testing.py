@@ -7,6 +7,8 @@
 - ``Conversation``: a protocol on a StringTransport (bytes in, bytes out);
   ``SMTPHarness``: one SMTP session on it, driven by a Clock.
 - ``capture_events``: the structured events emitted inside a ``with`` block.
+- ``FaultyFS``: the durable writer's FileSystem, failing (or "killed") at a
+  chosen call.
 """
 
 import contextlib
@@ -31,6 +33,7 @@ except ImportError:             # Twisted < 19.7 (and the old name still works o
 from appliance import config as config_module
 from appliance.address import canonical, canonical_domain
 from appliance.auth.accounts import Account, BadCredentials
+from appliance.durable.commit import FileSystem
 from appliance import events
 from appliance.events import EventCollector
 
@@ -218,6 +221,47 @@ class FakeSpool:
 _BASE_CONFIG = {
     "server": {"hostname": "mx.example.test", "domains": "example.test, example.org"},
 }
+
+
+class Crash(BaseException):
+    """A simulated kill -9: nothing after it runs, not even cleanup."""
+
+
+class FaultyFS(FileSystem):
+    """A FileSystem that fails at the ``at``-th of its ``MUTATING`` calls
+    (0-based; with ``only``, of that method's calls) and at every call after:
+    with OSError(``error``), or, without ``error``, with ``Crash`` (then
+    ``crashed`` is set and every later call, of any mutating method, crashes)."""
+
+    MUTATING = ("open_new", "write_all", "fsync", "close", "rename", "unlink", "fsync_dir",
+                "mkdir", "link")
+
+    def __init__(self, at=None, error=None, only=None):
+        self.at, self.error, self.only = at, error, only
+        self.count = 0
+        self.crashed = False
+
+    def __getattribute__(self, name):
+        method = super().__getattribute__(name)
+        if name not in FaultyFS.MUTATING:
+            return method
+
+        def wrapped(*args):
+            self._step(name)
+            return method(*args)
+        return wrapped
+
+    def _step(self, name):
+        if self.crashed:
+            raise Crash()
+        if self.only is not None and name != self.only:
+            return
+        if self.at is not None and self.count == self.at:
+            if self.error is None:
+                self.crashed = True
+                raise Crash()
+            raise OSError(self.error, os.strerror(self.error))
+        self.count += 1
 
 
 def clock_at(seconds):
