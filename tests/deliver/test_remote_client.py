@@ -145,10 +145,10 @@ class Harness:
         return self.outcome[0]
 
 
-def started(**options):
-    """A Harness of ``options`` delivering MESSAGE to bob: connected, not yet greeted."""
+def started(message=MESSAGE, **options):
+    """A Harness of ``options`` delivering ``message`` to bob: connected, not yet greeted."""
     h = Harness(**options)
-    h.deliver()
+    h.deliver(message=message)
     return h
 
 
@@ -177,17 +177,26 @@ def unstuff(wire):
 # ---------------------------------------------------------------------------
 # The conversation
 
-def greeted(*extensions):
-    """A delivery under way: the peer greeted with ``extensions``, our EHLO read."""
-    h = started()
+def greeted(*extensions, **options):
+    """A delivery under way (``started(**options)``): the peer greeted with
+    ``extensions``, our next command (MAIL, or STARTTLS if offered) read."""
+    h = started(**options)
     h.peer.greet(*extensions)
     h.peer.lines()
     return h
 
 
-def at_rcpt():
+def at_rcpt(**options):
     """MAIL accepted, our RCPT read: the peer answers it next."""
-    h = greeted()
+    h = greeted(**options)
+    h.peer.send("250 Ok\r\n")
+    h.peer.lines()
+    return h
+
+
+def at_data(**options):
+    """MAIL and RCPT accepted (no PIPELINING), our DATA read: the peer answers it next."""
+    h = at_rcpt(**options)
     h.peer.send("250 Ok\r\n")
     h.peer.lines()
     return h
@@ -430,13 +439,7 @@ def test_a_lost_connection_mid_transaction_moves_on():
 
 
 def test_a_lost_connection_while_the_body_is_sent_defers():
-    h = started(route=ONE_HOST)
-    h.peer.greet()
-    h.peer.lines()
-    h.peer.send("250 Ok\r\n")
-    h.peer.lines()
-    h.peer.send("250 Ok\r\n")
-    h.peer.lines()
+    h = at_data(route=ONE_HOST)
     h.peer.transport.fill_at = 1              # the transport is full ...
     h.peer.send("354 go\r\n")
     h.peer.lose()                             # ... and then gone
@@ -561,14 +564,7 @@ def test_bare_cr_and_lf_in_the_stored_body_go_out_as_crlf():
 def test_a_large_body_is_written_in_blocks_and_waits_while_the_transport_is_full():
     message = b"x" * 70 + b"\r\n"
     message = message * 2000            # 144 KB: nine blocks
-    h = Harness()
-    h.deliver(message=message)
-    h.peer.greet()
-    h.peer.lines()
-    h.peer.send("250 Ok\r\n")
-    h.peer.lines()
-    h.peer.send("250 Ok\r\n")
-    h.peer.lines()
+    h = at_data(message=message)
     h.peer.transport.fill_at = 1
     h.peer.send("354 go\r\n")
     first = h.peer.output()
@@ -697,11 +693,7 @@ def test_each_stage_has_its_own_timeout():
 
 
 def test_a_transport_that_stays_full_times_out_after_three_minutes():
-    h = Harness(route=ONE_HOST)
-    h.deliver(message=b"y" * 100_000)
-    h.peer.greet()
-    h.peer.send("250 Ok\r\n")
-    h.peer.send("250 Ok\r\n")
+    h = at_data(route=ONE_HOST, message=b"y" * 100_000)
     h.peer.transport.fill_at = 1
     h.peer.send("354 go\r\n")
     h.clock.advance(179.9)
