@@ -30,6 +30,7 @@ _LET_DIG = "A-Za-z0-9" + _UTF8
 _LABEL = f"[{_LET_DIG}](?:[{_LET_DIG}\\-]*[{_LET_DIG}])?"
 _DOMAIN = re.compile(f"{_LABEL}(?:\\.{_LABEL})*")
 _LITERAL = re.compile(r"\[([\x21-\x5a\x5e-\x7e]+)\]")
+_DNS_NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9])?\Z")
 
 
 class AddressError(ValueError):
@@ -204,6 +205,18 @@ def canonical_domain(domain):
     if name.startswith("["):
         return name.lower()
     return ".".join(_canonical_label(label) for label in name.lower().split("."))
+
+
+def dns_name(domain):
+    """``domain`` as a DNS name to look up or to report: lower-case, A-label
+    (``xn--``) form, no final dot; None if it cannot be a host name (one
+    label only, characters no host name has, IDNA refuses it)."""
+    domain = domain.strip().rstrip(".").lower()
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    return domain if "." in domain and _DNS_NAME.match(domain) else None
 
 
 def _canonical_label(label):

@@ -12,3 +12,12 @@ def default_clock(clock=None):
         return clock
     from twisted.internet import reactor
     return reactor
+
+
+def cancel(call):
+    """Stop ``call`` (an ``IDelayedCall``, or None) if it has not run yet.
+    Returns None, so that ``self._timer = cancel(self._timer)`` both stops a
+    timer and forgets it."""
+    if call is not None and call.active():
+        call.cancel()
+    return None

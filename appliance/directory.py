@@ -71,13 +71,11 @@ class AliasesFile(WatchedFile):
     def _format_line(self, key, targets):
         return f"{key}: {', '.join(targets)}"
 
+    _key = staticmethod(alias_key)
+
     def targets(self, address):
         """The targets of the alias ``address`` (or ``@domain``), or None."""
-        try:
-            key = alias_key(address)
-        except UsersError:
-            return None
-        return self._entries_now().get(key)
+        return self._get(address)
 
     def list(self):
         """``[(address, targets)]`` sorted by address."""

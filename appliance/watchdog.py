@@ -22,6 +22,7 @@ import time
 from twisted.application import service
 
 from appliance import events
+from appliance.clock import cancel
 
 TICK = 0.05                     # seconds between the watchdog's calls
 STALL_THRESHOLD = 0.25          # seconds late before it is a stall
@@ -66,23 +67,21 @@ class ReactorWatchdog(service.Service):
     """See the module docstring. ``clock``: the reactor (callLater)."""
 
     name = "watchdog"
+    stalls = 0                  # how many times the reactor was late
+    _call = None                # the next check
+    _due = None                 # when it should run
 
     def __init__(self, clock, tick=TICK, threshold=STALL_THRESHOLD):
         self.clock = clock
         self.tick = tick
         self.threshold = threshold
-        self._call = None
-        self._due = None
-        self.stalls = 0
 
     def startService(self):
         super().startService()
         self._schedule()
 
     def stopService(self):
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        self._call = cancel(self._call)
         return super().stopService()
 
     def _schedule(self):

@@ -4,8 +4,8 @@ import pytest
 from twisted.mail import smtp as stock_smtp
 
 from appliance.address import (
-    AddressError, NULL_PATH, Path, canonical, canonical_domain, parse_path, quote_local,
-    smtp_path, split_path)
+    AddressError, NULL_PATH, Path, canonical, canonical_domain, dns_name, parse_path,
+    quote_local, smtp_path, split_path)
 
 
 def test_plain_path():
@@ -127,3 +127,17 @@ def test_split_path_respects_quotes():
         split_path("<a@x.test")
     with pytest.raises(AddressError):
         split_path("a@x.test>")
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("Example.TEST.", "example.test"),
+    (" mail.example.test ", "mail.example.test"),
+    ("bücher.example", "xn--bcher-kva.example"),
+    ("_dmarc.example.test", "_dmarc.example.test"),
+    ("localhost", None),                    # one label: no host name to report
+    ("bad;name.example", None),
+    ("a..b.example", None),                 # IDNA refuses an empty label
+    ("x" * 300 + ".test", None),            # a label over 63 octets
+])
+def test_dns_name(given, expected):
+    assert dns_name(given) == expected

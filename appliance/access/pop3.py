@@ -264,7 +264,6 @@ class POP3Session(LineSession, pop3.POP3):
         self._user = None
         self._sasl = None
         self._sender = None
-        self._registered = False
         self.logins = LoginRecorder(self)
         self._errors = 0
 
@@ -284,7 +283,6 @@ class POP3Session(LineSession, pop3.POP3):
         if refusal is not None:
             self._close_with(refusal)
             return
-        self._registered = True
         # No APOP timestamp: APOP needs the clear-text password on the server.
         self.successResponse(f"{self.config.server.hostname} POP3 ready")
         self.setTimeout(self.idle_timeout)
@@ -294,9 +292,7 @@ class POP3Session(LineSession, pop3.POP3):
         self.setTimeout(None)
         self._stop_sender()
         self._unlock()
-        if self._registered:
-            self._registered = False
-            self.factory.release(self)
+        self.factory.release(self)
         self.emit("pop3.disconnect", account=self.account.address if self.account else "",
                   duration=round(self.clock.seconds() - self.started, 3),
                   retrieved=len(self.mbox.retrieved) if self.mbox else 0,
@@ -795,14 +791,9 @@ class POP3Factory(GatedFactory):
 
     def __init__(self, config, store, mechanisms, clock, listener="pop3", tls=None,
                  implicit_tls=False, gate=None):
-        self.config = config
+        super().__init__(config, clock, listener, tls, implicit_tls, gate)
         self.store = store
         self.mechanisms = mechanisms
-        self.clock = clock
-        self.listener = listener
-        self.tls = tls
-        self.implicit_tls = implicit_tls
-        self.use_gate(gate, config.limits)
 
     def refusal(self, session, verdict):
         """The text to close a refused connection with."""

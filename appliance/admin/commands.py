@@ -7,9 +7,9 @@ run only those) and, for what lists or shows, ``--json``. The doors (the SSH
 shell, the control socket, the ``mailappliance`` CLI) only parse a line into
 words and hand them to ``dispatch``; they never know a command's insides.
 
-Exit codes: 0 ok, 1 failed or not found, 2 usage or bad config, 3 partial (a
-bulk operation where some items failed), 77 permission denied, 127 unknown
-command. Errors are one line on the error stream, ``error: ...``.
+Exit codes: 0 ok (also a command that returns nothing), 1 failed or not
+found, 2 usage or bad config, 3 partial (a bulk operation where some items
+failed), 77 permission denied, 127 unknown command. Errors are one line on the error stream, ``error: ...``.
 
 Passwords never come from the command line: ``ctx.read_secret`` reads them
 (stdin of a one-shot command, a no-echo prompt in the interactive shell).
@@ -466,7 +466,6 @@ def cmd_help(ctx, args):
     ctx.out("help COMMAND shows its arguments.")
     if ctx.identity.role != ADMIN:
         ctx.out("(read-only key: only commands that change nothing will run)")
-    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------
@@ -494,7 +493,6 @@ def cmd_status(ctx, args):
         ctx.out(f"alert #{alert['alert_id']}: {alert['text']}")
     for warning in info["warnings"]:
         ctx.out(f"warning: {warning}")
-    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------
@@ -536,13 +534,14 @@ def _local_address(ctx, address):
 
 
 @defer.inlineCallbacks
-def _hashed_password(ctx):
-    """The hash of a password read from the caller (stdin or a prompt)."""
+def _store_password(ctx, write, address):
+    """Read a password from the caller (stdin or a prompt), hash it and
+    store the hash with ``write(address, hash)``."""
     password = yield ctx.read_secret("Password: ")
     if not password:
         raise Failed("empty password refused")
     hashed = yield ctx.blocking(hash_password, password)
-    return hashed
+    yield ctx.blocking(write, address, hashed)
 
 
 PASSWORD_STDIN = Arg("--password-stdin", "read the password from the first line of stdin",
@@ -579,7 +578,6 @@ def cmd_user_list(ctx, args):
                     + ("  (suspended)" if row["suspended"] else ""))
     if warning:
         ctx.err(f"warning: {warning}")
-    return EXIT_OK
 
 
 def _one_entry(ldap, address, entries):
@@ -648,7 +646,6 @@ def cmd_user_show(ctx, args):
                 f"{more}")
     else:
         ctx.out("mailbox:    empty (nothing delivered yet)")
-    return EXIT_OK
 
 
 @command("user add", "add a user; the password comes from stdin or a prompt, never argv",
@@ -665,10 +662,8 @@ def cmd_user_add(ctx, args):
             ctx.out(f"user exists, unchanged: {address}")
             return EXIT_OK
         raise Failed(f"{address} already exists")
-    hashed = yield _hashed_password(ctx)
-    yield ctx.blocking(users.add, address, hashed)
+    yield _store_password(ctx, users.add, address)
     ctx.out(f"user added: {address}")
-    return EXIT_OK
 
 
 @command("user passwd", "set a new password (stdin or a prompt)",
@@ -678,10 +673,8 @@ def cmd_user_passwd(ctx, args):
     address = canonical_address(args.address)
     if users.lookup(address) is None:
         raise Failed(f"{address} does not exist")
-    hashed = yield _hashed_password(ctx)
-    yield ctx.blocking(users.set_hash, address, hashed)
+    yield _store_password(ctx, users.set_hash, address)
     ctx.out(f"password changed: {address}")
-    return EXIT_OK
 
 
 @command("user del", "delete a user (its mail stays on disk)",
@@ -693,7 +686,6 @@ def cmd_user_del(ctx, args):
     if ctx.suspensions is not None and address in ctx.suspensions.list():
         yield ctx.blocking(ctx.suspensions.resume, address)
     ctx.out(f"user deleted: {address}")
-    return EXIT_OK
 
 
 @command("user suspend", "refuse the user's logins and hold its queued outbound mail",
@@ -704,10 +696,8 @@ def cmd_user_suspend(ctx, args):
         address = yield _ldap_mailbox(ctx, address)     # the entry's own address
     elif ctx.users.lookup(address) is None:
         raise Failed(f"{address} does not exist")
-    yield ctx.blocking(ctx.suspensions.suspend, address, ctx.seconds())
-    held = yield _hold_all(ctx, _outbound_of(ctx, address), hold=True)
+    held = yield _set_suspended(ctx, address, True)
     ctx.out(f"suspended: {address} (logins refused; {held} queued messages held)")
-    return EXIT_OK
 
 
 @command("user resume", "undo suspend: logins work again, its held mail is released",
@@ -718,17 +708,28 @@ def cmd_user_resume(ctx, args):
         address = yield _ldap_mailbox(ctx, address)     # named by another of its addresses
     if address not in ctx.suspensions.list():
         raise Failed(f"{address} is not suspended")
-    yield ctx.blocking(ctx.suspensions.resume, address)
-    released = yield _hold_all(ctx, [q for q in _outbound_of(ctx, address)
-                                     if ctx.queue.entry(q).held], hold=False)
+    released = yield _set_suspended(ctx, address, False)
     ctx.out(f"resumed: {address} ({released} messages released)")
-    return EXIT_OK
 
 
 def _outbound_of(ctx, address):
     """Queued messages the user sent: submitted by it, or with it as sender."""
     mine = set(ctx.queue.select(auth_user=address)) | set(ctx.queue.select(sender=address))
     return sorted(mine)
+
+
+@defer.inlineCallbacks
+def _set_suspended(ctx, address, suspended):
+    """Suspend ``address`` and hold the mail it queued, or resume it and
+    release its held mail; -> how many messages were held or released."""
+    if suspended:
+        yield ctx.blocking(ctx.suspensions.suspend, address, ctx.seconds())
+        qids = _outbound_of(ctx, address)
+    else:
+        yield ctx.blocking(ctx.suspensions.resume, address)
+        qids = [q for q in _outbound_of(ctx, address) if ctx.queue.entry(q).held]
+    done = yield _hold_all(ctx, qids, hold=suspended)
+    return done
 
 
 @defer.inlineCallbacks
@@ -755,7 +756,6 @@ def cmd_alias_list(ctx, args):
     else:
         for address, targets in found:
             ctx.out(f"{address}: {', '.join(targets)}")
-    return EXIT_OK
 
 
 @command("alias add", "add an alias (or more targets to one); @domain is the catch-all",
@@ -766,7 +766,6 @@ def cmd_alias_add(ctx, args):
     address = _local_address(ctx, args.address)
     yield ctx.blocking(ctx.aliases.add, address, args.targets)
     ctx.out(f"alias {address}: {', '.join(ctx.aliases.targets(address))}")
-    return EXIT_OK
 
 
 @command("alias del", "delete an alias",
@@ -776,7 +775,6 @@ def cmd_alias_del(ctx, args):
     address = alias_key(args.address)
     yield ctx.blocking(ctx.aliases.delete, address)
     ctx.out(f"alias deleted: {address}")
-    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------
@@ -870,7 +868,6 @@ def cmd_queue_show(ctx, args):
     ctx.out("")
     for line in info["headers"].splitlines():
         ctx.out(line)
-    return EXIT_OK
 
 
 def _chosen(ctx, args, verb, allow_ids=True):
@@ -995,7 +992,6 @@ def cmd_dkim_list(ctx, args):
         return EXIT_OK
     for key in keys:
         ctx.out(f"{key.domain} {key.selector} {key.algorithm} {key.state}")
-    return EXIT_OK
 
 
 @defer.inlineCallbacks
@@ -1028,7 +1024,6 @@ def cmd_dkim_rotate(ctx, args):
     for key in made:
         ctx.out(f"new key: {key.dns_name} ({key.algorithm}); publish:")
         ctx.out(dnsrecords.Record(key.dns_name + ".", "TXT", key.txt, "dkim").zone_line())
-    return EXIT_OK
 
 
 @command("dkim remove", "delete a retired key",
@@ -1039,7 +1034,6 @@ def cmd_dkim_remove(ctx, args):
     yield _ensure_keys(ctx)
     key = yield ctx.blocking(ctx.dkim.remove, args.domain, args.selector)
     ctx.out(f"removed: {key.dns_name} (its DNS record can go)")
-    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------
@@ -1053,7 +1047,6 @@ def cmd_config_check(ctx, args):
     ctx.out(f"config OK: {cfg.path}")
     if ctx.online and cfg != ctx.cfg:
         ctx.out("the file differs from the running configuration: restart to apply it")
-    return EXIT_OK
 
 
 @command("reload", "re-read users, aliases, suspensions, the TLS certificate and DKIM keys",
@@ -1062,7 +1055,6 @@ def cmd_reload(ctx, args):
     done = ctx.state.reload()
     for line in done:
         ctx.out(line)
-    return EXIT_OK
 
 
 def _tail_lines(path, count):
@@ -1137,7 +1129,6 @@ def cmd_log_tail(ctx, args):
         pass
     finally:
         events.remove_observer(observe)
-    return EXIT_OK
 
 
 @command("server hostkey", "the SSH host key's fingerprint (check ssh's first-connect "
@@ -1158,7 +1149,6 @@ def cmd_server_hostkey(ctx, args):
         ctx.json({"type": key.sshType().decode(), "fingerprint": fingerprint, "path": path})
     else:
         ctx.out(f"{key.sshType().decode()} {fingerprint} ({path})")
-    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------
@@ -1177,7 +1167,6 @@ def cmd_audit(ctx, args):
         run(ctx.cfg, args.logfiles, args.json, ctx.raw if args.json else ctx.out)
     except ReplayError as exc:
         raise Failed(str(exc)) from None
-    return EXIT_OK
 
 
 def _auditor(ctx):
@@ -1204,7 +1193,6 @@ def cmd_alerts(ctx, args):
                 f"{describe(alert)}")
     if not found:
         ctx.out("no alerts")
-    return EXIT_OK
 
 
 @command("alerts ack", "mark an alert as seen",
@@ -1214,7 +1202,6 @@ def cmd_alerts_ack(ctx, args):
     if not _auditor(ctx).ack(args.alert_id):
         raise Failed(f"no alert #{args.alert_id}")
     ctx.out(f"acknowledged: #{args.alert_id}")
-    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------
@@ -1259,7 +1246,6 @@ def cmd_bans_list(ctx, args):
     ctx.table(("network", "reason", "rule", "expires", "offences"),
               [(row["network"], row["reason"] or "", row["rule"] or "",
                 _ends(ctx, row["until"]), row["offences"]) for row in rows])
-    return EXIT_OK
 
 
 @command("ban", "ban an address or network on every listener; without DURATION "
@@ -1284,7 +1270,6 @@ def cmd_ban(ctx, args):
         raise Failed(f"{network.with_prefixlen} is in [limits] allow or "
                      "[relay] trusted_networks: never banned")
     ctx.out(f"banned: {ban.network}, ends {_ends(ctx, ban.until)}")
-    return EXIT_OK
 
 
 @command("unban", "lift the ban of exactly this address or network",
@@ -1297,7 +1282,6 @@ def cmd_unban(ctx, args):
     if not bans.unban(network, reason="admin"):
         raise Failed(f"not banned: {network.with_prefixlen}")
     ctx.out(f"unbanned: {network.with_prefixlen}")
-    return EXIT_OK
 
 
 @command("greylist list", "the client networks that pass greylisting, and the triplets "
@@ -1324,7 +1308,6 @@ def cmd_greylist_list(ctx, args):
         ctx.table(("network", "sender", "recipient", "first seen"),
                   [(p["network"], p["sender"] or "<>", p["recipient"],
                     duration(ctx.seconds() - (p["first"] or 0)) + " ago") for p in pending])
-    return EXIT_OK
 
 
 A_NETWORK = Arg("network", "an address (its /24 or IPv6 prefix) or a network",
@@ -1344,7 +1327,6 @@ def _greylist_change(ctx, verb, network):
 def cmd_greylist_allow(ctx, args):
     network = _greylist_change(ctx, "allow", args.network)
     ctx.out(f"passes greylisting: {network}")
-    return EXIT_OK
 
 
 @command("greylist forget", "forget a client network and its triplets (greylisted anew)",
@@ -1354,7 +1336,6 @@ def cmd_greylist_forget(ctx, args):
     if not found:
         raise Failed(f"greylisting knows nothing of {network}")
     ctx.out(f"forgotten: {network}")
-    return EXIT_OK
 
 
 @command("limits", "the current counters of a client address or a user against the limits",
@@ -1405,7 +1386,6 @@ def cmd_limits(ctx, args):
         else:
             ctx.out(f"banned: {ban['network']}, ends {_ends(ctx, ban['until'])} "
                     f"({ban['reason']}; offences: {info['offences']})")
-    return EXIT_OK
 
 
 def _number(value):

@@ -29,6 +29,7 @@ from appliance.admin import commands
 from appliance.admin.commands import EXIT_OK, EXIT_USAGE, Sink, dispatch
 from appliance.admin.output import safe
 from appliance.admin.channel import Feed, connect_feed
+from appliance.clock import cancel
 
 PROMPT = b"mailappliance> "
 MAX_LINE = 16 * 1024
@@ -72,9 +73,7 @@ class _Idle:
             self.call = self.clock.callLater(self.timeout, self._fire)
 
     def stop(self):
-        if self.call is not None and self.call.active():
-            self.call.cancel()
-        self.call = None
+        self.call = cancel(self.call)
 
     def _fire(self):
         self.call = None

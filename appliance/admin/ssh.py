@@ -38,6 +38,7 @@ from appliance.admin import keys as keymod
 from appliance.admin.channel import Feed, connect_feed
 from appliance.net.peer import peer_in
 from appliance.admin.commands import EXIT_OK, EXIT_USAGE, Identity, Sink, dispatch
+from appliance.clock import cancel
 
 _log = Logger(namespace="mailappliance.admin")
 
@@ -156,17 +157,13 @@ class AdminTransport(transport.SSHServerTransport):
 
     def authenticated(self, avatar_id):
         self.logged_in = avatar_id
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+        self._deadline = cancel(self._deadline)
         self.factory.logged_in(self)
         events.emit("admin.login", peer_ip=self.peer_ip, user=avatar_id.user,
                     key_fingerprint=avatar_id.key.fingerprint, role=avatar_id.key.role)
 
     def connectionLost(self, reason):
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+        self._deadline = cancel(self._deadline)
         try:
             super().connectionLost(reason)
         finally:

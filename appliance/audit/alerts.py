@@ -14,6 +14,7 @@
 """
 
 import collections
+import dataclasses
 import io
 import email.policy
 import email.utils
@@ -26,6 +27,7 @@ from twisted.logger import Logger
 
 from appliance import events
 from appliance.envelope import Envelope, new_queue_id
+from appliance.clock import cancel
 
 _log = Logger(namespace="mailappliance.audit")
 
@@ -204,20 +206,20 @@ def _duration(seconds):
     return f"{seconds:g}s"
 
 
+@dataclasses.dataclass(eq=False)
 class Digest:
     """Mails new alerts to ``to`` at most once per ``interval`` (see the module
     docstring). ``queue``: the QueueRunner (``accept``); ``clock``: IReactorTime."""
 
-    def __init__(self, queue, clock, hostname, to, interval, gather=DIGEST_GATHER):
-        self.queue = queue
-        self.clock = clock
-        self.hostname = hostname
-        self.to = to
-        self.interval = interval
-        self.gather = gather
-        self.waiting = []
-        self.last_sent = None
-        self._timer = None
+    queue: object
+    clock: object
+    hostname: str
+    to: str
+    interval: float
+    gather: float = DIGEST_GATHER
+    waiting: list = dataclasses.field(default_factory=list, init=False)
+    last_sent: float = dataclasses.field(default=None, init=False)
+    _timer: object = dataclasses.field(default=None, init=False, repr=False)
 
     def add(self, alert):
         self.waiting.append(alert)
@@ -229,9 +231,7 @@ class Digest:
             self._timer = self.clock.callLater(due - now, self._send)
 
     def stop(self):
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer = cancel(self._timer)
 
     def _send(self):
         self._timer = None

@@ -280,18 +280,29 @@ class Engine:
         self.on_finding(Finding(ts=ts, rule=rule, peer_ip=peer_ip, account=account,
                                 count=count, window=window, action=action, detail=detail))
 
+    def _count_client(self, record, ts, counts, rule, what):
+        """Count ``record``'s client in ``counts``; at the threshold, a
+        finding ``rule`` ("<count> <what>") that bans the client unless it is
+        never_banned. -> the client's (key, network), None if it has none."""
+        found = self._net(record)
+        if found is None:
+            return None
+        key, net = found
+        count = counts.add(key, ts)
+        if count:
+            self._find(ts, rule, count, counts.window, self._ban_or_none(net),
+                       f"{count} {what}", peer_ip=key)
+        return found
+
     # -- rules
 
     def _auth_failure(self, record, ts):
-        found = self._net(record)
-        account = str(record.get("account") or "")[:256]
+        found = self._count_client(record, ts, self.brute, "brute_force",
+                                   "authentication failures")
         if found is None:
             return
         key, net = found
-        count = self.brute.add(key, ts)
-        if count:
-            self._find(ts, "brute_force", count, self.brute.window, self._ban_or_none(net),
-                       f"{count} authentication failures", peer_ip=key)
+        account = str(record.get("account") or "")[:256]
         if account:
             count = self.spray.add_distinct(key, account, ts)
             if count:
@@ -344,29 +355,15 @@ class Engine:
             counts, rule, what = self.relay, "relay_probe", "relay attempts refused"
         else:
             return
-        found = self._net(record)
-        if found is None:
-            return
-        key, net = found
-        count = counts.add(key, ts)
-        if count:
-            self._find(ts, rule, count, counts.window, self._ban_or_none(net),
-                       f"{count} {what}", peer_ip=key)
+        self._count_client(record, ts, counts, rule, what)
 
     def _limit(self, record, ts):
         if record.get("kind") in PROTOCOL_LIMITS[record["event"]]:
             self._protocol_error(record, ts)
 
     def _protocol_error(self, record, ts):
-        found = self._net(record)
-        if found is None:
-            return
-        key, net = found
-        count = self.abuse.add(key, ts)
-        if count:
-            self._find(ts, "protocol_abuse", count, self.abuse.window, self._ban_or_none(net),
-                       f"{count} protocol errors (last: {record['event']} "
-                       f"{record.get('kind', '')})".replace(" )", ")"), peer_ip=key)
+        what = f"protocol errors (last: {record['event']} {record.get('kind', '')})"
+        self._count_client(record, ts, self.abuse, "protocol_abuse", what.replace(" )", ")"))
 
     def _accepted(self, record, ts):
         account = record.get("account")

@@ -40,22 +40,25 @@ AUDIT_DIR = "audit"
 class AuditService(service.Service):
     """The live auditor; see the module docstring.
 
-    ``actions``: an IActions; ``store``: AlertStore or None; ``digest``:
-    Digest or None; ``webhook``: Webhook or None; ``holds``: the Holds that
-    hears of admin releases (``queue.released``), or None.
+    ``actions``: an IActions (its ``holds``, if any, hears of admin
+    releases: ``queue.released``); ``store``: AlertStore or None;
+    ``digest``: Digest or None; ``webhook``: Webhook or None.
     """
 
     name = "auditor"
+    findings = 0                # since start
+    shared = None               # the RedisState alerts are shared through (share())
 
-    def __init__(self, settings, actions, store=None, digest=None, webhook=None, holds=None):
+    def __init__(self, settings, actions, store=None, digest=None, webhook=None):
         self.engine = Engine(settings, self._finding)
         self.actions = actions
         self.store = store
         self.digest = digest
         self.webhook = webhook
-        self.holds = holds
-        self.findings = 0
-        self.shared = None
+
+    @property
+    def holds(self):
+        return getattr(self.actions, "holds", None)
 
     @classmethod
     def from_config(cls, cfg, reactor, spool=None, runner=None, bans=None, write=None):
@@ -76,7 +79,7 @@ class AuditService(service.Service):
             digest = Digest(runner, reactor, cfg.server.hostname, to, cfg.audit.alert_interval)
         webhook = Webhook(cfg.audit.webhook, reactor) if cfg.audit.webhook else None
         return cls(Settings.from_config(cfg), Actions(bans, holds), AlertStore(directory, **files),
-                   digest, webhook, holds)
+                   digest, webhook)
 
     def share(self, state):
         """Alerts shared with the other appliances through ``state`` (a

@@ -526,12 +526,13 @@ class LdapAccounts:
     leaves only the socket timeouts.
     """
 
+    _available = True           # False from an outage's first error to the next answer
+
     def __init__(self, client, run_in_thread, clock=None, deadline=DEADLINE):
         self._client = client
         self._run_in_thread = run_in_thread
         self._clock = clock
         self._deadline = deadline
-        self._available = True
 
     @classmethod
     def from_config(cls, cfg, run_in_thread, clock=None, timeout=TIMEOUT,

@@ -155,7 +155,8 @@ class WatchedFile:
     """A file of ``key<sep>value`` lines, cached and reloaded when it changes.
 
     Subclasses define ``_parse_line(line) -> (key, value)`` (ValueError for a
-    malformed line) and ``_format_line(key, value) -> str``. ``clock`` is an
+    malformed line), ``_format_line(key, value) -> str`` and ``_key(text)``,
+    the key form of a name asked for (UsersError if it can be none). ``clock`` is an
     IReactorTime (a ``task.Clock`` in tests); ``check_interval`` bounds how often lookups
     pay for an ``os.stat``.
     """
@@ -169,6 +170,15 @@ class WatchedFile:
         self._entries = {}
 
     # -- reading ---------------------------------------------------------
+
+    def _get(self, text):
+        """The value stored under ``text``'s key, or None (also when
+        ``text`` can be no key)."""
+        try:
+            key = self._key(text)
+        except UsersError:
+            return None
+        return self._entries_now().get(key)
 
     def _entries_now(self):
         """The current entries, reloading if the file changed."""
@@ -318,13 +328,11 @@ class UsersFile(WatchedFile):
     def _format_line(self, address, hashed):
         return f"{address}:{hashed}"
 
+    _key = staticmethod(canonical_address)
+
     def lookup(self, address):
         """The hash stored for ``address``, or None."""
-        try:
-            key = canonical_address(address)
-        except UsersError:
-            return None
-        return self._entries_now().get(key)
+        return self._get(address)
 
     def list(self):
         return sorted(self._entries_now())

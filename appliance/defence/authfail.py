@@ -30,7 +30,7 @@ The weights (decided here, SPEC §4 leaves them to us):
 
 
 from appliance import events
-from appliance.defence.network import client_key, normalise
+from appliance.defence.network import ClientCounter, normalise
 
 KNOWN_LOGIN_DAYS = 7
 KNOWN_LOGIN_WEIGHT = 0.5
@@ -50,19 +50,16 @@ for _name, _description, _fields in (
     events.register(_name, _description, _fields)
 
 
-class AuthGuard:
+class AuthGuard(ClientCounter):
     """See the module doc. ``bans``: ``appliance.defence.bans.Bans``;
     ``exempt``: ``Networks`` of allow + trusted networks."""
 
     def __init__(self, state, clock, bans, limits, exempt,
                  account_attack_networks=ACCOUNT_ATTACK_NETWORKS):
-        self.state = state
-        self.clock = clock
+        super().__init__(state, limits, exempt, clock)
         self.bans = bans
         self.limit = limits.auth_failures_before_ban
         self.window = limits.auth_failure_window
-        self.ipv6_prefix = limits.ipv6_prefix
-        self.exempt = exempt
         self.account_attack_networks = account_attack_networks
 
     def failure(self, ip, account="", fingerprint=None):
@@ -71,7 +68,7 @@ class AuthGuard:
         when the attempt carried no secret (malformed). -> the ``Ban``
         placed by this failure, or None."""
         account = (account or "").lower()
-        key = client_key(ip, self.ipv6_prefix)
+        key = self.key_of(ip)
         if account:
             self._watch_account(account, key)
         if normalise(ip) is None or self.exempt.contains(ip):
@@ -97,7 +94,7 @@ class AuthGuard:
     def success(self, ip, account):
         """A good login from ``ip`` for ``account``."""
         account = (account or "").lower()
-        key = client_key(ip, self.ipv6_prefix)
+        key = self.key_of(ip)
         if normalise(ip) is None:
             return
         now = self.clock.seconds()
@@ -112,7 +109,7 @@ class AuthGuard:
 
     def failures(self, ip):
         """The weighted failures of ``ip``'s network in the window."""
-        return self.state.window_count(f"auth.fail:{client_key(ip, self.ipv6_prefix)}",
+        return self.state.window_count(f"auth.fail:{self.key_of(ip)}",
                                        self.window)
 
     def _clear(self, key):

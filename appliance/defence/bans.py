@@ -18,7 +18,7 @@ sessions.
 """
 
 from appliance import events
-from appliance.defence.network import client_key, normalise, parse_network
+from appliance.defence.network import ClientCounter, normalise, parse_network
 
 BANS = "bans"               # state map: network -> ban record
 OFFENCES = "offences"       # state map: network -> number of automatic bans
@@ -61,7 +61,7 @@ class Ban:
         return f"<Ban {self.network} until {self.until} ({self.reason})>"
 
 
-class Bans:
+class Bans(ClientCounter):
     """The ban list over an ``IDefenceState`` (see the module doc).
 
     ``exempt``: a ``Networks`` of allow + trusted networks; ``limits``: the
@@ -69,12 +69,9 @@ class Bans:
     """
 
     def __init__(self, state, clock, limits, exempt):
-        self.state = state
-        self.clock = clock
+        super().__init__(state, limits, exempt, clock)
         self.ban_time = limits.ban_time
         self.ban_time_max = limits.ban_time_max
-        self.ipv6_prefix = limits.ipv6_prefix
-        self.exempt = exempt
         self.on_ban = []            # callbacks(network: ip_network, ban: Ban)
         self._wide = {}             # network text -> ip_network, for bans wider than a key
         state.on_expire(BANS, self._expired)
@@ -163,7 +160,7 @@ class Bans:
         """The ``Ban`` refusing client ``ip`` (text), or None."""
         if normalise(ip) is None or self.exempt.contains(ip):
             return None
-        field = client_key(ip, self.ipv6_prefix)
+        field = self.key_of(ip)
         record = self.state.map_get(BANS, field)
         if record is not None:
             return Ban(field, record)

@@ -33,6 +33,23 @@ def client_key(ip, ipv6_prefix):
     return str(ip) if network is None else network.with_prefixlen
 
 
+class ClientCounter:
+    """What the defences that count clients share (``Bans``, ``AuthGuard``,
+    ``Rates``): the shared ``state``, the ``[limits]`` section, the
+    ``exempt`` networks (allow + trusted, never limited) and ``key_of(ip)``,
+    the client's network key."""
+
+    def __init__(self, state, limits, exempt, clock=None):
+        self.state = state
+        self.limits = limits
+        self.exempt = exempt
+        self.clock = clock
+        self.ipv6_prefix = limits.ipv6_prefix
+
+    def key_of(self, ip):
+        return client_key(ip, self.ipv6_prefix)
+
+
 def greylist_key(ip, ipv6_prefix):
     """The key for greylisting: IPv4 /24, IPv6 /ipv6_prefix."""
     network = network_for(ip, GREYLIST_IPV4_PREFIX, ipv6_prefix)

@@ -17,18 +17,14 @@ in ``allow`` and ``trusted_networks`` are never limited. Every refusal is a
 
 from appliance import events
 from appliance.defence import authfail  # noqa: F401  (registers defence.limit)
-from appliance.defence.network import client_key
+from appliance.defence.network import ClientCounter
 
 MINUTE = 60.0
 HOUR = 3600.0
 
 
-class Rates:
-    def __init__(self, state, limits, exempt):
-        self.state = state
-        self.limits = limits
-        self.ipv6_prefix = limits.ipv6_prefix
-        self.exempt = exempt
+class Rates(ClientCounter):
+    """The per-minute and per-hour limits of ``[limits]``."""
 
     def _hit(self, kind, key, window, limit):
         allowed, count = self.state.window_hit(f"{kind}:{key}", window, limit)
@@ -40,14 +36,14 @@ class Rates:
         """Count a new connection of ``ip``; False when over the limit."""
         if self.exempt.contains(ip):
             return True
-        return self._hit("connections_per_minute_per_ip", client_key(ip, self.ipv6_prefix),
+        return self._hit("connections_per_minute_per_ip", self.key_of(ip),
                          MINUTE, self.limits.connections_per_minute_per_ip)
 
     def message_from_ip(self, ip):
         """Count a MAIL of an unauthenticated client; False when over."""
         if self.exempt.contains(ip):
             return True
-        return self._hit("messages_per_hour_per_ip", client_key(ip, self.ipv6_prefix),
+        return self._hit("messages_per_hour_per_ip", self.key_of(ip),
                          HOUR, self.limits.messages_per_hour_per_ip)
 
     def message_from_user(self, user, ip=None):
@@ -65,7 +61,7 @@ class Rates:
 
     def counts_of_ip(self, ip):
         """``{kind: (count now, limit)}`` of client ``ip``'s network."""
-        key = client_key(ip, self.ipv6_prefix)
+        key = self.key_of(ip)
         return {kind: (self._count(kind, key, window), getattr(self.limits, kind))
                 for kind, window in (("connections_per_minute_per_ip", MINUTE),
                                      ("messages_per_hour_per_ip", HOUR))}

@@ -54,6 +54,7 @@ from zope.interface import implementer
 
 from appliance import events
 from appliance.defence.state import WINDOW_SLOTS, IDefenceState
+from appliance.clock import cancel
 
 PREFIX = "mailappliance:"
 CHANNEL = PREFIX + "state"
@@ -292,12 +293,8 @@ class RedisState:
         if self._stopping is not None:
             return _chained(self._stopping)
         self.stopping = True
-        if self._reconnect_call is not None and self._reconnect_call.active():
-            self._reconnect_call.cancel()
-        self._reconnect_call = None
-        if self._write_call is not None and self._write_call.active():
-            self._write_call.cancel()
-        self._write_call = None
+        self._reconnect_call = cancel(self._reconnect_call)
+        self._write_call = cancel(self._write_call)
         waits = [d for d in (self._writing, self._polling) if d is not None]
         d = defer.DeferredList(waits) if waits else defer.succeed(None)
 

@@ -117,11 +117,11 @@ class DefenceService(service.Service):
     expiry events), writes everything out at stop."""
 
     name = "defences"
+    _sweep = None               # the LoopingCall that expires entries, while running
 
     def __init__(self, defences, clock):
         self.defences = defences
         self.clock = clock
-        self._sweep = None
 
     def privilegedStartService(self):
         self.defences.load()

@@ -35,6 +35,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from appliance.clock import cancel
 from appliance.durable.files import write_atomic
 
 FLUSH_DELAY = 0.0       # seconds: changes within this (and during a write) are written together
@@ -286,8 +287,7 @@ class LocalState:
         d = defer.Deferred()
         self._waiters.append(d)
         if not self._writing and self._dirty:
-            if self._flush_call is not None and self._flush_call.active():
-                self._flush_call.cancel()
+            self._flush_call = cancel(self._flush_call)
             self._write_dirty()
         return d
 

@@ -94,13 +94,14 @@ class FileWatch:
     successful read.
     """
 
+    loaded = None
+    _looked_at = None           # clock time of the last look
+
     def __init__(self, paths, clock, interval, ignore=OSError):
         self.paths = tuple(paths)
         self.clock = clock
         self.interval = interval
         self.ignore = ignore
-        self.loaded = None
-        self._looked_at = None
 
     def watch(self, *paths):
         """Watch other files from now on (their change is seen at the next look)."""

@@ -94,10 +94,25 @@ class GatedFactory(protocol.ServerFactory):
     a factory built without one (a unit test) gets a gate of its own.
     """
 
-    connections = 0             # open sessions on this listener
+    def __init__(self, config, clock, listener, tls=None, implicit_tls=False, gate=None):
+        """What every mail listener has: ``listener`` names it in events;
+        ``tls``, a ``ServerTLS``, offers STARTTLS (STLS) unless ``implicit_tls``
+        says the listener wraps every connection in TLS itself."""
+        self.config = config
+        self.clock = clock
+        self.listener = listener
+        self.tls = tls
+        self.implicit_tls = implicit_tls
+        self.use_gate(gate, config.limits)
 
     def use_gate(self, gate, limits):
         self.gate = gate if gate is not None else Gate(limits)
+        self._admitted = set()      # the sessions let in and not yet released
+
+    @property
+    def connections(self):
+        """Open sessions on this listener."""
+        return len(self._admitted)
 
     def buildProtocol(self, addr):
         return self.protocol(self)
@@ -107,12 +122,15 @@ class GatedFactory(protocol.ServerFactory):
         verdict = self.gate.admit(session.peer_ip, session)
         if verdict is not None:
             return self.refusal(session, verdict)
-        self.connections += 1
+        self._admitted.add(session)
         return None
 
     def release(self, session):
-        self.connections -= 1
-        self.gate.release(session.peer_ip, session)
+        """A connection's end: its place is given back (a refused session,
+        or one released already, had none)."""
+        if session in self._admitted:
+            self._admitted.discard(session)
+            self.gate.release(session.peer_ip, session)
 
     # -- the defences, for the protocols (no-ops without them) ---------------------
 

@@ -29,8 +29,8 @@ What ``[checks]`` does with them:
   (``envelope.params["folder"]``). ``report``: the header only.
 - DNS trouble is ``temperror`` and never refuses a message.
 
-Every check that ran is in one ``Authentication-Results:`` field (RFC 8601,
-authres) with ``[server] hostname`` as authserv-id, added on top. Fields in
+Every check that ran is in one ``Authentication-Results:`` field
+(``appliance.policy.authresults``) with ``[server] hostname`` as authserv-id, added on top. Fields in
 the message that claim our authserv-id are forgeries and are removed first.
 Nothing taken from the client reaches the field unless it is a plain
 domain, selector or address token (no CR, LF, ``;`` or comments).
@@ -53,15 +53,14 @@ import re
 from collections import namedtuple
 from email.headerregistry import HeaderRegistry
 
-import authres
-import authres.dmarc
 from twisted.internet import defer
 
 from appliance import events
-from appliance.address import is_ip
+from appliance.address import dns_name, is_ip
 from appliance.clock import default_clock
 from appliance.policy import dmarc as dmarc_module
 from appliance.policy.answers import AnswerCache, NotCached
+from appliance.policy.authresults import authentication_results
 from appliance.policy.dkim_verify import verify_signatures
 from appliance.policy.lookup import Lookups
 from appliance.policy.spf_check import check_helo, check_mailfrom
@@ -91,11 +90,6 @@ BUDGET_TIMEOUTS = 4             # the checks of one message: four [dns] timeouts
 MIN_BUDGET = 5.0
 REACTOR_OCTETS = 64 * 1024      # a bigger message is always checked on the worker thread
 
-_DOMAIN = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9])?\Z")
-_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}\Z")
-_SELECTOR = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,62})\Z")
-_ALGORITHM = re.compile(r"[a-z0-9-]{1,20}\Z")
-_COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9 .,:=/-]")
 _DOMAIN_IN_TEXT = re.compile(r"@([^\s<>\"(),;:@\[\]\\]+)")
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _ADDR = rf"{_ATOM}(?:\.{_ATOM})*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)"
@@ -168,80 +162,12 @@ def from_domains(message, fields, plain_only=False):
         if defective:
             domains += _DOMAIN_IN_TEXT.findall(text)
         for domain in domains:
-            ascii_domain = ascii_domain_or_none(domain)
+            ascii_domain = dns_name(domain)
             if ascii_domain is not None and ascii_domain not in seen:
                 seen.append(ascii_domain)
                 if len(seen) == MAX_FROM_DOMAINS:
                     return seen
     return seen
-
-
-def ascii_domain_or_none(domain):
-    """``domain`` lower-case in A-label form if it is a plain DNS name, else None."""
-    domain = domain.strip().rstrip(".").lower()
-    try:
-        domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return None
-    return domain if "." in domain and _DOMAIN.match(domain) else None
-
-
-# -- Authentication-Results -----------------------------------------------------
-
-def _comment(text):
-    return _COMMENT_UNSAFE.sub("", text)[:80] or None
-
-
-def _address_value(sender):
-    """An SPF smtp.mailfrom value: the address if it is a plain token, else its domain."""
-    local, _, domain = sender.rpartition("@")
-    domain = ascii_domain_or_none(domain)
-    if domain is None:
-        return None
-    return f"{local}@{domain}" if _LOCAL.match(local) else domain
-
-
-def _spf_result(result, sender):
-    if result.identity == "helo":
-        helo = ascii_domain_or_none(result.domain)
-        return authres.SPFAuthenticationResult(result=result.result, smtp_helo=helo)
-    mailfrom = _address_value(sender) if sender else None
-    if mailfrom is None:
-        return authres.SPFAuthenticationResult(
-            result=result.result, smtp_helo=ascii_domain_or_none(result.domain),
-            result_comment="null sender" if not sender else None)
-    return authres.SPFAuthenticationResult(result=result.result, smtp_mailfrom=mailfrom)
-
-
-def _dkim_result(result):
-    selector = result.selector if _SELECTOR.match(result.selector) else None
-    algorithm = result.algorithm if _ALGORITHM.match(result.algorithm) else None
-    return authres.DKIMAuthenticationResult(
-        result=result.result, result_comment=_comment(result.reason),
-        header_d=ascii_domain_or_none(result.domain), header_s=selector,
-        header_a=algorithm)
-
-
-def _dmarc_result(result):
-    comment = f"p={result.policy or 'none'} dis={result.disposition}" \
-        if result.policy else _comment(result.reason)
-    return authres.dmarc.DMARCAuthenticationResult(
-        result=result.result, result_comment=comment,
-        header_from=ascii_domain_or_none(result.domain))
-
-
-def authentication_results(hostname, verdict, sender):
-    """The Authentication-Results field (bytes, CRLF, folded one result a line)."""
-    results = [_spf_result(r, sender) for r in verdict.spf]
-    if verdict.dkim is not None:
-        results += [_dkim_result(r) for r in verdict.dkim] or [
-            authres.DKIMAuthenticationResult(result="none")]
-    results += [_dmarc_result(r) for r in verdict.dmarc]
-    authserv_id = re.sub(r"[^a-z0-9.-]", "", hostname.lower()) or "localhost"
-    text = "".join(";\r\n\t" + str(result) for result in results) or "; none"
-    field = f"Authentication-Results: {authserv_id}{text}\r\n"
-    # Every value passed the token checks above; this keeps it a promise.
-    return field.encode("ascii", "replace")
 
 
 def site_names(config):

@@ -23,6 +23,7 @@ from collections import namedtuple
 
 import spf as pyspf
 
+from appliance.address import dns_name
 from appliance.policy.answers import NotCached
 from appliance.policy.lookup import TempDNSError
 
@@ -32,7 +33,6 @@ SPFResult = namedtuple("SPFResult", "identity domain result")
 SPFResult.__doc__ = """One SPF evaluation: identity "mailfrom" or "helo", the domain checked,
 the RFC 7208 result (one of ``RESULTS``)."""
 
-_HOST = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9])?\Z")
 _NOT_ATEXT = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]")
 
 _current = threading.local()
@@ -73,16 +73,6 @@ def _using(lookups):
         _current.lookups = None
 
 
-def _dns_domain(domain):
-    """``domain`` in A-label form, or None if it cannot be a host name."""
-    domain = domain.rstrip(".").lower()
-    try:
-        ascii_domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return None
-    return ascii_domain if "." in ascii_domain and _HOST.match(ascii_domain) else None
-
-
 def _evaluate(lookups, ip, sender, helo):
     """One pyspf check_host(); a pyspf bug on hostile input is a temperror."""
     try:
@@ -117,7 +107,7 @@ def _kept_or_evaluated(lookups, key, ip, sender, helo):
 def check_helo(lookups, ip, helo):
     """The HELO identity (RFC 7208 §2.3); "none" for an address literal or a
     name that is not a domain."""
-    domain = _dns_domain(helo) if helo and not helo.startswith("[") else None
+    domain = dns_name(helo) if helo and not helo.startswith("[") else None
     if domain is None:
         return SPFResult("helo", helo, "none")
     return SPFResult("helo", domain,
@@ -130,7 +120,7 @@ def check_mailfrom(lookups, ip, sender, helo_result):
     if not sender:
         return SPFResult("mailfrom", helo_result.domain, helo_result.result)
     local, _, domain = sender.rpartition("@")
-    ascii_domain = _dns_domain(domain)
+    ascii_domain = dns_name(domain)
     if ascii_domain is None:
         return SPFResult("mailfrom", domain, "none")
     # The local part only feeds %{l} macros; pyspf splits at the first "@".

@@ -56,15 +56,16 @@ class BodyFile:
     ``stored_size`` count the body with CRLF and as stored (LF).
     """
 
+    wire_size = 0
+    stored_size = 0
+    error = None                # the OSError that failed a write
+
     def __init__(self, path, run_in_thread, on_drain=None, chunk=CHUNK, backlog=BACKLOG):
         self.path = path
         self.run_in_thread = run_in_thread
         self.on_drain = on_drain
         self.chunk = chunk
         self.backlog = backlog
-        self.wire_size = 0
-        self.stored_size = 0
-        self.error = None           # the OSError that failed a write
         self._pending = []
         self._pending_size = 0
         self._busy = False

@@ -45,6 +45,7 @@ from appliance.message import header_safe
 from appliance.receive.received import protocol_name, received_header
 from appliance.net.session import LineSession
 from appliance.net.tls import TLSError, connection_info
+from appliance.clock import cancel
 
 COMMAND_LINE_LIMIT = 512        # octets with CRLF, RFC 5321 §4.5.3.1.4
 TEXT_LINE_LIMIT = 1000          # octets with CRLF, RFC 5321 §4.5.3.1.6
@@ -163,7 +164,6 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         self.messages = 0
         self.started = 0.0
         self._txn = None
-        self._registered = False
         self._errors = 0
         self._timer = None
         self._junk = None           # a JunkCounter once connected (None: no defences)
@@ -186,7 +186,6 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         if refusal is not None:
             self._close_with(refusal)
             return
-        self._registered = True
         self._junk = self.factory.junk_counter(self)
         self.reply(replies.greeting(self.config.server.hostname))
         self._arm_command_timer()
@@ -199,9 +198,7 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         self._cancel_timer()
         if self._txn is not None and self._txn.incoming is not None:
             self._txn.incoming.discard()    # mid-DATA: no body file stays behind
-        if self._registered:
-            self._registered = False
-            self.factory.release(self)
+        self.factory.release(self)
         self.emit("smtp.disconnect", duration=round(self.clock.seconds() - self.started, 3),
                   messages=self.messages)
 
@@ -362,9 +359,7 @@ class ApplianceSMTP(LineSession, smtp.ESMTP):
         self._arm(self.config.limits.command_timeout, "command")
 
     def _cancel_timer(self):
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer = cancel(self._timer)
 
     def _timed_out(self, phase):
         self._timer = None
@@ -712,16 +707,11 @@ class SMTPFactory(GatedFactory):
 
     def __init__(self, config, directory, queue, clock, listener="mx", policy=None,
                  tls=None, implicit_tls=False, gate=None):
-        self.config = config
+        super().__init__(config, clock, listener, tls, implicit_tls, gate)
         self.directory = directory
         self.queue = queue      # accept(envelope, message), space_available(size)
-        self.clock = clock
-        self.listener = listener
         self.policy = policy if policy is not None else MXPolicy(config, directory)
         self.pipeline = Pipeline(self.policy, config.relay.trusted_networks)
-        self.tls = tls
-        self.implicit_tls = implicit_tls
-        self.use_gate(gate, config.limits)
 
     # The pipeline's DKIM signer (our users' mail) and inbound checks (mail
     # from outside): tap.py builds the pipeline whole; tests set these.

@@ -48,6 +48,7 @@ import appliance
 from appliance import events
 from appliance.web.acme_store import AcmeStore
 from appliance.web.policy import web_names
+from appliance.clock import cancel
 
 RETRY_DELAYS = (30.0, 300.0, 1800.0, 7200.0, 21600.0, 86400.0)     # the last repeats
 JITTER = 0.25
@@ -205,6 +206,8 @@ class AcmeService(service.Service):
     """
 
     name = "acme"
+    in_flight = False           # an order is running
+    _call = None                # the next check
 
     def __init__(self, names, directory_url, store, issue, server_tls, run_in_thread, clock,
                  rand=random.random):
@@ -216,8 +219,6 @@ class AcmeService(service.Service):
         self._run = run_in_thread
         self._clock = clock
         self._rand = rand
-        self._call = None
-        self.in_flight = False
 
     @classmethod
     def from_config(cls, cfg, reactor, server_tls, challenges, run_in_thread):
@@ -242,14 +243,11 @@ class AcmeService(service.Service):
         self._schedule(0)
 
     def stopService(self):
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        self._call = cancel(self._call)
         return super().stopService()
 
     def _schedule(self, delay):
-        if self._call is not None and self._call.active():
-            self._call.cancel()
+        cancel(self._call)
         self._call = self._clock.callLater(max(0.0, min(delay, CHECK_INTERVAL)), self.check)
 
     def check(self):

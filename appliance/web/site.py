@@ -29,6 +29,7 @@ from appliance import events
 from appliance.net.gate import DENIED, GatedFactory
 from appliance.web import clientconfig
 from appliance.web.policy import policy_text
+from appliance.clock import cancel
 
 MAX_HEADERS = 16 * 1024
 MAX_BODY = 64 * 1024
@@ -65,7 +66,6 @@ class BoundedChannel(http.HTTPChannel):
     totalHeadersSize = MAX_HEADERS
     maxHeaders = 100
     peer_ip = ""
-    _admitted = False
     _refused = False
     _lifetime = None
 
@@ -75,7 +75,6 @@ class BoundedChannel(http.HTTPChannel):
             self._refused = True
             self.transport.abortConnection()
             return
-        self._admitted = True
         super().connectionMade()
         self._lifetime = self.callLater(CONNECTION_LIFETIME, self._too_long)
 
@@ -97,12 +96,8 @@ class BoundedChannel(http.HTTPChannel):
         self.transport.loseConnection()
 
     def connectionLost(self, reason):
-        if self._lifetime is not None and self._lifetime.active():
-            self._lifetime.cancel()
-        self._lifetime = None
-        if self._admitted:
-            self._admitted = False
-            self.factory.release(self)
+        self._lifetime = cancel(self._lifetime)
+        self.factory.release(self)
         super().connectionLost(reason)
 
 
@@ -115,7 +110,6 @@ class WebSite(server.Site):
 
     noisy = False
     protocol = BoundedChannel
-    connections = 0             # open connections on this listener
 
     def __init__(self, root, listener, limits, reactor=None, gate=None):
         super().__init__(root, requestFactory=BoundedRequest, timeout=IDLE_TIMEOUT,
@@ -125,6 +119,7 @@ class WebSite(server.Site):
 
     admit = GatedFactory.admit
     release = GatedFactory.release
+    connections = GatedFactory.connections
 
     def refusal(self, session, verdict):
         events.emit("web.refused", listener=self.listener, peer_ip=session.peer_ip,

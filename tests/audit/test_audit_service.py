@@ -146,7 +146,7 @@ def test_a_held_account_s_mail_stays_in_the_queue_until_an_admin_releases_it(tmp
     again.load()
     assert again.is_held("bob@example.test")
     # The admin releases the message (queue release ID): the account is released with it.
-    service = AuditService(Settings(), Actions(holds=holds), holds=holds)
+    service = AuditService(Settings(), Actions(holds=holds))
     service.startService()
     try:
         with capture_events() as seen:

@@ -25,7 +25,8 @@ from appliance.deliver.mx import build_resolver
 from appliance.envelope import Envelope
 from appliance.policy import dmarc
 from appliance.message import claims_authserv_id, header_fields, strip_forged
-from appliance.policy.checks import Facts, InboundChecks, authentication_results, from_domains
+from appliance.policy.authresults import authentication_results
+from appliance.policy.checks import Facts, InboundChecks, from_domains
 from appliance.policy.dkim_verify import MAX_SIGNATURES, key_refusal
 from appliance.durable.commit import GroupCommitWriter
 from appliance.threads import synchronous_runner

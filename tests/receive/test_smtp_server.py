@@ -705,6 +705,21 @@ def test_connections_per_ip():
     assert factory.connections == 0
 
 
+def test_a_session_gives_its_place_back_once():
+    """The factory keeps the sessions it let in: a second release of one, or
+    the release of a refused one, frees nobody else's place."""
+    factory, first = shared_factory(limits={"connections_per_ip": "1"})
+    refused = SMTPHarness(factory)
+    assert refused.codes() == [421]
+    refused.lose()
+    factory.release(first.protocol)
+    factory.release(first.protocol)
+    assert (factory.connections, factory.gate.count("192.0.2.10")) == (0, 0)
+    again = SMTPHarness(factory)
+    assert again.codes() == [220]
+    assert factory.gate.count("192.0.2.10") == 1
+
+
 def test_allowed_networks_are_never_limited():
     factory, _ = shared_factory(limits={"connections_per_ip": "1", "allow": "192.0.2.0/24"})
     for _ in range(5):

@@ -57,6 +57,7 @@ from appliance.net.peer import peer_ip
 from appliance.message import header_safe
 from appliance.net.tls import TLSError, connection_info
 from appliance.watchdog import timed
+from appliance.clock import cancel
 
 _log = Logger()
 
@@ -226,7 +227,6 @@ class IMAPServer(imap4.IMAP4Server):
         self._running_name = b""
         self._continuation = None       # where the next line goes (SASL, IDLE)
         self.logins = LoginRecorder(self)
-        self._registered = False
         self._closing = False
         self._idle = None
         self._started = 0.0
@@ -242,7 +242,6 @@ class IMAPServer(imap4.IMAP4Server):
         if refusal is not None:
             self._bye(refusal)
             return
-        self._registered = True
         self.setTimeout(self.timeOut)
         caps = b" ".join(self.capability_list())
         self.sendLine(b"* OK [CAPABILITY " + caps + b"] " +
@@ -258,9 +257,7 @@ class IMAPServer(imap4.IMAP4Server):
         if self._literal is not None and self._literal.big:
             self._literal.sink.close()
         self._literal = None
-        if self._registered:
-            self._registered = False
-            self.factory.release(self)
+        self.factory.release(self)
         self.emit("imap.disconnect", duration=round(self.clock.seconds() - self._started, 3),
                   account=self.login_address)
 
@@ -1167,9 +1164,7 @@ class _Idle:
 
     def stop(self):
         self._stopped = True
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        self._call = cancel(self._call)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -1303,18 +1298,13 @@ class IMAPFactory(GatedFactory):
 
     def __init__(self, config, store, accounts, mechanisms, tls, clock, listener="imap",
                  implicit_tls=False, run_in_thread=None, idle_poll=IDLE_POLL, gate=None):
-        self.config = config
+        super().__init__(config, clock, listener, tls, implicit_tls, gate)
         self.store = store
         self.accounts = accounts
         self.mechanisms = mechanisms
-        self.tls = tls
-        self.clock = clock
-        self.listener = listener
-        self.implicit_tls = implicit_tls
         self.run_in_thread = run_in_thread or store.run_in_thread
         self.idle_poll = idle_poll
         self.hostname = config.server.hostname
-        self.use_gate(gate, config.limits)
         self._rescans = {}          # folder path -> another scan wanted after this one
         self._cache_saves = {}      # folder path -> the DelayedCall that saves its cache
 
