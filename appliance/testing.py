@@ -4,14 +4,18 @@
   able to answer at once, fail, or hold its answer in an unfired Deferred so a
   test decides when (and how) it arrives.
 - ``make_config``: a real ``appliance.config`` object from a few overrides.
-- ``SMTPHarness``: one SMTP session on a StringTransport, driven by a Clock.
+- ``Conversation``: a protocol on a StringTransport (bytes in, bytes out);
+  ``SMTPHarness``: one SMTP session on it, driven by a Clock.
 - ``capture_events``: the structured events emitted inside a ``with`` block.
+- ``FaultyFS``: the durable writer's FileSystem, failing (or "killed") at a
+  chosen call.
 """
 
 import contextlib
 import errno
 import os
 import socket
+import threading
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -29,11 +33,12 @@ except ImportError:             # Twisted < 19.7 (and the old name still works o
 from appliance import config as config_module
 from appliance.address import canonical, canonical_domain
 from appliance.auth.accounts import Account, BadCredentials
+from appliance.durable.commit import FileSystem
 from appliance import events
 from appliance.events import EventCollector
 
-__all__ = ["FakeAccounts", "FakeDirectory", "FakeSpool", "SMTPHarness", "StringTransport",
-           "TLSStringTransport",
+__all__ = ["Conversation", "FakeAccounts", "FakeDirectory", "FakeSpool", "SMTPHarness",
+           "StringTransport", "TLSStringTransport",
            "capture_events", "make_config"]
 
 
@@ -218,6 +223,47 @@ _BASE_CONFIG = {
 }
 
 
+class Crash(BaseException):
+    """A simulated kill -9: nothing after it runs, not even cleanup."""
+
+
+class FaultyFS(FileSystem):
+    """A FileSystem that fails at the ``at``-th of its ``MUTATING`` calls
+    (0-based; with ``only``, of that method's calls) and at every call after:
+    with OSError(``error``), or, without ``error``, with ``Crash`` (then
+    ``crashed`` is set and every later call, of any mutating method, crashes)."""
+
+    MUTATING = ("open_new", "write_all", "fsync", "close", "rename", "unlink", "fsync_dir",
+                "mkdir", "link")
+
+    def __init__(self, at=None, error=None, only=None):
+        self.at, self.error, self.only = at, error, only
+        self.count = 0
+        self.crashed = False
+
+    def __getattribute__(self, name):
+        method = super().__getattribute__(name)
+        if name not in FaultyFS.MUTATING:
+            return method
+
+        def wrapped(*args):
+            self._step(name)
+            return method(*args)
+        return wrapped
+
+    def _step(self, name):
+        if self.crashed:
+            raise Crash()
+        if self.only is not None and name != self.only:
+            return
+        if self.at is not None and self.count == self.at:
+            if self.error is None:
+                self.crashed = True
+                raise Crash()
+            raise OSError(self.error, os.strerror(self.error))
+        self.count += 1
+
+
 def clock_at(seconds):
     """A ``task.Clock`` whose time is ``seconds`` (a Unix time)."""
     clock = Clock()
@@ -249,14 +295,48 @@ class TLSStringTransport(StringTransport):
         self.written_before_tls = self.value()
 
 
-class SMTPHarness:
-    """One SMTP session of ``factory`` on a StringTransport.
+class Conversation:
+    """A protocol under test, connected to a StringTransport (``transport``).
 
-    ``send`` feeds bytes (str is encoded as UTF-8); ``replies`` returns the
-    reply lines written since the last call; ``codes`` the codes of the
-    complete replies among them. The factory is built from the other
-    arguments unless given, so several harnesses can share one factory.
-    ``transport_class`` is ``TLSStringTransport`` for STARTTLS tests.
+    ``send`` feeds it bytes (str is encoded as UTF-8); ``output`` returns the
+    bytes it wrote since the last call, ``lines`` those as text lines (CRLF
+    ends a line); ``closed``: it closed the connection; ``lose``: the
+    connection ends (as the reactor would report it).
+    """
+
+    def __init__(self, protocol, transport):
+        self.protocol = protocol
+        self.transport = transport
+        self._seen = 0
+        protocol.makeConnection(transport)
+
+    def send(self, data):
+        self.protocol.dataReceived(data.encode("utf-8") if isinstance(data, str) else data)
+
+    def output(self):
+        """Bytes written since the last call."""
+        value = self.transport.value()
+        new, self._seen = value[self._seen:], len(value)
+        return new
+
+    def lines(self):
+        return self.output().decode("utf-8").split("\r\n")[:-1]
+
+    @property
+    def closed(self):
+        return self.transport.disconnecting or self.transport.disconnected
+
+    def lose(self, reason=None):
+        self.protocol.connectionLost(failure.Failure(reason or ConnectionDone()))
+
+
+class SMTPHarness(Conversation):
+    """One SMTP session of ``factory`` on a StringTransport (a Conversation).
+
+    ``replies`` returns the reply lines written since the last call; ``codes``
+    the codes of the complete replies among them. The factory is built from
+    the other arguments unless given, so several harnesses can share one
+    factory. ``transport_class`` is ``TLSStringTransport`` for STARTTLS tests.
     """
 
     def __init__(self, factory=None, *, config=None, directory=None, spool=None,
@@ -272,33 +352,13 @@ class SMTPHarness:
         self.clock = factory.clock
         address_class = IPv6Address if ":" in peer else IPv4Address
         address = address_class("TCP", peer, port)
-        self.transport = transport_class(peerAddress=address)
-        self.protocol = factory.buildProtocol(address)
-        self.protocol.makeConnection(self.transport)
-        self._seen = 0
-
-    def send(self, data):
-        self.protocol.dataReceived(data.encode("utf-8") if isinstance(data, str) else data)
-
-    def output(self):
-        """Bytes written since the last call."""
-        value = self.transport.value()
-        new, self._seen = value[self._seen:], len(value)
-        return new
+        super().__init__(factory.buildProtocol(address), transport_class(peerAddress=address))
 
     def replies(self):
         return self.output().decode("utf-8").splitlines()
 
     def codes(self):
         return [int(line[:3]) for line in self.replies() if line[3:4] == " "]
-
-    @property
-    def closed(self):
-        return self.transport.disconnecting
-
-    def lose(self):
-        """The connection ends (as the reactor would report it)."""
-        self.protocol.connectionLost(failure.Failure(ConnectionDone()))
 
 
 def make_jwks(path, kid="k1"):
@@ -386,6 +446,18 @@ class CountingRunner(HandRunner):
 
     def __init__(self):
         super().__init__(hold=False)
+
+
+def thread_recorder(function):
+    """(recording, threads): ``recording`` calls ``function`` and first appends
+    the thread it runs on to ``threads`` (what ran where, for a test that a
+    step runs off the reactor thread)."""
+    threads = []
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return function(*args, **kwargs)
+    return recording, threads
 
 
 @contextlib.contextmanager

@@ -154,6 +154,13 @@ def issue_server_cert(ca_key, ca_cert, dns_names=("localhost",),
     return key, builder.sign(ca_key, hashes.SHA256())
 
 
+def write_cert_and_key(cert, key, cert_path, key_path):
+    """``cert`` and ``key`` as PEM files (the key readable by its owner only)."""
+    Path(cert_path).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    Path(key_path).write_bytes(_pem_key(key))
+    os.chmod(key_path, 0o600)
+
+
 def write_pki(directory, trusted_cert=True, dns_names=("localhost",),
               ips=("127.0.0.1", "::1")):
     """Write ``ca.pem``, ``server.pem``, ``server.key`` (and the rogue CA).
@@ -170,10 +177,7 @@ def write_pki(directory, trusted_cert=True, dns_names=("localhost",),
     pem = serialization.Encoding.PEM
     (directory / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
     (directory / "rogue-ca.pem").write_bytes(rogue_cert.public_bytes(pem))
-    (directory / "server.pem").write_bytes(cert.public_bytes(pem))
-    server_key = directory / "server.key"
-    server_key.write_bytes(_pem_key(key))
-    os.chmod(server_key, 0o600)
+    write_cert_and_key(cert, key, directory / "server.pem", directory / "server.key")
 
 
 # ---------------------------------------------------------------------------

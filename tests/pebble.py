@@ -13,7 +13,6 @@ PEBBLE_VA_NOSLEEP and PEBBLE_WFE_NONCEREJECT=0 make it fast and
 deterministic (no random validation delays, no random bad-nonce errors).
 """
 
-import datetime
 import json
 import os
 import shutil
@@ -23,60 +22,22 @@ import subprocess
 import time
 import urllib.request
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from appliance.testing import free_ports
+from ldap_server import issue_server_cert, make_ca, write_cert_and_key
 
 PEBBLE = shutil.which("pebble") or "/usr/bin/pebble"
 
 
-def _name(text):
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
-
-
 def make_tls_files(directory):
     """(ca path, cert path, key path): a CA and a 127.0.0.1/localhost leaf for pebble."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(_name("pebble test CA"))
-          .issuer_name(_name("pebble test CA")).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
-                                       crl_sign=True, content_commitment=False,
-                                       key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False,
-                                       decipher_only=False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                         critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    import ipaddress
-    leaf = (x509.CertificateBuilder().subject_name(_name("localhost"))
-            .issuer_name(ca.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    ca_key, ca = make_ca("pebble test CA")
+    key, leaf = issue_server_cert(ca_key, ca, dns_names=("localhost",), ips=("127.0.0.1",))
     paths = [os.path.join(directory, n) for n in ("ca.pem", "cert.pem", "key.pem")]
     with open(paths[0], "wb") as handle:
         handle.write(ca.public_bytes(serialization.Encoding.PEM))
-    with open(paths[1], "wb") as handle:
-        handle.write(leaf.public_bytes(serialization.Encoding.PEM))
-    with open(paths[2], "wb") as handle:
-        handle.write(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    write_cert_and_key(leaf, key, paths[1], paths[2])
     return paths
 
 

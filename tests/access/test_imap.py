@@ -9,9 +9,7 @@ import re
 
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from appliance.testing import HandRunner as HeldRunner
 from appliance import events
@@ -22,8 +20,8 @@ from appliance.access.folders import MaildirStore
 from appliance.auth.accounts import BackendUnavailable
 from appliance.auth.sasl import Mechanisms
 from appliance.threads import synchronous_runner
-from appliance.testing import (FakeAccounts, StringTransport, TLSStringTransport, capture_events,
-                               make_config)
+from appliance.testing import (Conversation, FakeAccounts, StringTransport, TLSStringTransport,
+                               capture_events, make_config)
 
 USER = "alice@example.test"
 PASSWORD = "secret pw"
@@ -68,24 +66,15 @@ class Env:
         self.factory.stopFactory()
 
 
-class Session:
+class Session(Conversation):
     def __init__(self, env, peer, transport_class):
         self.env = env
-        self.transport = transport_class(peerAddress=IPv4Address("TCP", peer, 40000))
-        self.protocol = env.factory.buildProtocol(None)
-        self.protocol.makeConnection(self.transport)
-        self._seen = 0
+        super().__init__(env.factory.buildProtocol(None),
+                         transport_class(peerAddress=IPv4Address("TCP", peer, 40000)))
         self._tag = 0
 
-    def send(self, data):
-        self.protocol.dataReceived(data.encode() if isinstance(data, str) else data)
-
-    def output(self):
-        value = self.transport.value()
-        new, self._seen = value[self._seen:], len(value)
-        return new
-
     def lines(self):
+        """The lines written since the last call, as bytes."""
         return self.output().split(b"\r\n")[:-1]
 
     def cmd(self, text):
@@ -102,13 +91,6 @@ class Session:
 
     def login(self):
         return self.ok(f'LOGIN {USER} "{PASSWORD}"')
-
-    @property
-    def closed(self):
-        return self.transport.disconnecting
-
-    def lose(self):
-        self.protocol.connectionLost(Failure(ConnectionDone()))
 
 
 @pytest.fixture

@@ -14,9 +14,7 @@ import time
 import jwt
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.python import failure
 
 from appliance.testing import oauth2_issuer
 from appliance.testing import HandRunner
@@ -27,7 +25,8 @@ from appliance.auth.accounts import BackendUnavailable
 from appliance.auth.sasl import Mechanisms
 from appliance.maildir import SUBDIRS, maildir_path
 from appliance.threads import synchronous_runner
-from appliance.testing import FakeAccounts, TLSStringTransport, capture_events, clock_at, make_config
+from appliance.testing import (Conversation, FakeAccounts, TLSStringTransport, capture_events,
+                               clock_at, make_config)
 
 ALICE, PASSWORD = "alice@example.test", "correct horse"
 BOB, BOB_PASSWORD = "bob@example.test", "bobs password"
@@ -98,16 +97,14 @@ class World:
         return s
 
 
-class Session:
+class Session(Conversation):
     def __init__(self, factory, peer):
-        self.transport = TLSStringTransport(peerAddress=IPv4Address("TCP", peer, 40110))
-        self.protocol = factory.buildProtocol(self.transport.getPeer())
-        self.protocol.makeConnection(self.transport)
-        self._seen = 0
+        transport = TLSStringTransport(peerAddress=IPv4Address("TCP", peer, 40110))
+        super().__init__(factory.buildProtocol(transport.getPeer()), transport)
         self.greeting = self.lines()
 
     def send(self, data):
-        self.protocol.dataReceived(data.encode("utf-8") if isinstance(data, str) else data)
+        super().send(data)
         self.pump()
 
     def pump(self, limit=10000):
@@ -119,20 +116,6 @@ class Session:
             producer.resumeProducing()
         raise AssertionError("transfer did not end")
 
-    def output(self):
-        value = self.transport.value()
-        new, self._seen = value[self._seen:], len(value)
-        return new
-
-    def lines(self):
-        return self.output().decode("utf-8").split("\r\n")[:-1]
-
-    @property
-    def closed(self):
-        return self.transport.disconnecting or self.transport.disconnected
-
-    def lose(self):
-        self.protocol.connectionLost(failure.Failure(ConnectionDone()))
 
 
 @pytest.fixture

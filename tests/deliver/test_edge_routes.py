@@ -3,7 +3,6 @@ host (appliance.deliver.mx, appliance.deliver.remote), SPEC §7."""
 
 import random
 
-import pytest
 from twisted.internet import defer, task
 
 from appliance.config import HostPort
@@ -11,7 +10,8 @@ from appliance.deliver.mx import MXResolver, RoutingError
 from appliance.deliver.remote import RemoteDelivery
 from appliance.deliver.routes import LOCAL, MAILBOX, REMOTE, Routing
 from appliance.envelope import Envelope
-from appliance.testing import FakeDirectory, make_config
+from appliance.testing import FakeDirectory, make_config, value_of
+from appliance.threads import synchronous_runner
 
 ZONES = {
     "example.test": {"MX": [(10, "edge1.example.test")]},
@@ -24,33 +24,13 @@ ZONES = {
 }
 
 
-def in_caller(function, *args):
-    return defer.maybeDeferred(function, *args)
-
-
 def resolver_for(dns, **sections):
     sections["dns"] = {"nameservers": dns.address, "timeout": "2s"}
-    return MXResolver(make_config(**sections), in_caller, random=random.Random(1))
-
-
-def outcome(d):
-    results = []
-    d.addBoth(results.append)
-    assert len(results) == 1
-    return results[0]
+    return MXResolver(make_config(**sections), synchronous_runner, random=random.Random(1))
 
 
 def route_of(resolver, domain, kind=REMOTE):
-    result = outcome(resolver.resolve(domain, kind))
-    if hasattr(result, "raiseException"):
-        result.raiseException()
-    return result
-
-
-def routing_error(resolver, domain, kind=MAILBOX):
-    with pytest.raises(RoutingError) as caught:
-        route_of(resolver, domain, kind)
-    return caught.value
+    return value_of(resolver.resolve(domain, kind))
 
 
 # -- route kinds ----------------------------------------------------------------
@@ -111,30 +91,11 @@ def test_mailbox_and_mx_routes_of_one_domain_are_cached_apart(dns):
     clock = task.Clock()
     config = make_config(dns={"nameservers": dns.address, "timeout": "2s"},
                          relay={"mailbox_host": "mailbox.example.test"})
-    resolver = MXResolver(config, in_caller, random=random.Random(1), clock=clock,
+    resolver = MXResolver(config, synchronous_runner, random=random.Random(1), clock=clock,
                           cache_seconds=5.0)
     assert route_of(resolver, "example.test", MAILBOX).mailbox
     assert not route_of(resolver, "example.test").mailbox
     assert route_of(resolver, "example.test", MAILBOX).mailbox
-
-
-def test_a_mailbox_host_without_address_defers_never_bounces(dns):
-    resolver = resolver_for(dns, relay={"mailbox_host": "gone.example.test"})
-    error = routing_error(resolver, "example.test")
-    assert not error.permanent and error.status == "4.4.3"
-    assert "mailbox host gone.example.test" in error.text
-
-
-def test_a_mailbox_host_that_is_ourselves_defers_as_a_loop(dns):
-    resolver = resolver_for(dns, relay={"mailbox_host": "looping.example.test:8025"},
-                            listen={"mx": "127.0.0.1:8025"})
-    error = routing_error(resolver, "example.test")
-    assert not error.permanent and error.status == "4.4.6"
-    # The same address on another port is another server: no loop.
-    resolver = resolver_for(dns, relay={"mailbox_host": "looping.example.test:2600"},
-                            listen={"mx": "127.0.0.1:8025"})
-    assert route_of(resolver, "example.test", MAILBOX).hosts == [
-        ("looping.example.test", ["127.0.0.1"])]
 
 
 # -- remote delivery of a mailbox group -------------------------------------------
@@ -163,11 +124,11 @@ def test_remote_delivery_asks_for_the_route_of_its_kind():
                             resolver, task.Clock())
     envelope = Envelope(queue_id="Q1", sender="a@example.net",
                         recipients=["bob@example.test"], received_at=0.0)
-    [result] = outcome(remote.deliver(envelope, b"Subject: x\r\n\r\nbody\r\n",
-                                      ["bob@example.test"], "example.test", MAILBOX))
+    [result] = value_of(remote.deliver(envelope, b"Subject: x\r\n\r\nbody\r\n",
+                                       ["bob@example.test"], "example.test", MAILBOX))
     assert resolver.asked == [("example.test", MAILBOX)]
     assert (result.code, result.status) == (451, "4.4.3") and result.deferred
-    outcome(remote.deliver(envelope, b"x\r\n", ["carol@example.net"], "example.net"))
+    value_of(remote.deliver(envelope, b"x\r\n", ["carol@example.net"], "example.net"))
     assert resolver.asked[-1] == ("example.net", REMOTE)
 
 
@@ -180,13 +141,13 @@ def test_the_mailbox_route_skips_the_recipients_mta_sts_policy(dns):
         attempts.append((ip, port))
         return defer.fail(ConnectionRefusedError("refused"))
 
-    remote = RemoteDelivery(config, MXResolver(config, in_caller), task.Clock(),
+    remote = RemoteDelivery(config, MXResolver(config, synchronous_runner), task.Clock(),
                             connect=connect)
     remote.mta_sts = NoPolicies()
     envelope = Envelope(queue_id="Q2", sender="a@example.net", recipients=["bob@example.test"],
                         received_at=0.0)
-    [result] = outcome(remote.deliver(envelope, b"x\r\n", ["bob@example.test"],
-                                      "example.test", MAILBOX))
+    [result] = value_of(remote.deliver(envelope, b"x\r\n", ["bob@example.test"],
+                                       "example.test", MAILBOX))
     assert attempts == [("192.0.2.10", 2525)]
     assert result.deferred and result.status == "4.4.1"
     assert remote.mta_sts.asked == []

@@ -3,15 +3,17 @@
 import random
 import threading
 
-import dns.resolver
+from dns.resolver import NoNameservers
 import pytest
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.trial import unittest
 
 from appliance.testing import HandRunner as CountingRunner
 from appliance.deliver import mx
 from appliance.deliver.mx import MXResolver, RoutingError, build_resolver
-from appliance.testing import capture_events, make_config
+from appliance.deliver.routes import MAILBOX, REMOTE
+from appliance.testing import capture_events, error_of, make_config, thread_recorder, value_of
+from appliance.threads import synchronous_runner
 from dns_server import DNSServer
 
 ZONES = {
@@ -41,48 +43,32 @@ ZONES = {
     "xn--mller-kva.test": {"A": ["127.0.0.6"]},
     "idnmx.test": {"MX": [(10, "mx.xn--mller-kva.test")]},
     "mx.xn--mller-kva.test": {"A": ["127.0.0.7"]},
+    "looping.example.test": {"A": ["127.0.0.1"]},
     "many.test": {"MX": [(i % 7, f"mx{i}.many.test") for i in range(200)]},
     **{f"mx{i}.many.test": {"A": [f"127.1.{i}.1", f"127.1.{i}.2", f"127.1.{i}.3"]}
        for i in range(200)},
 }
 
 
-@pytest.fixture(scope="module")
-def dns_server():
-    with DNSServer(ZONES) as server:
-        yield server
-
-
-def in_caller(function, *args):
-    """A run_in_thread that runs at once: the lookups themselves still use the network."""
-    return defer.maybeDeferred(function, *args)
-
-
-def resolver_for(dns_server, timeout="2s", rng=None, **sections):
+def resolver_for(dns, timeout="2s", rng=None, **sections):
     sections.setdefault("dns", {})
-    sections["dns"] = {"nameservers": dns_server.address, "timeout": timeout,
-                       **sections["dns"]}
+    sections["dns"] = {"nameservers": dns.address, "timeout": timeout, **sections["dns"]}
     config = make_config(**sections)
-    return MXResolver(config, in_caller, random=rng or random.Random(1))
+    return MXResolver(config, synchronous_runner, random=rng or random.Random(1))
 
 
-def route_of(resolver, domain):
-    results = []
-    resolver.resolve(domain).addBoth(results.append)
-    assert len(results) == 1
-    if isinstance(results[0], Exception) or hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
+def route_of(resolver, domain, kind=REMOTE):
+    return value_of(resolver.resolve(domain, kind))
 
 
-def routing_error(resolver, domain):
-    with pytest.raises(RoutingError) as caught:
-        route_of(resolver, domain)
-    return caught.value
+def routing_error(resolver, domain, kind=REMOTE):
+    error = error_of(resolver.resolve(domain, kind))
+    assert isinstance(error, RoutingError), error
+    return error
 
 
-def test_mx_hosts_in_preference_order_with_a_then_aaaa(dns_server):
-    route = route_of(resolver_for(dns_server), "example.net")
+def test_mx_hosts_in_preference_order_with_a_then_aaaa(dns):
+    route = route_of(resolver_for(dns), "example.net")
     assert route.hosts[0] == ("mx1.example.net", ["127.0.0.2", "::2"])
     assert route.hosts[1][0] == "mx2.example.net"
     assert sorted(route.hosts[1][1]) == ["127.0.0.3", "127.0.0.4"]
@@ -90,14 +76,14 @@ def test_mx_hosts_in_preference_order_with_a_then_aaaa(dns_server):
     assert route.addresses()[0] == ("mx1.example.net", "127.0.0.2")
 
 
-def test_outbound_port_is_the_route_port(dns_server):
-    route = route_of(resolver_for(dns_server, outbound={"port": "2526"}), "example.net")
+def test_outbound_port_is_the_route_port(dns):
+    route = route_of(resolver_for(dns, outbound={"port": "2526"}), "example.net")
     assert route.port == 2526
 
 
-def test_equal_preferences_are_shuffled_by_the_injected_random(dns_server):
+def test_equal_preferences_are_shuffled_by_the_injected_random(dns):
     orders = set()
-    resolver = resolver_for(dns_server)        # one resolver: its cache saves the queries
+    resolver = resolver_for(dns)        # one resolver: its cache saves the queries
     for seed in range(30):
         resolver.random = random.Random(seed)
         route = route_of(resolver, "many.test")
@@ -108,175 +94,189 @@ def test_equal_preferences_are_shuffled_by_the_injected_random(dns_server):
     assert len(orders) > 1
 
 
-def test_two_hundred_mx_records_are_bounded_and_fetched_over_tcp(dns_server):
-    route = route_of(resolver_for(dns_server), "many.test")
+def test_two_hundred_mx_records_are_bounded_and_fetched_over_tcp(dns):
+    route = route_of(resolver_for(dns), "many.test")
     assert len(route.hosts) <= mx.MAX_HOSTS
     assert len(route.addresses()) <= mx.MAX_ADDRESSES
     assert len(route.addresses()) == mx.MAX_ADDRESSES     # 3 each: the address bound hits
-    assert ("many.test", "MX", "tcp") in dns_server.queries   # the UDP answer was truncated
+    assert ("many.test", "MX", "tcp") in dns.queries   # the UDP answer was truncated
 
 
-def test_no_mx_uses_the_domains_own_addresses(dns_server):
-    route = route_of(resolver_for(dns_server), "implicit.test")
+def test_no_mx_uses_the_domains_own_addresses(dns):
+    route = route_of(resolver_for(dns), "implicit.test")
     assert route.implicit
     assert route.hosts == [("implicit.test", ["127.0.0.5", "::5"])]
 
 
-def test_neither_mx_nor_address_is_permanent(dns_server):
-    error = routing_error(resolver_for(dns_server), "nothing.test")
+def test_neither_mx_nor_address_is_permanent(dns):
+    error = routing_error(resolver_for(dns), "nothing.test")
     assert error.permanent and error.status == "5.4.4"
 
 
-def test_null_mx_is_permanent_5_1_10(dns_server):
+def test_null_mx_is_permanent_5_1_10(dns):
     with capture_events() as seen:
-        error = routing_error(resolver_for(dns_server), "nullmx.test")
+        error = routing_error(resolver_for(dns), "nullmx.test")
     assert error.permanent and error.status == "5.1.10" and error.code == 550
     assert {"domain": "nullmx.test", "kind": "null_mx"}.items() <= \
         seen.named("dns.error")[0].items()
 
 
-def test_nxdomain_is_permanent_5_4_4(dns_server):
-    error = routing_error(resolver_for(dns_server), "no-such-domain.test")
+def test_nxdomain_is_permanent_5_4_4(dns):
+    error = routing_error(resolver_for(dns), "no-such-domain.test")
     assert error.permanent and error.status == "5.4.4"
     assert "no-such-domain.test" in error.text
 
 
-def test_servfail_is_temporary(dns_server):
+def test_servfail_is_temporary(dns):
     with capture_events() as seen:
-        error = routing_error(resolver_for(dns_server), "broken.test")
+        error = routing_error(resolver_for(dns), "broken.test")
     assert not error.permanent and error.status == "4.4.3" and error.code == 451
     assert seen.named("dns.error")[0]["kind"] == "servfail"
 
 
-def test_a_silent_server_is_a_temporary_timeout(dns_server):
+def test_a_silent_server_is_a_temporary_timeout(dns):
     with capture_events() as seen:
-        error = routing_error(resolver_for(dns_server, timeout="0.3s"), "slow.test")
+        error = routing_error(resolver_for(dns, timeout="0.3s"), "slow.test")
     assert not error.permanent and error.status == "4.4.3"
     assert seen.named("dns.error")[0]["kind"] == "timeout"
 
 
-def test_cname_to_a_domain_with_mx_is_followed(dns_server):
-    route = route_of(resolver_for(dns_server), "alias.test")
+def test_cname_to_a_domain_with_mx_is_followed(dns):
+    route = route_of(resolver_for(dns), "alias.test")
     assert [host for host, _ips in route.hosts] == ["mx1.example.net", "mx2.example.net"]
 
 
-def test_cname_loop_ends_in_a_temporary_error(dns_server):
-    error = routing_error(resolver_for(dns_server), "loop1.test")
+def test_cname_loop_ends_in_a_temporary_error(dns):
+    error = routing_error(resolver_for(dns), "loop1.test")
     assert not error.permanent and error.status == "4.4.3"
 
 
-def test_mx_pointing_at_our_hostname_loops_back_to_myself(dns_server):
+def test_mx_pointing_at_our_hostname_loops_back_to_myself(dns):
     with capture_events() as seen:
-        error = routing_error(resolver_for(dns_server), "selfmx.test")
+        error = routing_error(resolver_for(dns), "selfmx.test")
     assert error.permanent and error.status == "5.4.6"
     assert "loops back to myself" in error.text
     assert seen.named("dns.error")[0]["kind"] == "loop"
 
 
-def test_only_mx_hosts_more_preferred_than_ourselves_are_kept(dns_server):
+def test_only_mx_hosts_more_preferred_than_ourselves_are_kept(dns):
     # We are the backup MX (preference 20): only the primary may be tried.
-    route = route_of(resolver_for(dns_server), "backup.test")
+    route = route_of(resolver_for(dns), "backup.test")
     assert [host for host, _ips in route.hosts] == ["mx1.example.net"]
 
 
-def test_mx_at_one_of_our_public_addresses_loops(dns_server):
-    resolver = resolver_for(dns_server, server={"public_addresses": "192.0.2.25"})
+def test_mx_at_one_of_our_public_addresses_loops(dns):
+    resolver = resolver_for(dns, server={"public_addresses": "192.0.2.25"})
     assert routing_error(resolver, "publicmx.test").status == "5.4.6"
     # Without the public address it is someone else's host.
-    assert route_of(resolver_for(dns_server), "publicmx.test").hosts == [
+    assert route_of(resolver_for(dns), "publicmx.test").hosts == [
         ("ours.publicmx.test", ["192.0.2.25"])]
 
 
-def test_mx_at_our_own_listener_loops_but_another_port_does_not(dns_server):
-    listening = resolver_for(dns_server, listen={"mx": "127.0.0.5:2526"},
+def test_mx_at_our_own_listener_loops_but_anhosts_on_another_port_does_not(dns):
+    listening = resolver_for(dns, listen={"mx": "127.0.0.5:2526"},
                              outbound={"port": "2526"})
     assert routing_error(listening, "implicit.test").status == "5.4.6"
-    elsewhere = resolver_for(dns_server, listen={"mx": "127.0.0.5:2526"},
+    elsewhere = resolver_for(dns, listen={"mx": "127.0.0.5:2526"},
                              outbound={"port": "2527"})
     assert route_of(elsewhere, "implicit.test").hosts[0][0] == "implicit.test"
 
 
-def test_a_wildcard_listener_makes_loopback_ourselves(dns_server):
-    resolver = resolver_for(dns_server, listen={"mx": "0.0.0.0:25"})
+def test_a_wildcard_listener_makes_loopback_ourselves(dns):
+    resolver = resolver_for(dns, listen={"mx": "0.0.0.0:25"})
     assert routing_error(resolver, "example.net").status == "5.4.6"
 
 
-def test_a_host_without_address_is_skipped(dns_server):
-    route = route_of(resolver_for(dns_server), "lame.test")
+def test_a_host_without_address_is_skipped(dns):
+    route = route_of(resolver_for(dns), "lame.test")
     assert [(host, sorted(ips)) for host, ips in route.hosts] == [
         ("mx2.example.net", ["127.0.0.3", "127.0.0.4"])]
 
 
-def test_no_mx_host_with_an_address_is_permanent(dns_server):
-    error = routing_error(resolver_for(dns_server), "allgone.test")
+def test_no_mx_host_with_an_address_is_permanent(dns):
+    error = routing_error(resolver_for(dns), "allgone.test")
     assert error.permanent and error.status == "5.4.4"
 
 
-def test_an_mx_host_lookup_failure_is_temporary(dns_server):
-    error = routing_error(resolver_for(dns_server), "halfbroken.test")
+def test_an_mx_host_lookup_failure_is_temporary(dns):
+    error = routing_error(resolver_for(dns), "halfbroken.test")
     assert not error.permanent and error.status == "4.4.3"
 
 
-def test_smarthost_by_name_replaces_the_mx_lookup(dns_server):
-    resolver = resolver_for(dns_server, relay={"smarthost": "relay.example.net:2525"})
+def test_smarthost_by_name_replaces_the_mx_lookup(dns):
+    resolver = resolver_for(dns, relay={"smarthost": "relay.example.net:2525"})
     route = route_of(resolver, "example.net")
     assert route.smarthost and route.port == 2525
     assert route.hosts == [("relay.example.net", ["127.0.0.9"])]
-    assert ("example.net", "MX", "udp") not in dns_server.queries[-2:]
+    assert ("example.net", "MX", "udp") not in dns.queries[-2:]
 
 
-def test_smarthost_by_address_needs_no_dns(dns_server):
-    before = len(dns_server.queries)
-    resolver = resolver_for(dns_server, relay={"smarthost": "127.0.0.7"})
+def test_smarthost_by_address_needs_no_dns(dns):
+    before = len(dns.queries)
+    resolver = resolver_for(dns, relay={"smarthost": "127.0.0.7"})
     route = route_of(resolver, "nullmx.test")
     assert route.hosts == [("127.0.0.7", ["127.0.0.7"])] and route.port == 25
-    assert len(dns_server.queries) == before
+    assert len(dns.queries) == before
 
 
-def test_an_address_literal_domain_goes_to_that_address(dns_server):
-    route = route_of(resolver_for(dns_server), "[127.0.0.8]")
+def test_an_address_literal_domain_goes_to_that_address(dns):
+    route = route_of(resolver_for(dns), "[127.0.0.8]")
     assert route.hosts == [("127.0.0.8", ["127.0.0.8"])]
-    route = route_of(resolver_for(dns_server), "[IPv6:::8]")
+    route = route_of(resolver_for(dns), "[IPv6:::8]")
     assert route.addresses() == [("::8", "::8")]
 
 
-def test_an_internationalised_domain_is_looked_up_by_its_a_label(dns_server):
-    route = route_of(resolver_for(dns_server), "bücher.test")
+def test_an_internationalised_domain_is_looked_up_by_its_a_label(dns):
+    route = route_of(resolver_for(dns), "bücher.test")
     assert route.hosts[0][0] == "mx1.example.net"
 
 
-def test_host_names_are_kept_as_a_labels_for_tls_and_comparison(dns_server):
-    assert route_of(resolver_for(dns_server), "müller.test").hosts == [
+def test_host_names_are_kept_as_a_labels_for_tls_and_comparison(dns):
+    assert route_of(resolver_for(dns), "müller.test").hosts == [
         ("xn--mller-kva.test", ["127.0.0.6"])]
-    assert route_of(resolver_for(dns_server), "idnmx.test").hosts == [
+    assert route_of(resolver_for(dns), "idnmx.test").hosts == [
         ("mx.xn--mller-kva.test", ["127.0.0.7"])]
 
 
-def test_the_addresses_of_one_host_are_shuffled_too(dns_server):
-    orders = {tuple(route_of(resolver_for(dns_server, rng=random.Random(seed)),
+def test_the_addresses_of_one_host_are_shuffled_too(dns):
+    orders = {tuple(route_of(resolver_for(dns, rng=random.Random(seed)),
                              "example.net").hosts[1][1]) for seed in range(20)}
     assert orders == {("127.0.0.3", "127.0.0.4"), ("127.0.0.4", "127.0.0.3")}
 
 
-def test_a_smarthost_without_address_defers_instead_of_bouncing(dns_server):
-    resolver = resolver_for(dns_server, relay={"smarthost": "gone.example.net:25"})
-    error = routing_error(resolver, "example.net")
+# -- the one host the operator chose: [relay] smarthost or mailbox_host -----------------
+
+@pytest.mark.parametrize("relay, domain, kind, named", [
+    ({"smarthost": "gone.example.net:25"}, "example.net", REMOTE, "smarthost gone.example.net"),
+    ({"mailbox_host": "gone.example.test"}, "example.test", MAILBOX,
+     "mailbox host gone.example.test"),
+])
+def test_an_operator_host_without_address_defers_instead_of_bouncing(dns, relay, domain, kind,
+                                                                      named):
+    error = routing_error(resolver_for(dns, relay=relay), domain, kind)
     assert not error.permanent and error.status == "4.4.3"
-    assert "smarthost gone.example.net" in error.text
+    assert named in error.text
 
 
-def test_a_smarthost_that_is_ourselves_defers_as_a_loop(dns_server):
-    resolver = resolver_for(dns_server, relay={"smarthost": "127.0.0.1:8025"},
-                            listen={"mx": "127.0.0.1:8025"})
-    error = routing_error(resolver, "example.net")
+@pytest.mark.parametrize("key, host, domain, kind", [
+    ("smarthost", "127.0.0.1", "example.net", REMOTE),
+    ("mailbox_host", "looping.example.test", "example.test", MAILBOX),     # by name
+])
+def test_an_operator_host_that_is_ourselves_defers_as_a_loop(dns, key, host, domain, kind):
+    listen = {"mx": "127.0.0.1:8025"}
+    error = routing_error(resolver_for(dns, relay={key: f"{host}:8025"}, listen=listen),
+                          domain, kind)
     assert not error.permanent and error.status == "4.4.6"
+    # The same address on another port is another server: no loop.
+    resolver = resolver_for(dns, relay={key: f"{host}:2600"}, listen=listen)
+    assert route_of(resolver, domain, kind).hosts == [(host, ["127.0.0.1"])]
 
 
-def test_build_resolver_honours_nameserver_port_and_timeout(dns_server):
-    config = make_config(dns={"nameservers": dns_server.address, "timeout": "3s"})
+def test_build_resolver_honours_nameserver_port_and_timeout(dns):
+    config = make_config(dns={"nameservers": dns.address, "timeout": "3s"})
     resolver = build_resolver(config)
     assert resolver.nameservers == ["127.0.0.1"]
-    assert resolver.nameserver_ports == {"127.0.0.1": dns_server.port}
+    assert resolver.nameserver_ports == {"127.0.0.1": dns.port}
     assert resolver.lifetime == 3.0
     answer = resolver.resolve("mx1.example.net", "A", search=False)
     assert [r.address for r in answer] == ["127.0.0.2"]
@@ -287,7 +287,7 @@ def test_an_unexpected_resolver_error_is_temporary():
         def resolve(self, *args, **kwargs):
             raise RuntimeError("resolver bug")
 
-    resolver = MXResolver(make_config(), in_caller, resolver=Exploding())
+    resolver = MXResolver(make_config(), synchronous_runner, resolver=Exploding())
     with capture_events() as seen:
         error = routing_error(resolver, "example.net")
     assert not error.permanent and error.status == "4.4.3"
@@ -304,14 +304,7 @@ class ThreadedLookupTests(unittest.TestCase):
     def test_lookup_runs_off_the_reactor_thread(self):
         config = make_config(dns={"nameservers": self.server.address, "timeout": "2s"})
         resolver = MXResolver(config)
-        threads = []
-        original = resolver._route
-
-        def spy(domain):
-            threads.append(threading.current_thread())
-            return original(domain)
-
-        resolver._route = spy
+        resolver._route, threads = thread_recorder(resolver._route)
         d = resolver.resolve("example.net")
         self.assertFalse(d.called)          # nothing blocked the caller
 
@@ -332,7 +325,7 @@ def test_the_test_dns_server_answers_txt_nodata_and_refused():
         assert b"".join(txt.strings) == b'v=spf1 ip4:192.0.2.0/24 "quoted" -all'
         answer = resolver.resolve("spf.test", "A", search=False, raise_on_no_answer=False)
         assert answer.rrset is None                         # NODATA, not NXDOMAIN
-        with pytest.raises(dns.resolver.NoNameservers):      # REFUSED from every server
+        with pytest.raises(NoNameservers):      # REFUSED from every server
             resolver.resolve("closed.test", "A", search=False)
         server.zones["late.test"] = {"A": ["192.0.2.9"]}     # zones change while running
         assert [r.address for r in resolver.resolve("late.test", "A", search=False)] == \
@@ -341,15 +334,15 @@ def test_the_test_dns_server_answers_txt_nodata_and_refused():
 
 # -- the route cache of the running server -------------------------------------
 
-def cached_resolver(dns_server, runner):
-    config = make_config(dns={"nameservers": dns_server.address, "timeout": "2s"})
+def cached_resolver(dns, runner):
+    config = make_config(dns={"nameservers": dns.address, "timeout": "2s"})
     return MXResolver(config, runner, random=random.Random(1), clock=task.Clock(),
                       cache_seconds=5)
 
 
-def test_one_lookup_serves_every_message_asking_while_it_runs(dns_server):
+def test_one_lookup_serves_every_message_asking_while_it_runs(dns):
     runner = CountingRunner()
-    resolver = cached_resolver(dns_server, runner)
+    resolver = cached_resolver(dns, runner)
     results = []
     for _ in range(3):
         resolver.resolve("example.net").addBoth(results.append)
@@ -359,9 +352,9 @@ def test_one_lookup_serves_every_message_asking_while_it_runs(dns_server):
     assert results[0].hosts
 
 
-def test_a_route_is_reused_until_the_cache_time_runs_out(dns_server):
+def test_a_route_is_reused_until_the_cache_time_runs_out(dns):
     runner = CountingRunner()
-    resolver = cached_resolver(dns_server, runner)
+    resolver = cached_resolver(dns, runner)
     resolver.resolve("example.net")
     runner.step()
     resolver.clock.advance(4.9)
@@ -373,9 +366,9 @@ def test_a_route_is_reused_until_the_cache_time_runs_out(dns_server):
     assert len(runner.calls) == 1           # expired: looked up again
 
 
-def test_failures_are_not_cached_but_reach_everyone_waiting(dns_server):
+def test_failures_are_not_cached_but_reach_everyone_waiting(dns):
     runner = CountingRunner()
-    resolver = cached_resolver(dns_server, runner)
+    resolver = cached_resolver(dns, runner)
     results = []
     resolver.resolve("missing.test").addBoth(results.append)
     resolver.resolve("missing.test").addBoth(results.append)

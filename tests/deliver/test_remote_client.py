@@ -31,7 +31,7 @@ from appliance.deliver import smtpclient
 from appliance.deliver.remote import RemoteDelivery
 from appliance.deliver.smtpclient import BLOCK, Timeouts, default_tls_context, wire_body
 from appliance.envelope import Envelope
-from appliance.testing import StringTransport, capture_events, make_config
+from appliance.testing import Conversation, StringTransport, capture_events, make_config
 from appliance.net.tls import make_context, make_self_signed
 from dns_server import DNSServer
 
@@ -40,6 +40,7 @@ from postfix_mx import PostfixMX, postfix_available
 MESSAGE = b"From: alice@example.test\r\nSubject: hi\r\n\r\nbody\r\n"
 ROUTE = Route("remote.test", [("mx1.remote.test", ["127.0.0.2"]),
                               ("mx2.remote.test", ["127.0.0.3"])], port=25)
+ONE_HOST = Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])])
 
 
 class TLSStringTransport(StringTransport):
@@ -76,29 +77,13 @@ class FakeResolver:
         return defer.succeed(self.outcome)
 
 
-class Peer:
-    """The far end of one connection: what the client wrote, what we answer."""
+class Peer(Conversation):
+    """The far end of one connection: what the client wrote (``output``,
+    ``lines``), what we answer (``send``)."""
 
     def __init__(self, ip, protocol, transport):
         self.ip = ip
-        self.protocol = protocol
-        self.transport = transport
-        self._seen = 0
-
-    def send(self, text):
-        self.protocol.dataReceived(text.encode() if isinstance(text, str) else text)
-
-    def written(self):
-        value = self.transport.value()
-        new, self._seen = value[self._seen:], len(value)
-        return new
-
-    def lines(self):
-        return self.written().decode("utf-8").split("\r\n")[:-1]
-
-    @property
-    def closed(self):
-        return self.transport.disconnecting
+        super().__init__(protocol, transport)
 
     def greet(self, *extensions):
         """220, then answer the EHLO with ``extensions``."""
@@ -107,7 +92,7 @@ class Peer:
         self.send(ehlo_reply(*extensions))
 
     def lose(self):
-        self.protocol.connectionLost(failure.Failure(error.ConnectionLost()))
+        super().lose(error.ConnectionLost())
 
 
 def ehlo_reply(*extensions):
@@ -138,9 +123,7 @@ class Harness:
             return defer.fail(error.ConnectionRefusedError())
         address = IPv4Address("TCP", ip, port)
         protocol = factory.buildProtocol(address)
-        transport = TLSStringTransport(peerAddress=address)
-        protocol.makeConnection(transport)
-        self.peers.append(Peer(ip, protocol, transport))
+        self.peers.append(Peer(ip, protocol, TLSStringTransport(peerAddress=address)))
         return defer.succeed(protocol)
 
     def deliver(self, recipients=("bob@remote.test",), message=MESSAGE,
@@ -162,6 +145,13 @@ class Harness:
         return self.outcome[0]
 
 
+def started(message=MESSAGE, **options):
+    """A Harness of ``options`` delivering ``message`` to bob: connected, not yet greeted."""
+    h = Harness(**options)
+    h.deliver(message=message)
+    return h
+
+
 def deliver_plainly(peer, body_reply="250 2.0.0 Ok: queued as X", rcpt_reply="250 Ok"):
     """The lock-step conversation after EHLO, for one recipient."""
     lines = peer.lines()
@@ -171,7 +161,7 @@ def deliver_plainly(peer, body_reply="250 2.0.0 Ok: queued as X", rcpt_reply="25
     peer.send(rcpt_reply + "\r\n")
     assert peer.lines() == ["DATA"]
     peer.send("354 go ahead\r\n")
-    body = peer.written()
+    body = peer.output()
     peer.send(body_reply + "\r\n")
     return body
 
@@ -187,18 +177,26 @@ def unstuff(wire):
 # ---------------------------------------------------------------------------
 # The conversation
 
-def greeted(*extensions):
-    """A delivery under way: the peer greeted with ``extensions``, our EHLO read."""
-    h = Harness()
-    h.deliver()
+def greeted(*extensions, **options):
+    """A delivery under way (``started(**options)``): the peer greeted with
+    ``extensions``, our next command (MAIL, or STARTTLS if offered) read."""
+    h = started(**options)
     h.peer.greet(*extensions)
     h.peer.lines()
     return h
 
 
-def at_rcpt():
+def at_rcpt(**options):
     """MAIL accepted, our RCPT read: the peer answers it next."""
-    h = greeted()
+    h = greeted(**options)
+    h.peer.send("250 Ok\r\n")
+    h.peer.lines()
+    return h
+
+
+def at_data(**options):
+    """MAIL and RCPT accepted (no PIPELINING), our DATA read: the peer answers it next."""
+    h = at_rcpt(**options)
     h.peer.send("250 Ok\r\n")
     h.peer.lines()
     return h
@@ -227,12 +225,10 @@ def test_a_lockstep_delivery_says_every_command_in_order():
 
 
 def test_mail_from_carries_size_when_offered_and_not_otherwise():
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.greet("SIZE 10000000")
     assert h.peer.lines() == [f"MAIL FROM:<alice@example.test> SIZE={len(MESSAGE)}"]
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.greet()
     assert h.peer.lines() == ["MAIL FROM:<alice@example.test>"]
 
@@ -246,7 +242,7 @@ def test_pipelining_sends_mail_rcpt_and_data_at_once_and_reads_replies_in_order(
                               "DATA"]
     h.peer.send("250 Ok\r\n250 Ok\r\n550 5.1.1 <nobody@remote.test>: no such user\r\n"
                 "450 4.2.1 carol is over quota\r\n354 go\r\n")
-    assert h.peer.written() == MESSAGE + b".\r\n"
+    assert h.peer.output() == MESSAGE + b".\r\n"
     h.peer.send("250 2.0.0 queued\r\n")
     bob, nobody, carol = h.results()
     assert bob.delivered and bob.response == "250 2.0.0 queued"
@@ -260,7 +256,7 @@ def test_pipelined_rejection_of_every_recipient_ends_an_invited_data_empty():
     # A server that says 354 although no recipient was accepted gets only
     # the final dot, never the message (RFC 2920 §3.1).
     h.peer.send("250 Ok\r\n550 5.1.1 no\r\n354 go\r\n")
-    assert h.peer.written() == b".\r\n"
+    assert h.peer.output() == b".\r\n"
     h.peer.send("554 5.5.1 no valid recipients\r\n")
     assert h.peer.lines() == ["QUIT"]
     [result] = h.results()
@@ -282,7 +278,7 @@ def test_the_final_reply_applies_to_every_accepted_recipient():
         h.peer.greet("PIPELINING")
         h.peer.lines()
         h.peer.send("250 Ok\r\n250 Ok\r\n250 Ok\r\n354 go\r\n")
-        h.peer.written()
+        h.peer.output()
         h.peer.send(final + "\r\n")
         results = h.results()
         assert [getattr(r, check) for r in results] == [True, True]
@@ -320,8 +316,7 @@ def test_mail_refused_temporarily_moves_to_the_next_host():
 
 
 def test_ehlo_refused_falls_back_to_helo_without_extensions():
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.send("220 old ESMTP\r\n")
     assert h.peer.lines() == ["EHLO mx.example.test"]
     h.peer.send("502 5.5.2 what?\r\n")
@@ -332,8 +327,7 @@ def test_ehlo_refused_falls_back_to_helo_without_extensions():
 
 
 def test_helo_refused_as_well_moves_on():
-    h = Harness(route=Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])]))
-    h.deliver()
+    h = started(route=ONE_HOST)
     h.peer.send("220 old\r\n")
     h.peer.lines()
     h.peer.send("500 no\r\n")
@@ -370,7 +364,7 @@ def test_a_non_ascii_local_part_needs_smtputf8():
     assert h.peer.lines() == ["MAIL FROM:<alice@example.test>", "RCPT TO:<bob@remote.test>",
                               "DATA"]
     h.peer.send("250 Ok\r\n250 Ok\r\n354 go\r\n")
-    h.peer.written()
+    h.peer.output()
     h.peer.send("250 Ok\r\n")
     jorg, bob = h.results()
     assert (jorg.code, jorg.status) == (553, "5.6.7") and bob.delivered
@@ -424,8 +418,7 @@ def test_every_host_failing_defers_every_recipient_with_the_last_error():
 
 
 def test_greetings_that_are_not_2xx_move_on_and_a_5xx_one_only_defers():
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.send("421 4.7.0 too busy\r\n")
     assert h.peers[0].closed
     h.peer.send("554 5.7.1 go away\r\n")
@@ -446,14 +439,7 @@ def test_a_lost_connection_mid_transaction_moves_on():
 
 
 def test_a_lost_connection_while_the_body_is_sent_defers():
-    h = Harness(route=Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])]))
-    h.deliver()
-    h.peer.greet()
-    h.peer.lines()
-    h.peer.send("250 Ok\r\n")
-    h.peer.lines()
-    h.peer.send("250 Ok\r\n")
-    h.peer.lines()
+    h = at_data(route=ONE_HOST)
     h.peer.transport.fill_at = 1              # the transport is full ...
     h.peer.send("354 go\r\n")
     h.peer.lose()                             # ... and then gone
@@ -474,16 +460,14 @@ def test_routing_errors_become_results_without_any_connection():
 
 
 def test_an_unsolicited_reply_is_a_protocol_error():
-    h = Harness(route=Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])]))
-    h.deliver()
+    h = started(route=ONE_HOST)
     h.peer.send("220 mx\r\n250 surprise\r\n")
     [result] = h.results()
     assert result.deferred and result.status == "4.5.0" and "unexpected reply" in result.text
 
 
 def test_a_malformed_reply_is_a_protocol_error():
-    h = Harness(route=Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])]))
-    h.deliver()
+    h = started(route=ONE_HOST)
     h.peer.send("hello there\r\n")
     [result] = h.results()
     assert result.status == "4.5.0" and "malformed reply" in result.text
@@ -507,8 +491,7 @@ def test_an_internal_error_defers_instead_of_losing_the_message():
 # The unbounded multi-line reply
 
 def test_a_reply_of_more_than_100_lines_is_refused():
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.send("220-mx\r\n" * smtpclient.MAX_REPLY_LINES)
     assert not h.peers[0].closed                       # 100 lines are allowed
     h.peer.send("220-mx\r\n")
@@ -522,16 +505,14 @@ def test_a_reply_of_more_than_100_lines_is_refused():
 
 
 def test_a_reply_of_more_than_64_kib_is_refused():
-    h = Harness()
-    h.deliver()
+    h = started()
     line = "220-" + "x" * 1000 + "\r\n"
     h.peer.send(line * 70)
     assert h.peers[0].closed and len(h.peers) == 2
 
 
 def test_an_endless_reply_line_is_refused():
-    h = Harness(route=Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])]))
-    h.deliver()
+    h = started(route=ONE_HOST)
     for _ in range(10):
         h.peer.send("220 " + "x" * 1000)
     [result] = h.results()
@@ -583,21 +564,14 @@ def test_bare_cr_and_lf_in_the_stored_body_go_out_as_crlf():
 def test_a_large_body_is_written_in_blocks_and_waits_while_the_transport_is_full():
     message = b"x" * 70 + b"\r\n"
     message = message * 2000            # 144 KB: nine blocks
-    h = Harness()
-    h.deliver(message=message)
-    h.peer.greet()
-    h.peer.lines()
-    h.peer.send("250 Ok\r\n")
-    h.peer.lines()
-    h.peer.send("250 Ok\r\n")
-    h.peer.lines()
+    h = at_data(message=message)
     h.peer.transport.fill_at = 1
     h.peer.send("354 go\r\n")
-    first = h.peer.written()
+    first = h.peer.output()
     assert len(first) == BLOCK                     # one block, then it waits
     h.clock.advance(179)
     h.peer.protocol.resumeProducing()
-    wire = first + h.peer.written()
+    wire = first + h.peer.output()
     assert unstuff(wire) == message and wire.endswith(b"\r\n.\r\n")
     assert h.peer.transport.producer is None
 
@@ -606,8 +580,7 @@ def test_a_large_body_is_written_in_blocks_and_waits_while_the_transport_is_full
 # T13: nothing after STARTTLS's 220 is read
 
 def test_bytes_after_the_starttls_220_are_discarded():
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.greet("STARTTLS", "PIPELINING")
     assert h.peer.lines() == ["STARTTLS"]
     # An attacker in the path appends a forged EHLO reply (without STARTTLS,
@@ -618,15 +591,14 @@ def test_bytes_after_the_starttls_220_are_discarded():
     h.peer.send(ehlo_reply("PIPELINING", "SIZE 100000"))
     assert h.peer.lines()[0] == f"MAIL FROM:<alice@example.test> SIZE={len(MESSAGE)}"
     h.peer.send("250 Ok\r\n250 Ok\r\n354 go\r\n")
-    h.peer.written()
+    h.peer.output()
     h.peer.send("250 Ok\r\n")
     [result] = h.results()
     assert result.delivered and result.tls
 
 
 def test_starttls_refused_continues_in_plain_text_when_opportunistic():
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.greet("STARTTLS")
     assert h.peer.lines() == ["STARTTLS"]
     h.peer.send("454 4.7.0 TLS not available\r\n")
@@ -636,15 +608,13 @@ def test_starttls_refused_continues_in_plain_text_when_opportunistic():
 
 
 def test_tls_off_never_sends_starttls():
-    h = Harness(tls="off")
-    h.deliver()
+    h = started(tls="off")
     h.peer.greet("STARTTLS")
     assert h.peer.lines()[0].startswith("MAIL FROM:")
 
 
 def test_tls_required_asks_for_a_verified_connection():
-    h = Harness(tls="required")
-    h.deliver()
+    h = started(tls="required")
     h.peer.greet("STARTTLS")
     h.peer.lines()
     h.peer.send("220 go\r\n")
@@ -652,8 +622,7 @@ def test_tls_required_asks_for_a_verified_connection():
 
 
 def test_tls_required_but_not_offered_defers():
-    h = Harness(tls="required")
-    h.deliver()
+    h = started(tls="required")
     h.peer.greet()
     assert h.peers[0].closed
     h.peer.greet("SIZE 1000")
@@ -663,9 +632,7 @@ def test_tls_required_but_not_offered_defers():
 
 
 def test_tls_required_and_starttls_refused_defers():
-    h = Harness(tls="required", route=Route("remote.test", [("mx1.remote.test",
-                                                              ["127.0.0.2"])]))
-    h.deliver()
+    h = started(tls="required", route=ONE_HOST)
     h.peer.greet("STARTTLS")
     h.peer.lines()
     h.peer.send("454 4.7.0 not now\r\n")
@@ -690,14 +657,12 @@ def test_rfc_5321_timeouts_are_the_defaults():
     t = Timeouts()
     assert (t.connect, t.greeting, t.command, t.data_init, t.data_block, t.data_end) == \
         (30.0, 300.0, 300.0, 120.0, 180.0, 600.0)
-    h = Harness()
-    h.deliver()
+    h = started()
     assert h.connect_timeout == 30.0
 
 
 def test_a_silent_server_times_out_after_five_minutes():
-    h = Harness(route=Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])]))
-    h.deliver()
+    h = started(route=ONE_HOST)
     h.clock.advance(299)
     assert h.outcome == [] and not h.peer.closed
     h.clock.advance(1)
@@ -717,8 +682,7 @@ def test_each_stage_has_its_own_timeout():
                                         p.send("354 go\r\n"))),
     ]
     for what, seconds, reach in stages:
-        h = Harness(route=Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])]))
-        h.deliver()
+        h = started(route=ONE_HOST)
         reach(h.peer)
         h.clock.advance(seconds - 1)
         assert h.outcome == [], what
@@ -729,11 +693,7 @@ def test_each_stage_has_its_own_timeout():
 
 
 def test_a_transport_that_stays_full_times_out_after_three_minutes():
-    h = Harness(route=Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])]))
-    h.deliver(message=b"y" * 100_000)
-    h.peer.greet()
-    h.peer.send("250 Ok\r\n")
-    h.peer.send("250 Ok\r\n")
+    h = at_data(route=ONE_HOST, message=b"y" * 100_000)
     h.peer.transport.fill_at = 1
     h.peer.send("354 go\r\n")
     h.clock.advance(179.9)
@@ -745,9 +705,7 @@ def test_a_transport_that_stays_full_times_out_after_three_minutes():
 
 
 def test_timeouts_are_constructor_arguments():
-    h = Harness(route=Route("remote.test", [("mx1.remote.test", ["127.0.0.2"])]),
-                timeouts=Timeouts(greeting=2))
-    h.deliver()
+    h = started(route=ONE_HOST, timeouts=Timeouts(greeting=2))
     h.clock.advance(2)
     assert h.results()[0].status == "4.4.2"
 
@@ -764,8 +722,7 @@ def test_no_timer_is_left_behind_after_a_delivery():
 
 @pytest.mark.parametrize("reason", [error.ConnectionDone(), error.ConnectionLost()])
 def test_a_connection_closed_after_quit_is_quiet(reason):
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.greet()
     deliver_plainly(h.peer)
     h.peer.protocol.connectionLost(failure.Failure(reason))
@@ -780,15 +737,14 @@ def deliver_pipelined(h, peer, body_reply="250 2.0.0 Ok"):
     lines = peer.lines()
     assert lines[0].startswith("MAIL FROM:") and lines[-1] == "DATA", lines
     peer.send("250 Ok\r\n250 Ok\r\n354 go\r\n")
-    body = peer.written()
+    body = peer.output()
     peer.send(body_reply + "\r\n")
     return body
 
 
 def with_an_idle_connection():
     """A Harness whose first message went through and left its connection idle."""
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.greet("PIPELINING")
     deliver_pipelined(h, h.peer)
     return h
@@ -803,7 +759,7 @@ def test_the_next_message_to_the_same_host_reuses_the_idle_connection():
     lines = h.peer.lines()          # no greeting, no EHLO: MAIL straight away
     assert lines == ["MAIL FROM:<alice@example.test>", "RCPT TO:<carol@remote.test>", "DATA"]
     h.peer.send("250 Ok\r\n250 Ok\r\n354 go\r\n")
-    assert h.peer.written() == MESSAGE + b".\r\n"
+    assert h.peer.output() == MESSAGE + b".\r\n"
     h.peer.send("250 2.0.0 Ok: second\r\n")
     [result] = h.results()
     assert result.delivered and result.response == "250 2.0.0 Ok: second"
@@ -812,8 +768,7 @@ def test_the_next_message_to_the_same_host_reuses_the_idle_connection():
 
 
 def test_a_failed_transaction_does_not_keep_its_connection():
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.greet("PIPELINING")
     deliver_pipelined(h, h.peer, body_reply="451 4.3.0 try later")
     assert h.results()[0].deferred
@@ -856,8 +811,7 @@ def test_a_reused_connection_that_answered_is_not_retried():
 
 def test_a_connection_is_not_reused_past_the_reuse_limit(monkeypatch):
     monkeypatch.setattr(remote, "REUSE_LIMIT", 60.0)
-    h = Harness()
-    h.deliver()
+    h = started()
     h.peer.greet("PIPELINING")
     h.clock.advance(60)
     deliver_pipelined(h, h.peer)

@@ -295,9 +295,15 @@ def link_plan(directory, name, links, data=b"message\n"):
     return plan
 
 
-def test_links_come_after_every_rename_and_their_directories_are_fsynced(tmp_path):
-    box = tmp_path / "box"
-    box.mkdir()
+@pytest.fixture
+def box(tmp_path):
+    """A mailbox folder beside the commit directory (``tmp_path``), for the links."""
+    path = tmp_path / "box"
+    path.mkdir()
+    return path
+
+
+def test_links_come_after_every_rename_and_their_directories_are_fsynced(tmp_path, box):
     fs = RecordingFS()
     outcomes = run_batch(fs, [link_plan(str(tmp_path), "a", [str(box / "a")]),
                               file_plan(str(tmp_path), "b")])
@@ -308,9 +314,7 @@ def test_links_come_after_every_rename_and_their_directories_are_fsynced(tmp_pat
     assert os.stat(box / "a").st_ino == os.stat(tmp_path / "a").st_ino
 
 
-def test_a_failed_link_is_reported_and_does_not_fail_its_item(tmp_path):
-    box = tmp_path / "box"
-    box.mkdir()
+def test_a_failed_link_is_reported_and_does_not_fail_its_item(tmp_path, box):
     fs = RecordingFS()
     fs.fail[("link", str(box / "x"))] = errno.EXDEV
     [(ok, (result, failed))] = run_batch(fs, [link_plan(str(tmp_path), "m",
@@ -320,9 +324,7 @@ def test_a_failed_link_is_reported_and_does_not_fail_its_item(tmp_path):
     assert os.listdir(box) == ["y"]
 
 
-def test_an_existing_link_counts_as_made_and_survives_a_rollback(tmp_path):
-    box = tmp_path / "box"
-    box.mkdir()
+def test_an_existing_link_counts_as_made_and_survives_a_rollback(tmp_path, box):
     (box / "old").write_bytes(b"an earlier attempt")
     fs = RecordingFS()
     fs.fail[("fsync_dir", str(tmp_path))] = errno.EIO      # fails the item after its links
@@ -333,9 +335,7 @@ def test_an_existing_link_counts_as_made_and_survives_a_rollback(tmp_path):
     assert "m" not in os.listdir(tmp_path)      # nor its commit
 
 
-def test_a_failed_fsync_of_a_link_directory_reports_its_links(tmp_path):
-    box = tmp_path / "box"
-    box.mkdir()
+def test_a_failed_fsync_of_a_link_directory_reports_its_links(tmp_path, box):
     fs = RecordingFS()
     fs.fail[("fsync_dir", str(box))] = errno.EIO
     [(ok, (_, failed))] = run_batch(fs, [link_plan(str(tmp_path), "m", [str(box / "m")])])
@@ -355,9 +355,7 @@ def retiring_plan(directory, box, links):
     return retiring
 
 
-def test_retire_steps_come_after_the_directory_fsyncs(tmp_path):
-    box = tmp_path / "box"
-    box.mkdir()
+def test_retire_steps_come_after_the_directory_fsyncs(tmp_path, box):
     (tmp_path / "gone").write_bytes(b"x")
     fs = RecordingFS()
     [(ok, (_, failed))] = run_batch(fs, [retiring_plan(str(tmp_path), box, [str(box / "m")])])
@@ -369,9 +367,7 @@ def test_retire_steps_come_after_the_directory_fsyncs(tmp_path):
     assert os.listdir(box) == ["m"]
 
 
-def test_no_retiring_while_a_link_is_missing(tmp_path):
-    box = tmp_path / "box"
-    box.mkdir()
+def test_no_retiring_while_a_link_is_missing(tmp_path, box):
     (tmp_path / "gone").write_bytes(b"x")
     fs = RecordingFS()
     fs.fail[("link", str(box / "n"))] = errno.EXDEV

@@ -79,8 +79,9 @@ def mailserver(mailserver_factory):
 
 @pytest.fixture(scope="module")
 def shared_server(module_mailserver_factory, request):
-    """One server for the tests of a module: its ``LISTENERS`` and ``USERS``
-    (a mailbox per test)."""
+    """One server for the tests of a module (a server start is most of an
+    end-to-end test's time): its ``LISTENERS`` and ``USERS`` (a mailbox per
+    test, ``harness.mailboxes``)."""
     return module_mailserver_factory(listeners=request.module.LISTENERS,
                                      users=request.module.USERS)
 

@@ -49,6 +49,13 @@ def email_message(sender, to, subject, body, marker, domain):
     return msg
 
 
+def mailboxes(prefix, count):
+    """``count`` users (address, password), ``{prefix}0@example.test`` on: a
+    mailbox for each test of a module that shares one server (conftest's
+    ``shared_server``: ``server.user`` is the next one)."""
+    return tuple((f"{prefix}{n}@{DOMAIN}", f"{prefix} password {n}") for n in range(count))
+
+
 def wait_until(predicate, timeout, interval=0.05, what="condition"):
     """Poll ``predicate`` until it returns a true value or ``timeout`` s pass."""
     deadline = time.monotonic() + timeout
@@ -78,6 +85,17 @@ def render_config(sections):
         lines.extend(f"{key} = {value}" for key, value in keys.items())
         lines.append("")
     return "\n".join(lines)
+
+
+def maildir_messages(maildir, folders=("new", "cur")):
+    """The message files in ``folders`` of the Maildir at ``maildir`` (a Path that
+    may not exist yet), sorted by name."""
+    found = []
+    for folder in folders:
+        path = maildir / folder
+        if path.is_dir():
+            found.extend(p for p in path.iterdir() if p.is_file())
+    return sorted(found)
 
 
 def header_values(path, name):
@@ -157,12 +175,7 @@ class MailServer:
 
     def messages(self, address, folders=("new", "cur")):
         """Message files delivered to ``address``, sorted by name."""
-        found = []
-        for folder in folders:
-            path = self.maildir(address) / folder
-            if path.is_dir():
-                found.extend(p for p in path.iterdir() if p.is_file())
-        return sorted(found)
+        return maildir_messages(self.maildir(address), folders)
 
     def cert_file(self):
         """The self-signed certificate the server made in data_dir at start."""
@@ -173,6 +186,21 @@ class MailServer:
         context = ssl.create_default_context(cafile=self.cert_file())
         context.check_hostname = False      # we connect to 127.0.0.1, it names the host
         return context
+
+    def curl(self, scheme, url_path, *extra, timeout=30):
+        """curl as a mail client of ``self.user``: ``scheme`` (imap, imaps, pop3,
+        pop3s) on that listener, the certificate verified for HOSTNAME; the
+        output of a run that must succeed."""
+        port = self.port(scheme)
+        result = subprocess.run(
+            ["curl", "--silent", "--show-error", "--max-time", str(timeout),
+             "--cacert", self.cert_file(),
+             "--connect-to", f"{HOSTNAME}:{port}:{self.host}:{port}",
+             "--user", f"{self.user}:{self.password}", *extra,
+             f"{scheme}://{HOSTNAME}:{port}/{url_path}"],
+            capture_output=True, timeout=timeout + 10)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
+        return result.stdout
 
     def send_through_mx(self, subject, body, recipient, sender="friend@example.net",
                         timeout=30):

@@ -18,6 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from harness import maildir_messages
+
 MASTER_CF_SOURCES = ("/usr/share/postfix/master.cf.dist", "/etc/postfix/master.cf")
 NOBODY = 65534
 
@@ -163,12 +165,7 @@ class PostfixInstance:
         return self.vmail / self.domain / local
 
     def messages(self, local, folders=("new", "cur")):
-        found = []
-        for folder in folders:
-            path = self.maildir(local) / folder
-            if path.is_dir():
-                found.extend(p for p in path.iterdir() if p.is_file())
-        return sorted(found)
+        return maildir_messages(self.maildir(local), folders)
 
     def log(self):
         if not self.log_path.exists():

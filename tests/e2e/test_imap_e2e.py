@@ -6,30 +6,25 @@ and deletes it with STARTTLS on the imap port and with implicit TLS on imaps,
 verifying the server's self-signed certificate; curl is the independent
 client. Flags and UIDs survive a restart, IDLE hears of a delivery, traversal
 names and a huge literal are refused. The last test logs in against the LDAP
-backend (a real slapd from tests/ldap_server.py).
-
-The tests share one server (a server start is most of an end-to-end test's
-time); each has a mailbox of its own (``server.user``) and reads only the
-events stamped after it began (``server.since``).
+backend (a real slapd from tests/ldap_server.py). The other tests share one
+server, a mailbox each (conftest's ``shared_server``).
 """
 
 import imaplib
 import re
 import socket
-import subprocess
 import time
 
 import pytest
 
 
 import ldap_server
-from harness import HOSTNAME, wait_until  # noqa: E402
+from harness import mailboxes, wait_until  # noqa: E402
 
 ALICE = "alice@example.test"          # the LDAP directory's user
 LISTENERS = ("mx", "imap", "imaps")
 TIMEOUT = 30
-# One mailbox per test of this module on the shared server.
-USERS = tuple((f"imap{n}@example.test", f"imap password {n}") for n in range(16))
+USERS = mailboxes("imap", 16)
 
 
 
@@ -193,46 +188,27 @@ def test_starttls_discards_pipelined_login(server):
 
 # -- curl --------------------------------------------------------------------------------
 
-def curl(server, scheme, url_path, *extra):
-    port = server.port(scheme)
-    result = subprocess.run(
-        ["curl", "--silent", "--show-error", "--max-time", str(TIMEOUT),
-         "--cacert", server.cert_file(),
-         "--connect-to", f"{HOSTNAME}:{port}:{server.host}:{port}",
-         "--user", f"{server.user}:{server.password}", *extra,
-         f"{scheme}://{HOSTNAME}:{port}/{url_path}"],
-        capture_output=True, timeout=TIMEOUT + 10)
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-    return result.stdout
-
-
 def test_curl_lists_and_fetches_over_imaps(server):
     fill(server, 2)
-    listing = curl(server, "imaps", "")
+    listing = server.curl("imaps", "")
     assert b'"INBOX"' in listing and b"\\Sent" in listing
-    message = curl(server, "imaps", "INBOX/;UID=2")
+    message = server.curl("imaps", "INBOX/;UID=2")
     assert b"Subject: message 2" in message and b"body of message 2" in message
-    search = curl(server, "imaps", "INBOX?SUBJECT%20%22message%201%22")
+    search = server.curl("imaps", "INBOX?SUBJECT%20%22message%201%22")
     assert search.strip() == b"* SEARCH 1"
 
 
 def test_curl_with_starttls_and_a_custom_command(server):
     fill(server, 1)
-    status = curl(server, "imap", "", "--ssl-reqd", "--request", "STATUS INBOX (MESSAGES)")
+    status = server.curl("imap", "", "--ssl-reqd", "--request", "STATUS INBOX (MESSAGES)")
     assert status.strip() == b'* STATUS "INBOX" (MESSAGES 1)'
 
 
 # -- the LDAP backend ------------------------------------------------------------------------
 
-@pytest.fixture
-def slapd(tmp_path):
-    with ldap_server.SlapdServer(tmp_path / "slapd") as running:
-        yield running
-
-
-def test_imaps_with_the_ldap_backend(mailserver_factory, slapd):
+def test_imaps_with_the_ldap_backend(mailserver_factory, own_slapd):
     server = mailserver_factory(listeners=LISTENERS, users=(),
-                                overrides={"auth": slapd.auth_section("starttls")})
+                                overrides={"auth": own_slapd.auth_section("starttls")})
     server.user = ALICE
     fill(server, 1)
     password = ldap_server.USERS["alice"][0]
@@ -245,7 +221,7 @@ def test_imaps_with_the_ldap_backend(mailserver_factory, slapd):
     with pytest.raises(imaplib.IMAP4.error, match=r"AUTHENTICATIONFAILED"):
         client.login(ALICE, "not the password")
     client.logout()
-    slapd.stop()
+    own_slapd.stop()
     start = time.monotonic()
     client = imaplib.IMAP4_SSL(server.host, server.port("imaps"),
                                ssl_context=server.tls_context(), timeout=TIMEOUT)

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 
-from harness import HOSTNAME, header_values, wait_until  # noqa: E402
+from harness import HOSTNAME, header_values, mailboxes, wait_until  # noqa: E402
 
 CLIENT_NAME = "client.good.test"
 KEY = rsa.generate_private_key(65537, 2048)
@@ -60,8 +60,7 @@ ZONES = {
 }
 
 
-# One mailbox per test of this module on the shared server.
-USERS = tuple((f"checks{n}@example.test", f"checks password {n}") for n in range(12))
+USERS = mailboxes("checks", 12)
 
 
 @pytest.fixture(scope="module")

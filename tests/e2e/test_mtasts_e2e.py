@@ -16,7 +16,6 @@ does not list is never tried (deferred 4.7.5); a listed MX whose certificate
 does not name it is deferred too.
 """
 
-import datetime
 import http.server
 import ipaddress
 import random
@@ -26,13 +25,11 @@ import threading
 from email.message import EmailMessage
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 
 import dns_server  # noqa: E402
+import ldap_server  # noqa: E402
 from harness import MailServer, wait_until  # noqa: E402
 
 SENDER = "alice@example.test"
@@ -43,47 +40,12 @@ POLICIES = {
 }
 
 
-def _name(text):
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
-
-
-def make_ca():
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(_name("MTA-STS test CA"))
-            .issuer_name(_name("MTA-STS test CA")).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False,
-                                         False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    return cert, key
-
-
 def make_leaf(ca, names, directory, stem):
-    ca_cert, ca_key = ca
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(_name(names[0]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return str(cert_path), str(key_path)
+    """(cert path, key path) of a certificate from ``ca`` for the DNS ``names``."""
+    key, cert = ldap_server.issue_server_cert(*ca, dns_names=names, ips=())
+    paths = directory / f"{stem}.pem", directory / f"{stem}.key"
+    ldap_server.write_cert_and_key(cert, key, *paths)
+    return tuple(str(path) for path in paths)
 
 
 class PolicyHandler(http.server.BaseHTTPRequestHandler):
@@ -107,7 +69,7 @@ class PolicyHandler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def policy_server(tmp_path):
     """(ip, ca): the HTTPS policy server on ip:443 and the CA it (and the MX) use."""
-    ca = make_ca()
+    ca = ldap_server.make_ca("MTA-STS test CA")      # (key, certificate)
     cert, key = make_leaf(ca, sorted(POLICIES), tmp_path, "policy")
     ip = str(ipaddress.ip_address("127.0.0.0") + random.randrange(2 << 16, 1 << 23))
     try:
@@ -128,7 +90,7 @@ def test_enforce_delivers_only_to_listed_mx_hosts_with_verified_tls(
         tmp_path, policy_server, mailserver_factory, monkeypatch):
     policy_ip, ca = policy_server
     ca_file = tmp_path / "ca.pem"
-    ca_file.write_bytes(ca[0].public_bytes(serialization.Encoding.PEM))
+    ca_file.write_bytes(ca[1].public_bytes(serialization.Encoding.PEM))
     mx_cert, mx_key = make_leaf(ca, ["mx1.example.net"], tmp_path, "mx")
     receiver_ip = str(ipaddress.ip_address(policy_ip) + 1)
     receiver = MailServer(tmp_path / "receiver", listeners=("mx",), host=receiver_ip, overrides={
@@ -171,8 +133,10 @@ def test_enforce_delivers_only_to_listed_mx_hosts_with_verified_tls(
                 found = [e for e in sender.events("delivery.remote")
                          if e["recipient"] == recipient]
                 return found[-1] if found else None
-            wait_until(lambda: outcome("carol@example.org") and outcome("dave@example.com"),
-                       30, what="the two deferred deliveries")
+            # bob's event may come after his message is in the receiver's Maildir
+            wait_until(lambda: all(outcome(r) for r in ("bob@example.net", "carol@example.org",
+                                                        "dave@example.com")),
+                       30, what="the outcomes of the three deliveries")
             assert outcome("bob@example.net")["code"] == 250
             assert outcome("bob@example.net")["tls"] is True
             carol = outcome("carol@example.org")

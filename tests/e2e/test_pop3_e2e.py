@@ -6,16 +6,12 @@ the pop3 port and with implicit TLS on pop3s, verifying the server's
 self-signed certificate; curl is the independent client (SASL over pop3s).
 Deletions happen at QUIT only, UIDLs survive a restart, a second session of
 the same user finds the maildrop locked. The last test does the same against
-the LDAP backend (a real slapd from tests/ldap_server.py).
-
-The tests share one server (a server start is most of an end-to-end test's
-time); each has a mailbox of its own (``server.user``) and reads only the
-events stamped after it began (``server.since``).
+the LDAP backend (a real slapd from tests/ldap_server.py); the others share
+one server, a mailbox each (conftest's ``shared_server``).
 """
 
 import poplib
 import socket
-import subprocess
 from email import policy
 from email.parser import BytesParser
 
@@ -23,13 +19,12 @@ import pytest
 
 
 import ldap_server
-from harness import HOSTNAME, wait_until  # noqa: E402
+from harness import HOSTNAME, mailboxes, wait_until  # noqa: E402
 
 ALICE = "alice@example.test"          # the LDAP directory's user
 LISTENERS = ("mx", "pop3", "pop3s")
 TIMEOUT = 30
-# One mailbox per test of this module on the shared server.
-USERS = tuple((f"pop{n}@example.test", f"pop password {n}") for n in range(16))
+USERS = mailboxes("pop", 16)
 
 
 
@@ -194,25 +189,11 @@ def test_wrong_passwords_are_limited_and_logged(server):
 
 # -- curl ------------------------------------------------------------------------------
 
-def curl(server, url_path, *extra):
-    """curl on pop3s, verifying the certificate for the server's hostname."""
-    port = server.port("pop3s")
-    result = subprocess.run(
-        ["curl", "--silent", "--show-error", "--max-time", str(TIMEOUT),
-         "--cacert", server.cert_file(),
-         "--connect-to", f"{HOSTNAME}:{port}:{server.host}:{port}",
-         "--user", f"{server.user}:{server.password}", *extra,
-         f"pop3s://{HOSTNAME}:{port}/{url_path}"],
-        capture_output=True, timeout=TIMEOUT + 10)
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-    return result.stdout
-
-
 def test_curl_lists_and_retrieves_over_pop3s(server):
     fill(server, 2)
-    listing = curl(server, "")
+    listing = server.curl("pop3s", "")
     assert [line.split()[0] for line in listing.splitlines()] == [b"1", b"2"]
-    message = curl(server, "2")
+    message = server.curl("pop3s", "2")
     parsed = BytesParser(policy=policy.default).parsebytes(message.replace(b"\r\n", b"\n"))
     assert parsed["Subject"] == "message 2"
     assert ".a line starting with a dot\n.\nend" in parsed.get_content()
@@ -223,29 +204,15 @@ def test_curl_lists_and_retrieves_over_pop3s(server):
 
 def test_curl_deletes_with_dele_and_stls(server):
     fill(server, 1)
-    port = server.port("pop3")
-    result = subprocess.run(
-        ["curl", "--silent", "--show-error", "--max-time", str(TIMEOUT), "--ssl-reqd",
-         "--cacert", server.cert_file(),
-         "--connect-to", f"{HOSTNAME}:{port}:{server.host}:{port}",
-         "--user", f"{server.user}:{server.password}", "--request", "DELE", "--list-only",
-         f"pop3://{HOSTNAME}:{port}/1"],
-        capture_output=True, timeout=TIMEOUT + 10)
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    server.curl("pop3", "1", "--ssl-reqd", "--request", "DELE", "--list-only")
     assert server.messages(server.user) == []
 
 
 # -- the LDAP backend ---------------------------------------------------------------------
 
-@pytest.fixture
-def ldap_server_(tmp_path):
-    with ldap_server.SlapdServer(tmp_path / "slapd") as slapd:
-        yield slapd
-
-
-def test_pop3s_with_the_ldap_backend(mailserver_factory, ldap_server_):
+def test_pop3s_with_the_ldap_backend(mailserver_factory, slapd):
     server = mailserver_factory(listeners=LISTENERS, users=(),
-                                overrides={"auth": ldap_server_.auth_section("starttls")})
+                                overrides={"auth": slapd.auth_section("starttls")})
     fill(server, 1, ALICE)
     password = ldap_server.USERS["alice"][0]
     client = login(pop3s(server), server, ALICE, password)

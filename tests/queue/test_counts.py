@@ -11,7 +11,7 @@ from appliance.durable.commit import GroupCommitWriter
 from appliance.envelope import DEFERRED, DELIVERED, FAILED, Envelope
 from appliance.queue import counts as countsmod
 from appliance.queue.store import Spool
-from appliance.testing import value_of
+from appliance.testing import thread_recorder, value_of
 from appliance.threads import synchronous_runner
 
 MESSAGE = b"Subject: hi\r\n\r\nbody\r\n"
@@ -88,12 +88,7 @@ def test_a_restart_counts_once_on_the_writers_thread(tmp_path, monkeypatch):
             value_of(first.update(qid(n), {"x@remote.example": {"state": DEFERRED}}))
     expected = recount(first)
 
-    threads = []
-    kind_of = countsmod.kind_of
-
-    def recording(entry):
-        threads.append(threading.current_thread())
-        return kind_of(entry)
+    recording, threads = thread_recorder(countsmod.kind_of)
     monkeypatch.setattr(countsmod, "kind_of", recording)
 
     def in_a_thread(f, *args):

@@ -17,6 +17,7 @@ from appliance.threads import synchronous_runner
 from appliance.queue.runner import QueueRunner
 from appliance.envelope import DEFERRED, DELIVERED, FAILED
 from appliance.queue.store import Spool
+from appliance.testing import FaultyFS
 
 MESSAGE = b"Received: from a\r\nSubject: hi\r\n\r\nbody\r\n"
 STORED = maildir_bytes("alice@example.org", MESSAGE)
@@ -48,55 +49,6 @@ class FakeDirectory:
         if address in self.users or not self.is_local_domain(address.rpartition("@")[2]):
             return [address]
         return []
-
-
-class Crash(BaseException):
-    """A simulated kill -9."""
-
-
-class CrashingFS(FileSystem):
-    """Raises Crash at the ``at``-th mutating call and on every call after it."""
-
-    def __init__(self, at):
-        self.at, self.count, self.crashed = at, 0, False
-
-    def _step(self):
-        if self.crashed or self.count == self.at:
-            self.crashed = True
-            raise Crash()
-        self.count += 1
-
-    def open_new(self, path):
-        self._step()
-        return super().open_new(path)
-
-    def write_all(self, fd, data):
-        self._step()
-        super().write_all(fd, data)
-
-    def fsync(self, fd):
-        self._step()
-        super().fsync(fd)
-
-    def rename(self, src, dst):
-        self._step()
-        super().rename(src, dst)
-
-    def unlink(self, path):
-        self._step()
-        super().unlink(path)
-
-    def fsync_dir(self, path):
-        self._step()
-        super().fsync_dir(path)
-
-    def mkdir(self, path, mode=0o700):
-        self._step()
-        super().mkdir(path, mode)
-
-    def link(self, src, dst):
-        self._step()
-        super().link(src, dst)
 
 
 def build(root, directory=None, fs=None, runner=synchronous_runner, clock=None, spare=False):
@@ -310,7 +262,7 @@ def outcome_after_crash(root, step, read_first=False, spare=False):
         assert os.listdir(root / "queue.spare") == ["0005f1e2d3c4b5a6cafef00d"]
         for path in mail_files(root, "bob") + mail_files(root, "carol"):
             path.unlink()
-    crashed = build(root, fs=CrashingFS(step), spare=spare)
+    crashed = build(root, fs=FaultyFS(at=step), spare=spare)
     crashed.runner.startService()
     accepted = accept(crashed, ["bob@example.test", "team@example.test"])
     # Committed: the state file was renamed into place (it may be gone again if

@@ -15,48 +15,11 @@ from appliance.durable.commit import FileSystem, GroupCommitWriter
 from appliance.threads import synchronous_runner
 from appliance.envelope import DEFERRED, DELIVERED, PENDING, Route
 from appliance.queue.store import Spool, StorageError
+from appliance.testing import Crash, FaultyFS
 from appliance.testing import outcome as result_of
 
 QID = "0005f1e2d3c4b5a6deadbeef"
 MESSAGE = b"Received: from a\r\nSubject: hi\r\n\r\nbody\r\n"
-
-
-class Crash(BaseException):
-    """A simulated kill -9: nothing after it runs, not even cleanup."""
-
-
-class FaultyFS(FileSystem):
-    """Raises ``error`` at the ``at``-th mutating call (0-based) and every call after."""
-
-    MUTATING = ("open_new", "write_all", "fsync", "close", "rename", "unlink", "fsync_dir",
-                "mkdir", "link")
-
-    def __init__(self, at=None, error=None, only=None):
-        self.at, self.error, self.only = at, error, only
-        self.count = 0
-        self.crashed = False
-
-    def __getattribute__(self, name):
-        method = super().__getattribute__(name)
-        if name not in FaultyFS.MUTATING:
-            return method
-
-        def wrapped(*args):
-            self._step(name)
-            return method(*args)
-        return wrapped
-
-    def _step(self, name):
-        if self.crashed:
-            raise Crash()
-        if self.only is not None and name != self.only:
-            return
-        if self.at is not None and self.count == self.at:
-            if self.error is None:
-                self.crashed = True
-                raise Crash()
-            raise OSError(self.error, os.strerror(self.error))
-        self.count += 1
 
 
 def envelope(qid=QID, recipients=("bob@example.test",), sender="alice@example.org"):
