@@ -205,6 +205,16 @@ def test_signed_big_or_oddly_addressed_messages_still_take_the_thread(dns_server
     assert len(ran) == 5
 
 
+def test_with_every_check_off_only_a_big_message_takes_the_thread(dns_server):
+    checks, ran = counting_checks(dns_server, spf="off", dkim="off", dmarc="off")
+    forged = b"Authentication-Results: mx.example.test; spf=pass\r\n"
+    small = verdict_of(checks, message(extra=forged))
+    assert ran == [] and b"Authentication-Results" not in small.message
+    assert small.message == message() and not small.spf and not small.dmarc
+    big = verdict_of(checks, message(extra=forged) + b"x" * (64 * 1024))
+    assert len(ran) == 1 and big.message == message() + b"x" * (64 * 1024)
+
+
 def run_on_thread(checks, msg):
     return checks.evaluate(Facts(IP, "client.good.test", "bounce@good.test"), msg)
 

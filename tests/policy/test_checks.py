@@ -682,4 +682,8 @@ def test_a_header_section_over_the_cap_is_refused_before_any_check():
     checks.dmarc, checks.spf, checks.dkim = "off", "off", False
     checks.check(Facts(CLIENT_IP, "client.test", "a@good.test"), small, {}).addCallback(
         verdict.append)
-    assert verdict[1].refusal is None and len(ran) == 1     # even unchecked: off the reactor
+    assert verdict[1].refusal is None and ran == []     # unchecked and small: the reactor
+    big = small + b"x" * (64 * 1024)
+    checks.check(Facts(CLIENT_IP, "client.test", "a@good.test"), big, {}).addCallback(
+        verdict.append)
+    assert verdict[2].message == big and len(ran) == 1  # past REACTOR_OCTETS: off the reactor
