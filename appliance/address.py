@@ -207,10 +207,12 @@ def canonical_domain(domain):
     return ".".join(_canonical_label(label) for label in name.lower().split("."))
 
 
+@functools.lru_cache(maxsize=4096)
 def dns_name(domain):
     """``domain`` as a DNS name to look up or to report: lower-case, A-label
     (``xn--``) form, no final dot; None if it cannot be a host name (one
-    label only, characters no host name has, IDNA refuses it)."""
+    label only, characters no host name has, IDNA refuses it). Answers are
+    kept (the checks of one message ask it six times, over Python's IDNA codec)."""
     domain = domain.strip().rstrip(".").lower()
     try:
         domain = domain.encode("idna").decode("ascii")

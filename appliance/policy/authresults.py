@@ -13,6 +13,7 @@ _LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}\Z")
 _SELECTOR = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,62})\Z")
 _ALGORITHM = re.compile(r"[a-z0-9-]{1,20}\Z")
 _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9 .,:=/-]")
+_NOT_IN_ID = re.compile(r"[^a-z0-9.-]")
 
 
 def _comment(text):
@@ -64,7 +65,7 @@ def authentication_results(hostname, verdict, sender):
         results += [_dkim_result(r) for r in verdict.dkim] or [
             authres.DKIMAuthenticationResult(result="none")]
     results += [_dmarc_result(r) for r in verdict.dmarc]
-    authserv_id = re.sub(r"[^a-z0-9.-]", "", hostname.lower()) or "localhost"
+    authserv_id = _NOT_IN_ID.sub("", hostname.lower()) or "localhost"
     text = "".join(";\r\n\t" + str(result) for result in results) or "; none"
     field = f"Authentication-Results: {authserv_id}{text}\r\n"
     # Every value passed the token checks above; this keeps it a promise.
