@@ -131,3 +131,32 @@ def test_verifying_with_body_digests_matches_verifying_the_whole_message(keys):
         assert {result.result for result in whole} == {expected}
     assert {r.reason for r in verify_signatures(tampered, KeyLookups(keys))[0]} == {
         "body hash did not verify"}
+
+
+# -- the unsigned message's short cut (no dkimpy parse) -------------------------------
+
+head_lines = st.lists(st.sampled_from([
+    b"Subject: x", b"X-A:b", b"a:b:c", b"::x", b" folded", b"\tfolded", b"From x@y",
+    b"no colon", b"DKIM-Signature: v=1", b"dkim-signature:x", b"Dkim-Signature : x",
+    b"X: dkim-signature", b"", b"\r", b"X: a\rb", b"\x7f: x", b"X\x00: y"]), max_size=8)
+line_ends = st.lists(st.sampled_from([b"\r\n", b"\n", b"\r\r\n"]), min_size=8, max_size=8)
+
+
+@settings(max_examples=500, deadline=None)
+@given(head_lines, line_ends, st.sampled_from([b"\r\nbody\r\n", b"\nbody", b""]))
+def test_the_unsigned_short_cut_answers_as_dkimpy_would(lines, ends, rest):
+    from appliance.policy import dkim_verify
+    message = b"".join(line + end for line, end in zip(lines, ends)) + rest
+    no_keys = mock.Mock(txt=lambda name: [], remaining=lambda: 5.0)
+    with mock.patch.object(dkim_verify, "_surely_unsigned", lambda message: False):
+        slow = verify_signatures(message, lookups=no_keys)
+    fast = verify_signatures(message, lookups=no_keys)
+    assert fast == slow
+    if dkim_verify._surely_unsigned(message):
+        assert slow == ([], 0)
+
+
+def test_an_ordinary_unsigned_message_takes_the_short_cut():
+    from appliance.policy import dkim_verify
+    assert dkim_verify._surely_unsigned(HEAD + BODY)
+    assert not dkim_verify._surely_unsigned(b"DKIM-Signature: v=1\r\n" + HEAD + BODY)
