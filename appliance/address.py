@@ -273,6 +273,7 @@ def parse_ip(text):
 
 
 @functools.lru_cache(maxsize=8192)
+@functools.lru_cache(maxsize=4096)     # every connection and limit asks it of the same few clients
 def normal_ip(value):
     """The one normal form of a client IP: the ``ipaddress`` address of text
     (``[...]`` allowed) or of an address object, IPv4-mapped IPv6 as IPv4

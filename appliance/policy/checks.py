@@ -30,8 +30,9 @@ What ``[checks]`` does with them:
 - DNS trouble is ``temperror`` and never refuses a message.
 
 Every check that ran is in one ``Authentication-Results:`` field
-(``appliance.policy.authresults``) with ``[server] hostname`` as authserv-id, added on top. Fields in
-the message that claim our authserv-id are forgeries and are removed first.
+(``appliance.policy.authresults``) with ``[server] hostname`` as
+authserv-id, added on top. Fields in the message that claim our
+authserv-id are forgeries and are removed first.
 Nothing taken from the client reaches the field unless it is a plain
 domain, selector or address token (no CR, LF, ``;`` or comments).
 
@@ -231,11 +232,11 @@ class InboundChecks:
         if not self.enabled:
             # Still a pass over the header lines: on the reactor for a message
             # of at most REACTOR_OCTETS (no thread hop), else on the pool.
+            def stripped():
+                return Verdict(strip_forged(message, self.hostname, site=self.site)[0])
             if len(message) <= REACTOR_OCTETS:
-                return defer.succeed(Verdict(strip_forged(message, self.hostname,
-                                                          site=self.site)[0]))
-            return self.run_in_thread(lambda: Verdict(strip_forged(message, self.hostname,
-                                                                   site=self.site)[0]))
+                return defer.succeed(stripped())
+            return self.run_in_thread(stripped)
         if body is None and len(message) <= REACTOR_OCTETS:
             try:
                 verdict = self.evaluate(facts, message, cache_only=True)
